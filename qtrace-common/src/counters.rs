@@ -1,0 +1,138 @@
+//! Per-listener counters aggregated in the kernel, and qtrace's own accounting.
+
+/// Indexes into [`ListenerCounters::counts`]. Each is exact: one kernel event, one increment.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A SYN was accepted into the SYN (request) queue.
+    SynQueued = 0,
+    /// A SYN was dropped because the SYN queue was full and syncookies were off
+    /// (the kernel's TcpExtTCPReqQFullDrop).
+    DropSynQueueFull,
+    /// A SYN was dropped because the accept queue was full (TcpExtListenOverflows at SYN time).
+    DropAcceptQueueFullSyn,
+    /// The final ACK was dropped because the accept queue was full
+    /// (TcpExtListenOverflows at the third handshake packet).
+    DropAcceptQueueFullAck,
+    /// Any other listen drop (TcpExtListenDrops not explained by the reasons above).
+    DropOther,
+    /// A SYN was answered with a syncookie instead of a queued request.
+    SyncookiesSent,
+    /// The listener retransmitted a SYN-ACK (TcpExtTCPSynRetrans).
+    SynackRetransmits,
+    /// A reset was sent for a failed final ACK because `tcp_abort_on_overflow=1`.
+    OverflowResets,
+    /// accept() returned a connection.
+    Accepted,
+    /// Events of this listener not put on the ring buffer because of the rate limit.
+    EventsRateLimited,
+}
+
+impl Counter {
+    pub const COUNT: usize = Counter::EventsRateLimited as usize + 1;
+    pub const ALL: [Counter; Counter::COUNT] = [
+        Counter::SynQueued,
+        Counter::DropSynQueueFull,
+        Counter::DropAcceptQueueFullSyn,
+        Counter::DropAcceptQueueFullAck,
+        Counter::DropOther,
+        Counter::SyncookiesSent,
+        Counter::SynackRetransmits,
+        Counter::OverflowResets,
+        Counter::Accepted,
+        Counter::EventsRateLimited,
+    ];
+}
+
+/// Accept-queue wait histogram: bucket 0 holds waits under 1 µs, bucket `b` (b ≥ 1) waits in
+/// [2^(b-1), 2^b) µs; the last bucket also takes everything longer.
+pub const WAIT_BUCKETS: usize = 32;
+
+/// The value of the per-CPU listener map; user space sums it over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerCounters {
+    pub counts: [u64; Counter::COUNT],
+    pub wait_buckets: [u64; WAIT_BUCKETS],
+    /// Sum of all accept-queue waits, nanoseconds.
+    pub wait_sum_ns: u64,
+    /// Event rate limiter state of this CPU (token bucket): tokens left, and when last refilled.
+    pub rl_tokens: u64,
+    pub rl_refill_ns: u64,
+}
+
+impl ListenerCounters {
+    pub const ZERO: ListenerCounters = ListenerCounters {
+        counts: [0; Counter::COUNT],
+        wait_buckets: [0; WAIT_BUCKETS],
+        wait_sum_ns: 0,
+        rl_tokens: 0,
+        rl_refill_ns: 0,
+    };
+}
+
+impl Default for ListenerCounters {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ListenerCounters {}
+
+/// Indexes into the per-CPU self-accounting array: what qtrace itself lost or could not track.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfStat {
+    /// An event was due but the ring buffer was full.
+    RingbufFull = 0,
+    /// An event was suppressed by a listener's rate limit.
+    RateLimited,
+    /// A listener could not be added because the listener map was full; its counts are lost.
+    ListenerMapFull,
+    /// A connection's accept-queue entry time could not be recorded (map full).
+    AcceptMapFull,
+    /// A kernel read failed (bpf_probe_read_kernel returned an error).
+    ReadFailed,
+}
+
+impl SelfStat {
+    pub const COUNT: usize = SelfStat::ReadFailed as usize + 1;
+    pub const ALL: [SelfStat; SelfStat::COUNT] = [
+        SelfStat::RingbufFull,
+        SelfStat::RateLimited,
+        SelfStat::ListenerMapFull,
+        SelfStat::AcceptMapFull,
+        SelfStat::ReadFailed,
+    ];
+}
+
+impl Counter {
+    /// Stable name, used in JSON output and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::SynQueued => "syn_queued",
+            Counter::DropSynQueueFull => "drop_syn_queue_full",
+            Counter::DropAcceptQueueFullSyn => "drop_accept_queue_full_syn",
+            Counter::DropAcceptQueueFullAck => "drop_accept_queue_full_ack",
+            Counter::DropOther => "drop_other",
+            Counter::SyncookiesSent => "syncookies_sent",
+            Counter::SynackRetransmits => "synack_retransmits",
+            Counter::OverflowResets => "overflow_resets",
+            Counter::Accepted => "accepted",
+            Counter::EventsRateLimited => "events_rate_limited",
+        }
+    }
+}
+
+impl SelfStat {
+    pub const fn name(self) -> &'static str {
+        match self {
+            SelfStat::RingbufFull => "ringbuf_full",
+            SelfStat::RateLimited => "rate_limited",
+            SelfStat::ListenerMapFull => "listener_map_full",
+            SelfStat::AcceptMapFull => "accept_map_full",
+            SelfStat::ReadFailed => "read_failed",
+        }
+    }
+}

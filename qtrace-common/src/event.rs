@@ -1,0 +1,81 @@
+//! Records the kernel programs put on the ring buffer, one per drop, retransmit or reset.
+
+use crate::ListenerKey;
+
+/// What happened. Stable numbering: it is part of the event wire format.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    SynDropSynQueueFull = 1,
+    SynDropAcceptQueueFull = 2,
+    AckDropAcceptQueueFull = 3,
+    DropOther = 4,
+    SynackRetransmit = 5,
+    OverflowReset = 6,
+    SyncookieSent = 7,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::SynDropSynQueueFull,
+            2 => Self::SynDropAcceptQueueFull,
+            3 => Self::AckDropAcceptQueueFull,
+            4 => Self::DropOther,
+            5 => Self::SynackRetransmit,
+            6 => Self::OverflowReset,
+            7 => Self::SyncookieSent,
+            _ => return None,
+        })
+    }
+}
+
+/// One event. Queue figures are read from the listener at the moment of the event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub listener: ListenerKey,
+    /// Remote (client) address, network byte order; same family as the listener.
+    pub raddr: [u8; 16],
+    /// Remote port, host byte order.
+    pub rport: u16,
+    /// An [`EventKind`] value.
+    pub kind: u8,
+    /// For SYN-ACK retransmits: which retransmit of this request this is (1 = first).
+    pub retrans: u8,
+    pub acceptq_len: u32,
+    pub acceptq_max: u32,
+    pub synq_len: u32,
+    pub synq_max: u32,
+    pub _pad: u32,
+}
+
+impl EventKind {
+    /// Stable name, used in JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SynDropSynQueueFull => "syn_drop_syn_queue_full",
+            Self::SynDropAcceptQueueFull => "syn_drop_accept_queue_full",
+            Self::AckDropAcceptQueueFull => "ack_drop_accept_queue_full",
+            Self::DropOther => "drop_other",
+            Self::SynackRetransmit => "synack_retransmit",
+            Self::OverflowReset => "overflow_reset",
+            Self::SyncookieSent => "syncookie_sent",
+        }
+    }
+
+    /// What an operator reads.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::SynDropSynQueueFull => "SYN dropped: SYN queue full",
+            Self::SynDropAcceptQueueFull => "SYN dropped: accept queue full",
+            Self::AckDropAcceptQueueFull => "ACK dropped: accept queue full",
+            Self::DropOther => "handshake packet dropped (other)",
+            Self::SynackRetransmit => "SYN-ACK retransmit",
+            Self::OverflowReset => "reset (abort_on_overflow)",
+            Self::SyncookieSent => "syncookie sent",
+        }
+    }
+}

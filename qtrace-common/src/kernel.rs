@@ -1,0 +1,50 @@
+//! Facts about the running kernel that user space reads from BTF and hands to the programs
+//! as globals, so one object runs on every kernel without a struct layout compiled in.
+
+/// Byte offsets of the struct members the programs read. Every field is resolved from the
+/// running kernel's BTF at start-up; none is assumed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sock_common (the head of struct sock and of struct request_sock)
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    // struct net
+    pub net_ns_inum: u32,
+    pub net_syncookies: u32,
+    pub net_abort_on_overflow: u32,
+    // struct sock
+    pub sk_drops: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    // struct inet_connection_sock: icsk_accept_queue.qlen
+    pub icsk_synq_len: u32,
+    // struct request_sock
+    pub req_num_retrans: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+}
+
+/// Prototype facts of hooked functions and tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookLayout {
+    /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` on this kernel, 0 when it has none.
+    pub drop_reason_listen_overflow: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Offsets {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for HookLayout {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for crate::Event {}

@@ -1,0 +1,35 @@
+//! Types shared by qtrace's kernel programs (`qtrace-ebpf`) and its user-space daemon.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side writes it into maps and the
+//! ring buffer, user space reads the same bytes back.
+#![no_std]
+
+pub mod counters;
+pub mod event;
+pub mod kernel;
+pub mod listener;
+
+pub use counters::{Counter, ListenerCounters, SelfStat, WAIT_BUCKETS};
+pub use event::{Event, EventKind};
+pub use kernel::{HookLayout, Offsets};
+pub use listener::ListenerKey;
+
+/// Names of the maps in the eBPF object, used by both sides.
+pub mod maps {
+    /// Per-CPU hash: [`crate::ListenerKey`] → [`crate::ListenerCounters`].
+    pub const LISTENERS: &str = "QT_LISTENERS";
+    /// Ring buffer of [`crate::Event`] records.
+    pub const EVENTS: &str = "QT_EVENTS";
+    /// Per-CPU array of u64 indexed by [`crate::SelfStat`].
+    pub const SELF_STATS: &str = "QT_SELF_STATS";
+}
+
+/// Names of the globals the loader fills in before the programs are verified.
+pub mod globals {
+    /// [`crate::Offsets`]: struct member offsets read from the running kernel's BTF.
+    pub const OFFSETS: &str = "QT_OFFSETS";
+    /// [`crate::HookLayout`]: facts about hooked functions and tracepoints read from BTF.
+    pub const HOOKS: &str = "QT_HOOKS";
+    /// u32: events each listener may emit per second on each CPU before they are suppressed.
+    pub const EVENT_RATE: &str = "QT_EVENT_RATE";
+}

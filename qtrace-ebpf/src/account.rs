@@ -1,0 +1,180 @@
+//! Exact per-listener counting and rate-limited event emission.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    Global,
+};
+use qtrace_common::{
+    Counter, Event, EventKind, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS,
+};
+
+use crate::kernel::{Queues, Remote};
+
+/// Sized by user space (`--max-listeners`) before load.
+#[map]
+static QT_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Sized by user space before load.
+#[map]
+static QT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+static QT_SELF_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SelfStat::COUNT as u32, 0);
+
+/// A zeroed value to insert new listeners from (too large for the BPF stack).
+#[map]
+static QT_ZERO: PerCpuArray<ListenerCounters> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static QT_EVENT_RATE: Global<u32> = Global::new(100);
+
+#[inline(always)]
+pub fn self_stat(stat: SelfStat) {
+    if let Some(v) = QT_SELF_STATS.get_ptr_mut(stat as u32) {
+        unsafe { *v += 1 };
+    }
+}
+
+/// This CPU's counters of `key`, created on first use.
+#[inline(always)]
+pub fn counters(key: &ListenerKey) -> Option<*mut ListenerCounters> {
+    if let Some(c) = QT_LISTENERS.get_ptr_mut(key) {
+        return Some(c);
+    }
+    let zero = QT_ZERO.get_ptr(0)?;
+    // EEXIST from a racing CPU is fine: the lookup below finds its entry.
+    let _ = QT_LISTENERS.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
+    let c = QT_LISTENERS.get_ptr_mut(key);
+    if c.is_none() {
+        self_stat(SelfStat::ListenerMapFull);
+    }
+    c
+}
+
+#[inline(always)]
+pub fn bump(c: *mut ListenerCounters, counter: Counter) {
+    unsafe { (*c).counts[counter as usize] += 1 };
+}
+
+/// Counts `counter` for `key`; returns the counters so an event can follow.
+#[inline(always)]
+pub fn count(key: &ListenerKey, counter: Counter) -> Option<*mut ListenerCounters> {
+    let c = counters(key)?;
+    bump(c, counter);
+    Some(c)
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Token bucket per listener and CPU: `QT_EVENT_RATE` events a second, bursts of as many.
+#[inline(always)]
+fn take_token(c: *mut ListenerCounters, now: u64) -> bool {
+    let rate = QT_EVENT_RATE.load() as u64;
+    let c = unsafe { &mut *c };
+    let elapsed = now.wrapping_sub(c.rl_refill_ns);
+    if elapsed >= NS_PER_SEC {
+        c.rl_tokens = rate;
+        c.rl_refill_ns = now;
+    } else {
+        let add = elapsed * rate / NS_PER_SEC;
+        if add > 0 {
+            c.rl_tokens = core::cmp::min(rate, c.rl_tokens + add);
+            c.rl_refill_ns = now;
+        }
+    }
+    if c.rl_tokens == 0 {
+        c.counts[Counter::EventsRateLimited as usize] += 1;
+        self_stat(SelfStat::RateLimited);
+        return false;
+    }
+    c.rl_tokens -= 1;
+    true
+}
+
+/// Puts one event on the ring buffer unless the listener's rate limit or a full ring buffer
+/// stops it; either way it is counted.
+#[inline(always)]
+pub fn emit(
+    c: *mut ListenerCounters,
+    key: &ListenerKey,
+    kind: EventKind,
+    remote: Remote,
+    queues: Queues,
+    retrans: u8,
+) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !take_token(c, now) {
+        return;
+    }
+    let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
+        self_stat(SelfStat::RingbufFull);
+        return;
+    };
+    entry.write(Event {
+        ts_ns: now,
+        listener: *key,
+        raddr: remote.addr,
+        rport: remote.port,
+        kind: kind as u8,
+        retrans,
+        acceptq_len: queues.acceptq_len,
+        acceptq_max: queues.acceptq_max,
+        synq_len: queues.synq_len,
+        synq_max: queues.acceptq_max,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
+
+/// Log2 bucket of a wait in microseconds (see `WAIT_BUCKETS`), without loops or clz.
+#[inline(always)]
+fn wait_bucket(us: u64) -> usize {
+    if us == 0 {
+        return 0;
+    }
+    let mut v = us;
+    let mut b = 1usize;
+    if v >= 1 << 32 {
+        v >>= 32;
+        b += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        b += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        b += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        b += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        b += 2;
+    }
+    if v >= 1 << 1 {
+        b += 1;
+    }
+    if b >= WAIT_BUCKETS {
+        WAIT_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Records one accept-queue wait.
+#[inline(always)]
+pub fn observe_wait(c: *mut ListenerCounters, wait_ns: u64) {
+    let b = wait_bucket(wait_ns / 1000);
+    let c = unsafe { &mut *c };
+    if let Some(slot) = c.wait_buckets.get_mut(b) {
+        *slot += 1;
+    }
+    c.wait_sum_ns += wait_ns;
+}

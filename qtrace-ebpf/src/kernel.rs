@@ -1,0 +1,160 @@
+//! Reading kernel memory through the offsets user space resolved from BTF.
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel, Global};
+use qtrace_common::{
+    listener::{AF_INET, AF_INET6},
+    HookLayout, ListenerKey, Offsets, SelfStat,
+};
+
+use crate::account::self_stat;
+
+#[unsafe(no_mangle)]
+static QT_OFFSETS: Global<Offsets> = Global::new(unsafe { core::mem::zeroed() });
+
+#[unsafe(no_mangle)]
+static QT_HOOKS: Global<HookLayout> = Global::new(unsafe { core::mem::zeroed() });
+
+#[inline(always)]
+pub fn offsets() -> Offsets {
+    QT_OFFSETS.load()
+}
+
+#[inline(always)]
+pub fn hooks() -> HookLayout {
+    QT_HOOKS.load()
+}
+
+/// Reads a `T` at `base + off`; a failed read is counted, never silently ignored.
+#[inline(always)]
+pub fn read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
+    match unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) } {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            self_stat(SelfStat::ReadFailed);
+            Err(())
+        }
+    }
+}
+
+/// The listener key of a listening socket (`struct sock *`).
+#[inline(always)]
+pub fn listener_key(sk: *const u8) -> Result<ListenerKey, ()> {
+    let o = offsets();
+    let family: u16 = read(sk, o.skc_family)?;
+    let port: u16 = read(sk, o.skc_num)?;
+    let net: *const u8 = read(sk, o.skc_net)?;
+    let netns: u32 = read(net, o.net_ns_inum)?;
+    let mut addr = [0u8; 16];
+    if family == AF_INET6 {
+        addr = read(sk, o.skc_v6_rcv_saddr)?;
+    } else {
+        let v4: [u8; 4] = read(sk, o.skc_rcv_saddr)?;
+        addr[..4].copy_from_slice(&v4);
+    }
+    Ok(ListenerKey {
+        netns,
+        family,
+        port,
+        addr,
+    })
+}
+
+/// A per-netns `u8` sysctl of the socket's namespace (`net->ipv4.sysctl_*`).
+#[inline(always)]
+pub fn net_sysctl_u8(sk: *const u8, off: u32) -> Result<u8, ()> {
+    let net: *const u8 = read(sk, offsets().skc_net)?;
+    read(net, off)
+}
+
+/// The listener's queues at this moment.
+#[derive(Clone, Copy, Default)]
+pub struct Queues {
+    pub acceptq_len: u32,
+    pub acceptq_max: u32,
+    pub synq_len: u32,
+}
+
+impl Queues {
+    #[inline(always)]
+    pub fn read(sk: *const u8) -> Result<Queues, ()> {
+        let o = offsets();
+        Ok(Queues {
+            acceptq_len: read(sk, o.sk_ack_backlog)?,
+            acceptq_max: read(sk, o.sk_max_ack_backlog)?,
+            synq_len: read(sk, o.icsk_synq_len)?,
+        })
+    }
+
+    /// `sk_acceptq_is_full()`.
+    #[inline(always)]
+    pub fn acceptq_full(&self) -> bool {
+        self.acceptq_len > self.acceptq_max
+    }
+
+    /// `inet_csk_reqsk_queue_is_full()`: the SYN queue is bounded by the same backlog.
+    #[inline(always)]
+    pub fn synq_full(&self) -> bool {
+        self.synq_len >= self.acceptq_max
+    }
+}
+
+/// A remote endpoint in the listener's address family (IPv4 peers of an IPv6 listener are
+/// written v4-mapped).
+#[derive(Clone, Copy, Default)]
+pub struct Remote {
+    pub addr: [u8; 16],
+    pub port: u16,
+}
+
+#[inline(always)]
+fn put_v4(listener_family: u16, v4: [u8; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    if listener_family == AF_INET6 {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&v4);
+    } else {
+        addr[..4].copy_from_slice(&v4);
+    }
+    addr
+}
+
+impl Remote {
+    /// The peer of a request socket (`struct request_sock *`).
+    #[inline(always)]
+    pub fn of_request(req: *const u8, listener_family: u16) -> Result<Remote, ()> {
+        let o = offsets();
+        let family: u16 = read(req, o.skc_family)?;
+        let port: u16 = read(req, o.skc_dport)?;
+        let addr = if family == AF_INET {
+            put_v4(listener_family, read(req, o.skc_daddr)?)
+        } else {
+            read(req, o.skc_v6_daddr)?
+        };
+        Ok(Remote {
+            addr,
+            port: u16::from_be(port),
+        })
+    }
+
+    /// The sender of a received packet (`struct sk_buff *` with its headers set).
+    #[inline(always)]
+    pub fn of_skb(skb: *const u8, listener_family: u16) -> Result<Remote, ()> {
+        let o = offsets();
+        let head: *const u8 = read(skb, o.skb_head)?;
+        let nh: u16 = read(skb, o.skb_network_header)?;
+        let th: u16 = read(skb, o.skb_transport_header)?;
+        let ip = head.wrapping_add(nh as usize);
+        let version: u8 = read(ip, 0)?;
+        let addr = if version >> 4 == 4 {
+            put_v4(listener_family, read(ip, 12)?)
+        } else {
+            read(ip, 8)?
+        };
+        let port: u16 = read(head.wrapping_add(th as usize), 0)?;
+        Ok(Remote {
+            addr,
+            port: u16::from_be(port),
+        })
+    }
+}

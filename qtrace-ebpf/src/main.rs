@@ -1,0 +1,33 @@
+//! qtrace's kernel programs. Each probe area is one module, named like its loader in
+//! `qtrace/src/probes/`. Struct offsets and prototype facts arrive as globals from user space
+//! (see `qtrace_common::kernel`), so nothing here depends on one kernel's layout.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod accept;
+#[cfg(target_arch = "bpf")]
+mod account;
+#[cfg(target_arch = "bpf")]
+mod ack;
+#[cfg(target_arch = "bpf")]
+mod kernel;
+#[cfg(target_arch = "bpf")]
+mod syn;
+#[cfg(target_arch = "bpf")]
+mod synack;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here, so it is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

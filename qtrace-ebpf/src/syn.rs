@@ -1,0 +1,108 @@
+//! SYN at a listener: `tcp_conn_request()` (reached from tcp_v4/v6_conn_request).
+//!
+//! Entry snapshots the listener (drop count, queues, syncookie mode); exit compares. The
+//! kernel calls `tcp_listendrop()`, which bumps `sk_drops`, on every path that drops the SYN,
+//! so a changed `sk_drops` is a drop; the queues at entry say which check dropped it, in the
+//! kernel's own order (SYN queue with syncookies off, then accept queue).
+
+use aya_ebpf::{
+    macros::{fentry, fexit, kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+};
+use qtrace_common::{Counter, EventKind};
+
+use crate::{
+    account::{count, emit},
+    kernel::{listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
+};
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Entry {
+    // Kernel addresses as integers: map values must be Sync.
+    sk: u64,
+    skb: u64,
+    queues: Queues,
+    drops: u32,
+    syncookies: u8,
+}
+
+/// One slot per CPU: tcp_conn_request runs in softirq context and does not nest.
+#[map]
+static QT_SYN_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
+    let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
+    let o = offsets();
+    let entry = Entry {
+        sk: sk as u64,
+        skb: skb as u64,
+        queues: Queues::read(sk)?,
+        drops: read(sk, o.sk_drops)?,
+        syncookies: net_sysctl_u8(sk, o.net_syncookies)?,
+    };
+    unsafe { *slot = entry };
+    Ok(())
+}
+
+#[inline(always)]
+fn exit() -> Result<(), ()> {
+    let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
+    let e = unsafe { *slot };
+    if e.sk == 0 {
+        return Ok(());
+    }
+    unsafe { (*slot).sk = 0 };
+    let (sk, skb) = (e.sk as *const u8, e.skb as *const u8);
+    let drops: u32 = read(sk, offsets().sk_drops)?;
+    let q = e.queues;
+    let (counter, kind) = if drops != e.drops {
+        if e.syncookies == 0 && q.synq_full() {
+            (Counter::DropSynQueueFull, EventKind::SynDropSynQueueFull)
+        } else if q.acceptq_full() {
+            (Counter::DropAcceptQueueFullSyn, EventKind::SynDropAcceptQueueFull)
+        } else {
+            (Counter::DropOther, EventKind::DropOther)
+        }
+    } else if e.syncookies == 2 || (e.syncookies == 1 && q.synq_full()) {
+        (Counter::SyncookiesSent, EventKind::SyncookieSent)
+    } else {
+        count(&listener_key(sk)?, Counter::SynQueued);
+        return Ok(());
+    };
+    let key = listener_key(sk)?;
+    let c = count(&key, counter).ok_or(())?;
+    let remote = Remote::of_skb(skb, key.family).unwrap_or_default();
+    emit(c, &key, kind, remote, q, 0);
+    Ok(())
+}
+
+// tcp_conn_request(rsk_ops, af_ops, sk, skb): the prototype is stable across 5.x–6.x.
+
+#[fentry(function = "tcp_conn_request")]
+pub fn qt_syn_fe(ctx: FEntryContext) -> i32 {
+    let _ = enter(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[fexit(function = "tcp_conn_request")]
+pub fn qt_syn_fx(_ctx: FExitContext) -> i32 {
+    let _ = exit();
+    0
+}
+
+#[kprobe]
+pub fn qt_syn_kp(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(skb)) = (ctx.arg(2), ctx.arg(3)) {
+        let _ = enter(sk, skb);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn qt_syn_krp(_ctx: RetProbeContext) -> u32 {
+    let _ = exit();
+    0
+}

@@ -1,0 +1,28 @@
+//! SYN-ACK retransmits: tracepoint `tcp:tcp_retransmit_synack(sk, req)`, fired by
+//! `tcp_rtx_synack()` exactly where it counts TcpExtTCPSynRetrans.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use qtrace_common::{Counter, EventKind};
+
+use crate::{
+    account::{count, emit},
+    kernel::{listener_key, offsets, read, Queues, Remote},
+};
+
+#[inline(always)]
+fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
+    let key = listener_key(sk)?;
+    let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
+    let remote = Remote::of_request(req, key.family).unwrap_or_default();
+    // num_retrans is incremented by the caller after this tracepoint: this is retransmit n+1.
+    let n: u8 = read(req, offsets().req_num_retrans).unwrap_or(0);
+    let q = Queues::read(sk).unwrap_or_default();
+    emit(c, &key, EventKind::SynackRetransmit, remote, q, n.wrapping_add(1));
+    Ok(())
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn qt_synack_tp(ctx: BtfTracePointContext) -> i32 {
+    let _ = on_retransmit(ctx.arg(0), ctx.arg(1));
+    0
+}

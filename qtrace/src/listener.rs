@@ -1,0 +1,73 @@
+//! Human and JSON forms of a listener key and of remote endpoints.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use qtrace_common::{listener::AF_INET6, ListenerKey};
+
+/// The address in `bytes` for `family` (IPv4 in the first four bytes).
+pub fn ip(family: u16, bytes: [u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+pub fn family_name(family: u16) -> &'static str {
+    if family == AF_INET6 {
+        "ipv6"
+    } else {
+        "ipv4"
+    }
+}
+
+/// `addr:port`, with IPv6 addresses in brackets.
+pub fn endpoint(family: u16, addr: [u8; 16], port: u16) -> String {
+    match ip(family, addr) {
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+        IpAddr::V4(a) => format!("{a}:{port}"),
+    }
+}
+
+pub fn listener(key: &ListenerKey) -> String {
+    endpoint(key.family, key.addr, key.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use qtrace_common::listener::AF_INET;
+
+    use super::*;
+
+    fn key(family: u16, addr: [u8; 16], port: u16) -> ListenerKey {
+        ListenerKey {
+            netns: 4026531840,
+            family,
+            port,
+            addr,
+        }
+    }
+
+    #[test]
+    fn ipv4_listener_uses_first_four_bytes() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(listener(&key(AF_INET, addr, 8080)), "127.0.0.1:8080");
+        assert_eq!(listener(&key(AF_INET, [0; 16], 80)), "0.0.0.0:80");
+    }
+
+    #[test]
+    fn ipv6_listener_is_bracketed() {
+        assert_eq!(listener(&key(AF_INET6, [0; 16], 443)), "[::]:443");
+        let loopback = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(listener(&key(AF_INET6, loopback, 8443)), "[::1]:8443");
+    }
+
+    #[test]
+    fn ipv4_peer_of_ipv6_listener_is_mapped() {
+        let mapped = Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
+        assert_eq!(endpoint(AF_INET6, mapped, 5000), "[::ffff:10.1.2.3]:5000");
+        assert_eq!(family_name(AF_INET6), "ipv6");
+        assert_eq!(family_name(AF_INET), "ipv4");
+    }
+}

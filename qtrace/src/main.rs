@@ -1,0 +1,58 @@
+//! qtrace: attributes TCP listen-queue drops, SYN-ACK retransmits, syncookies and accept-queue
+//! waits to the listening socket, from eBPF programs in the kernel.
+
+mod btf;
+mod events;
+mod listener;
+mod probes;
+mod run;
+mod snapshot;
+mod stats;
+mod tracer;
+
+use std::{io::IsTerminal, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace listen queues: print drop events as they happen and a listener table periodically.
+    Run(run::RunOptions),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("QTRACE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Run(opts) => run::run(opts).await,
+                }
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("qtrace: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A point-in-time view of every listener's counters, as a table or as JSON.
+//!
+//! A counter no attached probe can see is `null` in JSON and `n/a` in the table: an SRE must
+//! never read "0 drops" where qtrace is blind.
+
+use qtrace_common::{Counter, SelfStat};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{
+    listener::{family_name, ip, listener},
+    probes::{counter_available, ProbeStatus},
+    stats::{wait_bucket_le_seconds, ListenerStats},
+};
+
+/// Which counters the attached probes can see.
+#[derive(Clone, Copy)]
+pub struct Visibility([bool; Counter::COUNT]);
+
+impl Visibility {
+    pub fn of(probes: &[ProbeStatus]) -> Self {
+        let mut v = [false; Counter::COUNT];
+        for c in Counter::ALL {
+            v[c as usize] = counter_available(probes, c);
+        }
+        Self(v)
+    }
+
+    pub fn sees(&self, c: Counter) -> bool {
+        self.0[c as usize]
+    }
+}
+
+#[derive(Serialize)]
+struct ListenerJson {
+    netns: u32,
+    family: &'static str,
+    addr: String,
+    port: u16,
+    counters: Map<String, Value>,
+    accept_wait: Option<WaitJson>,
+}
+
+#[derive(Serialize)]
+struct WaitJson {
+    count: u64,
+    sum_seconds: f64,
+    /// Cumulative counts by upper bound in seconds, as Prometheus buckets.
+    buckets: Vec<(f64, u64)>,
+}
+
+pub fn to_json(
+    listeners: &[ListenerStats],
+    self_stats: &[u64; SelfStat::COUNT],
+    vis: Visibility,
+    last: bool,
+) -> Value {
+    let listeners: Vec<_> = listeners
+        .iter()
+        .map(|s| {
+            let counters = Counter::ALL
+                .iter()
+                .map(|&c| {
+                    let v = if vis.sees(c) { Value::from(s.get(c)) } else { Value::Null };
+                    (c.name().to_string(), v)
+                })
+                .collect();
+            ListenerJson {
+                netns: s.key.netns,
+                family: family_name(s.key.family),
+                addr: ip(s.key.family, s.key.addr).to_string(),
+                port: s.key.port,
+                counters,
+                accept_wait: vis.sees(Counter::Accepted).then(|| wait_json(s)),
+            }
+        })
+        .collect();
+    let self_stats: Map<String, Value> = SelfStat::ALL
+        .iter()
+        .map(|&st| (st.name().to_string(), Value::from(self_stats[st as usize])))
+        .collect();
+    serde_json::json!({
+        "type": "listeners",
+        "final": last,
+        "listeners": listeners,
+        "self": self_stats,
+    })
+}
+
+fn wait_json(s: &ListenerStats) -> WaitJson {
+    let mut cumulative = 0;
+    let buckets = s
+        .wait_buckets
+        .iter()
+        .enumerate()
+        .map(|(b, n)| {
+            cumulative += n;
+            (wait_bucket_le_seconds(b), cumulative)
+        })
+        .collect();
+    WaitJson {
+        count: cumulative,
+        sum_seconds: s.wait_sum_ns as f64 / 1e9,
+        buckets,
+    }
+}
+
+const COLUMNS: [(Counter, &str); 9] = [
+    (Counter::DropSynQueueFull, "SYNQ-FULL"),
+    (Counter::DropAcceptQueueFullSyn, "ACCQ-FULL@SYN"),
+    (Counter::DropAcceptQueueFullAck, "ACCQ-FULL@ACK"),
+    (Counter::DropOther, "DROP-OTHER"),
+    (Counter::SynackRetransmits, "SYNACK-RTX"),
+    (Counter::SyncookiesSent, "COOKIES"),
+    (Counter::OverflowResets, "RESETS"),
+    (Counter::SynQueued, "SYN-QUEUED"),
+    (Counter::Accepted, "ACCEPTED"),
+];
+
+/// The listeners with any non-zero counter, one row each.
+pub fn to_table(listeners: &[ListenerStats], vis: Visibility) -> String {
+    let mut out = format!("{:<28} {:>10}", "LISTENER", "NETNS");
+    for (_, title) in COLUMNS {
+        out += &format!(" {title:>13}");
+    }
+    out.push('\n');
+    for s in listeners.iter().filter(|s| s.counts.iter().any(|&v| v > 0)) {
+        out += &format!("{:<28} {:>10}", listener(&s.key), s.key.netns);
+        for (c, _) in COLUMNS {
+            if vis.sees(c) {
+                out += &format!(" {:>13}", s.get(c));
+            } else {
+                out += &format!(" {:>13}", "n/a");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

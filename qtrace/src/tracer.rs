@@ -1,0 +1,81 @@
+//! Loading the eBPF object with this kernel's offsets and attaching its probes.
+
+use anyhow::{bail, Context, Result};
+use aya::{Ebpf, EbpfLoader};
+use qtrace_common::{globals, maps};
+
+use crate::{
+    btf::KernelBtf,
+    probes::{self, ProbeStatus, Tier},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qtrace"));
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TracerOptions {
+    /// Best attach tier to try; qtrace falls down from it (fentry → kprobe → tracepoint).
+    #[arg(long = "attach", value_enum, default_value = "fentry")]
+    pub best_tier: Tier,
+    /// Events each listener may emit per second and CPU before they are suppressed (and
+    /// counted as suppressed).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub event_rate: u32,
+    /// Most listening sockets tracked; past it counts are lost and the loss is counted.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_listeners: u32,
+    /// Ring buffer size for events, KiB (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_ringbuf_kib)]
+    pub ringbuf_kib: u32,
+}
+
+fn parse_ringbuf_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(4..=1 << 20).contains(&kib) || !kib.is_power_of_two() {
+        return Err(format!("{kib} is not a power of two between 4 and 1048576"));
+    }
+    Ok(kib)
+}
+
+/// The loaded programs. Dropping it detaches and unloads everything.
+pub struct Tracer {
+    pub ebpf: Ebpf,
+    pub probes: Vec<ProbeStatus>,
+}
+
+impl Tracer {
+    pub fn start(opts: &TracerOptions) -> Result<Self> {
+        let kbtf = KernelBtf::load()?;
+        let offsets = kbtf.offsets().context("resolve struct offsets from the kernel's BTF")?;
+        let hooks = kbtf.hook_layout();
+        tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::OFFSETS, &offsets, true)
+            .override_global(globals::HOOKS, &hooks, true)
+            .override_global(globals::EVENT_RATE, &opts.event_rate, true)
+            .map_max_entries(maps::LISTENERS, opts.max_listeners)
+            .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
+            .load(OBJECT)
+            .map_err(|e| permission_hint(e.into()))?;
+        let probes = probes::attach_all(&mut ebpf, &kbtf, opts.best_tier)?;
+        if probes.iter().all(|p| p.tier.is_none()) {
+            let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
+            bail!(
+                "no probe could be attached on this kernel: {}",
+                why.join("; ")
+            );
+        }
+        Ok(Self { ebpf, probes })
+    }
+}
+
+fn permission_hint(err: anyhow::Error) -> anyhow::Error {
+    let text = format!("{err:#}");
+    if text.contains("Operation not permitted") || text.contains("permission denied") {
+        err.context(
+            "loading BPF maps and programs was refused: run qtrace as root, or with \
+             CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (and CAP_SYS_ADMIN on kernels before 5.8)",
+        )
+    } else {
+        err.context("load qtrace's eBPF object")
+    }
+}
