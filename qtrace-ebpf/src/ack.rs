@@ -119,7 +119,6 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
     0
 }
 
-
 /// Tracepoint tier, for kernels without fexit or kprobes: `skb:kfree_skb(skb, location,
 /// reason, rx_sk)` with reason TCP_LISTEN_OVERFLOW (6.15+) and the receiving socket (6.11+).
 /// User space loads it only where BTF shows both. It sees overflows only, not other failures.

@@ -62,7 +62,10 @@ fn exit() -> Result<(), ()> {
         if e.syncookies == 0 && q.synq_full() {
             (Counter::DropSynQueueFull, EventKind::SynDropSynQueueFull)
         } else if q.acceptq_full() {
-            (Counter::DropAcceptQueueFullSyn, EventKind::SynDropAcceptQueueFull)
+            (
+                Counter::DropAcceptQueueFullSyn,
+                EventKind::SynDropAcceptQueueFull,
+            )
         } else {
             (Counter::DropOther, EventKind::DropOther)
         }

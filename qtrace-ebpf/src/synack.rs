@@ -17,7 +17,14 @@ fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
     // num_retrans is incremented by the caller after this tracepoint: this is retransmit n+1.
     let n: u8 = read(req, offsets().req_num_retrans).unwrap_or(0);
     let q = Queues::read(sk).unwrap_or_default();
-    emit(c, &key, EventKind::SynackRetransmit, remote, q, n.wrapping_add(1));
+    emit(
+        c,
+        &key,
+        EventKind::SynackRetransmit,
+        remote,
+        q,
+        n.wrapping_add(1),
+    );
     Ok(())
 }
 

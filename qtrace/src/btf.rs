@@ -85,18 +85,23 @@ impl KernelBtf {
     /// Value of enumerator `name` of enum `ty`.
     pub fn enum_value(&self, ty: &str, name: &str) -> Option<u64> {
         match self.types.from_id(self.types.id_of(ty)?)? {
-            TypeVariant::Enum(e) => e.named_value_list().iter().find(|v| v.name == name).map(
-                |v| match v.value {
+            TypeVariant::Enum(e) => e
+                .named_value_list()
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| match v.value {
                     Integer32Value::Signed(s) => s as u64,
                     Integer32Value::Unsigned(u) => u as u64,
-                },
-            ),
-            TypeVariant::Enum64(e) => e.named_value_list().iter().find(|v| v.name == name).map(
-                |v| match v.value {
-                    Integer64Value::Signed(s) => s as u64,
-                    Integer64Value::Unsigned(u) => u,
-                },
-            ),
+                }),
+            TypeVariant::Enum64(e) => {
+                e.named_value_list()
+                    .iter()
+                    .find(|v| v.name == name)
+                    .map(|v| match v.value {
+                        Integer64Value::Signed(s) => s as u64,
+                        Integer64Value::Unsigned(u) => u,
+                    })
+            }
             _ => None,
         }
     }
@@ -138,9 +143,7 @@ impl KernelBtf {
     /// Prototype facts the programs need at run time.
     pub fn hook_layout(&self) -> HookLayout {
         HookLayout {
-            drop_reason_listen_overflow: self
-                .listen_overflow_drop_reason()
-                .map_or(0, |v| v as u32),
+            drop_reason_listen_overflow: self.listen_overflow_drop_reason().map_or(0, |v| v as u32),
             _pad: 0,
         }
     }

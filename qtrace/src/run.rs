@@ -38,7 +38,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for p in &tracer.probes {
         match p.tier {
             Some(tier) => tracing::info!("probe {}: {tier} ({})", p.probe, p.hooks.join(", ")),
-            None => tracing::warn!("probe {}: unavailable ({})", p.probe, p.fallbacks.join("; ")),
+            None => tracing::warn!(
+                "probe {}: unavailable ({})",
+                p.probe,
+                p.fallbacks.join("; ")
+            ),
         }
     }
     let vis = Visibility::of(&tracer.probes);

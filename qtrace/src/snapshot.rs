@@ -61,7 +61,11 @@ pub fn to_json(
             let counters = Counter::ALL
                 .iter()
                 .map(|&c| {
-                    let v = if vis.sees(c) { Value::from(s.get(c)) } else { Value::Null };
+                    let v = if vis.sees(c) {
+                        Value::from(s.get(c))
+                    } else {
+                        Value::Null
+                    };
                     (c.name().to_string(), v)
                 })
                 .collect();

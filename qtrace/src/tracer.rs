@@ -45,7 +45,9 @@ pub struct Tracer {
 impl Tracer {
     pub fn start(opts: &TracerOptions) -> Result<Self> {
         let kbtf = KernelBtf::load()?;
-        let offsets = kbtf.offsets().context("resolve struct offsets from the kernel's BTF")?;
+        let offsets = kbtf
+            .offsets()
+            .context("resolve struct offsets from the kernel's BTF")?;
         let hooks = kbtf.hook_layout();
         tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
         let mut ebpf = EbpfLoader::new()

@@ -23,18 +23,39 @@ fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
 fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
     let steps = match tier {
         Tier::Fentry => vec![
-            Step { program: "qt_acc_qadd_fe", hook: Hook::Fentry(QUEUE_ADD) },
-            Step { program: "qt_acc_hd_fx", hook: Hook::Fexit(HASHDANCE) },
+            Step {
+                program: "qt_acc_qadd_fe",
+                hook: Hook::Fentry(QUEUE_ADD),
+            },
+            Step {
+                program: "qt_acc_hd_fx",
+                hook: Hook::Fexit(HASHDANCE),
+            },
             // (sk, flags, err, kern) before 6.10, (sk, arg) since.
             by_arity(btf, ACCEPT, &[(4, "qt_acc_fx4"), (2, "qt_acc_fx2")])?,
         ],
         Tier::Kprobe => vec![
-            Step { program: "qt_acc_qadd_kp", hook: Hook::Kprobe(QUEUE_ADD) },
-            Step { program: "qt_acc_hd_krp", hook: Hook::Kretprobe(HASHDANCE) },
-            Step { program: "qt_acc_kp", hook: Hook::Kprobe(ACCEPT) },
-            Step { program: "qt_acc_krp", hook: Hook::Kretprobe(ACCEPT) },
+            Step {
+                program: "qt_acc_qadd_kp",
+                hook: Hook::Kprobe(QUEUE_ADD),
+            },
+            Step {
+                program: "qt_acc_hd_krp",
+                hook: Hook::Kretprobe(HASHDANCE),
+            },
+            Step {
+                program: "qt_acc_kp",
+                hook: Hook::Kprobe(ACCEPT),
+            },
+            Step {
+                program: "qt_acc_krp",
+                hook: Hook::Kretprobe(ACCEPT),
+            },
         ],
         Tier::Tracepoint => return Err("no tracepoint fires on accept()".into()),
     };
-    Ok(Plan { steps, blind_to: &[] })
+    Ok(Plan {
+        steps,
+        blind_to: &[],
+    })
 }

@@ -30,10 +30,22 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
             by_arity(btf, V6, &[(6, "qt_ack6_fx6"), (7, "qt_ack6_fx7")])?,
         ],
         Tier::Kprobe => vec![
-            Step { program: "qt_ack_kp", hook: Hook::Kprobe(V4) },
-            Step { program: "qt_ack_kp", hook: Hook::Kprobe(V6) },
-            Step { program: "qt_ack_krp", hook: Hook::Kretprobe(V4) },
-            Step { program: "qt_ack_krp", hook: Hook::Kretprobe(V6) },
+            Step {
+                program: "qt_ack_kp",
+                hook: Hook::Kprobe(V4),
+            },
+            Step {
+                program: "qt_ack_kp",
+                hook: Hook::Kprobe(V6),
+            },
+            Step {
+                program: "qt_ack_krp",
+                hook: Hook::Kretprobe(V4),
+            },
+            Step {
+                program: "qt_ack_krp",
+                hook: Hook::Kretprobe(V6),
+            },
         ],
         Tier::Tracepoint => {
             if btf.listen_overflow_drop_reason().is_none() {
@@ -43,10 +55,16 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
             }
             // Other syn_recv_sock failures carry other drop reasons and no listener.
             return Ok(Plan {
-                steps: vec![Step { program: "qt_ack_tp", hook: Hook::Tracepoint("kfree_skb") }],
+                steps: vec![Step {
+                    program: "qt_ack_tp",
+                    hook: Hook::Tracepoint("kfree_skb"),
+                }],
                 blind_to: &[Counter::DropOther],
             });
         }
     };
-    Ok(Plan { steps, blind_to: &[] })
+    Ok(Plan {
+        steps,
+        blind_to: &[],
+    })
 }

@@ -152,7 +152,9 @@ pub fn attach_all(ebpf: &mut Ebpf, kbtf: &KernelBtf, best: Tier) -> Result<Vec<P
                 }
                 Err(err) => {
                     tracing::debug!("probe {}: {tier} failed: {err:?}", area.name);
-                    status.fallbacks.push(format!("{tier}: {}", first_line(&err)));
+                    status
+                        .fallbacks
+                        .push(format!("{tier}: {}", first_line(&err)));
                     for step in &plan.steps {
                         unload(ebpf, step.program);
                     }

@@ -22,16 +22,33 @@ pub const AREA: Area = Area {
 fn plan(tier: Tier, _btf: &KernelBtf) -> Option<Result<Plan, String>> {
     let (enter, exit) = match tier {
         Tier::Fentry => (
-            Step { program: "qt_syn_fe", hook: Hook::Fentry(FUNC) },
-            Step { program: "qt_syn_fx", hook: Hook::Fexit(FUNC) },
+            Step {
+                program: "qt_syn_fe",
+                hook: Hook::Fentry(FUNC),
+            },
+            Step {
+                program: "qt_syn_fx",
+                hook: Hook::Fexit(FUNC),
+            },
         ),
         Tier::Kprobe => (
-            Step { program: "qt_syn_kp", hook: Hook::Kprobe(FUNC) },
-            Step { program: "qt_syn_krp", hook: Hook::Kretprobe(FUNC) },
+            Step {
+                program: "qt_syn_kp",
+                hook: Hook::Kprobe(FUNC),
+            },
+            Step {
+                program: "qt_syn_krp",
+                hook: Hook::Kretprobe(FUNC),
+            },
         ),
         Tier::Tracepoint => {
-            return Some(Err("no tracepoint fires when a SYN is queued or dropped".into()));
+            return Some(Err(
+                "no tracepoint fires when a SYN is queued or dropped".into()
+            ));
         }
     };
-    Some(Ok(Plan { steps: vec![enter, exit], blind_to: &[] }))
+    Some(Ok(Plan {
+        steps: vec![enter, exit],
+        blind_to: &[],
+    }))
 }

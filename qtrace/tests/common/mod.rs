@@ -1,0 +1,269 @@
+//! Shared pieces of qtrace's integration tests: network namespaces the test owns, the
+//! kernel's own counters inside them as ground truth, nftables rules, and a running qtrace.
+//!
+//! These tests load real BPF programs and create namespaces, so they need root.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Receiver},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("qtrace's integration tests load BPF programs and create network namespaces: run them as root (`cargo xtask test`)");
+    }
+}
+
+/// Runs a command to completion; panics with its stderr if it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace created for one test and deleted when dropped.
+pub struct Netns {
+    pub name: String,
+    /// The namespace's inode number: what qtrace reports as `netns`.
+    pub inode: u32,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "qtrace-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        sh(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        let inode = std::fs::metadata(format!("/run/netns/{name}"))
+            .unwrap()
+            .ino() as u32;
+        Self { name, inode }
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets made there stay in it and
+    /// may be used from any thread afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let ns = File::open(&path).unwrap();
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The namespace's TcpExt counters (`/proc/net/netstat`): exact ground truth for it alone.
+    pub fn tcp_ext(&self) -> HashMap<String, u64> {
+        let text = self.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap());
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .map(|(n, v)| (n.to_string(), v.parse().unwrap()))
+            .collect()
+    }
+
+    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
+        self.run(move || std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}")));
+    }
+
+    /// Loads an nftables ruleset into this namespace.
+    pub fn nft(&self, ruleset: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (apt package nftables; `cargo xtask setup` installs it)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "nft -f failed for:\n{ruleset}"
+        );
+    }
+
+    /// Drops every pure ACK (the handshake's last packet) arriving for `port` in this
+    /// namespace, so its listener keeps retransmitting SYN-ACKs. Undone by `allow_acks`.
+    pub fn drop_final_acks(&self, port: u16) {
+        self.nft(&format!(
+            "table inet qtrace_test {{\n chain input {{\n type filter hook input priority 0\n \
+             tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n"
+        ));
+    }
+
+    pub fn allow_acks(&self) {
+        self.nft("delete table inet qtrace_test");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The delta of one TcpExt counter between two readings.
+pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after[name] - before[name]
+}
+
+/// A `qtrace run --json` child process and the JSON lines it printed.
+pub struct Qtrace {
+    child: Child,
+    lines: Receiver<Value>,
+    pub ready: Value,
+}
+
+/// What qtrace printed from start to exit.
+pub struct Output {
+    pub events: Vec<Value>,
+    /// The last listener snapshot (`"final": true`).
+    pub last: Value,
+    pub stderr: String,
+}
+
+impl Qtrace {
+    /// Starts qtrace and waits until its probes are attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+            .args(["run", "--json", "--interval", "1s"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in stdout.lines() {
+                let line = line.unwrap();
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("qtrace printed a line that is not JSON ({e}): {line}")
+                });
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "qtrace did not start: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        assert_eq!(ready["type"], "ready", "first line: {ready}");
+        Self {
+            child,
+            lines,
+            ready,
+        }
+    }
+
+    /// The tier the named probe got (`None` when unavailable).
+    pub fn tier(&self, probe: &str) -> Option<String> {
+        let probes = self.ready["probes"].as_array().unwrap();
+        let p = probes.iter().find(|p| p["probe"] == probe).unwrap();
+        p["tier"].as_str().map(str::to_string)
+    }
+
+    /// Stops qtrace with `signal` and collects everything it printed.
+    pub fn stop(self, signal: i32) -> Output {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut events = Vec::new();
+        let mut last = Value::Null;
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            match v["type"].as_str() {
+                Some("event") => events.push(v),
+                Some("listeners") if v["final"] == true => last = v,
+                _ => {}
+            }
+        }
+        let out = self.child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "qtrace exited with {}: {stderr}",
+            out.status
+        );
+        assert!(
+            !last.is_null(),
+            "qtrace printed no final snapshot: {stderr}"
+        );
+        Output {
+            events,
+            last,
+            stderr,
+        }
+    }
+}
+
+impl Output {
+    /// The final counters of the listener on (`netns`, `addr`, `port`).
+    pub fn counters(&self, netns: &Netns, addr: &str, port: u16) -> &Value {
+        let listeners = self.last["listeners"].as_array().unwrap();
+        listeners
+            .iter()
+            .find(|l| l["netns"] == netns.inode && l["addr"] == addr && l["port"] == port)
+            .map(|l| &l["counters"])
+            .unwrap_or_else(|| {
+                panic!(
+                    "no listener {addr}:{port} in netns {} in {}",
+                    netns.inode, self.last
+                )
+            })
+    }
+
+    /// Events of one kind for one namespace.
+    pub fn events_of(&self, netns: &Netns, kind: &str) -> Vec<&Value> {
+        self.events
+            .iter()
+            .filter(|e| e["netns"] == netns.inode && e["kind"] == kind)
+            .collect()
+    }
+}

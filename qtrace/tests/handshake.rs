@@ -1,0 +1,211 @@
+//! qtrace against the kernel's own counters: real listeners and clients in a network namespace
+//! each test creates, where `/proc/net/netstat` counts only what the test did.
+mod common;
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use common::{delta, require_root, Netns, Qtrace};
+use socket2::{Domain, Socket, Type};
+
+/// A listener that never accepts, bound to `ip` on an ephemeral port.
+fn listener(ns: &Netns, ip: &'static str, backlog: i32) -> (Socket, u16) {
+    ns.run(move || {
+        let addr: SocketAddr = format!("{}:0", bracket(ip)).parse().unwrap();
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(backlog).unwrap();
+        let port = s.local_addr().unwrap().as_socket().unwrap().port();
+        (s, port)
+    })
+}
+
+fn bracket(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// Connects `n` clients from inside the namespace. Connect returns once the client has the
+/// SYN-ACK, whether or not the server ever sees the final ACK.
+fn connect(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<TcpStream> {
+    ns.run(move || {
+        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
+        (0..n)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+            .collect()
+    })
+}
+
+fn local_ports(clients: &[TcpStream]) -> Vec<u64> {
+    clients
+        .iter()
+        .map(|c| c.local_addr().unwrap().port().into())
+        .collect()
+}
+
+/// Final ACKs dropped by nftables: the listener retransmits SYN-ACKs, and qtrace's count for
+/// that listener must equal the namespace's TCPSynRetrans, each event naming listener and client.
+fn synack_retransmits(ip: &'static str) {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    assert!(
+        qtrace.tier("synack").is_some(),
+        "synack probe unavailable: {}",
+        qtrace.ready
+    );
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, ip, 16);
+    ns.drop_final_acks(port);
+    let before = ns.tcp_ext();
+    let clients = connect(&ns, ip, port, 3);
+    // SYN-ACK retransmits come at 1 s and 3 s after each SYN.
+    thread::sleep(Duration::from_millis(3500));
+    drop(server); // ends the handshakes: no retransmit after the reading below
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+
+    let expected = delta(&before, &after, "TCPSynRetrans");
+    assert!(
+        expected >= 3,
+        "the nftables rule provoked only {expected} SYN-ACK retransmits"
+    );
+    let counters = out.counters(&ns, ip, port);
+    assert_eq!(counters["synack_retransmits"], expected, "{counters}");
+
+    let events = out.events_of(&ns, "synack_retransmit");
+    assert_eq!(
+        events.len() as u64,
+        expected,
+        "one event per retransmit: {events:?}"
+    );
+    let ports = local_ports(&clients);
+    for e in &events {
+        assert_eq!(
+            (e["laddr"].as_str(), e["lport"].as_u64()),
+            (Some(ip), Some(port.into())),
+            "{e}"
+        );
+        assert_eq!(e["raddr"], ip, "{e}");
+        assert!(
+            ports.contains(&e["rport"].as_u64().unwrap()),
+            "{e} is not from clients {ports:?}"
+        );
+        assert!(e["retransmit"].as_u64().unwrap() >= 1, "{e}");
+    }
+    for p in &ports {
+        assert!(
+            events.iter().any(|e| e["rport"] == *p),
+            "no retransmit event for client port {p}"
+        );
+    }
+}
+
+#[test]
+fn synack_retransmits_ipv4() {
+    synack_retransmits("127.0.0.1");
+}
+
+#[test]
+fn synack_retransmits_ipv6() {
+    synack_retransmits("::1");
+}
+
+/// Fills the accept queue while two handshakes wait on their final ACK: when those ACKs come
+/// (after the first SYN-ACK retransmit) the accept queue is full and the kernel drops them.
+/// Returns the clients whose ACKs overflowed.
+fn overflow_at_ack(ns: &Netns, ip: &'static str, port: u16) -> Vec<TcpStream> {
+    ns.drop_final_acks(port);
+    let held = connect(ns, ip, port, 2);
+    ns.allow_acks();
+    // backlog 1 holds two children (full means more than the backlog); these complete at once.
+    let _fill = connect(ns, ip, port, 2);
+    thread::sleep(Duration::from_millis(1500));
+    std::mem::forget(_fill); // keep the accept queue full until the namespace goes
+    held
+}
+
+#[test]
+fn accept_queue_overflow_at_final_ack() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    assert!(
+        qtrace.tier("ack").is_some(),
+        "ack probe unavailable: {}",
+        qtrace.ready
+    );
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    let held = overflow_at_ack(&ns, "127.0.0.1", port);
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGTERM);
+
+    let overflows = delta(&before, &after, "ListenOverflows");
+    assert!(
+        overflows >= 2,
+        "the scenario provoked only {overflows} ACK-time overflows"
+    );
+    let counters = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(
+        counters["drop_accept_queue_full_ack"], overflows,
+        "{counters}"
+    );
+    assert_eq!(counters["overflow_resets"], 0, "{counters}");
+    let events = out.events_of(&ns, "ack_drop_accept_queue_full");
+    assert_eq!(events.len() as u64, overflows, "{events:?}");
+    let ports = local_ports(&held);
+    for e in &events {
+        assert!(
+            ports.contains(&e["rport"].as_u64().unwrap()),
+            "{e} is not from {ports:?}"
+        );
+        assert_eq!(e["acceptq_max"], 1, "{e}");
+        assert_eq!(e["acceptq_len"], 2, "{e}");
+    }
+}
+
+#[test]
+fn abort_on_overflow_resets_the_client() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    assert!(
+        qtrace.tier("ack").is_some(),
+        "ack probe unavailable: {}",
+        qtrace.ready
+    );
+    let ns = Netns::new();
+    ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
+    let (server, port) = listener(&ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    let held = overflow_at_ack(&ns, "127.0.0.1", port);
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+
+    let overflows = delta(&before, &after, "ListenOverflows");
+    assert!(
+        overflows >= 2,
+        "the scenario provoked only {overflows} ACK-time overflows"
+    );
+    let counters = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(
+        counters["drop_accept_queue_full_ack"], overflows,
+        "{counters}"
+    );
+    assert_eq!(counters["overflow_resets"], overflows, "{counters}");
+    assert_eq!(out.events_of(&ns, "overflow_reset").len() as u64, overflows);
+    for mut c in held {
+        let err = c
+            .read(&mut [0; 1])
+            .expect_err("the client should have been reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+}
