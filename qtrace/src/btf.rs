@@ -157,3 +157,121 @@ impl KernelBtf {
         self.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
     }
 }
+
+/// Checked against this machine's own `/sys/kernel/btf/vmlinux`, with `bpftool`'s reading of
+/// the same file as the independent witness.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{process::Command, sync::OnceLock};
+
+    fn kernel() -> &'static KernelBtf {
+        static K: OnceLock<KernelBtf> = OnceLock::new();
+        K.get_or_init(|| KernelBtf::load().unwrap())
+    }
+
+    /// `bpftool btf dump … format raw`: one `[id] KIND 'name' …` line per type, members indented.
+    fn bpftool_raw() -> &'static str {
+        static RAW: OnceLock<String> = OnceLock::new();
+        RAW.get_or_init(|| {
+            let out = Command::new("bpftool")
+                .args(["btf", "dump", "file", VMLINUX_BTF, "format", "raw"])
+                .output()
+                .expect("bpftool (apt package bpftool; `cargo xtask setup` installs it)");
+            String::from_utf8(out.stdout).unwrap()
+        })
+    }
+
+    /// The lines of the first type `KIND 'name'` and its indented members.
+    fn bpftool_type(kind: &str, name: &str) -> Vec<&'static str> {
+        let head = format!("] {kind} '{name}' ");
+        let mut lines = bpftool_raw().lines().skip_while(|l| !l.contains(&head));
+        let first = lines.next().unwrap_or_else(|| panic!("bpftool has no {kind} {name}"));
+        std::iter::once(first)
+            .chain(lines.take_while(|l| l.starts_with('\t')))
+            .collect()
+    }
+
+    fn field<'a>(line: &'a str, key: &str) -> &'a str {
+        let start = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+        line[start..].split_whitespace().next().unwrap()
+    }
+
+    /// Byte offset of a direct member, as bpftool reads it.
+    fn bpftool_offset(ty: &str, member: &str) -> u32 {
+        let lines = bpftool_type("STRUCT", ty);
+        let line = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with(&format!("'{member}' ")))
+            .unwrap_or_else(|| panic!("bpftool: no {ty}.{member}"));
+        field(line, "bits_offset").parse::<u32>().unwrap() / 8
+    }
+
+    #[test]
+    fn direct_members_match_bpftool() {
+        let k = kernel();
+        for (ty, member) in [
+            ("sock", "sk_ack_backlog"),
+            ("sock", "sk_max_ack_backlog"),
+            ("sock", "sk_drops"),
+            ("request_sock", "num_retrans"),
+            ("sk_buff", "head"),
+            ("inet_connection_sock", "icsk_accept_queue"),
+        ] {
+            assert_eq!(k.offset(ty, member).unwrap(), bpftool_offset(ty, member), "{ty}.{member}");
+        }
+    }
+
+    #[test]
+    fn nested_members_add_up() {
+        let k = kernel();
+        let o = k.offsets().unwrap();
+        // Paths through named members: the sum of each step as bpftool sees it.
+        let queue = bpftool_offset("inet_connection_sock", "icsk_accept_queue");
+        assert_eq!(o.icsk_synq_len, queue + bpftool_offset("request_sock_queue", "qlen"));
+        assert_eq!(o.net_ns_inum, bpftool_offset("net", "ns") + bpftool_offset("ns_common", "inum"));
+        // Members inside sock_common's anonymous unions, fixed by the kernel's own layout:
+        // `struct { __be32 skc_daddr, skc_rcv_saddr; }` and `struct { __be16 skc_dport; __u16 skc_num; }`.
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, o.skc_daddr + 4);
+        assert_eq!(o.skc_num, o.skc_dport + 2);
+        assert_eq!(o.skc_v6_rcv_saddr, o.skc_v6_daddr + 16);
+        assert!(o.skc_family > o.skc_num && o.skc_net > o.skc_family, "{o:?}");
+        assert_eq!(o.sk_max_ack_backlog, o.sk_ack_backlog + 4);
+    }
+
+    #[test]
+    fn function_arity_matches_bpftool() {
+        let k = kernel();
+        for func in ["tcp_v4_syn_recv_sock", "tcp_conn_request", "inet_csk_accept"] {
+            let proto = field(bpftool_type("FUNC", func)[0], "type_id");
+            let proto_line = bpftool_raw()
+                .lines()
+                .find(|l| l.starts_with(&format!("[{proto}] FUNC_PROTO ")))
+                .unwrap();
+            let expected: usize = field(proto_line, "vlen").parse().unwrap();
+            assert_eq!(k.func_params(func), Some(expected), "{func}");
+        }
+        assert_eq!(k.func_params("no_such_function_qtrace"), None);
+    }
+
+    #[test]
+    fn listen_overflow_drop_reason_matches_bpftool() {
+        let expected = bpftool_raw()
+            .lines()
+            .find(|l| l.trim_start().starts_with("'SKB_DROP_REASON_TCP_LISTEN_OVERFLOW' "))
+            .map(|l| field(l, "val").parse::<u64>().unwrap());
+        let k = kernel();
+        assert_eq!(k.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"), expected);
+        assert_eq!(k.enum_value("skb_drop_reason", "NO_SUCH_REASON"), None);
+    }
+
+    #[test]
+    fn missing_names_are_errors_that_say_which() {
+        let k = kernel();
+        let e = k.offset("sock", "sk_no_such_member").unwrap_err().to_string();
+        assert!(e.contains("sock.sk_no_such_member"), "{e}");
+        let e = k.offset("no_such_struct_qtrace", "x").unwrap_err().to_string();
+        assert!(e.contains("no_such_struct_qtrace"), "{e}");
+    }
+}

@@ -1,6 +1,6 @@
 //! Loading the eBPF object with this kernel's offsets and attaching its probes.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 use qtrace_common::{globals, maps};
 
@@ -57,27 +57,48 @@ impl Tracer {
             .map_max_entries(maps::LISTENERS, opts.max_listeners)
             .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
             .load(OBJECT)
-            .map_err(|e| permission_hint(e.into()))?;
+            .map_err(|e| permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object")))?;
         let probes = probes::attach_all(&mut ebpf, &kbtf, opts.best_tier)?;
         if probes.iter().all(|p| p.tier.is_none()) {
             let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
-            bail!(
-                "no probe could be attached on this kernel: {}",
-                why.join("; ")
-            );
+            let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));
+            return Err(permission_hint(err));
         }
         Ok(Self { ebpf, probes })
     }
 }
 
-fn permission_hint(err: anyhow::Error) -> anyhow::Error {
-    let text = format!("{err:#}");
-    if text.contains("Operation not permitted") || text.contains("permission denied") {
-        err.context(
-            "loading BPF maps and programs was refused: run qtrace as root, or with \
-             CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (and CAP_SYS_ADMIN on kernels before 5.8)",
-        )
-    } else {
-        err.context("load qtrace's eBPF object")
+/// Capabilities qtrace needs that this process lacks. CAP_SYS_ADMIN stands in for CAP_BPF and
+/// CAP_PERFMON (and is required for both before 5.8).
+fn missing_capabilities() -> Vec<&'static str> {
+    const NEEDED: [(u32, &str); 2] = [(39, "CAP_BPF"), (38, "CAP_PERFMON")];
+    const CAP_SYS_ADMIN: u32 = 21;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .unwrap_or(0);
+    if eff & (1 << CAP_SYS_ADMIN) != 0 {
+        return Vec::new();
     }
+    NEEDED
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// Puts the likely cause first when the kernel refused us.
+fn permission_hint(err: anyhow::Error) -> anyhow::Error {
+    let missing = missing_capabilities();
+    if missing.is_empty() {
+        return err;
+    }
+    err.context(format!(
+        "qtrace lacks {}: run it as root or grant it CAP_BPF and CAP_PERFMON \
+         (CAP_SYS_ADMIN on kernels before 5.8)",
+        missing.join(" and ")
+    ))
 }
