@@ -186,7 +186,9 @@ mod tests {
     fn bpftool_type(kind: &str, name: &str) -> Vec<&'static str> {
         let head = format!("] {kind} '{name}' ");
         let mut lines = bpftool_raw().lines().skip_while(|l| !l.contains(&head));
-        let first = lines.next().unwrap_or_else(|| panic!("bpftool has no {kind} {name}"));
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("bpftool has no {kind} {name}"));
         std::iter::once(first)
             .chain(lines.take_while(|l| l.starts_with('\t')))
             .collect()
@@ -218,7 +220,11 @@ mod tests {
             ("sk_buff", "head"),
             ("inet_connection_sock", "icsk_accept_queue"),
         ] {
-            assert_eq!(k.offset(ty, member).unwrap(), bpftool_offset(ty, member), "{ty}.{member}");
+            assert_eq!(
+                k.offset(ty, member).unwrap(),
+                bpftool_offset(ty, member),
+                "{ty}.{member}"
+            );
         }
     }
 
@@ -228,22 +234,35 @@ mod tests {
         let o = k.offsets().unwrap();
         // Paths through named members: the sum of each step as bpftool sees it.
         let queue = bpftool_offset("inet_connection_sock", "icsk_accept_queue");
-        assert_eq!(o.icsk_synq_len, queue + bpftool_offset("request_sock_queue", "qlen"));
-        assert_eq!(o.net_ns_inum, bpftool_offset("net", "ns") + bpftool_offset("ns_common", "inum"));
+        assert_eq!(
+            o.icsk_synq_len,
+            queue + bpftool_offset("request_sock_queue", "qlen")
+        );
+        assert_eq!(
+            o.net_ns_inum,
+            bpftool_offset("net", "ns") + bpftool_offset("ns_common", "inum")
+        );
         // Members inside sock_common's anonymous unions, fixed by the kernel's own layout:
         // `struct { __be32 skc_daddr, skc_rcv_saddr; }` and `struct { __be16 skc_dport; __u16 skc_num; }`.
         assert_eq!(o.skc_daddr, 0);
         assert_eq!(o.skc_rcv_saddr, o.skc_daddr + 4);
         assert_eq!(o.skc_num, o.skc_dport + 2);
         assert_eq!(o.skc_v6_rcv_saddr, o.skc_v6_daddr + 16);
-        assert!(o.skc_family > o.skc_num && o.skc_net > o.skc_family, "{o:?}");
+        assert!(
+            o.skc_family > o.skc_num && o.skc_net > o.skc_family,
+            "{o:?}"
+        );
         assert_eq!(o.sk_max_ack_backlog, o.sk_ack_backlog + 4);
     }
 
     #[test]
     fn function_arity_matches_bpftool() {
         let k = kernel();
-        for func in ["tcp_v4_syn_recv_sock", "tcp_conn_request", "inet_csk_accept"] {
+        for func in [
+            "tcp_v4_syn_recv_sock",
+            "tcp_conn_request",
+            "inet_csk_accept",
+        ] {
             let proto = field(bpftool_type("FUNC", func)[0], "type_id");
             let proto_line = bpftool_raw()
                 .lines()
@@ -259,19 +278,31 @@ mod tests {
     fn listen_overflow_drop_reason_matches_bpftool() {
         let expected = bpftool_raw()
             .lines()
-            .find(|l| l.trim_start().starts_with("'SKB_DROP_REASON_TCP_LISTEN_OVERFLOW' "))
+            .find(|l| {
+                l.trim_start()
+                    .starts_with("'SKB_DROP_REASON_TCP_LISTEN_OVERFLOW' ")
+            })
             .map(|l| field(l, "val").parse::<u64>().unwrap());
         let k = kernel();
-        assert_eq!(k.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"), expected);
+        assert_eq!(
+            k.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
+            expected
+        );
         assert_eq!(k.enum_value("skb_drop_reason", "NO_SUCH_REASON"), None);
     }
 
     #[test]
     fn missing_names_are_errors_that_say_which() {
         let k = kernel();
-        let e = k.offset("sock", "sk_no_such_member").unwrap_err().to_string();
+        let e = k
+            .offset("sock", "sk_no_such_member")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sock.sk_no_such_member"), "{e}");
-        let e = k.offset("no_such_struct_qtrace", "x").unwrap_err().to_string();
+        let e = k
+            .offset("no_such_struct_qtrace", "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no_such_struct_qtrace"), "{e}");
     }
 }

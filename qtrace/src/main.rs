@@ -4,6 +4,7 @@
 mod btf;
 mod events;
 mod listener;
+mod probe_report;
 mod probes;
 mod run;
 mod snapshot;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Trace listen queues: print drop events as they happen and a listener table periodically.
     Run(run::RunOptions),
+    /// Attach every probe, report the tier each got on this kernel (and why not better), detach.
+    Probes(probe_report::ProbesOptions),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
             rt.block_on(async {
                 match cli.command {
                     Command::Run(opts) => run::run(opts).await,
+                    Command::Probes(opts) => probe_report::probes(opts),
                 }
             })
         });

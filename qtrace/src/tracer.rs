@@ -57,7 +57,9 @@ impl Tracer {
             .map_max_entries(maps::LISTENERS, opts.max_listeners)
             .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
             .load(OBJECT)
-            .map_err(|e| permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object")))?;
+            .map_err(|e| {
+                permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object"))
+            })?;
         let probes = probes::attach_all(&mut ebpf, &kbtf, opts.best_tier)?;
         if probes.iter().all(|p| p.tier.is_none()) {
             let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
@@ -76,7 +78,11 @@ fn missing_capabilities() -> Vec<&'static str> {
     let eff = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_owned();
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
             u64::from_str_radix(&hex, 16).ok()
         })
         .unwrap_or(0);

@@ -39,7 +39,10 @@ fn assert_gone(ours: &BTreeSet<(&'static str, u64, String)>) {
         if left.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "left behind after qtrace exited: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "left behind after qtrace exited: {left:?}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -51,9 +54,15 @@ fn stops_cleanly_on(signal: i32) {
     let qtrace = Qtrace::start(&[]);
     let ours: BTreeSet<_> = bpf_objects().difference(&before).cloned().collect();
     for kind in KINDS {
-        assert!(ours.iter().any(|o| o.0 == kind), "no {kind} of qtrace's found while it runs: {ours:?}");
+        assert!(
+            ours.iter().any(|o| o.0 == kind),
+            "no {kind} of qtrace's found while it runs: {ours:?}"
+        );
     }
-    assert!(ours.iter().any(|o| o.0 == "prog" && o.2.starts_with("qt_")), "{ours:?}");
+    assert!(
+        ours.iter().any(|o| o.0 == "prog" && o.2.starts_with("qt_")),
+        "{ours:?}"
+    );
     qtrace.stop(signal);
     assert_gone(&ours);
 }
@@ -76,13 +85,21 @@ fn nothing_left_after_startup_error() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let before = bpf_objects();
     let out = Command::new("setpriv")
-        .args(["--bounding-set", "-perfmon,-sys_admin", env!("CARGO_BIN_EXE_qtrace"), "run"])
+        .args([
+            "--bounding-set",
+            "-perfmon,-sys_admin",
+            env!("CARGO_BIN_EXE_qtrace"),
+            "run",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    assert!(stderr.starts_with("qtrace: error: qtrace lacks CAP_PERFMON"), "{stderr}");
+    assert!(
+        stderr.starts_with("qtrace: error: qtrace lacks CAP_PERFMON"),
+        "{stderr}"
+    );
     let ours: BTreeSet<_> = bpf_objects().difference(&before).cloned().collect();
     assert_gone(&ours);
 }

@@ -159,10 +159,12 @@ pub struct Output {
 }
 
 impl Qtrace {
-    /// Starts qtrace and waits until its probes are attached.
+    /// Starts qtrace and waits until its probes are attached. `QTRACE_TEST_ATTACH` (fentry,
+    /// kprobe, tracepoint) caps the tier, so the kernel matrix can test lower tiers too.
     pub fn start(args: &[&str]) -> Self {
+        let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
         let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-            .args(["run", "--json", "--interval", "1s"])
+            .args(["run", "--json", "--interval", "1s", "--attach", &tier])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

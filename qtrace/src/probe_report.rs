@@ -1,0 +1,42 @@
+//! `qtrace probes`: attach every probe as `run` would, say which tier each got and why better
+//! tiers failed, then detach. What an operator (and the kernel-matrix harness) asks first.
+
+use std::io::{self, Write};
+
+use anyhow::Result;
+
+use crate::tracer::{Tracer, TracerOptions};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProbesOptions {
+    #[command(flatten)]
+    pub tracer: TracerOptions,
+    /// One JSON object: {"kernel": …, "probes": [{probe, tier, hooks, fallbacks}]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn probes(opts: ProbesOptions) -> Result<()> {
+    let tracer = Tracer::start(&opts.tracer)?;
+    let kernel = kernel_release();
+    let mut out = io::stdout().lock();
+    if opts.json {
+        let v = serde_json::json!({ "kernel": kernel, "probes": tracer.probes });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "kernel {kernel}")?;
+    for p in &tracer.probes {
+        let tier = p.tier.map_or("unavailable".to_string(), |t| t.to_string());
+        writeln!(out, "{:<8} {tier:<12} {}", p.probe, p.hooks.join(", "))?;
+        for why in &p.fallbacks {
+            writeln!(out, "{:<8} {:<12} not: {why}", "", "")?;
+        }
+    }
+    Ok(())
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
+}
