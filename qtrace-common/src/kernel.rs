@@ -39,7 +39,9 @@ pub struct Offsets {
 pub struct HookLayout {
     /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` on this kernel, 0 when it has none.
     pub drop_reason_listen_overflow: u32,
-    pub _pad: u32,
+    /// Non-zero when the `syn` probe also hooks the kernel's SYN-queue-full and syncookie
+    /// decisions (`tcp_syn_flood_action`, `cookie_v*_init_sequence`); else it predicts them.
+    pub syn_decisions_hooked: u32,
 }
 
 #[cfg(feature = "user")]

@@ -2,8 +2,12 @@
 //!
 //! Entry snapshots the listener (drop count, queues, syncookie mode); exit compares. The
 //! kernel calls `tcp_listendrop()`, which bumps `sk_drops`, on every path that drops the SYN,
-//! so a changed `sk_drops` is a drop; the queues at entry say which check dropped it, in the
-//! kernel's own order (SYN queue with syncookies off, then accept queue).
+//! so a changed `sk_drops` is a drop. Which check dropped it, and whether a syncookie went
+//! out, is taken from the kernel's own decisions where it has functions for them, seen on the
+//! same CPU while this `tcp_conn_request()` runs: `tcp_syn_flood_action()` (SYN queue full:
+//! cookie or drop, counting TCPReqQFullDrop) and `cookie_v4/v6_init_sequence()` (counting
+//! SyncookiesSent). Predicting them from the queues alone is ambiguous: the SYN-queue test
+//! changed from `>=` to `>` in stable kernels, invisibly to BTF.
 
 use aya_ebpf::{
     macros::{fentry, fexit, kprobe, kretprobe, map},
@@ -14,7 +18,7 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit},
-    kernel::{listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
+    kernel::{hooks, listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
 };
 
 #[derive(Clone, Copy)]
@@ -26,7 +30,14 @@ struct Entry {
     queues: Queues,
     drops: u32,
     syncookies: u8,
+    /// `tcp_syn_flood_action()` ran: FLOOD_DROP or FLOOD_COOKIE.
+    flood: u8,
+    /// A syncookie was generated.
+    cookie: u8,
 }
+
+const FLOOD_DROP: u8 = 1;
+const FLOOD_COOKIE: u8 = 2;
 
 /// One slot per CPU: tcp_conn_request runs in softirq context and does not nest.
 #[map]
@@ -42,6 +53,8 @@ fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
         queues: Queues::read(sk)?,
         drops: read(sk, o.sk_drops)?,
         syncookies: net_sysctl_u8(sk, o.net_syncookies)?,
+        flood: 0,
+        cookie: 0,
     };
     unsafe { *slot = entry };
     Ok(())
@@ -58,8 +71,14 @@ fn exit() -> Result<(), ()> {
     let (sk, skb) = (e.sk as *const u8, e.skb as *const u8);
     let drops: u32 = read(sk, offsets().sk_drops)?;
     let q = e.queues;
+    let exact = hooks().syn_decisions_hooked != 0;
     let (counter, kind) = if drops != e.drops {
-        if e.syncookies == 0 && q.synq_full() {
+        let synq_full = if exact {
+            e.flood == FLOOD_DROP
+        } else {
+            e.syncookies == 0 && q.synq_full()
+        };
+        if synq_full {
             (Counter::DropSynQueueFull, EventKind::SynDropSynQueueFull)
         } else if q.acceptq_full() {
             (
@@ -69,7 +88,9 @@ fn exit() -> Result<(), ()> {
         } else {
             (Counter::DropOther, EventKind::DropOther)
         }
-    } else if e.syncookies == 2 || (e.syncookies == 1 && q.synq_full()) {
+    } else if (exact && e.cookie != 0)
+        || (!exact && (e.syncookies == 2 || (e.syncookies == 1 && q.synq_full())))
+    {
         (Counter::SyncookiesSent, EventKind::SyncookieSent)
     } else {
         count(&listener_key(sk)?, Counter::SynQueued);
@@ -107,5 +128,61 @@ pub fn qt_syn_kp(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn qt_syn_krp(_ctx: RetProbeContext) -> u32 {
     let _ = exit();
+    0
+}
+
+/// Records one of the kernel's decisions in the running `tcp_conn_request()` of this CPU.
+#[inline(always)]
+fn decided(set: impl FnOnce(&mut Entry)) {
+    if let Some(slot) = QT_SYN_ENTRY.get_ptr_mut(0) {
+        let e = unsafe { &mut *slot };
+        if e.sk != 0 {
+            set(e);
+        }
+    }
+}
+
+#[inline(always)]
+fn flood_action(want_cookie: bool) {
+    decided(|e| {
+        e.flood = if want_cookie {
+            FLOOD_COOKIE
+        } else {
+            FLOOD_DROP
+        }
+    });
+}
+
+// tcp_syn_flood_action(sk, proto) -> bool want_cookie
+
+#[fexit(function = "tcp_syn_flood_action")]
+pub fn qt_flood_fx(ctx: FExitContext) -> i32 {
+    flood_action(ctx.arg::<u8>(2) != 0);
+    0
+}
+
+#[kretprobe]
+pub fn qt_flood_krp(ctx: RetProbeContext) -> u32 {
+    flood_action(ctx.ret::<u8>() != 0);
+    0
+}
+
+// cookie_v4_init_sequence(skb, mss), cookie_v6_init_sequence(skb, mss)
+
+#[fentry(function = "cookie_v4_init_sequence")]
+pub fn qt_cookie4_fe(_ctx: FEntryContext) -> i32 {
+    decided(|e| e.cookie = 1);
+    0
+}
+
+#[fentry(function = "cookie_v6_init_sequence")]
+pub fn qt_cookie6_fe(_ctx: FEntryContext) -> i32 {
+    decided(|e| e.cookie = 1);
+    0
+}
+
+#[kprobe]
+pub fn qt_cookie_kp(_ctx: ProbeContext) -> u32 {
+    decided(|e| e.cookie = 1);
     0
 }

@@ -144,8 +144,20 @@ impl KernelBtf {
     pub fn hook_layout(&self) -> HookLayout {
         HookLayout {
             drop_reason_listen_overflow: self.listen_overflow_drop_reason().map_or(0, |v| v as u32),
-            _pad: 0,
+            syn_decisions_hooked: self.syn_decision_functions().is_some().into(),
         }
+    }
+
+    /// The functions where the kernel decides "SYN queue full" and "send a syncookie", when
+    /// this kernel has them out of line (they are static and could be inlined):
+    /// `tcp_syn_flood_action` and the `cookie_v*_init_sequence` it has.
+    pub fn syn_decision_functions(&self) -> Option<(&'static str, Vec<&'static str>)> {
+        self.func_params("tcp_syn_flood_action")?;
+        let cookies: Vec<_> = ["cookie_v4_init_sequence", "cookie_v6_init_sequence"]
+            .into_iter()
+            .filter(|f| self.func_params(f).is_some())
+            .collect();
+        (!cookies.is_empty()).then_some(("tcp_syn_flood_action", cookies))
     }
 
     /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, when the kernel both has it and passes the

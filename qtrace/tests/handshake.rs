@@ -2,53 +2,9 @@
 //! each test creates, where `/proc/net/netstat` counts only what the test did.
 mod common;
 
-use std::{
-    io::Read,
-    net::{SocketAddr, TcpStream},
-    thread,
-    time::Duration,
-};
+use std::{io::Read, net::TcpStream, thread, time::Duration};
 
-use common::{delta, require_root, Netns, Qtrace};
-use socket2::{Domain, Socket, Type};
-
-/// A listener that never accepts, bound to `ip` on an ephemeral port.
-fn listener(ns: &Netns, ip: &'static str, backlog: i32) -> (Socket, u16) {
-    ns.run(move || {
-        let addr: SocketAddr = format!("{}:0", bracket(ip)).parse().unwrap();
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
-        s.bind(&addr.into()).unwrap();
-        s.listen(backlog).unwrap();
-        let port = s.local_addr().unwrap().as_socket().unwrap().port();
-        (s, port)
-    })
-}
-
-fn bracket(ip: &str) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    }
-}
-
-/// Connects `n` clients from inside the namespace. Connect returns once the client has the
-/// SYN-ACK, whether or not the server ever sees the final ACK.
-fn connect(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<TcpStream> {
-    ns.run(move || {
-        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
-        (0..n)
-            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
-            .collect()
-    })
-}
-
-fn local_ports(clients: &[TcpStream]) -> Vec<u64> {
-    clients
-        .iter()
-        .map(|c| c.local_addr().unwrap().port().into())
-        .collect()
-}
+use common::{connect, delta, listener, local_ports, require_root, Netns, Qtrace};
 
 /// Final ACKs dropped by nftables: the listener retransmits SYN-ACKs, and qtrace's count for
 /// that listener must equal the namespace's TCPSynRetrans, each event naming listener and client.
@@ -62,7 +18,7 @@ fn synack_retransmits(ip: &'static str) {
     );
     let ns = Netns::new();
     let (server, port) = listener(&ns, ip, 16);
-    ns.drop_final_acks(port);
+    ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
     let clients = connect(&ns, ip, port, 3);
     // SYN-ACK retransmits come at 1 s and 3 s after each SYN.
@@ -121,7 +77,7 @@ fn synack_retransmits_ipv6() {
 /// (after the first SYN-ACK retransmit) the accept queue is full and the kernel drops them.
 /// Returns the clients whose ACKs overflowed.
 fn overflow_at_ack(ns: &Netns, ip: &'static str, port: u16) -> Vec<TcpStream> {
-    ns.drop_final_acks(port);
+    ns.drop_final_acks(&[port]);
     let held = connect(ns, ip, port, 2);
     ns.allow_acks();
     // backlog 1 holds two children (full means more than the backlog); these complete at once.

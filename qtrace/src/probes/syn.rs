@@ -19,7 +19,7 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, _btf: &KernelBtf) -> Option<Result<Plan, String>> {
+fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
     let (enter, exit) = match tier {
         Tier::Fentry => (
             Step {
@@ -47,8 +47,33 @@ fn plan(tier: Tier, _btf: &KernelBtf) -> Option<Result<Plan, String>> {
             ));
         }
     };
+    let mut steps = vec![enter, exit];
+    // Must match `HookLayout::syn_decisions_hooked`, which tells the programs to rely on these.
+    if let Some((flood, cookies)) = btf.syn_decision_functions() {
+        let fentry = tier == Tier::Fentry;
+        steps.push(Step {
+            program: if fentry {
+                "qt_flood_fx"
+            } else {
+                "qt_flood_krp"
+            },
+            hook: if fentry {
+                Hook::Fexit(flood)
+            } else {
+                Hook::Kretprobe(flood)
+            },
+        });
+        for func in cookies {
+            let (program, hook) = match (fentry, func.contains("v6")) {
+                (true, false) => ("qt_cookie4_fe", Hook::Fentry(func)),
+                (true, true) => ("qt_cookie6_fe", Hook::Fentry(func)),
+                (false, _) => ("qt_cookie_kp", Hook::Kprobe(func)),
+            };
+            steps.push(Step { program, hook });
+        }
+    }
     Some(Ok(Plan {
-        steps: vec![enter, exit],
+        steps,
         blind_to: &[],
     }))
 }

@@ -8,6 +8,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     process::{Child, Command, Stdio},
     sync::{
@@ -19,6 +20,7 @@ use std::{
 };
 
 use serde_json::Value;
+use socket2::{Domain, Socket, Type};
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -116,9 +118,11 @@ impl Netns {
         );
     }
 
-    /// Drops every pure ACK (the handshake's last packet) arriving for `port` in this
-    /// namespace, so its listener keeps retransmitting SYN-ACKs. Undone by `allow_acks`.
-    pub fn drop_final_acks(&self, port: u16) {
+    /// Drops every pure ACK (the handshake's last packet) arriving for `ports` in this
+    /// namespace, so their listeners keep retransmitting SYN-ACKs. Undone by `allow_acks`.
+    pub fn drop_final_acks(&self, ports: &[u16]) {
+        let port: Vec<_> = ports.iter().map(u16::to_string).collect();
+        let port = format!("{{ {} }}", port.join(", "));
         self.nft(&format!(
             "table inet qtrace_test {{\n chain input {{\n type filter hook input priority 0\n \
              tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n"
@@ -128,6 +132,62 @@ impl Netns {
     pub fn allow_acks(&self) {
         self.nft("delete table inet qtrace_test");
     }
+}
+
+/// A listener that never accepts, bound to `ip` on an ephemeral port.
+pub fn listener(ns: &Netns, ip: &'static str, backlog: i32) -> (Socket, u16) {
+    ns.run(move || {
+        let addr: SocketAddr = format!("{}:0", bracket(ip)).parse().unwrap();
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(backlog).unwrap();
+        let port = s.local_addr().unwrap().as_socket().unwrap().port();
+        (s, port)
+    })
+}
+
+pub fn bracket(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// Connects `n` clients from inside the namespace. Connect returns once the client has the
+/// SYN-ACK, whether or not the server ever sees the final ACK.
+pub fn connect(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<TcpStream> {
+    ns.run(move || {
+        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
+        (0..n)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+            .collect()
+    })
+}
+
+pub fn local_ports(clients: &[TcpStream]) -> Vec<u64> {
+    clients
+        .iter()
+        .map(|c| c.local_addr().unwrap().port().into())
+        .collect()
+}
+
+/// Starts `n` connects without waiting for them: for SYNs the listener may drop.
+pub fn connect_nonblocking(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<Socket> {
+    ns.run(move || {
+        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
+        (0..n)
+            .map(|_| {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+                s.set_nonblocking(true).unwrap();
+                match s.connect(&addr.into()) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    other => panic!("non-blocking connect to {addr}: {other:?}"),
+                }
+                s
+            })
+            .collect()
+    })
 }
 
 impl Drop for Netns {
@@ -150,8 +210,15 @@ pub struct Qtrace {
     pub ready: Value,
 }
 
+fn tier(ready: &Value, probe: &str) -> Option<String> {
+    let probes = ready["probes"].as_array().unwrap();
+    let p = probes.iter().find(|p| p["probe"] == probe).unwrap();
+    p["tier"].as_str().map(str::to_string)
+}
+
 /// What qtrace printed from start to exit.
 pub struct Output {
+    pub ready: Value,
     pub events: Vec<Value>,
     /// The last listener snapshot (`"final": true`).
     pub last: Value,
@@ -204,9 +271,7 @@ impl Qtrace {
 
     /// The tier the named probe got (`None` when unavailable).
     pub fn tier(&self, probe: &str) -> Option<String> {
-        let probes = self.ready["probes"].as_array().unwrap();
-        let p = probes.iter().find(|p| p["probe"] == probe).unwrap();
-        p["tier"].as_str().map(str::to_string)
+        tier(&self.ready, probe)
     }
 
     /// Stops qtrace with `signal` and collects everything it printed.
@@ -238,6 +303,7 @@ impl Qtrace {
             "qtrace printed no final snapshot: {stderr}"
         );
         Output {
+            ready: self.ready,
             events,
             last,
             stderr,
@@ -246,12 +312,21 @@ impl Qtrace {
 }
 
 impl Output {
-    /// The final counters of the listener on (`netns`, `addr`, `port`).
-    pub fn counters(&self, netns: &Netns, addr: &str, port: u16) -> &Value {
+    pub fn tier(&self, probe: &str) -> Option<String> {
+        tier(&self.ready, probe)
+    }
+
+    /// The final snapshot of the listener on (`netns`, `addr`, `port`), if it had any count.
+    pub fn listener(&self, netns: &Netns, addr: &str, port: u16) -> Option<&Value> {
         let listeners = self.last["listeners"].as_array().unwrap();
         listeners
             .iter()
             .find(|l| l["netns"] == netns.inode && l["addr"] == addr && l["port"] == port)
+    }
+
+    /// The final counters of the listener on (`netns`, `addr`, `port`).
+    pub fn counters(&self, netns: &Netns, addr: &str, port: u16) -> &Value {
+        self.listener(netns, addr, port)
             .map(|l| &l["counters"])
             .unwrap_or_else(|| {
                 panic!(

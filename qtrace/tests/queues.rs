@@ -1,0 +1,245 @@
+//! The kernel-matrix scenarios: each listen-queue situation provoked for real in a fresh
+//! network namespace, qtrace's per-listener counts checked against that namespace's own
+//! TcpExt counters. Where this kernel gives a probe no tier, qtrace must say "unavailable"
+//! (JSON null), never 0 — that is what these tests check there instead.
+mod common;
+
+use std::{thread, time::Duration};
+
+use common::{
+    connect, connect_nonblocking, delta, listener, local_ports, require_root, Netns, Output, Qtrace,
+};
+use serde_json::Value;
+
+const SYN_COUNTERS: [&str; 3] = [
+    "drop_syn_queue_full",
+    "drop_accept_queue_full_syn",
+    "syncookies_sent",
+];
+
+/// Without a tier for the `syn` probe, its counters are null wherever the listener shows.
+fn syn_unavailable(out: &Output, listener: Option<&Value>) {
+    if let Some(l) = listener {
+        for name in SYN_COUNTERS.into_iter().chain(["syn_queued"]) {
+            let v = &l["counters"][name];
+            assert!(v.is_null(), "{name} must be unavailable, not a number: {l}");
+        }
+    }
+    let kinds = out.events.iter().map(|e| e["kind"].as_str().unwrap());
+    let from_syn = |k: &str| k.starts_with("syn_") || k == "syncookie_sent";
+    assert!(
+        !kinds.clone().any(from_syn),
+        "{:?}",
+        kinds.collect::<Vec<_>>()
+    );
+}
+
+/// Sum of qtrace's drop reasons, when every one is visible.
+fn drops(c: &Value) -> Option<u64> {
+    [
+        "drop_syn_queue_full",
+        "drop_accept_queue_full_syn",
+        "drop_accept_queue_full_ack",
+        "drop_other",
+    ]
+    .iter()
+    .map(|n| c[n].as_u64())
+    .sum()
+}
+
+/// `listen(fd, 1)`, never accepting, 20 clients: two connections fill the accept queue, the
+/// other SYNs are dropped at the listener ("accept queue full" at SYN).
+#[test]
+fn accept_queue_full_at_syn() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    let clients = connect_nonblocking(&ns, "127.0.0.1", port, 20);
+    thread::sleep(Duration::from_millis(300)); // well before any SYN retransmit (1 s)
+    drop(clients);
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGTERM);
+    let overflows = delta(&before, &after, "ListenOverflows");
+    assert_eq!(overflows, 18, "scenario: 2 fill the queue, 18 overflow");
+    if out.tier("syn").is_none() {
+        return syn_unavailable(&out, out.listener(&ns, "127.0.0.1", port));
+    }
+    let c = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(c["drop_accept_queue_full_syn"], overflows, "{c}");
+    assert_eq!(c["syn_queued"], 2, "{c}");
+    assert_eq!(c["drop_accept_queue_full_ack"], 0, "{c}");
+    if let Some(sum) = drops(c) {
+        assert_eq!(sum, delta(&before, &after, "ListenDrops"), "{c}");
+    }
+    let events = out.events_of(&ns, "syn_drop_accept_queue_full");
+    assert_eq!(events.len() as u64, overflows);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["acceptq_len"] == 2 && e["acceptq_max"] == 1),
+        "{events:?}"
+    );
+}
+
+/// Half-open flood (final ACKs dropped) on a listener with backlog 8 and syncookies off: the
+/// SYN queue fills and further SYNs are dropped (TCPReqQFullDrop).
+#[test]
+fn syn_queue_full_without_syncookies() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    ns.sysctl("net/ipv4/tcp_syncookies", "0");
+    let (server, port) = listener(&ns, "127.0.0.1", 8);
+    ns.drop_final_acks(&[port]);
+    let before = ns.tcp_ext();
+    let clients = connect_nonblocking(&ns, "127.0.0.1", port, 20);
+    thread::sleep(Duration::from_millis(300));
+    drop(clients);
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+    let full = delta(&before, &after, "TCPReqQFullDrop");
+    assert!(
+        full >= 10,
+        "the flood filled the SYN queue only {full} times"
+    );
+    if out.tier("syn").is_none() {
+        return syn_unavailable(&out, out.listener(&ns, "127.0.0.1", port));
+    }
+    let c = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(c["drop_syn_queue_full"], full, "{c}");
+    assert_eq!(c["syn_queued"], 20 - full, "{c}");
+    assert_eq!(c["syncookies_sent"], 0, "{c}");
+    assert_eq!(c["drop_accept_queue_full_syn"], 0, "{c}");
+    assert_eq!(
+        out.events_of(&ns, "syn_drop_syn_queue_full").len() as u64,
+        full
+    );
+}
+
+/// `tcp_syncookies=2`: every SYN is answered with a cookie (SyncookiesSent).
+#[test]
+fn syncookies_always() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    ns.sysctl("net/ipv4/tcp_syncookies", "2");
+    let (server, port) = listener(&ns, "127.0.0.1", 8);
+    ns.drop_final_acks(&[port]);
+    let before = ns.tcp_ext();
+    let clients = connect_nonblocking(&ns, "127.0.0.1", port, 5);
+    thread::sleep(Duration::from_millis(300));
+    drop(clients);
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+    let sent = delta(&before, &after, "SyncookiesSent");
+    assert_eq!(sent, 5, "scenario: every SYN gets a cookie");
+    if out.tier("syn").is_none() {
+        return syn_unavailable(&out, out.listener(&ns, "127.0.0.1", port));
+    }
+    let c = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(c["syncookies_sent"], sent, "{c}");
+    assert_eq!(c["syn_queued"], 0, "{c}");
+    assert_eq!(drops(c).unwrap_or(0), 0, "{c}");
+}
+
+/// A server that waits 150 ms before each accept(): every wait lands in the log2 bucket
+/// (131 ms, 262 ms].
+#[test]
+fn accept_queue_wait_histogram() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 8);
+    for _ in 0..3 {
+        let _client = connect(&ns, "127.0.0.1", port, 1);
+        thread::sleep(Duration::from_millis(150));
+        server.accept().unwrap();
+    }
+    drop(server);
+    let out = qtrace.stop(libc::SIGTERM);
+    if out.tier("accept").is_none() {
+        // Nothing else happened on this listener, so nothing may be shown for it.
+        assert!(
+            out.listener(&ns, "127.0.0.1", port).is_none(),
+            "{}",
+            out.last
+        );
+        return;
+    }
+    let l = out
+        .listener(&ns, "127.0.0.1", port)
+        .expect("an accepting listener");
+    assert_eq!(l["counters"]["accepted"], 3, "{l}");
+    let wait = &l["accept_wait"];
+    assert_eq!(wait["count"], 3, "{wait}");
+    let sum = wait["sum_seconds"].as_f64().unwrap();
+    assert!(
+        (0.45..1.0).contains(&sum),
+        "sum of three ~150 ms waits: {sum}"
+    );
+    let cumulative = |le: f64| {
+        let buckets = wait["buckets"].as_array().unwrap();
+        buckets
+            .iter()
+            .find(|b| (b[0].as_f64().unwrap() - le).abs() < 1e-9)
+            .unwrap_or_else(|| panic!("no bucket le={le}: {wait}"))[1]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(cumulative(0.131072), 0, "{wait}");
+    assert_eq!(cumulative(0.262144), 3, "{wait}");
+}
+
+/// Two IPv4 listeners and an IPv6 one in the same namespace, with 1, 2 and 3 half-open
+/// clients: each SYN-ACK retransmit lands on its own listener.
+#[test]
+fn counts_land_on_their_own_listener() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let setups = [("127.0.0.1", 1), ("127.0.0.1", 2), ("::1", 3)];
+    let servers: Vec<_> = setups.iter().map(|(ip, _)| listener(&ns, ip, 16)).collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    ns.drop_final_acks(&ports);
+    let before = ns.tcp_ext();
+    let clients: Vec<_> = setups
+        .iter()
+        .zip(&ports)
+        .map(|((ip, n), port)| connect(&ns, ip, *port, *n))
+        .collect();
+    thread::sleep(Duration::from_millis(1500)); // one retransmit per client
+    drop(servers);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+
+    let mut sum = 0;
+    for (((ip, n), port), clients) in setups.iter().zip(&ports).zip(&clients) {
+        let c = out.counters(&ns, ip, *port);
+        let count = c["synack_retransmits"].as_u64().unwrap();
+        assert!(count >= *n as u64, "{ip}:{port} with {n} clients: {c}");
+        let client_ports = local_ports(clients);
+        let events = out.events_of(&ns, "synack_retransmit");
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e["lport"] == *port && e["laddr"] == *ip)
+            .collect();
+        assert_eq!(mine.len() as u64, count, "{ip}:{port}");
+        for e in mine {
+            assert_eq!(e["laddr"], *ip, "{e}");
+            assert!(
+                client_ports.contains(&e["rport"].as_u64().unwrap()),
+                "{e} not from {client_ports:?}"
+            );
+        }
+        sum += count;
+        if out.tier("syn").is_none() {
+            syn_unavailable(&out, out.listener(&ns, ip, *port));
+        }
+    }
+    assert_eq!(sum, delta(&before, &after, "TCPSynRetrans"));
+}
