@@ -83,7 +83,8 @@ fn take_token(c: *mut ListenerCounters, now: u64) -> bool {
         let add = elapsed * rate / NS_PER_SEC;
         if add > 0 {
             c.rl_tokens = core::cmp::min(rate, c.rl_tokens + add);
-            c.rl_refill_ns = now;
+            // Advance by the time those tokens took, keeping the remainder for the next one.
+            c.rl_refill_ns += add * NS_PER_SEC / rate;
         }
     }
     if c.rl_tokens == 0 {

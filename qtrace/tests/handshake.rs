@@ -165,3 +165,32 @@ fn abort_on_overflow_resets_the_client() {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     }
 }
+
+/// With one event a second allowed, a burst of retransmits is mostly suppressed: each
+/// suppressed event is counted on its listener, and events + suppressed = what happened.
+#[test]
+fn rate_limited_events_are_counted() {
+    require_root();
+    let qtrace = Qtrace::start(&["--event-rate", "1"]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 16);
+    ns.drop_final_acks(&[port]);
+    let before = ns.tcp_ext();
+    let _clients = connect(&ns, "127.0.0.1", port, 8);
+    thread::sleep(Duration::from_millis(1500)); // the first retransmit of each, within ~1 ms
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGINT);
+
+    let retransmits = delta(&before, &after, "TCPSynRetrans");
+    let c = out.counters(&ns, "127.0.0.1", port);
+    assert_eq!(c["synack_retransmits"], retransmits, "{c}");
+    let limited = c["events_rate_limited"].as_u64().unwrap();
+    let shown = out.events_of(&ns, "synack_retransmit").len() as u64;
+    assert!(
+        limited > 0,
+        "8 retransmits at once passed a limit of 1/s: {c}"
+    );
+    assert_eq!(shown + limited, retransmits, "{c}");
+    assert!(out.last["self"]["rate_limited"].as_u64().unwrap() >= limited);
+}
