@@ -24,12 +24,14 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    /// Parses the running kernel's BTF.
-    pub fn load() -> Result<Self> {
-        Self::from_file(Path::new(VMLINUX_BTF)).with_context(|| {
+    /// Parses the kernel's BTF at `path` (normally [`VMLINUX_BTF`]).
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::from_file(path).with_context(|| {
             format!(
-                "kernel BTF not readable at {VMLINUX_BTF}: qtrace needs a kernel built with \
-                 CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels since 5.x have it)"
+                "kernel BTF not readable at {}: qtrace needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels since 5.x have \
+                 it), or the kernel's BTF in a file given with --btf",
+                path.display()
             )
         })
     }
@@ -179,7 +181,7 @@ mod tests {
 
     fn kernel() -> &'static KernelBtf {
         static K: OnceLock<KernelBtf> = OnceLock::new();
-        K.get_or_init(|| KernelBtf::load().unwrap())
+        K.get_or_init(|| KernelBtf::load(Path::new(VMLINUX_BTF)).unwrap())
     }
 
     /// `bpftool btf dump … format raw`: one `[id] KIND 'name' …` line per type, members indented.

@@ -1,7 +1,7 @@
 //! Loading the eBPF object with this kernel's offsets and attaching its probes.
 
 use anyhow::{Context, Result};
-use aya::{Ebpf, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfLoader, Endianness};
 use qtrace_common::{globals, maps};
 
 use crate::{
@@ -26,6 +26,9 @@ pub struct TracerOptions {
     /// Ring buffer size for events, KiB (a power of two).
     #[arg(long, default_value_t = 256, value_parser = parse_ringbuf_kib)]
     pub ringbuf_kib: u32,
+    /// The kernel's BTF, for kernels that do not expose it in sysfs (e.g. a BTFHub file).
+    #[arg(long, value_name = "FILE", default_value = crate::btf::VMLINUX_BTF)]
+    pub btf: std::path::PathBuf,
 }
 
 fn parse_ringbuf_kib(s: &str) -> Result<u32, String> {
@@ -44,7 +47,9 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(opts: &TracerOptions) -> Result<Self> {
-        let kbtf = KernelBtf::load()?;
+        let kbtf = KernelBtf::load(&opts.btf)?;
+        let btf = Btf::parse_file(&opts.btf, Endianness::default())
+            .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
         let offsets = kbtf
             .offsets()
             .context("resolve struct offsets from the kernel's BTF")?;
@@ -60,7 +65,7 @@ impl Tracer {
             .map_err(|e| {
                 permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object"))
             })?;
-        let probes = probes::attach_all(&mut ebpf, &kbtf, opts.best_tier)?;
+        let probes = probes::attach_all(&mut ebpf, &btf, &kbtf, opts.best_tier)?;
         if probes.iter().all(|p| p.tier.is_none()) {
             let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
             let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));

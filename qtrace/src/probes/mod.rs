@@ -123,8 +123,12 @@ pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {
 }
 
 /// Attaches every area at the best tier not better than `best`.
-pub fn attach_all(ebpf: &mut Ebpf, kbtf: &KernelBtf, best: Tier) -> Result<Vec<ProbeStatus>> {
-    let btf = Btf::from_sys_fs().context("load the kernel's BTF for attaching")?;
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    kbtf: &KernelBtf,
+    best: Tier,
+) -> Result<Vec<ProbeStatus>> {
     let mut statuses = Vec::new();
     for area in AREAS {
         let mut status = ProbeStatus {
@@ -143,7 +147,7 @@ pub fn attach_all(ebpf: &mut Ebpf, kbtf: &KernelBtf, best: Tier) -> Result<Vec<P
                     continue;
                 }
             };
-            match attach_plan(ebpf, &btf, &plan.steps) {
+            match attach_plan(ebpf, btf, &plan.steps) {
                 Ok(()) => {
                     status.tier = Some(tier);
                     status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
