@@ -3,10 +3,10 @@
 //!
 //! The queue-add is hooked both directly (syncookie and Fast Open children are added from other
 //! files) and through `inet_csk_complete_hashdance()`'s return, because the compiler may inline
-//! the add into it; the first timestamp recorded for a child wins.
+//! the add into it; the two stamps of one child are microseconds apart. A stamp always
+//! overwrites: a child closed before accept() leaves one behind, and its address may be reused.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
@@ -33,11 +33,7 @@ fn queued(child: *const u8) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    if QT_ACCEPT_QUEUED
-        .insert(&(child as u64), &now, BPF_NOEXIST as u64)
-        .is_err()
-        && QT_ACCEPT_QUEUED.get_ptr(&(child as u64)).is_none()
-    {
+    if QT_ACCEPT_QUEUED.insert(&(child as u64), &now, 0).is_err() {
         self_stat(SelfStat::AcceptMapFull);
     }
 }

@@ -21,41 +21,30 @@ fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
 }
 
 fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
+    // inet_csk_reqsk_queue_add may be inlined everywhere; the hashdance hook then covers it.
+    let queue_add = btf.func_params(QUEUE_ADD).is_some();
+    let step = |program, hook| Step { program, hook };
     let steps = match tier {
         Tier::Fentry => vec![
-            Step {
-                program: "qt_acc_qadd_fe",
-                hook: Hook::Fentry(QUEUE_ADD),
-            },
-            Step {
-                program: "qt_acc_hd_fx",
-                hook: Hook::Fexit(HASHDANCE),
-            },
+            queue_add.then(|| step("qt_acc_qadd_fe", Hook::Fentry(QUEUE_ADD))),
+            Some(step("qt_acc_hd_fx", Hook::Fexit(HASHDANCE))),
             // (sk, flags, err, kern) before 6.10, (sk, arg) since.
-            by_arity(btf, ACCEPT, &[(4, "qt_acc_fx4"), (2, "qt_acc_fx2")])?,
+            Some(by_arity(
+                btf,
+                ACCEPT,
+                &[(4, "qt_acc_fx4"), (2, "qt_acc_fx2")],
+            )?),
         ],
         Tier::Kprobe => vec![
-            Step {
-                program: "qt_acc_qadd_kp",
-                hook: Hook::Kprobe(QUEUE_ADD),
-            },
-            Step {
-                program: "qt_acc_hd_krp",
-                hook: Hook::Kretprobe(HASHDANCE),
-            },
-            Step {
-                program: "qt_acc_kp",
-                hook: Hook::Kprobe(ACCEPT),
-            },
-            Step {
-                program: "qt_acc_krp",
-                hook: Hook::Kretprobe(ACCEPT),
-            },
+            queue_add.then(|| step("qt_acc_qadd_kp", Hook::Kprobe(QUEUE_ADD))),
+            Some(step("qt_acc_hd_krp", Hook::Kretprobe(HASHDANCE))),
+            Some(step("qt_acc_kp", Hook::Kprobe(ACCEPT))),
+            Some(step("qt_acc_krp", Hook::Kretprobe(ACCEPT))),
         ],
         Tier::Tracepoint => return Err("no tracepoint fires on accept()".into()),
     };
     Ok(Plan {
-        steps,
+        steps: steps.into_iter().flatten().collect(),
         blind_to: &[],
     })
 }
