@@ -2,12 +2,19 @@
 //! waits to the listening socket, from eBPF programs in the kernel.
 
 mod btf;
+mod config;
 mod events;
 mod listener;
+mod metrics;
+mod netns;
+mod owners;
 mod probe_report;
 mod probes;
 mod run;
+mod scrape;
+mod server;
 mod snapshot;
+mod sockdiag;
 mod stats;
 mod tracer;
 
@@ -25,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Trace listen queues: print drop events as they happen and a listener table periodically.
+    /// The service: attach the probes and serve /metrics, /healthz and /api/listeners
+    /// (with --print, also print events and a listener table).
     Run(run::RunOptions),
     /// Attach every probe, report the tier each got on this kernel (and why not better), detach.
     Probes(probe_report::ProbesOptions),
@@ -55,7 +63,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("qtrace: error: {err:#}");
+            // One line, whatever the causes' messages look like (TOML errors span lines).
+            let text = format!("{err:#}");
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("qtrace: error: {}", line.join(" "));
             ExitCode::FAILURE
         }
     }

@@ -5,19 +5,26 @@ use std::io::{self, Write};
 
 use anyhow::Result;
 
-use crate::tracer::{Tracer, TracerOptions};
+use crate::{
+    config::{FileConfig, TracerArgs},
+    tracer::Tracer,
+};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ProbesOptions {
     #[command(flatten)]
-    pub tracer: TracerOptions,
+    pub tracer: TracerArgs,
+    /// Config file whose tracer settings apply [default: /etc/qtrace/qtrace.toml if present].
+    #[arg(long, env = "QTRACE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// One JSON object: {"kernel": …, "probes": [{probe, tier, hooks, fallbacks}]}.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn probes(opts: ProbesOptions) -> Result<()> {
-    let tracer = Tracer::start(&opts.tracer)?;
+    let (file, _) = FileConfig::load(opts.config.as_deref())?;
+    let tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
     let kernel = kernel_release();
     let mut out = io::stdout().lock();
     if opts.json {

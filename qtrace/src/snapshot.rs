@@ -38,7 +38,7 @@ struct ListenerJson {
     addr: String,
     port: u16,
     counters: Map<String, Value>,
-    accept_wait: Option<WaitJson>,
+    accept_wait: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +49,37 @@ struct WaitJson {
     buckets: Vec<(f64, u64)>,
 }
 
+/// A listener's counters by name; null for what no attached probe sees, 0 for a listener
+/// never counted (`stats` None) where the probe does see.
+pub fn counters_json(stats: Option<&ListenerStats>, vis: Visibility) -> Map<String, Value> {
+    Counter::ALL
+        .iter()
+        .map(|&c| {
+            let v = if vis.sees(c) {
+                Value::from(stats.map_or(0, |s| s.get(c)))
+            } else {
+                Value::Null
+            };
+            (c.name().to_string(), v)
+        })
+        .collect()
+}
+
+/// The accept-wait histogram, or None when the accept probe is not attached.
+pub fn accept_wait_json(stats: Option<&ListenerStats>, vis: Visibility) -> Option<Value> {
+    vis.sees(Counter::Accepted).then(|| {
+        let empty;
+        let s = match stats {
+            Some(s) => s,
+            None => {
+                empty = ListenerStats::empty(Default::default());
+                &empty
+            }
+        };
+        serde_json::to_value(wait_json(s)).expect("plain data")
+    })
+}
+
 pub fn to_json(
     listeners: &[ListenerStats],
     self_stats: &[u64; SelfStat::COUNT],
@@ -57,26 +88,13 @@ pub fn to_json(
 ) -> Value {
     let listeners: Vec<_> = listeners
         .iter()
-        .map(|s| {
-            let counters = Counter::ALL
-                .iter()
-                .map(|&c| {
-                    let v = if vis.sees(c) {
-                        Value::from(s.get(c))
-                    } else {
-                        Value::Null
-                    };
-                    (c.name().to_string(), v)
-                })
-                .collect();
-            ListenerJson {
-                netns: s.key.netns,
-                family: family_name(s.key.family),
-                addr: ip(s.key.family, s.key.addr).to_string(),
-                port: s.key.port,
-                counters,
-                accept_wait: vis.sees(Counter::Accepted).then(|| wait_json(s)),
-            }
+        .map(|s| ListenerJson {
+            netns: s.key.netns,
+            family: family_name(s.key.family),
+            addr: ip(s.key.family, s.key.addr).to_string(),
+            port: s.key.port,
+            counters: counters_json(Some(s), vis),
+            accept_wait: accept_wait_json(Some(s), vis),
         })
         .collect();
     let self_stats: Map<String, Value> = SelfStat::ALL

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
 use qtrace_common::{maps, Counter, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS};
@@ -20,52 +20,77 @@ impl ListenerStats {
         self.counts[counter as usize]
     }
 
-    fn sum(key: ListenerKey, per_cpu: &[ListenerCounters]) -> Self {
-        let mut s = ListenerStats {
+    pub fn empty(key: ListenerKey) -> Self {
+        ListenerStats {
             key,
             counts: [0; Counter::COUNT],
             wait_buckets: [0; WAIT_BUCKETS],
             wait_sum_ns: 0,
-        };
+        }
+    }
+
+    fn sum(key: ListenerKey, per_cpu: &[ListenerCounters]) -> Self {
+        let mut s = Self::empty(key);
         for cpu in per_cpu {
-            for (total, v) in s.counts.iter_mut().zip(cpu.counts) {
-                *total += v;
-            }
-            for (total, v) in s.wait_buckets.iter_mut().zip(cpu.wait_buckets) {
-                *total += v;
-            }
-            s.wait_sum_ns += cpu.wait_sum_ns;
+            s.add_parts(&cpu.counts, &cpu.wait_buckets, cpu.wait_sum_ns);
         }
         s
     }
+
+    /// Adds another listener's counts (for series summed past the label cap).
+    pub fn add(&mut self, other: &ListenerStats) {
+        self.add_parts(&other.counts, &other.wait_buckets, other.wait_sum_ns);
+    }
+
+    fn add_parts(&mut self, counts: &[u64], buckets: &[u64], wait_sum_ns: u64) {
+        for (total, v) in self.counts.iter_mut().zip(counts) {
+            *total += v;
+        }
+        for (total, v) in self.wait_buckets.iter_mut().zip(buckets) {
+            *total += v;
+        }
+        self.wait_sum_ns += wait_sum_ns;
+    }
 }
 
-/// Every listener the kernel has counted something for, sorted by key.
-pub fn listeners(ebpf: &Ebpf) -> Result<Vec<ListenerStats>> {
-    let map = ebpf
-        .map(maps::LISTENERS)
-        .context("listener map missing from the eBPF object")?;
-    let map: PerCpuHashMap<_, ListenerKey, ListenerCounters> = PerCpuHashMap::try_from(map)?;
-    let mut out = Vec::new();
-    for entry in map.iter() {
-        let (key, per_cpu) = entry.context("read the listener map")?;
-        out.push(ListenerStats::sum(key, &per_cpu));
-    }
-    out.sort_by_key(|s| s.key);
-    Ok(out)
+/// The kernel's counter maps, taken out of the eBPF object so readers (the periodic table,
+/// every scrape) need not hold the tracer.
+pub struct KernelCounters {
+    listeners: PerCpuHashMap<MapData, ListenerKey, ListenerCounters>,
+    self_stats: PerCpuArray<MapData, u64>,
 }
 
-/// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].
-pub fn self_stats(ebpf: &Ebpf) -> Result<[u64; SelfStat::COUNT]> {
-    let map = ebpf
-        .map(maps::SELF_STATS)
-        .context("self-stats map missing from the eBPF object")?;
-    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
-    let mut out = [0; SelfStat::COUNT];
-    for stat in SelfStat::ALL {
-        out[stat as usize] = map.get(&(stat as u32), 0)?.iter().sum();
+impl KernelCounters {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Ok(Self {
+            listeners: PerCpuHashMap::try_from(take(maps::LISTENERS)?)?,
+            self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
+        })
     }
-    Ok(out)
+
+    /// Every listener the kernel has counted something for, sorted by key.
+    pub fn listeners(&self) -> Result<Vec<ListenerStats>> {
+        let mut out = Vec::new();
+        for entry in self.listeners.iter() {
+            let (key, per_cpu) = entry.context("read the listener map")?;
+            out.push(ListenerStats::sum(key, &per_cpu));
+        }
+        out.sort_by_key(|s| s.key);
+        Ok(out)
+    }
+
+    /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].
+    pub fn self_stats(&self) -> Result<[u64; SelfStat::COUNT]> {
+        let mut out = [0; SelfStat::COUNT];
+        for stat in SelfStat::ALL {
+            out[stat as usize] = self.self_stats.get(&(stat as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
 }
 
 /// Upper bound, in seconds, of accept-wait bucket `b` (see `qtrace_common::WAIT_BUCKETS`).

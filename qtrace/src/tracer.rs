@@ -4,45 +4,21 @@ use anyhow::{Context, Result};
 use aya::{Btf, Ebpf, EbpfLoader, Endianness};
 use qtrace_common::{globals, maps};
 
+pub use crate::config::TracerOptions;
 use crate::{
     btf::KernelBtf,
-    probes::{self, ProbeStatus, Tier},
+    probes::{self, ProbeStatus},
+    stats::KernelCounters,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qtrace"));
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct TracerOptions {
-    /// Best attach tier to try; qtrace falls down from it (fentry → kprobe → tracepoint).
-    #[arg(long = "attach", value_enum, default_value = "fentry")]
-    pub best_tier: Tier,
-    /// Events each listener may emit per second and CPU before they are suppressed (and
-    /// counted as suppressed).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    pub event_rate: u32,
-    /// Most listening sockets tracked; past it counts are lost and the loss is counted.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_listeners: u32,
-    /// Ring buffer size for events, KiB (a power of two).
-    #[arg(long, default_value_t = 256, value_parser = parse_ringbuf_kib)]
-    pub ringbuf_kib: u32,
-    /// The kernel's BTF, for kernels that do not expose it in sysfs (e.g. a BTFHub file).
-    #[arg(long, value_name = "FILE", default_value = crate::btf::VMLINUX_BTF)]
-    pub btf: std::path::PathBuf,
-}
-
-fn parse_ringbuf_kib(s: &str) -> Result<u32, String> {
-    let kib: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if !(4..=1 << 20).contains(&kib) || !kib.is_power_of_two() {
-        return Err(format!("{kib} is not a power of two between 4 and 1048576"));
-    }
-    Ok(kib)
-}
 
 /// The loaded programs. Dropping it detaches and unloads everything.
 pub struct Tracer {
     pub ebpf: Ebpf,
     pub probes: Vec<ProbeStatus>,
+    /// The counter maps, shared with whoever reads them (table, scrapes).
+    pub counters: std::sync::Arc<KernelCounters>,
 }
 
 impl Tracer {
@@ -71,7 +47,12 @@ impl Tracer {
             let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));
             return Err(permission_hint(err));
         }
-        Ok(Self { ebpf, probes })
+        let counters = KernelCounters::take(&mut ebpf)?.into();
+        Ok(Self {
+            ebpf,
+            probes,
+            counters,
+        })
     }
 }
 

@@ -69,11 +69,11 @@ fn a_file_that_is_not_btf_is_rejected() {
 
 #[test]
 fn bad_option_values_name_the_option() {
+    // Values of the wrong type: clap's usage error (exit 2) names the flag.
     for (args, what) in [
-        (&["run", "--ringbuf-kib", "3"][..], "--ringbuf-kib"),
-        (&["run", "--event-rate", "0"][..], "--event-rate"),
         (&["run", "--attach", "uprobe"][..], "--attach"),
         (&["run", "--interval", "soon"][..], "--interval"),
+        (&["run", "--event-rate", "many"][..], "--event-rate"),
     ] {
         let out = qtrace(&[], args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -83,4 +83,88 @@ fn bad_option_values_name_the_option() {
             "{args:?}: {stderr}"
         );
     }
+    // Values out of range: one line naming the setting, its flag and the rule.
+    for (args, what) in [
+        (
+            &["run", "--ringbuf-kib", "3"][..],
+            "invalid ringbuf_kib (--ringbuf-kib): 3: must be a power of two",
+        ),
+        (
+            &["run", "--event-rate", "0"][..],
+            "invalid event_rate (--event-rate): 0",
+        ),
+        (
+            &["run", "--web.listen-address", "localhost"][..],
+            "invalid web_listen_address (--web.listen-address)",
+        ),
+    ] {
+        let err = one_line_error(&qtrace(&[], args), 1);
+        assert!(err.contains(what), "{args:?}: {err}");
+    }
+}
+
+fn config_file(text: &str) -> tempfile_path::Path {
+    tempfile_path::Path::with(text)
+}
+
+/// A config file in the temp dir, removed on drop.
+mod tempfile_path {
+    pub struct Path(pub std::path::PathBuf);
+    impl Path {
+        pub fn with(text: &str) -> Self {
+            static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("qtrace-test-{}-{n}.toml", std::process::id()));
+            std::fs::write(&p, text).unwrap();
+            Self(p)
+        }
+        pub fn arg(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_the_key() {
+    let unknown = config_file("event_rate = 10\nmax_listner_series = 5\n");
+    let err = one_line_error(&qtrace(&[], &["run", "--config", unknown.arg()]), 1);
+    assert!(
+        err.contains(unknown.arg()) && err.contains("unknown key `max_listner_series`"),
+        "{err}"
+    );
+    let bad = config_file("event_rate = \"fast\"\n");
+    let err = one_line_error(&qtrace(&[], &["run", "--config", bad.arg()]), 1);
+    assert!(
+        err.contains(bad.arg()) && err.contains("event_rate"),
+        "{err}"
+    );
+    let range = config_file("ringbuf_kib = 5\n");
+    let err = one_line_error(&qtrace(&[], &["run", "--config", range.arg()]), 1);
+    assert!(err.contains("invalid ringbuf_kib"), "{err}");
+    let err = one_line_error(
+        &qtrace(&[], &["run", "--config", "/nonexistent/qtrace.toml"]),
+        1,
+    );
+    assert!(
+        err.contains("read config file /nonexistent/qtrace.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_taken_listen_address_fails_before_attaching() {
+    require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = one_line_error(&qtrace(&[], &["run", "--web.listen-address", &addr]), 1);
+    assert!(
+        err.contains(&format!("listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
 }

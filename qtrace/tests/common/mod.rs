@@ -231,7 +231,16 @@ impl Qtrace {
     pub fn start(args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
         let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-            .args(["run", "--json", "--interval", "1s", "--attach", &tier])
+            .args([
+                "run",
+                "--print",
+                "--json",
+                "--interval",
+                "1s",
+                "--attach",
+                &tier,
+            ])
+            .args(["--web.listen-address", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,354 @@
+//! Settings from flags, environment (`QTRACE_*`) and an optional TOML file, in that order of
+//! precedence. Every setting has one definition: a field of [`TracerArgs`] or [`DaemonArgs`],
+//! which is at once a flag, an environment variable and a file key. Unknown keys and bad values
+//! are rejected with the key and the reason.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::probes::Tier;
+
+/// Read when it exists and no `--config` is given.
+pub const DEFAULT_CONFIG: &str = "/etc/qtrace/qtrace.toml";
+
+/// How the kernel side is loaded (shared by `run` and `probes`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct TracerArgs {
+    /// Best attach tier to try; qtrace falls down from it (fentry → kprobe → tracepoint)
+    /// [default: fentry].
+    #[arg(long, env = "QTRACE_ATTACH", value_enum)]
+    pub attach: Option<Tier>,
+    /// Events each listener may emit per second and CPU; the rest are counted as suppressed
+    /// [default: 100].
+    #[arg(long, env = "QTRACE_EVENT_RATE")]
+    pub event_rate: Option<u32>,
+    /// Most listening sockets counted; past it the loss is counted [default: 4096].
+    #[arg(long, env = "QTRACE_MAX_LISTENERS")]
+    pub max_listeners: Option<u32>,
+    /// Event ring buffer size in KiB, a power of two [default: 256].
+    #[arg(long, env = "QTRACE_RINGBUF_KIB")]
+    pub ringbuf_kib: Option<u32>,
+    /// The kernel's BTF, for kernels that do not expose it in sysfs [default:
+    /// /sys/kernel/btf/vmlinux].
+    #[arg(long, env = "QTRACE_BTF", value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+}
+
+/// The resolved tracer settings.
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    pub best_tier: Tier,
+    pub event_rate: u32,
+    pub max_listeners: u32,
+    pub ringbuf_kib: u32,
+    pub btf: PathBuf,
+}
+
+/// The service's endpoints and what it exports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct DaemonArgs {
+    /// Address of the HTTP endpoints (/metrics, /healthz, /api/listeners) [default: :9860].
+    #[arg(
+        long = "web.listen-address",
+        env = "QTRACE_WEB_LISTEN_ADDRESS",
+        value_name = "ADDR"
+    )]
+    pub web_listen_address: Option<String>,
+    /// Most listeners exported with their own labels; the rest are summed into one series
+    /// labelled `other` [default: 1000].
+    #[arg(long, env = "QTRACE_MAX_LISTENER_SERIES")]
+    pub max_listener_series: Option<u32>,
+    /// Export only listeners on these ports (repeat or comma-separate).
+    #[arg(
+        long = "include-port",
+        env = "QTRACE_INCLUDE_PORTS",
+        value_delimiter = ','
+    )]
+    pub include_ports: Option<Vec<u16>>,
+    /// Never export listeners on these ports.
+    #[arg(
+        long = "exclude-port",
+        env = "QTRACE_EXCLUDE_PORTS",
+        value_delimiter = ','
+    )]
+    pub exclude_ports: Option<Vec<u16>>,
+    /// Export only listeners in these network namespaces (inode numbers).
+    #[arg(
+        long = "include-netns",
+        env = "QTRACE_INCLUDE_NETNS",
+        value_delimiter = ','
+    )]
+    pub include_netns: Option<Vec<u32>>,
+    /// Never export listeners in these network namespaces.
+    #[arg(
+        long = "exclude-netns",
+        env = "QTRACE_EXCLUDE_NETNS",
+        value_delimiter = ','
+    )]
+    pub exclude_netns: Option<Vec<u32>>,
+}
+
+/// The resolved daemon settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonOptions {
+    pub listen: SocketAddr,
+    pub max_listener_series: usize,
+    pub filter: Filter,
+}
+
+/// Which listeners are exported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Filter {
+    pub include_ports: Option<BTreeSet<u16>>,
+    pub exclude_ports: BTreeSet<u16>,
+    pub include_netns: Option<BTreeSet<u32>>,
+    pub exclude_netns: BTreeSet<u32>,
+}
+
+impl Filter {
+    pub fn admits(&self, netns: u32, port: u16) -> bool {
+        self.include_ports
+            .as_ref()
+            .is_none_or(|s| s.contains(&port))
+            && self
+                .include_netns
+                .as_ref()
+                .is_none_or(|s| s.contains(&netns))
+            && !self.exclude_ports.contains(&port)
+            && !self.exclude_netns.contains(&netns)
+    }
+}
+
+/// A config file's contents: the union of both argument sets.
+#[derive(Default)]
+pub struct FileConfig {
+    pub tracer: TracerArgs,
+    pub daemon: DaemonArgs,
+}
+
+impl FileConfig {
+    /// `explicit` must exist; without it the default path is read when present.
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Option<PathBuf>)> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+            None => return Ok((Self::default(), None)),
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let cfg = Self::parse(&text).with_context(|| format!("config file {}", path.display()))?;
+        Ok((cfg, Some(path)))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text)?;
+        let known = keys_of(&TracerArgs::default()).chain(keys_of(&DaemonArgs::default()));
+        let known: BTreeSet<String> = known.collect();
+        if let Some(key) = table.keys().find(|k| !known.contains(*k)) {
+            bail!(
+                "unknown key `{key}`; known keys: {}",
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(Self {
+            tracer: table.clone().try_into()?,
+            daemon: table.try_into()?,
+        })
+    }
+}
+
+/// Field names of an argument set: the file keys it accepts.
+fn keys_of<T: Serialize>(args: &T) -> impl Iterator<Item = String> {
+    let value = serde_json::to_value(args).expect("argument sets serialize");
+    value
+        .as_object()
+        .expect("a struct")
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn invalid(key: &str, flag: &str, why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("invalid {key} (--{flag}): {why}")
+}
+
+impl TracerArgs {
+    /// These flags over `file`, then defaults; values are checked here, for both sources.
+    pub fn resolve(&self, file: &TracerArgs) -> Result<TracerOptions> {
+        let event_rate = self.event_rate.or(file.event_rate).unwrap_or(100);
+        if event_rate == 0 {
+            return Err(invalid(
+                "event_rate",
+                "event-rate",
+                "0: must be at least 1 event a second",
+            ));
+        }
+        let max_listeners = self.max_listeners.or(file.max_listeners).unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_listeners) {
+            return Err(invalid(
+                "max_listeners",
+                "max-listeners",
+                format!("{max_listeners}: must be 1 to 1000000"),
+            ));
+        }
+        let ringbuf_kib = self.ringbuf_kib.or(file.ringbuf_kib).unwrap_or(256);
+        if !(4..=1 << 20).contains(&ringbuf_kib) || !ringbuf_kib.is_power_of_two() {
+            return Err(invalid(
+                "ringbuf_kib",
+                "ringbuf-kib",
+                format!("{ringbuf_kib}: must be a power of two from 4 to 1048576"),
+            ));
+        }
+        Ok(TracerOptions {
+            best_tier: self.attach.or(file.attach).unwrap_or(Tier::Fentry),
+            event_rate,
+            max_listeners,
+            ringbuf_kib,
+            btf: self
+                .btf
+                .clone()
+                .or_else(|| file.btf.clone())
+                .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+        })
+    }
+}
+
+impl DaemonArgs {
+    pub fn resolve(&self, file: &DaemonArgs) -> Result<DaemonOptions> {
+        let addr = self
+            .web_listen_address
+            .clone()
+            .or_else(|| file.web_listen_address.clone())
+            .unwrap_or_else(|| ":9860".into());
+        let listen = parse_listen_address(&addr).map_err(|why| {
+            invalid(
+                "web_listen_address",
+                "web.listen-address",
+                format!("{addr:?}: {why}"),
+            )
+        })?;
+        let max_listener_series = self
+            .max_listener_series
+            .or(file.max_listener_series)
+            .unwrap_or(1000);
+        if max_listener_series == 0 {
+            return Err(invalid(
+                "max_listener_series",
+                "max-listener-series",
+                "0: must be at least 1",
+            ));
+        }
+        let set = |a: &Option<Vec<u16>>, b: &Option<Vec<u16>>| a.clone().or_else(|| b.clone());
+        let nset = |a: &Option<Vec<u32>>, b: &Option<Vec<u32>>| a.clone().or_else(|| b.clone());
+        Ok(DaemonOptions {
+            listen,
+            max_listener_series: max_listener_series as usize,
+            filter: Filter {
+                include_ports: set(&self.include_ports, &file.include_ports)
+                    .map(BTreeSet::from_iter),
+                exclude_ports: set(&self.exclude_ports, &file.exclude_ports)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+                include_netns: nset(&self.include_netns, &file.include_netns)
+                    .map(BTreeSet::from_iter),
+                exclude_netns: nset(&self.exclude_netns, &file.exclude_netns)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            },
+        })
+    }
+}
+
+/// `host:port`, `[v6]:port`, or `:port` for every address (exporter convention).
+fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("[::]:{port}"),
+        None => s.to_string(),
+    };
+    full.parse()
+        .map_err(|_| "expected host:port, [ipv6]:port or :port".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let file =
+            FileConfig::parse("event_rate = 7\nmax_listener_series = 5\nexclude_ports = [22]")
+                .unwrap();
+        let cli = TracerArgs {
+            event_rate: Some(9),
+            ..Default::default()
+        };
+        let t = cli.resolve(&file.tracer).unwrap();
+        assert_eq!(
+            (t.event_rate, t.ringbuf_kib, t.best_tier),
+            (9, 256, Tier::Fentry)
+        );
+        let d = DaemonArgs::default().resolve(&file.daemon).unwrap();
+        assert_eq!(d.max_listener_series, 5);
+        assert_eq!(d.listen, "[::]:9860".parse().unwrap());
+        assert!(!d.filter.admits(1, 22) && d.filter.admits(1, 80));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = FileConfig::parse("event_rat = 7")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("unknown key `event_rat`") && e.contains("event_rate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_reason() {
+        let e = format!(
+            "{:#}",
+            FileConfig::parse("event_rate = \"fast\"").err().unwrap()
+        );
+        assert!(e.contains("event_rate"), "{e}");
+        let file = FileConfig::parse("ringbuf_kib = 3").unwrap();
+        let e = TracerArgs::default()
+            .resolve(&file.tracer)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid ringbuf_kib (--ringbuf-kib): 3: must be a power of two"),
+            "{e}"
+        );
+        let file = FileConfig::parse("web_listen_address = \"localhost\"").unwrap();
+        let e = DaemonArgs::default()
+            .resolve(&file.daemon)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("web_listen_address"), "{e}");
+    }
+
+    #[test]
+    fn filters_combine_include_and_exclude() {
+        let f = Filter {
+            include_ports: Some([80, 443].into()),
+            exclude_netns: [7].into(),
+            ..Default::default()
+        };
+        assert!(f.admits(1, 80));
+        assert!(!f.admits(1, 22));
+        assert!(!f.admits(7, 80));
+    }
+}

@@ -1,0 +1,157 @@
+//! One consistent view of every listener, assembled on demand for /metrics and
+//! /api/listeners: the kernel's counters (per listener key), the queues sampled now with
+//! sock_diag in every network namespace qtrace can enter, and each socket's owner.
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Mutex, time::Duration};
+
+use anyhow::Result;
+use qtrace_common::{ListenerKey, SelfStat};
+use serde::Serialize;
+
+use crate::{
+    config::Filter,
+    listener::ip,
+    netns,
+    owners::{Owner, Owners},
+    probes::ProbeStatus,
+    snapshot::Visibility,
+    sockdiag::{self, ListenerQueues},
+    stats::{KernelCounters, ListenerStats},
+};
+
+/// A listener as exported: (netns inode, address, port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ListenerId {
+    pub netns: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl From<&ListenerKey> for ListenerId {
+    fn from(k: &ListenerKey) -> Self {
+        Self {
+            netns: k.netns,
+            addr: ip(k.family, k.addr),
+            port: k.port,
+        }
+    }
+}
+
+/// Everything known about one listener at this moment.
+#[derive(Clone, Debug)]
+pub struct ListenerView {
+    pub id: ListenerId,
+    /// Kernel counters; None when nothing was ever counted for it.
+    pub stats: Option<ListenerStats>,
+    /// Queues now; None when the listener is closed or its namespace was not readable.
+    pub queues: Option<ListenerQueues>,
+    pub owner: Option<Owner>,
+}
+
+pub struct Scrape {
+    pub listeners: Vec<ListenerView>,
+    pub self_stats: [u64; SelfStat::COUNT],
+    /// Network namespaces whose queues could not be sampled (no CAP_SYS_ADMIN, or gone).
+    pub netns_unreadable: usize,
+}
+
+pub struct Scraper {
+    pub counters: std::sync::Arc<KernelCounters>,
+    pub probes: Vec<ProbeStatus>,
+    pub vis: Visibility,
+    owners: Mutex<Owners>,
+    filter: Mutex<Filter>,
+}
+
+impl Scraper {
+    pub fn new(
+        counters: std::sync::Arc<KernelCounters>,
+        probes: Vec<ProbeStatus>,
+        filter: Filter,
+    ) -> Self {
+        Self {
+            vis: Visibility::of(&probes),
+            counters,
+            probes,
+            owners: Mutex::new(Owners::new(Duration::from_secs(5))),
+            filter: Mutex::new(filter),
+        }
+    }
+
+    pub fn set_filter(&self, filter: Filter) {
+        *self.filter.lock().unwrap() = filter;
+    }
+
+    pub fn collect(&self) -> Result<Scrape> {
+        let filter = self.filter.lock().unwrap().clone();
+        let mut rows: BTreeMap<ListenerId, ListenerView> = BTreeMap::new();
+        for stats in self.counters.listeners()? {
+            let id = ListenerId::from(&stats.key);
+            rows.insert(
+                id,
+                ListenerView {
+                    id,
+                    stats: Some(stats),
+                    queues: None,
+                    owner: None,
+                },
+            );
+        }
+        let (sampled, netns_unreadable) = sample_all_namespaces();
+        for (netns, queues) in sampled {
+            let id = ListenerId {
+                netns,
+                addr: queues.addr,
+                port: queues.port,
+            };
+            rows.entry(id)
+                .or_insert(ListenerView {
+                    id,
+                    stats: None,
+                    queues: None,
+                    owner: None,
+                })
+                .queues = Some(queues);
+        }
+        rows.retain(|id, _| filter.admits(id.netns, id.port));
+        let inodes = rows
+            .values()
+            .filter_map(|r| r.queues.as_ref().map(|q| q.inode));
+        let mut owners = self.owners.lock().unwrap();
+        let owners = owners.lookup(inodes.collect::<Vec<_>>());
+        for r in rows.values_mut() {
+            r.owner = r
+                .queues
+                .as_ref()
+                .and_then(|q| owners.get(&q.inode).cloned());
+        }
+        Ok(Scrape {
+            listeners: rows.into_values().collect(),
+            self_stats: self.counters.self_stats()?,
+            netns_unreadable,
+        })
+    }
+}
+
+/// Listeners of every namespace; entering other namespaces needs CAP_SYS_ADMIN, and those
+/// that cannot be entered are counted, not guessed.
+fn sample_all_namespaces() -> (Vec<(u32, ListenerQueues)>, usize) {
+    let own = netns::own().ok();
+    let mut out = Vec::new();
+    let mut unreadable = 0;
+    for ns in netns::all() {
+        let sampled = if own.as_ref().is_some_and(|o| o.inode == ns.inode) {
+            sockdiag::listeners()
+        } else {
+            netns::run_in(&ns, sockdiag::listeners)
+        };
+        match sampled {
+            Ok(ls) => out.extend(ls.into_iter().map(|l| (ns.inode, l))),
+            Err(e) => {
+                tracing::debug!("netns {}: {e:#}", ns.inode);
+                unreadable += 1;
+            }
+        }
+    }
+    (out, unreadable)
+}

@@ -1,0 +1,115 @@
+//! The HTTP endpoints: /metrics, /healthz, /api/listeners.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::json;
+
+use crate::{
+    metrics,
+    scrape::{Scrape, Scraper},
+    snapshot::{accept_wait_json, counters_json},
+};
+
+pub struct AppState {
+    pub scraper: Scraper,
+    /// Reloadable with SIGHUP.
+    pub max_series: AtomicUsize,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/listeners", get(listeners_handler))
+        .route(
+            "/",
+            get(|| async { "qtrace: /metrics /healthz /api/listeners\n" }),
+        )
+        .with_state(state)
+}
+
+/// Scraping walks /proc and enters namespaces: blocking work, off the event loop.
+async fn scrape(state: &Arc<AppState>) -> Result<Scrape, Response> {
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || s.scraper.collect()).await {
+        Ok(Ok(scrape)) => Ok(scrape),
+        Ok(Err(e)) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("scrape failed: {e:#}\n"),
+        )
+            .into_response()),
+        Err(e) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("scrape panicked: {e}\n"),
+        )
+            .into_response()),
+    }
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let scrape = match scrape(&state).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let openmetrics = accept.contains("application/openmetrics-text");
+    let s = &state.scraper;
+    let body = metrics::render(
+        &scrape,
+        &s.probes,
+        s.vis,
+        state.max_series.load(Ordering::Relaxed),
+        openmetrics,
+    );
+    let kind = if openmetrics { OPENMETRICS } else { CLASSIC };
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
+}
+
+async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
+    let scrape = match scrape(&state).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let vis = state.scraper.vis;
+    let listeners: Vec<_> = scrape
+        .listeners
+        .iter()
+        .map(|v| {
+            json!({
+                "netns": v.id.netns,
+                "addr": v.id.addr.to_string(),
+                "port": v.id.port,
+                "counters": counters_json(v.stats.as_ref(), vis),
+                "accept_wait": accept_wait_json(v.stats.as_ref(), vis),
+                "queues": v.queues.as_ref().map(|q| json!({
+                    "accept_len": q.acceptq_len,
+                    "accept_limit": q.acceptq_max,
+                    "syn_len": q.synq_len,
+                })),
+                "owner": v.owner,
+            })
+        })
+        .collect();
+    Json(json!({
+        "probes": state.scraper.probes,
+        "listeners": listeners,
+        "netns_unreadable": scrape.netns_unreadable,
+    }))
+    .into_response()
+}

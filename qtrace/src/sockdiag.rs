@@ -1,0 +1,187 @@
+//! Queue gauges of every listener in the current network namespace, from sock_diag
+//! (`ss -lnt` uses the same interface): the accept queue's length and limit from the
+//! listener itself, the SYN queue's length by counting its request sockets.
+
+use std::net::IpAddr;
+
+use anyhow::{bail, Context, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN},
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+/// One listening socket as the kernel reports it right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerQueues {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Connections waiting for accept() (`sk_ack_backlog`).
+    pub acceptq_len: u32,
+    /// The accept queue's limit: min(backlog, somaxconn) (`sk_max_ack_backlog`).
+    pub acceptq_max: u32,
+    /// Handshakes waiting for their final ACK (request sockets).
+    pub synq_len: u32,
+    /// Socket inode, to find the owning process.
+    pub inode: u32,
+}
+
+/// Every TCP listener of this thread's network namespace, both families.
+pub fn listeners() -> Result<Vec<ListenerQueues>> {
+    let socket = connect().context("open a sock_diag netlink socket")?;
+    let mut listeners = Vec::new();
+    let mut requests = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        for r in dump(&socket, family)? {
+            let id = &r.socket_id;
+            if r.state == TCP_LISTEN {
+                listeners.push(ListenerQueues {
+                    addr: id.source_address,
+                    port: id.source_port,
+                    acceptq_len: r.recv_queue,
+                    acceptq_max: r.send_queue,
+                    synq_len: 0,
+                    inode: r.inode,
+                });
+            } else {
+                requests.push((id.source_address, id.source_port));
+            }
+        }
+    }
+    for (addr, port) in requests {
+        if let Some(l) = owning_listener(&mut listeners, addr, port) {
+            l.synq_len += 1;
+        }
+    }
+    Ok(listeners)
+}
+
+/// The listener a request socket belongs to: same port, same address or a wildcard one
+/// (an IPv6 wildcard also takes IPv4 peers unless it is v6-only; the exact match wins).
+fn owning_listener(
+    ls: &mut [ListenerQueues],
+    addr: IpAddr,
+    port: u16,
+) -> Option<&mut ListenerQueues> {
+    let peer = canonical(addr);
+    let exact = ls
+        .iter()
+        .position(|l| l.port == port && canonical(l.addr) == peer);
+    let wildcard = || {
+        ls.iter().position(|l| {
+            l.port == port && l.addr.is_unspecified() && (l.addr.is_ipv6() || peer.is_ipv4())
+        })
+    };
+    let i = exact.or_else(wildcard)?;
+    ls.get_mut(i)
+}
+
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn connect() -> Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+fn dump(socket: &Socket, family: u8) -> Result<Vec<InetResponseHeader>> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        // The kernel adds request sockets (TCP_NEW_SYN_RECV) when SYN_RECV is asked for.
+        states: StateFlags::LISTEN | StateFlags::SYN_RECV,
+        socket_id: if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        },
+    });
+    let mut packet = NetlinkMessage::new(header, request.into());
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let mut out = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full()?;
+        let mut rest = &datagram[..];
+        while !rest.is_empty() {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(rest)
+                .context("decode a sock_diag reply")?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push(r.header)
+                }
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => bail!("sock_diag dump failed: {e}"),
+                _ => {}
+            }
+            if len == 0 || len > rest.len() {
+                break;
+            }
+            rest = &rest[len..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn sees_a_listener_and_its_backlog() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = listeners().unwrap();
+        let me = found.iter().find(|q| q.port == port).expect("our listener");
+        assert_eq!(me.addr, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(me.acceptq_len, 0);
+        assert!(me.acceptq_max > 0 && me.inode > 0, "{me:?}");
+    }
+
+    #[test]
+    fn requests_belong_to_exact_then_wildcard_listeners() {
+        let l = |addr: &str, port| ListenerQueues {
+            addr: addr.parse().unwrap(),
+            port,
+            acceptq_len: 0,
+            acceptq_max: 1,
+            synq_len: 0,
+            inode: 0,
+        };
+        let mut ls = vec![
+            l("0.0.0.0", 80),
+            l("127.0.0.1", 80),
+            l("::", 443),
+            l("::1", 22),
+        ];
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(owning_listener(&mut ls, v4, 80).unwrap().addr, v4);
+        assert_eq!(
+            owning_listener(&mut ls, "10.0.0.1".parse().unwrap(), 80)
+                .unwrap()
+                .port,
+            80
+        );
+        assert_eq!(owning_listener(&mut ls, mapped, 443).unwrap().port, 443);
+        assert!(owning_listener(&mut ls, v4, 22).is_none());
+    }
+}
