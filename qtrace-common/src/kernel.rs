@@ -12,6 +12,7 @@ pub struct Offsets {
     pub skc_dport: u32,
     pub skc_num: u32,
     pub skc_family: u32,
+    pub skc_state: u32,
     pub skc_net: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
@@ -42,6 +43,9 @@ pub struct HookLayout {
     /// Non-zero when the `syn` probe also hooks the kernel's SYN-queue-full and syncookie
     /// decisions (`tcp_syn_flood_action`, `cookie_v*_init_sequence`); else it predicts them.
     pub syn_decisions_hooked: u32,
+    /// Value of `SKB_DROP_REASON_NO_SOCKET` (the syncookie path's failed syn_recv_sock).
+    pub drop_reason_no_socket: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

@@ -2,7 +2,8 @@
 //!
 //! A NULL child means the kernel dropped the ACK (`tcp_listendrop()`); the accept queue being
 //! full is the overflow case (ListenOverflows at the third packet). With
-//! `tcp_abort_on_overflow=1`, `tcp_check_req()` then answers with a reset.
+//! `tcp_abort_on_overflow=1`, `tcp_check_req()` then answers with a reset — but only there:
+//! the syncookie and Fast Open paths call syn_recv_sock without `req_unhash` and send none.
 //!
 //! The prototype gained a 7th argument in stable backports (6.1.192, 6.12), and fexit reads
 //! the return value after the arguments, so there is one fexit program per arity; user space
@@ -13,49 +14,46 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use qtrace_common::{Counter, EventKind, ListenerKey};
+use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{bump, count, emit},
-    kernel::{hooks, listener_key, net_sysctl_u8, offsets, Queues, Remote},
+    kernel::{hooks, listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
 };
 
 #[inline(always)]
-fn on_return(sk: *const u8, req: *const u8, child: *const u8) -> Result<(), ()> {
+fn on_return(sk: *const u8, req: *const u8, req_unhash: u64, child: *const u8) -> Result<(), ()> {
     if !child.is_null() {
         return Ok(());
     }
-    let key = listener_key(sk)?;
-    let q = Queues::read(sk)?;
-    let counter = if q.acceptq_full() {
-        Counter::DropAcceptQueueFullAck
-    } else {
-        Counter::DropOther
-    };
-    let remote = Remote::of_request(req, key.family).unwrap_or_default();
-    dropped(sk, &key, counter, q, remote)
+    let remote = Remote::of_request(req, read_family(sk)?).unwrap_or_default();
+    dropped(sk, remote, req_unhash != 0)
+}
+
+#[inline(always)]
+fn read_family(sk: *const u8) -> Result<u16, ()> {
+    read(sk, offsets().skc_family)
 }
 
 /// Counts a dropped final ACK, and the reset `tcp_check_req()` answers it with when
-/// `tcp_abort_on_overflow=1`.
+/// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there).
 #[inline(always)]
-fn dropped(
-    sk: *const u8,
-    key: &ListenerKey,
-    counter: Counter,
-    q: Queues,
-    remote: Remote,
-) -> Result<(), ()> {
-    let kind = if counter == Counter::DropAcceptQueueFullAck {
-        EventKind::AckDropAcceptQueueFull
+fn dropped(sk: *const u8, remote: Remote, may_reset: bool) -> Result<(), ()> {
+    let key = listener_key(sk)?;
+    let q = Queues::read(sk)?;
+    let (counter, kind) = if q.acceptq_full() {
+        (
+            Counter::DropAcceptQueueFullAck,
+            EventKind::AckDropAcceptQueueFull,
+        )
     } else {
-        EventKind::DropOther
+        (Counter::DropOther, EventKind::DropOther)
     };
-    let c = count(key, counter).ok_or(())?;
-    emit(c, key, kind, remote, q, 0);
-    if net_sysctl_u8(sk, offsets().net_abort_on_overflow)? != 0 {
+    let c = count(&key, counter).ok_or(())?;
+    emit(c, &key, kind, remote, q, 0);
+    if may_reset && net_sysctl_u8(sk, offsets().net_abort_on_overflow)? != 0 {
         bump(c, Counter::OverflowResets);
-        emit(c, key, EventKind::OverflowReset, remote, q, 0);
+        emit(c, &key, EventKind::OverflowReset, remote, q, 0);
     }
     Ok(())
 }
@@ -64,25 +62,25 @@ fn dropped(
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn qt_ack4_fx6(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(6));
+    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(6));
     0
 }
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn qt_ack4_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(7));
+    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(7));
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx6(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(6));
+    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(6));
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(7));
+    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(7));
     0
 }
 
@@ -92,6 +90,7 @@ struct Entry {
     // Kernel addresses as integers: map values must be Sync.
     sk: u64,
     req: u64,
+    req_unhash: u64,
 }
 
 /// One slot per CPU: syn_recv_sock runs in softirq context and does not nest.
@@ -100,9 +99,19 @@ static QT_ACK_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
 
 #[kprobe]
 pub fn qt_ack_kp(ctx: ProbeContext) -> u32 {
-    if let (Some(sk), Some(req), Some(slot)) = (ctx.arg(0), ctx.arg(2), QT_ACK_ENTRY.get_ptr_mut(0))
-    {
-        unsafe { *slot = Entry { sk, req } };
+    if let (Some(sk), Some(req), Some(req_unhash), Some(slot)) = (
+        ctx.arg(0),
+        ctx.arg(2),
+        ctx.arg(4),
+        QT_ACK_ENTRY.get_ptr_mut(0),
+    ) {
+        unsafe {
+            *slot = Entry {
+                sk,
+                req,
+                req_unhash,
+            }
+        };
     }
     0
 }
@@ -113,25 +122,40 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
         let e = unsafe { *slot };
         if e.sk != 0 {
             unsafe { (*slot).sk = 0 };
-            let _ = on_return(e.sk as *const u8, e.req as *const u8, ctx.ret());
+            let _ = on_return(
+                e.sk as *const u8,
+                e.req as *const u8,
+                e.req_unhash,
+                ctx.ret(),
+            );
         }
     }
     0
 }
 
 /// Tracepoint tier, for kernels without fexit or kprobes: `skb:kfree_skb(skb, location,
-/// reason, rx_sk)` with reason TCP_LISTEN_OVERFLOW (6.15+) and the receiving socket (6.11+).
-/// User space loads it only where BTF shows both. It sees overflows only, not other failures.
+/// reason, rx_sk)`, user-loaded only where BTF shows `rx_sk` (6.11+) and the
+/// TCP_LISTEN_OVERFLOW reason (6.15+). A failed syn_recv_sock shows as TCP_LISTEN_OVERFLOW
+/// from `tcp_check_req()` (whatever the cause), and as NO_SOCKET with the listener as `rx_sk`
+/// from `cookie_v4/v6_check()` (the syncookie path, which sends no reset).
 #[inline(always)]
 fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
-    let want = hooks().drop_reason_listen_overflow;
-    if want == 0 || reason != want || sk.is_null() {
+    let h = hooks();
+    let from_check_req = reason == h.drop_reason_listen_overflow;
+    if h.drop_reason_listen_overflow == 0 || sk.is_null() {
         return Ok(());
     }
-    let key = listener_key(sk)?;
-    let q = Queues::read(sk).unwrap_or_default();
-    let remote = Remote::of_skb(skb, key.family).unwrap_or_default();
-    dropped(sk, &key, Counter::DropAcceptQueueFullAck, q, remote)
+    if !from_check_req && (reason != h.drop_reason_no_socket || !is_listener(sk)?) {
+        return Ok(());
+    }
+    let remote = Remote::of_skb(skb, read_family(sk)?).unwrap_or_default();
+    dropped(sk, remote, from_check_req)
+}
+
+#[inline(always)]
+fn is_listener(sk: *const u8) -> Result<bool, ()> {
+    const TCP_LISTEN: u8 = 10;
+    Ok(read::<u8>(sk, offsets().skc_state)? == TCP_LISTEN)
 }
 
 #[btf_tracepoint(function = "kfree_skb")]

@@ -125,6 +125,7 @@ impl KernelBtf {
             skc_dport: skc("skc_dport")?,
             skc_num: skc("skc_num")?,
             skc_family: skc("skc_family")?,
+            skc_state: skc("skc_state")?,
             skc_net: skc("skc_net")?,
             skc_v6_daddr: skc("skc_v6_daddr")?,
             skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
@@ -147,6 +148,10 @@ impl KernelBtf {
         HookLayout {
             drop_reason_listen_overflow: self.listen_overflow_drop_reason().map_or(0, |v| v as u32),
             syn_decisions_hooked: self.syn_decision_functions().is_some().into(),
+            drop_reason_no_socket: self
+                .enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET")
+                .map_or(0, |v| v as u32),
+            _pad: 0,
         }
     }
 

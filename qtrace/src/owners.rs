@@ -70,12 +70,16 @@ fn scan(wanted: &std::collections::HashSet<u32>) -> HashMap<u32, Owner> {
                 continue;
             }
             let comm = p.stat().map(|s| s.comm).unwrap_or_default();
-            let unit = p
-                .cgroups()
-                .ok()
-                .and_then(|cgs| cgs.into_iter().map(|c| c.pathname).find(|p| p != "/"))
-                .and_then(|path| path.rsplit('/').next().map(str::to_string))
-                .unwrap_or_default();
+            let cgroups = p.cgroups().map(|cgs| cgs.into_iter().collect::<Vec<_>>());
+            let unit = cgroups.map_or_else(
+                |_| String::new(),
+                |cgs| {
+                    unit_of(
+                        cgs.into_iter()
+                            .map(|c| (c.hierarchy, c.controllers, c.pathname)),
+                    )
+                },
+            );
             out.insert(
                 inode,
                 Owner {
@@ -87,6 +91,29 @@ fn scan(wanted: &std::collections::HashSet<u32>) -> HashMap<u32, Owner> {
         }
     }
     out
+}
+
+/// The unit or container a process runs in: the last component of its cgroup path, from the
+/// unified hierarchy, else systemd's named one, else the first controller not at the root.
+fn unit_of(cgroups: impl Iterator<Item = (u32, Vec<String>, String)>) -> String {
+    let mut best: Option<(u8, String)> = None;
+    for (hierarchy, controllers, path) in cgroups {
+        if path == "/" {
+            continue;
+        }
+        let rank = if hierarchy == 0 {
+            0
+        } else if controllers.iter().any(|c| c == "name=systemd") {
+            1
+        } else {
+            2
+        };
+        if best.as_ref().is_none_or(|(r, _)| rank < *r) {
+            best = Some((rank, path));
+        }
+    }
+    best.and_then(|(_, path)| path.rsplit('/').next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -109,5 +136,24 @@ mod tests {
         let o = owners.lookup([inode])[&inode].clone();
         assert_eq!(o.pid, std::process::id() as i32);
         assert!(!o.comm.is_empty());
+    }
+
+    #[test]
+    fn unit_prefers_the_unified_then_the_systemd_hierarchy() {
+        let cg = |h: u32, c: &str, p: &str| (h, vec![c.to_string()], p.to_string());
+        let v1 = [
+            cg(9, "name=systemd", "/"),
+            cg(4, "memory", "/x/abc"),
+            cg(0, "", "/"),
+        ];
+        assert_eq!(unit_of(v1.into_iter()), "abc");
+        let hybrid = [
+            cg(4, "memory", "/x/abc"),
+            cg(1, "name=systemd", "/system.slice/nginx.service"),
+        ];
+        assert_eq!(unit_of(hybrid.into_iter()), "nginx.service");
+        let v2 = [cg(0, "", "/system.slice/docker-1f2e.scope")];
+        assert_eq!(unit_of(v2.into_iter()), "docker-1f2e.scope");
+        assert_eq!(unit_of([cg(0, "", "/")].into_iter()), "");
     }
 }

@@ -50,6 +50,10 @@ pub struct RunOptions {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // Handlers first: a signal during start-up must stop qtrace cleanly, not kill it.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let (file, config_path) = FileConfig::load(opts.config.as_deref())?;
     let tracer_opts = opts.tracer.resolve(&file.tracer)?;
     let daemon = opts.daemon.resolve(&file.daemon)?;
@@ -115,9 +119,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut tick = tokio::time::interval(opts.interval);
     tick.tick().await;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
 
     loop {
         tokio::select! {

@@ -53,13 +53,12 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
                             receiving socket before Linux 6.15"
                     .into());
             }
-            // Other syn_recv_sock failures carry other drop reasons and no listener.
             return Ok(Plan {
                 steps: vec![Step {
                     program: "qt_ack_tp",
                     hook: Hook::Tracepoint("kfree_skb"),
                 }],
-                blind_to: &[Counter::DropOther],
+                blind_to: &[],
             });
         }
     };

@@ -1,0 +1,501 @@
+//! The daemon end to end: /metrics over HTTP against the kernel's own counters, a real
+//! Prometheus server scraping it, nginx as a real victim, the label cap, config reload and
+//! signals.
+mod common;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{connect, delta, http_get, listener, require_root, sample, sh, Netns, Qtrace};
+
+/// ACK-time overflows plus SYN-ACK retransmits on a backlog-1 listener (see handshake.rs).
+fn overflow_scenario(ns: &Netns, port: u16) {
+    ns.drop_final_acks(&[port]);
+    let held = connect(ns, "127.0.0.1", port, 2);
+    ns.allow_acks();
+    let fill = connect(ns, "127.0.0.1", port, 2);
+    thread::sleep(Duration::from_millis(1500));
+    std::mem::forget((held, fill));
+}
+
+fn promtool_check_metrics(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt package prometheus; `cargo xtask setup` installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics:\n{said}\n{text}"
+    );
+}
+
+#[test]
+fn metrics_equal_the_kernel_counters() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    overflow_scenario(&ns, port);
+    drop(server);
+    let after = ns.tcp_ext();
+
+    let (status, text) = http_get(&qtrace.web(), "/metrics", None);
+    assert_eq!(status, 200);
+    let (netns, port_s) = (ns.inode.to_string(), port.to_string());
+    let l = [
+        ("netns", netns.as_str()),
+        ("addr", "127.0.0.1"),
+        ("port", port_s.as_str()),
+    ];
+    let with = |extra: (&'static str, &'static str)| [l[0], l[1], l[2], extra];
+    let ack_drops = sample(
+        &text,
+        "qtrace_listen_drops_total",
+        &with(("reason", "accept_queue_full_ack")),
+    );
+    assert_eq!(
+        ack_drops,
+        Some(delta(&before, &after, "ListenOverflows") as f64),
+        "{text}"
+    );
+    let rtx = sample(&text, "qtrace_synack_retransmits_total", &l);
+    assert_eq!(
+        rtx,
+        Some(delta(&before, &after, "TCPSynRetrans") as f64),
+        "{text}"
+    );
+    // What this kernel's probes cannot see is absent, not 0.
+    for (probe, metric, extra) in [
+        (
+            "syn",
+            "qtrace_listen_drops_total",
+            Some(("reason", "syn_queue_full")),
+        ),
+        ("syn", "qtrace_syncookies_sent_total", None),
+        ("accept", "qtrace_accepted_connections_total", None),
+    ] {
+        let v = match extra {
+            Some(e) => sample(&text, metric, &with(e)),
+            None => sample(&text, metric, &l),
+        };
+        assert_eq!(
+            v.is_some(),
+            qtrace.tier(probe).is_some(),
+            "{metric} vs probe {probe}: {text}"
+        );
+    }
+    let tier = qtrace.tier("ack").unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            "qtrace_probe_info",
+            &[("probe", "ack"), ("tier", tier.as_str())]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        !text.contains("rport") && !text.contains("raddr"),
+        "no client endpoint on /metrics"
+    );
+    promtool_check_metrics(&text);
+    let (_, om) = http_get(
+        &qtrace.web(),
+        "/metrics",
+        Some("application/openmetrics-text; version=1.0.0"),
+    );
+    assert!(om.ends_with("# EOF\n"), "OpenMetrics when asked for it");
+    assert_eq!(
+        http_get(&qtrace.web(), "/healthz", None),
+        (200, "ok\n".to_string())
+    );
+    qtrace.stop(libc::SIGTERM);
+}
+
+/// Queue gauges come from the kernel's own view of the socket (sock_diag), in the test's
+/// namespace, and the owner is this test process.
+#[test]
+fn api_listeners_reports_queues_and_owner() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 3);
+    ns.drop_final_acks(&[port]);
+    let _half_open = connect(&ns, "127.0.0.1", port, 2);
+    ns.allow_acks();
+    let _queued = connect(&ns, "127.0.0.1", port, 1);
+    let (status, body) = http_get(&qtrace.web(), "/api/listeners", None);
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let me = v["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["netns"] == ns.inode && l["port"] == port)
+        .unwrap_or_else(|| panic!("listener missing: {body}"));
+    assert_eq!(me["queues"]["accept_len"], 1, "{me}");
+    assert_eq!(me["queues"]["accept_limit"], 3, "{me}");
+    assert_eq!(me["queues"]["syn_len"], 2, "{me}");
+    assert_eq!(me["owner"]["pid"], std::process::id(), "{me}");
+    drop(server);
+    qtrace.stop(libc::SIGINT);
+}
+
+/// Past --max-listener-series, listeners fold into one `other` series; nothing is lost.
+#[test]
+fn listener_series_are_capped() {
+    require_root();
+    let ns = Netns::new();
+    let netns = ns.inode.to_string();
+    let qtrace = Qtrace::start(&["--max-listener-series", "2", "--include-netns", &netns]);
+    let servers: Vec<_> = (0..4).map(|_| listener(&ns, "127.0.0.1", 8)).collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    ns.drop_final_acks(&ports);
+    let before = ns.tcp_ext();
+    let _clients: Vec<_> = ports
+        .iter()
+        .map(|p| connect(&ns, "127.0.0.1", *p, 1))
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    drop(servers);
+    let after = ns.tcp_ext();
+    let (_, text) = http_get(&qtrace.web(), "/metrics", None);
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("qtrace_synack_retransmits_total{"))
+        .collect();
+    assert_eq!(series.len(), 3, "two listeners and `other`: {series:?}");
+    let other = [("netns", "other"), ("addr", "other"), ("port", "other")];
+    assert!(
+        sample(&text, "qtrace_synack_retransmits_total", &other).unwrap() >= 2.0,
+        "{text}"
+    );
+    let total: f64 = series
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        total,
+        delta(&before, &after, "TCPSynRetrans") as f64,
+        "{series:?}"
+    );
+    assert_eq!(
+        sample(&text, "qtrace_listener_series_overflow", &[]),
+        Some(2.0),
+        "{text}"
+    );
+    qtrace.stop(libc::SIGTERM);
+}
+
+/// SIGHUP re-reads the config file: a valid change applies, an invalid one is refused and the
+/// daemon keeps running with what it had.
+#[test]
+fn sighup_reloads_the_config_file() {
+    require_root();
+    let ns = Netns::new();
+    let path = std::env::temp_dir().join(format!("qtrace-hup-{}.toml", std::process::id()));
+    let netns = ns.inode;
+    std::fs::write(&path, format!("include_netns = [{netns}]\n")).unwrap();
+    let qtrace = Qtrace::start(&["--config", path.to_str().unwrap()]);
+    let (_server, port) = listener(&ns, "127.0.0.1", 8);
+    let has = |q: &Qtrace| {
+        sample(
+            &http_get(&q.web(), "/metrics", None).1,
+            "qtrace_accept_queue_limit",
+            &[("port", &port.to_string())],
+        )
+        .is_some()
+    };
+    assert!(
+        has(&qtrace),
+        "listener exported while its netns is included"
+    );
+    std::fs::write(&path, format!("exclude_netns = [{netns}]\n")).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(qtrace.pid(), libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has(&qtrace) {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new filter"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&path, "exclude_netns = \"all of them\"\n").unwrap();
+    unsafe { libc::kill(qtrace.pid(), libc::SIGHUP) };
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        http_get(&qtrace.web(), "/healthz", None).0,
+        200,
+        "still serving after a bad reload"
+    );
+    assert!(!has(&qtrace), "kept the last good settings");
+    let out = qtrace.stop(libc::SIGTERM);
+    assert!(
+        out.stderr
+            .contains("config reload failed, keeping the running settings"),
+        "{}",
+        out.stderr
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+/// SIGTERM while being scraped: stops serving and exits 0 within a second.
+#[test]
+fn sigterm_stops_within_a_second() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let web = qtrace.web();
+    assert_eq!(http_get(&web, "/healthz", None).0, 200);
+    let t = Instant::now();
+    qtrace.stop(libc::SIGTERM);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    assert!(
+        std::net::TcpStream::connect(&web).is_err(),
+        "still listening after exit"
+    );
+}
+
+/// A real Prometheus server scrapes the daemon; its query API returns the drop series.
+#[test]
+fn prometheus_scrapes_the_drop_series() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    overflow_scenario(&ns, port);
+    drop(server);
+    let after = ns.tcp_ext();
+    let dir = std::env::temp_dir().join(format!("qtrace-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: qtrace\n    static_configs: [{{targets: ['{}']}}]\n",
+            qtrace.web()
+        ),
+    )
+    .unwrap();
+    let prom_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={prom_addr}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (apt package prometheus; `cargo xtask setup` installs it)");
+    let query = format!(
+        "/api/v1/query?query=qtrace_listen_drops_total%7Bport%3D%22{port}%22%2Creason%3D%22accept_queue_full_ack%22%7D"
+    );
+    let expected = delta(&before, &after, "ListenOverflows").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        if let Ok(std::net::TcpStream { .. }) = std::net::TcpStream::connect(&prom_addr) {
+            let (_, body) = http_get(&prom_addr, &query, None);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if let Some(r) = v["data"]["result"].as_array().and_then(|r| r.first()) {
+                break Some(r.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    qtrace.stop(libc::SIGTERM);
+    let r = found.expect("Prometheus never returned the series");
+    assert_eq!(r["metric"]["netns"], ns.inode.to_string(), "{r}");
+    assert_eq!(r["value"][1], expected, "{r}");
+}
+
+/// nginx with `backlog=1`, stopped (SIGSTOP) so it cannot accept, under `wrk`: the drops are
+/// attributed to nginx's port, to the nginx master process and to its cgroup.
+#[test]
+fn nginx_drops_are_attributed_to_nginx() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let port = ns.run(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let dir = std::env::temp_dir().join(format!("qtrace-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process on; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port} backlog=1; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    // nginx runs in a cgroup named like a systemd unit, which qtrace must report.
+    let unit = format!("qtrace-test-nginx-{}.service", std::process::id());
+    let cgroup = Cgroup::new(&unit);
+    let mut nginx = Command::new("sh")
+        .args(["-c", "echo $$ > \"$0\"/cgroup.procs && exec \"$@\""])
+        .arg(&cgroup.0)
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            &ns.name,
+            "nginx",
+            "-c",
+            conf.to_str().unwrap(),
+        ])
+        .args(["-p", dir.to_str().unwrap()])
+        .spawn()
+        .expect("nginx (apt package nginx; `cargo xtask setup` installs it)");
+    let pid_file = dir.join("nginx.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pid_file.exists() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let master: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let before = ns.tcp_ext();
+    // Hold the handshakes, stop nginx, release them: the final ACKs meet a full queue.
+    ns.drop_final_acks(&[port]);
+    unsafe { libc::kill(master, libc::SIGSTOP) };
+    sh(Command::new("pkill").args(["-STOP", "-P", &master.to_string()]));
+    let mut wrk = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "wrk",
+            "-t1",
+            "-c10",
+            "-d3s",
+            "--timeout",
+            "5s",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wrk (apt package wrk; `cargo xtask setup` installs it)");
+    thread::sleep(Duration::from_millis(300));
+    ns.allow_acks();
+    thread::sleep(Duration::from_millis(1500));
+    let after = ns.tcp_ext();
+    let (_, text) = http_get(&qtrace.web(), "/metrics", None);
+    sh(Command::new("pkill").args(["-CONT", "-P", &master.to_string()]));
+    unsafe { libc::kill(master, libc::SIGCONT) };
+    let _ = wrk.wait();
+    unsafe { libc::kill(master, libc::SIGQUIT) };
+    let _ = nginx.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    qtrace.stop(libc::SIGTERM);
+
+    let netns = ns.inode.to_string();
+    let port_s = port.to_string();
+    let l = [
+        ("netns", netns.as_str()),
+        ("addr", "127.0.0.1"),
+        ("port", port_s.as_str()),
+    ];
+    let overflows = delta(&before, &after, "ListenOverflows");
+    assert!(
+        overflows >= 2,
+        "the scenario overflowed nginx's queue {overflows} times"
+    );
+    let ack = sample(
+        &text,
+        "qtrace_listen_drops_total",
+        &[l[0], l[1], l[2], ("reason", "accept_queue_full_ack")],
+    );
+    let syn = sample(
+        &text,
+        "qtrace_listen_drops_total",
+        &[l[0], l[1], l[2], ("reason", "accept_queue_full_syn")],
+    );
+    assert_eq!(
+        ack.unwrap() + syn.unwrap_or(0.0),
+        overflows as f64,
+        "{text}"
+    );
+    let info = text
+        .lines()
+        .find(|x| x.starts_with("qtrace_listener_info{") && x.contains(&format!("port=\"{port}\"")))
+        .unwrap_or_else(|| panic!("no owner for nginx's listener: {text}"));
+    assert!(
+        info.contains(&format!("pid=\"{master}\"")) && info.contains("comm=\"nginx\""),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!("unit=\"{unit}\"")),
+        "{info}, expected unit {unit}"
+    );
+    drop(cgroup);
+}
+
+/// A cgroup made for one test (unified hierarchy if mounted, else the v1 memory one).
+struct Cgroup(std::path::PathBuf);
+
+impl Cgroup {
+    fn new(name: &str) -> Self {
+        let root = if std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        };
+        let path = std::path::Path::new(root).join(name);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes left in it go back to the root; then the directory can go.
+        if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            let parent = self.0.parent().unwrap().join("cgroup.procs");
+            for pid in procs.lines() {
+                let _ = std::fs::write(&parent, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
