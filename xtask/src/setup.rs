@@ -18,6 +18,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     ("zstd", "zstd"),
     ("xz", "xz-utils"),
+    ("promtool", "prometheus"),
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
+    ("setpriv", "util-linux"),
+    ("modinfo", "kmod"),
 ];
 
 pub fn setup() -> Result<()> {
