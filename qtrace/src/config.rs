@@ -94,7 +94,20 @@ pub struct DaemonArgs {
         value_delimiter = ','
     )]
     pub exclude_netns: Option<Vec<u32>>,
+    /// Local socket streaming events to `qtrace events` (mode 0660) [default:
+    /// /run/qtrace/events.sock].
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET", value_name = "PATH")]
+    pub events_socket: Option<PathBuf>,
+    /// Group owning the events socket, whose members may read events [default: root's].
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET_GROUP", value_name = "GROUP")]
+    pub events_socket_group: Option<String>,
+    /// Events queued for each `qtrace events` reader; a reader further behind is told how
+    /// many it missed [default: 1024].
+    #[arg(long, env = "QTRACE_EVENTS_READER_QUEUE")]
+    pub events_reader_queue: Option<u32>,
 }
+
+pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
 
 /// The resolved daemon settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +115,9 @@ pub struct DaemonOptions {
     pub listen: SocketAddr,
     pub max_listener_series: usize,
     pub filter: Filter,
+    pub events_socket: PathBuf,
+    pub events_socket_group: Option<String>,
+    pub events_reader_queue: usize,
 }
 
 /// Which listeners are exported.
@@ -250,6 +266,26 @@ impl DaemonArgs {
         let set = |a: &Option<Vec<u16>>, b: &Option<Vec<u16>>| a.clone().or_else(|| b.clone());
         let nset = |a: &Option<Vec<u32>>, b: &Option<Vec<u32>>| a.clone().or_else(|| b.clone());
         Ok(DaemonOptions {
+            events_socket: self
+                .events_socket
+                .clone()
+                .or_else(|| file.events_socket.clone())
+                .unwrap_or_else(|| DEFAULT_EVENTS_SOCKET.into()),
+            events_socket_group: self
+                .events_socket_group
+                .clone()
+                .or_else(|| file.events_socket_group.clone()),
+            events_reader_queue: match self.events_reader_queue.or(file.events_reader_queue) {
+                None => 1024,
+                Some(n @ 1..=1_000_000) => n as usize,
+                Some(n) => {
+                    return Err(invalid(
+                        "events_reader_queue",
+                        "events-reader-queue",
+                        format!("{n}: must be 1 to 1000000"),
+                    ))
+                }
+            },
             listen,
             max_listener_series: max_listener_series as usize,
             filter: Filter {

@@ -3,9 +3,12 @@
 use std::time::{Duration, SystemTime};
 
 use qtrace_common::{Event, EventKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::listener::{endpoint, family_name, ip, listener};
+use crate::{
+    listener::{family_name, ip},
+    owners::Owner,
+};
 
 /// Decodes one ring-buffer record; None for a short or unknown record.
 pub fn decode(bytes: &[u8]) -> Option<Event> {
@@ -48,42 +51,45 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// The JSON Lines form of an event (`"type": "event"`); field names are a stable interface.
-#[derive(Serialize)]
-pub struct EventJson {
+/// An event as qtrace hands it on (JSON Lines, the events socket): a stable interface.
+/// `owner` is filled in by the daemon when it knows the listening socket's process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
     #[serde(rename = "type")]
-    pub kind_of_record: &'static str,
+    pub record: String,
     pub time: String,
     pub ts_ns: u64,
-    pub kind: &'static str,
+    pub kind: String,
     pub netns: u32,
-    pub family: &'static str,
+    pub family: String,
     pub laddr: String,
     pub lport: u16,
     pub raddr: String,
     pub rport: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retransmit: Option<u8>,
     pub acceptq_len: u32,
     pub acceptq_max: u32,
     pub synq_len: u32,
     pub synq_max: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub owner: Option<Owner>,
 }
 
 fn kind(ev: &Event) -> EventKind {
     EventKind::from_u8(ev.kind).unwrap_or(EventKind::DropOther)
 }
 
-pub fn to_json(ev: &Event, clock: &Clock) -> EventJson {
+pub fn to_record(ev: &Event, clock: &Clock) -> Record {
     let l = &ev.listener;
     let k = kind(ev);
-    EventJson {
-        kind_of_record: "event",
+    Record {
+        record: "event".into(),
         time: humantime::format_rfc3339_millis(clock.wall(ev.ts_ns)).to_string(),
         ts_ns: ev.ts_ns,
-        kind: k.name(),
+        kind: k.name().into(),
         netns: l.netns,
-        family: family_name(l.family),
+        family: family_name(l.family).into(),
         laddr: ip(l.family, l.addr).to_string(),
         lport: l.port,
         raddr: ip(l.family, ev.raddr).to_string(),
@@ -93,27 +99,46 @@ pub fn to_json(ev: &Event, clock: &Clock) -> EventJson {
         acceptq_max: ev.acceptq_max,
         synq_len: ev.synq_len,
         synq_max: ev.synq_max,
+        owner: None,
+    }
+}
+
+/// The event's kind as an operator reads it.
+pub fn describe(kind: &str) -> &'static str {
+    (1..=u8::MAX)
+        .map_while(EventKind::from_u8)
+        .find(|k| k.name() == kind)
+        .map_or("unknown event", EventKind::describe)
+}
+
+fn endpoint_of(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
     }
 }
 
 /// One line for an operator.
-pub fn to_human(ev: &Event, clock: &Clock) -> String {
-    let k = kind(ev);
-    let what = if k == EventKind::SynackRetransmit {
-        format!("{} #{}", k.describe(), ev.retrans)
-    } else {
-        k.describe().to_string()
+pub fn to_human(r: &Record) -> String {
+    let what = match r.retransmit {
+        Some(n) => format!("{} #{n}", describe(&r.kind)),
+        None => describe(&r.kind).to_string(),
     };
+    let owner = r
+        .owner
+        .as_ref()
+        .map_or(String::new(), |o| format!("  {}[{}]", o.comm, o.pid));
     format!(
-        "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}",
-        humantime::format_rfc3339_millis(clock.wall(ev.ts_ns)),
-        listener(&ev.listener),
-        endpoint(ev.listener.family, ev.raddr, ev.rport),
-        ev.acceptq_len,
-        ev.acceptq_max,
-        ev.synq_len,
-        ev.synq_max,
-        ev.listener.netns,
+        "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
+        r.time,
+        endpoint_of(&r.laddr, r.lport),
+        endpoint_of(&r.raddr, r.rport),
+        r.acceptq_len,
+        r.acceptq_max,
+        r.synq_len,
+        r.synq_max,
+        r.netns,
     )
 }
 
@@ -171,7 +196,7 @@ mod tests {
 
     #[test]
     fn json_names_listener_and_peer() {
-        let j = serde_json::to_value(to_json(&retransmit(), &Clock::new())).unwrap();
+        let j = serde_json::to_value(to_record(&retransmit(), &Clock::new())).unwrap();
         assert_eq!(j["type"], "event");
         assert_eq!(j["kind"], "synack_retransmit");
         assert_eq!(j["laddr"], "127.0.0.1");
@@ -184,9 +209,27 @@ mod tests {
 
     #[test]
     fn human_line_reads_like_the_kernel_state() {
-        let line = to_human(&retransmit(), &Clock::new());
+        let mut r = to_record(&retransmit(), &Clock::new());
+        r.owner = Some(Owner {
+            pid: 1234,
+            comm: "nginx".into(),
+            unit: "nginx.service".into(),
+        });
+        let line = to_human(&r);
         assert!(line.contains("SYN-ACK retransmit #2"), "{line}");
         assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");
         assert!(line.contains("acceptq 1/1 synq 3/1"), "{line}");
+        assert!(line.ends_with("nginx[1234]"), "{line}");
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let r = to_record(&retransmit(), &Clock::new());
+        let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(
+            describe("syn_drop_accept_queue_full"),
+            "SYN dropped: accept queue full"
+        );
     }
 }

@@ -4,12 +4,15 @@
 mod btf;
 mod config;
 mod events;
+mod events_cmd;
+mod hub;
 mod listener;
 mod metrics;
 mod netns;
 mod owners;
 mod probe_report;
 mod probes;
+mod ring;
 mod run;
 mod scrape;
 mod server;
@@ -37,6 +40,8 @@ enum Command {
     Run(run::RunOptions),
     /// Attach every probe, report the tier each got on this kernel (and why not better), detach.
     Probes(probe_report::ProbesOptions),
+    /// Live drop events from the running daemon (or --standalone), one per line.
+    Events(events_cmd::EventsOptions),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
                 match cli.command {
                     Command::Run(opts) => run::run(opts).await,
                     Command::Probes(opts) => probe_report::probes(opts),
+                    Command::Events(opts) => events_cmd::events(opts).await,
                 }
             })
         });

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// The process holding a socket. A socket shared by several processes (pre-forked servers)
 /// is attributed to the lowest pid, the parent in the usual case.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Owner {
     pub pid: i32,
     pub comm: String,

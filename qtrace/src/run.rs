@@ -10,10 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
-use qtrace_common::maps;
+use qtrace_common::Event;
 use tokio::{
-    io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
@@ -21,6 +19,9 @@ use tokio::{
 use crate::{
     config::{DaemonArgs, FileConfig, TracerArgs},
     events::{self, Clock},
+    hub::{self, Hub},
+    ring::EventRing,
+    scrape::ListenerId,
     scrape::Scraper,
     server::{self, AppState},
     snapshot::{self, Visibility},
@@ -64,6 +65,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let listen = listener.local_addr()?;
 
     let mut tracer = Tracer::start(&tracer_opts)?;
+    let (events_listener, _socket_file) =
+        hub::bind(&daemon.events_socket, daemon.events_socket_group.as_deref())
+            .context("events socket (--events-socket)")?;
     for p in &tracer.probes {
         match p.tier {
             Some(tier) => tracing::info!("probe {}: {tier} ({})", p.probe, p.hooks.join(", ")),
@@ -84,6 +88,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         max_series: daemon.max_listener_series.into(),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    let hub = Hub::new(daemon.events_reader_queue);
+    tokio::spawn(hub::serve(
+        events_listener,
+        hub.clone(),
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(refresh_owners(hub.clone(), state.clone(), stop_rx.clone()));
     let server = {
         let app = server::router(state.clone());
         tokio::spawn(async move {
@@ -103,15 +115,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         writeln!(out, "{ready}")?;
         out.flush()?;
     }
-    let ring = tracer
-        .ebpf
-        .take_map(maps::EVENTS)
-        .context("event ring buffer missing from the eBPF object")?;
-    let ring = RingBuf::try_from(ring)?;
-    // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("register the ring buffer with the event loop")?;
+    let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let printer = Printer {
         json: opts.json,
         clock: Clock::new(),
@@ -122,11 +126,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                printer.events(guard.get_inner_mut(), out.as_mut())?;
-                guard.clear_ready();
-            }
+            batch = ring.wait() => printer.events(batch?, &hub, out.as_mut())?,
             _ = tick.tick(), if out.is_some() => {
                 printer.table(&tracer.counters, false, out.as_mut())?;
             }
@@ -139,7 +139,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = stop_tx.send(true);
     // Scrapes in flight get a moment; exiting promptly matters more.
     let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
-    printer.events(ring.get_mut(), out.as_mut())?;
+    printer.events(ring.drain_now(), &hub, out.as_mut())?;
     printer.table(&tracer.counters, true, out.as_mut())?;
     tracing::info!("detaching");
     drop(ring);
@@ -171,6 +171,30 @@ fn reload(opts: &RunOptions, path: Option<&std::path::Path>, state: &AppState) {
     }
 }
 
+/// Keeps the hub's listener → owner map fresh when events name listeners it does not know.
+async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !hub.owners_stale() {
+            continue;
+        }
+        match server::collect(&state).await {
+            Ok(scrape) => hub.set_owners(
+                scrape
+                    .listeners
+                    .into_iter()
+                    .filter_map(|v| Some((v.id, v.owner?)))
+                    .collect(),
+            ),
+            Err(e) => tracing::debug!("owner refresh: {e:#}"),
+        }
+    }
+}
+
 struct Printer {
     json: bool,
     clock: Clock,
@@ -178,21 +202,26 @@ struct Printer {
 }
 
 impl Printer {
-    /// Drains the ring buffer, printing when asked to; draining keeps it from filling.
+    /// Hands events to the hub (the events socket's readers), printing them too when asked.
     fn events(
         &self,
-        ring: &mut RingBuf<MapData>,
+        batch: Vec<Event>,
+        hub: &Hub,
         mut out: Option<&mut io::StdoutLock>,
     ) -> Result<()> {
-        while let Some(item) = ring.next() {
-            let (Some(out), Some(ev)) = (out.as_deref_mut(), events::decode(&item)) else {
+        for ev in batch {
+            let record = hub.publish(
+                ListenerId::from(&ev.listener),
+                events::to_record(&ev, &self.clock),
+            );
+            let Some(out) = out.as_deref_mut() else {
                 continue;
             };
             if self.json {
-                serde_json::to_writer(&mut *out, &events::to_json(&ev, &self.clock))?;
+                serde_json::to_writer(&mut *out, &*record)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "{}", events::to_human(&ev, &self.clock))?;
+                writeln!(out, "{}", events::to_human(&record))?;
             }
         }
         if let Some(out) = out {

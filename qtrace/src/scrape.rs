@@ -73,7 +73,8 @@ impl Scraper {
             vis: Visibility::of(&probes),
             counters,
             probes,
-            owners: Mutex::new(Owners::new(Duration::from_secs(5))),
+            // A rescan walks every process's fds: at most once a second, and only for new sockets.
+            owners: Mutex::new(Owners::new(Duration::from_secs(1))),
             filter: Mutex::new(filter),
         }
     }

@@ -39,30 +39,26 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Scraping walks /proc and enters namespaces: blocking work, off the event loop.
-async fn scrape(state: &Arc<AppState>) -> Result<Scrape, Response> {
+pub async fn collect(state: &Arc<AppState>) -> anyhow::Result<Scrape> {
     let s = state.clone();
-    match tokio::task::spawn_blocking(move || s.scraper.collect()).await {
-        Ok(Ok(scrape)) => Ok(scrape),
-        Ok(Err(e)) => Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("scrape failed: {e:#}\n"),
-        )
-            .into_response()),
-        Err(e) => Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("scrape panicked: {e}\n"),
-        )
-            .into_response()),
-    }
+    tokio::task::spawn_blocking(move || s.scraper.collect()).await?
+}
+
+fn failed(e: anyhow::Error) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("scrape failed: {e:#}\n"),
+    )
+        .into_response()
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let scrape = match scrape(&state).await {
+    let scrape = match collect(&state).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return failed(e),
     };
     let accept = headers
         .get(header::ACCEPT)
@@ -82,10 +78,15 @@ async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap)
 }
 
 async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
-    let scrape = match scrape(&state).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    match listeners_json(&state).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+/// Every listener with its counters, queues and owner: /api/listeners and the events socket.
+pub async fn listeners_json(state: &Arc<AppState>) -> anyhow::Result<serde_json::Value> {
+    let scrape = collect(state).await?;
     let vis = state.scraper.vis;
     let listeners: Vec<_> = scrape
         .listeners
@@ -106,10 +107,10 @@ async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    Json(json!({
+    Ok(json!({
+        "type": "listeners",
         "probes": state.scraper.probes,
         "listeners": listeners,
         "netns_unreadable": scrape.netns_unreadable,
     }))
-    .into_response()
 }

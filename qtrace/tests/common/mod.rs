@@ -42,6 +42,13 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A fresh path in the temp dir, unique to this test process (nothing is created).
+pub fn unique_path(ext: &str) -> std::path::PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("qtrace-test-{}-{n}.{ext}", std::process::id()))
+}
+
 /// A network namespace created for one test and deleted when dropped.
 pub struct Netns {
     pub name: String,
@@ -241,6 +248,8 @@ impl Qtrace {
                 &tier,
             ])
             .args(["--web.listen-address", "127.0.0.1:0"])
+            .arg("--events-socket")
+            .arg(unique_path("sock"))
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -394,6 +403,17 @@ impl Qtrace {
             .as_str()
             .expect("ready line names the listen address")
             .to_string()
+    }
+
+    /// The daemon's events socket.
+    pub fn events_socket(&self) -> String {
+        let args: Vec<String> = std::fs::read_to_string(format!("/proc/{}/cmdline", self.pid()))
+            .unwrap()
+            .split('\0')
+            .map(str::to_string)
+            .collect();
+        let i = args.iter().position(|a| a == "--events-socket").unwrap();
+        args[i + 1].clone()
     }
 
     pub fn pid(&self) -> i32 {

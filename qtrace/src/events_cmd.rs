@@ -1,0 +1,218 @@
+//! `qtrace events`: live drop events from the running daemon's local socket, or from probes
+//! of its own with `--standalone`; filtered and printed one per line (or JSON Lines).
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    events::{self, Clock, Record},
+    hub::Request,
+    ring::EventRing,
+    tracer::Tracer,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EventsOptions {
+    /// The daemon's events socket.
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
+    pub socket: PathBuf,
+    /// Run probes of its own instead of asking the daemon (needs the daemon's privileges).
+    #[arg(long)]
+    pub standalone: bool,
+    #[command(flatten)]
+    pub tracer: TracerArgs,
+    /// JSON Lines (the schema of `qtrace run --print --json` events) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filter: EventFilter,
+    /// Start with the daemon's recent events of this long ago (e.g. 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+}
+
+/// Which events to show; every given condition must hold.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EventFilter {
+    /// Listener port (repeatable).
+    #[arg(long)]
+    pub port: Vec<u16>,
+    /// Listener address.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Event kind (repeatable): syn_drop_syn_queue_full, syn_drop_accept_queue_full,
+    /// ack_drop_accept_queue_full, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
+    #[arg(long)]
+    pub kind: Vec<String>,
+    /// Network namespace inode.
+    #[arg(long)]
+    pub netns: Option<u32>,
+    /// Owning process id of the listener.
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Owning process name of the listener.
+    #[arg(long)]
+    pub comm: Option<String>,
+}
+
+impl EventFilter {
+    pub fn admits(&self, r: &Record) -> bool {
+        (self.port.is_empty() || self.port.contains(&r.lport))
+            && self.addr.as_ref().is_none_or(|a| *a == r.laddr)
+            && (self.kind.is_empty() || self.kind.contains(&r.kind))
+            && self.netns.is_none_or(|n| n == r.netns)
+            && self
+                .pid
+                .is_none_or(|p| r.owner.as_ref().is_some_and(|o| o.pid == p))
+            && self
+                .comm
+                .as_ref()
+                .is_none_or(|c| r.owner.as_ref().is_some_and(|o| o.comm == *c))
+    }
+}
+
+pub async fn events(opts: EventsOptions) -> Result<()> {
+    let mut out = Output {
+        json: opts.json,
+        filter: opts.filter.clone(),
+    };
+    let done = if opts.standalone {
+        standalone(&opts, &mut out).await
+    } else {
+        from_daemon(&opts, &mut out).await
+    };
+    // A closed stdout (`| head`) is the reader saying it has enough: not an error.
+    match done {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+struct Output {
+    json: bool,
+    filter: EventFilter,
+}
+
+impl Output {
+    fn record(&mut self, r: &Record) -> Result<()> {
+        if !self.filter.admits(r) {
+            return Ok(());
+        }
+        let mut stdout = io::stdout().lock();
+        if self.json {
+            serde_json::to_writer(&mut stdout, r)?;
+            writeln!(stdout)?;
+        } else {
+            writeln!(stdout, "{}", events::to_human(r))?;
+        }
+        stdout.flush()?;
+        Ok(())
+    }
+
+    fn gap(&mut self, missed: u64) -> Result<()> {
+        let mut stdout = io::stdout().lock();
+        if self.json {
+            writeln!(
+                stdout,
+                "{}",
+                serde_json::json!({ "type": "gap", "missed": missed })
+            )?;
+        } else {
+            writeln!(
+                stdout,
+                "-- {missed} events missed: this reader fell behind --"
+            )?;
+        }
+        stdout.flush()?;
+        Ok(())
+    }
+}
+
+async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+    let stream = UnixStream::connect(&opts.socket).with_context(|| {
+        format!(
+            "no qtrace daemon at {} (start it: `systemctl start qtrace`), or run with \
+             --standalone",
+            opts.socket.display()
+        )
+    })?;
+    let since_ns = match opts.since {
+        Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
+        None => 0,
+    };
+    let mut request = serde_json::to_string(&Request::Events { since_ns })?;
+    request.push('\n');
+    (&stream).write_all(request.as_bytes())?;
+    // Blocking reads on a helper thread; the signal handlers stay with the runtime.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            if tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    loop {
+        let line = tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => line.context("read from the daemon")?,
+                None => anyhow::bail!("the daemon closed the events socket (it stopped)"),
+            },
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        };
+        let v: Value = serde_json::from_str(&line).context("a line from the daemon")?;
+        match v["type"].as_str() {
+            Some("gap") => out.gap(v["missed"].as_u64().unwrap_or(0))?,
+            _ => out.record(&serde_json::from_value(v)?)?,
+        }
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+async fn standalone(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let (file, _) = FileConfig::load(None)?;
+    let mut tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
+    let mut ring = EventRing::take(&mut tracer.ebpf)?;
+    let clock = Clock::new();
+    loop {
+        tokio::select! {
+            batch = ring.wait() => {
+                for ev in batch? {
+                    out.record(&events::to_record(&ev, &clock))?;
+                }
+            }
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The daemon's local events socket: live events to any number of readers, each with its own
+//! bounded backlog, plus a short history for `qtrace events --since`, and listener snapshots
+//! for `qtrace top`/`doctor`. Client addresses travel only here, never to /metrics.
+//!
+//! Protocol: the client writes one JSON line, `{"request":"events","since_ns":N}` or
+//! `{"request":"listeners"}`; the daemon answers with JSON lines (events, and `{"type":"gap",
+//! "missed":N}` where a slow reader lost some) or one snapshot line.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, watch},
+};
+
+use crate::{events::Record, owners::Owner, scrape::ListenerId, server::AppState};
+
+/// Events kept for `--since`.
+const HISTORY: usize = 4096;
+/// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
+const READER_SNDBUF: libc::c_int = 32 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "lowercase")]
+pub enum Request {
+    Events {
+        #[serde(default)]
+        since_ns: u64,
+    },
+    Listeners,
+}
+
+pub struct Hub {
+    live: broadcast::Sender<Arc<Record>>,
+    history: Mutex<VecDeque<Arc<Record>>>,
+    owners: RwLock<HashMap<ListenerId, Owner>>,
+    /// An event named a listener whose owner is not known yet.
+    owners_stale: AtomicBool,
+}
+
+impl Hub {
+    /// `per_reader`: events queued for each reader before it is told it missed some.
+    pub fn new(per_reader: usize) -> Arc<Self> {
+        Arc::new(Self {
+            live: broadcast::channel(per_reader).0,
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            owners: RwLock::new(HashMap::new()),
+            owners_stale: AtomicBool::new(false),
+        })
+    }
+
+    /// Hands an event to every reader, with its listener's owner when known.
+    pub fn publish(&self, id: ListenerId, mut record: Record) -> Arc<Record> {
+        record.owner = self.owners.read().unwrap().get(&id).cloned();
+        if record.owner.is_none() {
+            self.owners_stale.store(true, Ordering::Relaxed);
+        }
+        let record = Arc::new(record);
+        let mut history = self.history.lock().unwrap();
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(record.clone());
+        let _ = self.live.send(record.clone()); // no reader is fine
+        record
+    }
+
+    pub fn owners_stale(&self) -> bool {
+        self.owners_stale.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn set_owners(&self, owners: HashMap<ListenerId, Owner>) {
+        *self.owners.write().unwrap() = owners;
+    }
+
+    /// History since `since_ns`, then live events: `publish` sends while holding the history
+    /// lock, so no event is in neither or both.
+    fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Record>>, broadcast::Receiver<Arc<Record>>) {
+        let history = self.history.lock().unwrap();
+        let rx = self.live.subscribe();
+        let past = history
+            .iter()
+            .filter(|r| since_ns > 0 && r.ts_ns >= since_ns)
+            .cloned()
+            .collect();
+        (past, rx)
+    }
+}
+
+/// The socket: `path` with mode 0660 and, if given, group `group`. Returns a guard that
+/// removes the file.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFile)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!("{} is in use: is another qtrace running?", path.display()),
+        Err(_) => {
+            let _ = std::fs::remove_file(path); // stale, from a qtrace that was killed
+        }
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    let guard = SocketFile(path.to_path_buf());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(group) = group {
+        let gid = gid_of(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("give {} to group {group}", path.display()))?;
+    }
+    Ok((listener, guard))
+}
+
+fn gid_of(group: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(group)?;
+    // SAFETY: a valid C string; getgrnam's result is read at once, before any other call.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    anyhow::ensure!(
+        !entry.is_null(),
+        "no group named {group} (events_socket_group)"
+    );
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    hub: Arc<Hub>,
+    state: Arc<AppState>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut stopped = stop.clone();
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    limit_send_buffer(&stream);
+                    let (hub, state, stop) = (hub.clone(), state.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = client(stream, hub, state, stop).await {
+                            tracing::debug!("events socket client: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("events socket: {e}"),
+            },
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn client(
+    stream: UnixStream,
+    hub: Arc<Hub>,
+    state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = serde_json::from_str(&line).context("bad request line")?;
+    let since_ns = match request {
+        Request::Listeners => {
+            let snapshot = crate::server::listeners_json(&state).await?;
+            write.write_all(format!("{snapshot}\n").as_bytes()).await?;
+            return Ok(());
+        }
+        Request::Events { since_ns } => since_ns,
+    };
+    let (past, mut live) = hub.subscribe(since_ns);
+    for r in past {
+        write.write_all(line_of(&r).as_bytes()).await?;
+    }
+    loop {
+        let r = tokio::select! {
+            r = live.recv() => r,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let text = match r {
+            Ok(r) => line_of(&r),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                format!("{}\n", serde_json::json!({ "type": "gap", "missed": n }))
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        write.write_all(text.as_bytes()).await?;
+    }
+}
+
+fn limit_send_buffer(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = READER_SNDBUF;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+fn line_of(r: &Record) -> String {
+    let mut s = serde_json::to_string(r).expect("plain data");
+    s.push('\n');
+    s
+}

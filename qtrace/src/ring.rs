@@ -1,0 +1,52 @@
+//! The kernel's event ring buffer, read from the event loop.
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{MapData, RingBuf},
+    Ebpf,
+};
+use qtrace_common::{maps, Event};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use crate::events;
+
+pub struct EventRing(AsyncFd<RingBuf<MapData>>);
+
+impl EventRing {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let map = ebpf
+            .take_map(maps::EVENTS)
+            .context("event ring buffer missing from the eBPF object")?;
+        let ring = RingBuf::try_from(map)?;
+        // SAFETY: the RingBuf owns its map fd, which stays open until the AsyncFd drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("register the ring buffer with the event loop")?;
+        Ok(Self(fd))
+    }
+
+    /// Waits for events and returns them all.
+    pub async fn wait(&mut self) -> Result<Vec<Event>> {
+        let mut guard = self.0.readable_mut().await?;
+        let mut out = drain(guard.get_inner_mut());
+        guard.clear_ready();
+        // The kernel wakes a reader only when a record lands where the reader has caught up
+        // to; records committed while we were draining brought no wakeup, so look again after
+        // clearing readiness, or they would wait for an event that never wakes us.
+        out.extend(drain(self.0.get_mut()));
+        Ok(out)
+    }
+
+    /// Whatever is in the ring now, without waiting (at shutdown).
+    pub fn drain_now(&mut self) -> Vec<Event> {
+        drain(self.0.get_mut())
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.extend(events::decode(&item));
+    }
+    out
+}

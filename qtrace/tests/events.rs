@@ -1,0 +1,204 @@
+//! `qtrace events` against a live daemon: what it prints, its filters, `| head -1`, and a
+//! reader that stops reading.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use common::{connect, delta, http_get, listener, local_ports, require_root, Netns, Qtrace};
+
+/// `qtrace events ARGS` on the daemon's socket, its output read as it comes.
+struct Reader {
+    child: std::process::Child,
+    out: thread::JoinHandle<String>,
+}
+
+impl Reader {
+    fn start(q: &Qtrace, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+            .args(["events", "--socket", &q.events_socket()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+            s
+        });
+        Self { child, out }
+    }
+
+    /// Stops it with SIGINT; everything it printed.
+    fn stop(mut self) -> String {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        assert!(self.child.wait().unwrap().success());
+        self.out.join().unwrap()
+    }
+}
+
+/// Final ACKs dropped for `n` clients: each listener retransmits SYN-ACKs at 1 s and 3 s.
+fn half_open(ns: &Netns, port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    ns.drop_final_acks(&[port]);
+    connect(ns, "127.0.0.1", port, n)
+}
+
+#[test]
+fn json_and_text_events_name_listener_client_and_owner() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 16);
+    let (_other, other_port) = listener(&ns, "127.0.0.1", 16);
+    let p = port.to_string();
+    let json = Reader::start(&q, &["--json", "--port", &p]);
+    let text = Reader::start(&q, &["--port", &p]);
+    thread::sleep(Duration::from_millis(300)); // both connected
+    let before = ns.tcp_ext();
+    let clients = half_open(&ns, port, 2);
+    ns.drop_final_acks(&[port, other_port]);
+    let _noise = connect(&ns, "127.0.0.1", other_port, 1); // another listener: filtered out
+    thread::sleep(Duration::from_millis(3500));
+    drop(server);
+    let after = ns.tcp_ext();
+    let json_out = json.stop();
+    let text_out = text.stop();
+    q.stop(libc::SIGTERM);
+
+    let events: Vec<serde_json::Value> = json_out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mine = delta(&before, &after, "TCPSynRetrans") - 2; // the other listener's two
+    assert_eq!(events.len() as u64, mine, "{json_out}");
+    let ports = local_ports(&clients);
+    for e in &events {
+        assert_eq!(
+            (e["kind"].as_str(), e["lport"].as_u64()),
+            (Some("synack_retransmit"), Some(port.into())),
+            "{e}"
+        );
+        assert!(ports.contains(&e["rport"].as_u64().unwrap()), "{e}");
+    }
+    // The owner is known by the second round of retransmits (first-seen listeners are looked up).
+    let last = events.last().unwrap();
+    assert_eq!(last["owner"]["pid"], std::process::id(), "{last}");
+    let lines: Vec<&str> = text_out.lines().collect();
+    assert_eq!(lines.len(), events.len(), "{text_out}");
+    assert!(
+        lines.iter().all(|l| l.contains("SYN-ACK retransmit #")
+            && l.contains(&format!("127.0.0.1:{port} <- 127.0.0.1:"))),
+        "{text_out}"
+    );
+    let comm = &last["owner"]["comm"];
+    assert!(
+        lines.last().unwrap().ends_with(&format!(
+            "{}[{}]",
+            comm.as_str().unwrap(),
+            std::process::id()
+        )),
+        "{text_out}"
+    );
+}
+
+#[test]
+fn head_closes_the_pipe_and_events_exits_cleanly() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (_server, port) = listener(&ns, "127.0.0.1", 16);
+    let cmd = format!(
+        "set -o pipefail; {} events --socket {} | head -1",
+        env!("CARGO_BIN_EXE_qtrace"),
+        q.events_socket()
+    );
+    let pipeline = Command::new("bash")
+        .args(["-c", &cmd])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let _clients = half_open(&ns, port, 3);
+    let out = pipeline.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "qtrace events failed behind `head`: {:?}",
+        out.status
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    q.stop(libc::SIGTERM);
+}
+
+/// One reader stops reading: the daemon keeps serving and counting, another reader misses
+/// nothing, and the stuck one is told how many events it lost when it reads again.
+#[test]
+fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
+    require_root();
+    // Bursts of 400 fit a 512-event queue; two of them do not, when nobody reads.
+    let q = Qtrace::start(&["--events-reader-queue", "512", "--event-rate", "100000"]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 1024);
+    let mut stuck = UnixStream::connect(q.events_socket()).unwrap();
+    stuck.write_all(b"{\"request\":\"events\"}\n").unwrap();
+    let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
+    thread::sleep(Duration::from_millis(300));
+    let before = ns.tcp_ext();
+    let _clients = half_open(&ns, port, 400);
+    thread::sleep(Duration::from_millis(3500));
+    drop(server);
+    let after = ns.tcp_ext();
+    let (status, _) = http_get(&q.web(), "/healthz", None);
+    assert_eq!(status, 200, "daemon still serving");
+    let live_out = live.stop();
+    let retransmits = delta(&before, &after, "TCPSynRetrans");
+    assert!(retransmits >= 700, "{retransmits}");
+    let gaps: Vec<&str> = live_out.lines().filter(|l| l.contains("\"gap\"")).collect();
+    assert!(
+        gaps.is_empty(),
+        "the reading reader lost events: {gaps:?} ({})",
+        q.ready
+    );
+    let lost = http_get(&q.web(), "/metrics", None).1;
+    let lost: Vec<&str> = lost
+        .lines()
+        .filter(|l| l.starts_with("qtrace_events_lost"))
+        .collect();
+    assert_eq!(
+        live_out.lines().filter(|l| l.contains("\"event\"")).count() as u64,
+        retransmits,
+        "{lost:?}"
+    );
+
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let gap = BufReader::new(&stuck)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("\"gap\""))
+        .expect("the stuck reader is told about the gap");
+    let v: serde_json::Value = serde_json::from_str(&gap).unwrap();
+    assert!(v["missed"].as_u64().unwrap() > 0, "{gap}");
+    q.stop(libc::SIGTERM);
+}
+
+#[test]
+fn without_a_daemon_it_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["events", "--socket", "/nonexistent/qtrace.sock"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("no qtrace daemon at /nonexistent/qtrace.sock")
+            && err.contains("--standalone"),
+        "{err}"
+    );
+}
