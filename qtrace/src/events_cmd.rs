@@ -3,7 +3,6 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
     path::PathBuf,
     time::Duration,
 };
@@ -15,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
     events::{self, Clock, Record},
-    hub::Request,
+    hub::{self, Request},
     ring::EventRing,
     tracer::Tracer,
 };
@@ -145,20 +144,11 @@ impl Output {
 }
 
 async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
-    let stream = UnixStream::connect(&opts.socket).with_context(|| {
-        format!(
-            "no qtrace daemon at {} (start it: `systemctl start qtrace`), or run with \
-             --standalone",
-            opts.socket.display()
-        )
-    })?;
     let since_ns = match opts.since {
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let mut request = serde_json::to_string(&Request::Events { since_ns })?;
-    request.push('\n');
-    (&stream).write_all(request.as_bytes())?;
+    let stream = hub::request(&opts.socket, &Request::Events { since_ns })?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {

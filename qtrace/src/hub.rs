@@ -224,3 +224,28 @@ fn line_of(r: &Record) -> String {
     s.push('\n');
     s
 }
+
+/// Client side: connects to the daemon's socket and sends `request`.
+pub fn request(socket: &Path, request: &Request) -> Result<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "no qtrace daemon at {} (start it: `systemctl start qtrace`), or run with \
+             --standalone",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    Ok(stream)
+}
+
+/// The daemon's listener snapshot (the JSON of /api/listeners).
+pub fn listeners_snapshot(socket: &Path) -> Result<serde_json::Value> {
+    use std::io::BufRead;
+    let stream = request(socket, &Request::Listeners)?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).context("the daemon's listener snapshot")
+}

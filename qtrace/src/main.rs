@@ -3,6 +3,7 @@
 
 mod btf;
 mod config;
+mod doctor;
 mod events;
 mod events_cmd;
 mod hub;
@@ -42,6 +43,8 @@ enum Command {
     Probes(probe_report::ProbesOptions),
     /// Live drop events from the running daemon (or --standalone), one per line.
     Events(events_cmd::EventsOptions),
+    /// Kernel support, listen-queue sysctls, effective queue limits and advice.
+    Doctor(doctor::DoctorOptions),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
                     Command::Run(opts) => run::run(opts).await,
                     Command::Probes(opts) => probe_report::probes(opts),
                     Command::Events(opts) => events_cmd::events(opts).await,
+                    Command::Doctor(opts) => doctor::doctor(opts),
                 }
             })
         });

@@ -87,7 +87,12 @@ async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
 /// Every listener with its counters, queues and owner: /api/listeners and the events socket.
 pub async fn listeners_json(state: &Arc<AppState>) -> anyhow::Result<serde_json::Value> {
     let scrape = collect(state).await?;
-    let vis = state.scraper.vis;
+    Ok(snapshot_json(&state.scraper, &scrape))
+}
+
+/// The snapshot's JSON form (also what `qtrace top`/`doctor` read).
+pub fn snapshot_json(scraper: &Scraper, scrape: &Scrape) -> serde_json::Value {
+    let vis = scraper.vis;
     let listeners: Vec<_> = scrape
         .listeners
         .iter()
@@ -107,10 +112,10 @@ pub async fn listeners_json(state: &Arc<AppState>) -> anyhow::Result<serde_json:
             })
         })
         .collect();
-    Ok(json!({
+    json!({
         "type": "listeners",
-        "probes": state.scraper.probes,
+        "probes": scraper.probes,
         "listeners": listeners,
         "netns_unreadable": scrape.netns_unreadable,
-    }))
+    })
 }

@@ -1,0 +1,142 @@
+//! `qtrace doctor`: effective queue limits as the running kernel computes them, checked
+//! against the kernel itself — the accept limit it enforces, and how many handshakes its SYN
+//! queue really holds.
+mod common;
+
+use std::{os::fd::AsRawFd, process::Command, time::Duration};
+
+use common::{connect_nonblocking, listener, require_root, Netns};
+use serde_json::Value;
+use socket2::Socket;
+
+fn doctor() -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["doctor", "--json", "--socket", "/nonexistent/qtrace.sock"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn find<'a>(report: &'a Value, ns: &Netns, port: u16) -> &'a Value {
+    report["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["netns"] == ns.inode && l["port"] == port)
+        .unwrap_or_else(|| panic!("listener {port} in netns {} missing", ns.inode))
+}
+
+/// TCP_DEFER_ACCEPT: a bare final ACK leaves the request in the SYN queue, so handshakes pile
+/// up there without any packet filter.
+fn defer_accept(s: &Socket) {
+    let secs: libc::c_int = 30;
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
+#[test]
+fn effective_limits_for_common_backlogs() {
+    require_root();
+    let mut checked = Vec::new();
+    for somaxconn in [128u32, 4096] {
+        let ns = Netns::new();
+        ns.sysctl("net/core/somaxconn", &somaxconn.to_string());
+        ns.sysctl("net/ipv4/tcp_syncookies", "1");
+        let listeners: Vec<_> = [1u32, 50, 511, 65535]
+            .into_iter()
+            .map(|b| (b, listener(&ns, "127.0.0.1", b as i32)))
+            .collect();
+        // Fill the SYN queues of the small ones to see what the kernel really holds.
+        let mut clients = Vec::new();
+        for (b, (s, port)) in &listeners {
+            if *b <= 50 {
+                defer_accept(s);
+                clients.extend(connect_nonblocking(&ns, "127.0.0.1", *port, 60));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let report = doctor();
+        assert!(
+            report["kernel"]["synq_full_rule"].is_string(),
+            "measured as root: {}",
+            report["kernel"]
+        );
+        for (b, (_, port)) in &listeners {
+            let l = find(&report, &ns, *port);
+            let limit = (*b).min(somaxconn);
+            assert_eq!(
+                l["accept_queue"]["limit"], limit,
+                "backlog {b}, somaxconn {somaxconn}: {l}"
+            );
+            let backlog = &l["accept_queue"]["backlog"];
+            if *b < somaxconn {
+                assert_eq!(backlog["exactly"], *b, "{l}");
+            } else {
+                assert_eq!(backlog["at_least"], somaxconn, "{l}");
+            }
+            if *b <= 50 {
+                // 60 handshakes offered: the queue holds exactly what doctor says, the rest got cookies.
+                assert_eq!(
+                    l["syn_queue"]["len"], l["syn_queue"]["limit"],
+                    "backlog {b}: {l}"
+                );
+            }
+            checked.push((somaxconn, *b, l["syn_queue"]["limit"].clone()));
+        }
+        drop(clients);
+    }
+    println!("(somaxconn, backlog, SYN queue limit): {checked:?}");
+}
+
+#[test]
+fn advice_names_the_full_accept_queue_and_abort_on_overflow() {
+    require_root();
+    let ns = Netns::new();
+    ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
+    let (_server, port) = listener(&ns, "127.0.0.1", 2);
+    let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: the queue is full
+    let report = doctor();
+    let l = find(&report, &ns, port);
+    assert_eq!(l["accept_queue"]["len"], 3, "{l}");
+    let advice: Vec<&str> = report["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            a["listener"]
+                .as_str()
+                .unwrap()
+                .contains(&format!(":{port} (netns {})", ns.inode))
+        })
+        .map(|a| a["advice"].as_str().unwrap())
+        .collect();
+    assert!(
+        advice.iter().any(|a| a.starts_with("accept queue 3/2 now")),
+        "{advice:?}"
+    );
+    assert!(
+        advice
+            .iter()
+            .any(|a| a.starts_with("tcp_abort_on_overflow=1")),
+        "{advice:?}"
+    );
+    assert!(
+        advice
+            .iter()
+            .any(|a| a.contains("raise the listen() backlog (now 2")),
+        "{advice:?}"
+    );
+}
