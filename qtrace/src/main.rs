@@ -20,6 +20,7 @@ mod server;
 mod snapshot;
 mod sockdiag;
 mod stats;
+mod top;
 mod tracer;
 
 use std::{io::IsTerminal, process::ExitCode};
@@ -45,6 +46,8 @@ enum Command {
     Events(events_cmd::EventsOptions),
     /// Kernel support, listen-queue sysctls, effective queue limits and advice.
     Doctor(doctor::DoctorOptions),
+    /// A live per-listener table: queue fill, drops/s by reason, retransmits, accept wait.
+    Top(top::TopOptions),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
                     Command::Probes(opts) => probe_report::probes(opts),
                     Command::Events(opts) => events_cmd::events(opts).await,
                     Command::Doctor(opts) => doctor::doctor(opts),
+                    Command::Top(opts) => top::top(opts),
                 }
             })
         });

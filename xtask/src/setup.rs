@@ -21,6 +21,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("nginx", "nginx"),
     ("wrk", "wrk"),
+    ("tmux", "tmux"),
     ("setpriv", "util-linux"),
     ("modinfo", "kmod"),
 ];

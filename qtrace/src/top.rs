@@ -1,0 +1,417 @@
+//! `qtrace top`: a live per-listener table — queue fill, drops/s by reason, SYN-ACK
+//! retransmits/s, accept wait — from the daemon (or probes of its own with --standalone).
+
+use std::{
+    collections::HashMap,
+    io::{self, IsTerminal, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use crossterm::{
+    cursor,
+    event::{self, Event, KeyCode, KeyEvent},
+    execute, queue,
+    terminal::{self, ClearType},
+};
+use serde_json::Value;
+
+use crate::{
+    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    hub,
+    scrape::Scraper,
+    server::snapshot_json,
+    tracer::Tracer,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TopOptions {
+    /// The daemon's events socket.
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
+    pub socket: PathBuf,
+    /// Run probes of its own instead of asking the daemon.
+    #[arg(long)]
+    pub standalone: bool,
+    #[command(flatten)]
+    pub tracer: TracerArgs,
+    /// Print one table (rates over --interval) as plain text and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Refresh interval, and the window rates are measured over.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Column to sort by, highest first (keys in the live view: `s` next column, `r` reverse).
+    #[arg(long, value_enum, default_value = "drops")]
+    pub sort: SortBy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortBy {
+    Drops,
+    Fill,
+    Retransmits,
+    Cookies,
+    Wait,
+    Listener,
+}
+
+impl SortBy {
+    const ALL: [SortBy; 6] = [
+        Self::Drops,
+        Self::Fill,
+        Self::Retransmits,
+        Self::Cookies,
+        Self::Wait,
+        Self::Listener,
+    ];
+
+    fn next(self) -> Self {
+        let i = Self::ALL.iter().position(|s| *s == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+}
+
+/// Where snapshots come from.
+enum Source {
+    Daemon(PathBuf),
+    /// The tracer is held only to keep the probes attached.
+    Local(Box<Scraper>, #[allow(dead_code)] Tracer),
+}
+
+impl Source {
+    fn snapshot(&self) -> Result<Value> {
+        match self {
+            Source::Daemon(socket) => hub::listeners_snapshot(socket),
+            Source::Local(scraper, _) => Ok(snapshot_json(scraper, &scraper.collect()?)),
+        }
+    }
+}
+
+/// One table row: a listener's state now and its rates over the last interval.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub listener: String,
+    pub owner: String,
+    pub acceptq: Option<(u64, u64)>,
+    pub synq: Option<u64>,
+    /// Per second, by reason; None where qtrace cannot see it.
+    pub drops: [Option<f64>; 4],
+    pub retransmits: Option<f64>,
+    pub cookies: Option<f64>,
+    /// Accept-queue wait quantiles over the interval, seconds.
+    pub wait: Option<(f64, f64)>,
+}
+
+const DROP_COUNTERS: [&str; 4] = [
+    "drop_syn_queue_full",
+    "drop_accept_queue_full_syn",
+    "drop_accept_queue_full_ack",
+    "drop_other",
+];
+
+impl Row {
+    fn drops_total(&self) -> f64 {
+        self.drops.iter().flatten().sum()
+    }
+
+    fn fill(&self) -> f64 {
+        self.acceptq.map_or(0.0, |(len, max)| {
+            if max == 0 {
+                0.0
+            } else {
+                len as f64 / max as f64
+            }
+        })
+    }
+
+    fn key(&self, by: SortBy) -> f64 {
+        match by {
+            SortBy::Drops => self.drops_total(),
+            SortBy::Fill => self.fill(),
+            SortBy::Retransmits => self.retransmits.unwrap_or(0.0),
+            SortBy::Cookies => self.cookies.unwrap_or(0.0),
+            SortBy::Wait => self.wait.map_or(0.0, |w| w.1),
+            SortBy::Listener => 0.0,
+        }
+    }
+}
+
+fn id(l: &Value) -> (u64, String, u64) {
+    (
+        l["netns"].as_u64().unwrap_or(0),
+        l["addr"].as_str().unwrap_or("").to_string(),
+        l["port"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Rows from two snapshots `secs` apart.
+pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
+    let before: HashMap<_, &Value> = prev["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| (id(l), l))
+        .collect();
+    let empty = Value::Null;
+    cur["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            let p = before.get(&id(l)).copied().unwrap_or(&empty);
+            let rate = |name: &str| {
+                let now = l["counters"][name].as_u64()?;
+                let then = p["counters"][name].as_u64().unwrap_or(0);
+                Some(now.saturating_sub(then) as f64 / secs)
+            };
+            let (addr, port) = (
+                l["addr"].as_str().unwrap_or(""),
+                l["port"].as_u64().unwrap_or(0),
+            );
+            let at = if addr.contains(':') {
+                format!("[{addr}]:{port}")
+            } else {
+                format!("{addr}:{port}")
+            };
+            let q = &l["queues"];
+            Row {
+                listener: at,
+                owner: l["owner"]["comm"]
+                    .as_str()
+                    .map(|c| format!("{c}[{}]", l["owner"]["pid"]))
+                    .unwrap_or_default(),
+                acceptq: q["accept_len"].as_u64().zip(q["accept_limit"].as_u64()),
+                synq: q["syn_len"].as_u64(),
+                drops: DROP_COUNTERS.map(rate),
+                retransmits: rate("synack_retransmits"),
+                cookies: rate("syncookies_sent"),
+                wait: wait_quantiles(&p["accept_wait"], &l["accept_wait"]),
+            }
+        })
+        .collect()
+}
+
+/// p50 and p99 of the waits observed between two cumulative histograms (upper bounds).
+fn wait_quantiles(prev: &Value, cur: &Value) -> Option<(f64, f64)> {
+    let buckets = |v: &Value| -> Vec<(f64, u64)> {
+        v["buckets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| Some((b[0].as_f64()?, b[1].as_u64()?)))
+            .collect()
+    };
+    let (c, p) = (buckets(cur), buckets(prev));
+    let delta: Vec<(f64, u64)> = c
+        .iter()
+        .enumerate()
+        .map(|(i, (le, n))| (*le, n - p.get(i).map_or(0, |x| x.1)))
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let q = |f: f64| {
+        delta
+            .iter()
+            .find(|(_, n)| *n as f64 >= f * total as f64)
+            .map_or(f64::INFINITY, |b| b.0)
+    };
+    Some((q(0.5), q(0.99)))
+}
+
+fn rate(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |r| format!("{r:.1}"))
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.1}s")
+    } else {
+        format!("{:.1}ms", s * 1e3)
+    }
+}
+
+/// The table, sorted; `reverse` flips the order.
+pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
+    rows.sort_by(|a, b| match by {
+        SortBy::Listener => a.listener.cmp(&b.listener),
+        _ => b
+            .key(by)
+            .total_cmp(&a.key(by))
+            .then(b.fill().total_cmp(&a.fill())),
+    });
+    if reverse {
+        rows.reverse();
+    }
+    let mut s = format!(
+        "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
+        "LISTENER",
+        "OWNER",
+        "ACCEPTQ",
+        "FILL%",
+        "SYNQ",
+        "SYNQ-FULL",
+        "ACCQ@SYN",
+        "ACCQ@ACK",
+        "OTHER",
+        "RTX/s",
+        "COOKIE/s",
+        "WAIT-P50",
+        "WAIT-P99"
+    );
+    for r in rows {
+        let accq = r.acceptq.map_or("-".into(), |(l, m)| format!("{l}/{m}"));
+        let fill = r
+            .acceptq
+            .map_or("-".into(), |_| format!("{:.0}", r.fill() * 100.0));
+        let (p50, p99) = r
+            .wait
+            .map_or(("-".into(), "-".into()), |(a, b)| (seconds(a), seconds(b)));
+        s += &format!(
+            "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
+            r.listener,
+            r.owner,
+            accq,
+            fill,
+            r.synq.map_or("-".into(), |q| q.to_string()),
+            rate(r.drops[0]),
+            rate(r.drops[1]),
+            rate(r.drops[2]),
+            rate(r.drops[3]),
+            rate(r.retransmits),
+            rate(r.cookies),
+            p50,
+            p99
+        );
+    }
+    s
+}
+
+pub fn top(opts: TopOptions) -> Result<()> {
+    let source = if opts.standalone {
+        let (file, _) = FileConfig::load(None)?;
+        let tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
+        let scraper = Scraper::new(
+            tracer.counters.clone(),
+            tracer.probes.clone(),
+            Default::default(),
+        );
+        Source::Local(Box::new(scraper), tracer)
+    } else {
+        Source::Daemon(opts.socket.clone())
+    };
+    let mut prev = source.snapshot()?;
+    if opts.once || !io::stdout().is_terminal() {
+        loop {
+            std::thread::sleep(opts.interval);
+            let cur = source.snapshot()?;
+            let table = render(
+                rows(&prev, &cur, opts.interval.as_secs_f64()),
+                opts.sort,
+                false,
+            );
+            if let Err(e) = io::stdout().write_all(table.as_bytes()) {
+                return if e.kind() == io::ErrorKind::BrokenPipe {
+                    Ok(())
+                } else {
+                    Err(e.into())
+                };
+            }
+            if opts.once {
+                return Ok(());
+            }
+            prev = cur;
+        }
+    }
+    live(&source, prev, &opts)
+}
+
+/// The refreshing view: alternate screen, raw mode for the keys, restored however it ends.
+fn live(source: &Source, mut prev: Value, opts: &TopOptions) -> Result<()> {
+    let mut out = io::stdout();
+    terminal::enable_raw_mode()?;
+    execute!(out, terminal::EnterAlternateScreen, cursor::Hide)?;
+    let result = (|| -> Result<()> {
+        let (mut by, mut reverse) = (opts.sort, false);
+        let mut last = Instant::now();
+        let mut table = String::from("waiting for the first interval…\n");
+        loop {
+            queue!(out, terminal::Clear(ClearType::All), cursor::MoveTo(0, 0))?;
+            let header = format!(
+                "qtrace top — sorted by {by:?}{} — q quit, s sort, r reverse\n\n",
+                if reverse { " (reversed)" } else { "" }
+            );
+            for line in header.lines().chain(table.lines()) {
+                queue!(
+                    out,
+                    crossterm::style::Print(line),
+                    cursor::MoveToNextLine(1)
+                )?;
+            }
+            out.flush()?;
+            let wait = opts.interval.saturating_sub(last.elapsed());
+            if event::poll(wait)? {
+                if let Event::Key(KeyEvent { code, .. }) = event::read()? {
+                    match code {
+                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                        KeyCode::Char('s') => by = by.next(),
+                        KeyCode::Char('r') => reverse = !reverse,
+                        _ => {}
+                    }
+                }
+            }
+            if last.elapsed() >= opts.interval {
+                let cur = source.snapshot()?;
+                let secs = last.elapsed().as_secs_f64();
+                table = render(rows(&prev, &cur, secs), by, reverse);
+                prev = cur;
+                last = Instant::now();
+            }
+        }
+    })();
+    execute!(out, cursor::Show, terminal::LeaveAlternateScreen)?;
+    terminal::disable_raw_mode()?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn snap(drops: u64, len: u64) -> Value {
+        json!({ "listeners": [
+            { "netns": 1, "addr": "127.0.0.1", "port": 80, "owner": { "pid": 7, "comm": "nginx" },
+              "queues": { "accept_len": len, "accept_limit": 10, "syn_len": 0 },
+              "counters": { "drop_accept_queue_full_syn": drops, "drop_syn_queue_full": null,
+                            "drop_accept_queue_full_ack": 0, "drop_other": null, "synack_retransmits": 0,
+                            "syncookies_sent": null },
+              "accept_wait": { "buckets": [[0.001, 0], [0.002, drops], [f64::MAX, drops]] } },
+            { "netns": 1, "addr": "::", "port": 22, "owner": null, "queues": null, "counters": {} }
+        ]})
+    }
+
+    #[test]
+    fn rates_fill_and_unavailable_columns() {
+        let rows = rows(&snap(0, 0), &snap(20, 10), 2.0);
+        let nginx = &rows[0];
+        assert_eq!(nginx.drops[1], Some(10.0));
+        assert_eq!(nginx.drops[0], None, "unavailable stays unavailable");
+        assert_eq!(nginx.fill(), 1.0);
+        assert_eq!(nginx.wait, Some((0.002, 0.002)));
+        let table = render(rows, SortBy::Drops, false);
+        let first = table.lines().nth(1).unwrap();
+        assert!(
+            first.starts_with("127.0.0.1:80")
+                && first.contains("nginx[7]")
+                && first.contains("n/a"),
+            "{table}"
+        );
+        assert!(
+            table.lines().nth(2).unwrap().starts_with("[::]:22"),
+            "{table}"
+        );
+    }
+}
