@@ -1,4 +1,5 @@
 //! Developer tasks: `cargo xtask setup | test | run`.
+mod matrix;
 mod setup;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the kernel-facing suites on stock Debian kernels in QEMU and natively.
+    VmTest(matrix::Options),
     /// Build qtrace (release) and run it with these arguments, e.g. `cargo xtask run -- run`.
     Run {
         #[arg(last = true)]
@@ -50,6 +53,10 @@ fn dispatch(task: Task) -> Result<()> {
             run(Command::new("cargo")
                 .args(["test", "--workspace", "--exclude", "qtrace-ebpf"])
                 .args(args))
+        }
+        Task::VmTest(opts) => {
+            setup::setup()?;
+            matrix::vm_test(opts)
         }
         Task::Run { args } => {
             setup::setup()?;

@@ -18,12 +18,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     ("zstd", "zstd"),
     ("xz", "xz-utils"),
+    ("lz4", "lz4"),
     ("promtool", "prometheus"),
     ("nginx", "nginx"),
     ("wrk", "wrk"),
     ("tmux", "tmux"),
     ("setpriv", "util-linux"),
-    ("modinfo", "kmod"),
 ];
 
 pub fn setup() -> Result<()> {

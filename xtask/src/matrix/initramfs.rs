@@ -1,0 +1,93 @@
+//! The guest's initramfs: busybox, the real tools the tests call, the test binaries at their
+//! host paths, every library they link, the kernel modules nftables needs, and /init.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    os::unix::fs::{symlink, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+
+use crate::run;
+
+/// Tools the tests run inside the guest (the real ones: busybox's `ip` cannot do everything).
+const TOOLS: [&str; 4] = ["ip", "nft", "bpftool", "setpriv"];
+
+/// Modules the tests need that Debian's cloud kernels build as modules (a host loads them on
+/// demand; the guest has no modprobe): nftables, and sock_diag for TCP.
+pub const MODULES: [&str; 2] = ["nf_tables", "tcp_diag"];
+
+pub fn build(out: &Path, modules: &[(String, Vec<u8>)], binaries: &[PathBuf], init: &str) -> Result<()> {
+    let root = out.with_extension("d");
+    let _ = fs::remove_dir_all(&root);
+    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc", "modules", "var"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    symlink("/run", root.join("var/run"))?;
+    let busybox = which("busybox")?;
+    fs::copy(&busybox, root.join("bin/busybox"))?;
+    let applets = Command::new(&busybox).arg("--list").output()?;
+    for a in String::from_utf8_lossy(&applets.stdout).lines() {
+        let _ = symlink("busybox", root.join("bin").join(a));
+    }
+    let mut elves: Vec<PathBuf> = TOOLS.iter().filter_map(|t| which(t).ok()).collect();
+    elves.extend(binaries.iter().cloned());
+    let mut libs = BTreeSet::new();
+    for elf in &elves {
+        let dest = under(&root, elf);
+        fs::create_dir_all(dest.parent().unwrap())?;
+        // Debug info is most of a test binary's size and useless in the guest.
+        run(Command::new("strip").arg("--strip-debug").arg("-o").arg(&dest).arg(elf))?;
+        libs.extend(linked_libraries(elf)?);
+    }
+    for lib in libs {
+        let dest = under(&root, &lib);
+        fs::create_dir_all(dest.parent().unwrap())?;
+        fs::copy(&lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
+    }
+    let mut order = String::new();
+    for (name, ko) in modules {
+        fs::write(root.join("modules").join(format!("{name}.ko")), ko)?;
+        order += &format!("{name}\n");
+    }
+    fs::write(root.join("modules/order"), order)?;
+    fs::write(root.join("init"), init)?;
+    fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg(format!("find . | cpio -o -H newc --quiet > '{}'", out.display()))
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(cpio.success(), "cpio failed");
+    fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+fn under(root: &Path, abs: &Path) -> PathBuf {
+    root.join(abs.strip_prefix("/").unwrap_or(abs))
+}
+
+fn which(tool: &str) -> Result<PathBuf> {
+    let out = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    anyhow::ensure!(!path.is_empty(), "{tool} is not installed (`cargo xtask setup`)");
+    Ok(fs::canonicalize(path)?)
+}
+
+/// The shared libraries and loader `ldd` lists for an ELF file.
+fn linked_libraries(elf: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(elf).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}

@@ -1,0 +1,233 @@
+//! Stock Debian kernels for the matrix, fetched with private apt state (a copy of this
+//! system's apt sources with another suite), extracted into the cache, never installed.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+
+use crate::run;
+
+/// Matrix label, Debian suite.
+pub const SUITES: [(&str, &str); 3] = [("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+
+pub struct Kernel {
+    pub label: String,
+    /// Decompressed kernel image, booted directly (PVH).
+    pub vmlinux: PathBuf,
+    /// `lib/modules/<release>` of the package.
+    pub modules: PathBuf,
+}
+
+/// apt-get/apt-cache options that point apt at private state for `suite`.
+fn apt_options(dir: &Path) -> Vec<String> {
+    let p = |s: &str| dir.join(s).display().to_string();
+    vec![
+        format!("-oDir::Etc::sourcelist={}", p("none.list")),
+        format!("-oDir::Etc::sourceparts={}", p("sources")),
+        format!("-oDir::State::Lists={}", p("lists")),
+        format!("-oDir::Cache={}", p("cache")),
+        "-oDir::State::status=/dev/null".into(),
+        "-oDebug::NoLocking=1".into(),
+        "-oAPT::Sandbox::User=root".into(),
+        "-q".into(),
+    ]
+}
+
+/// Writes the private sources: the system's own deb822 file with its suite names replaced.
+fn private_sources(dir: &Path, suite: &str) -> Result<()> {
+    let system = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .context("this harness needs the system's deb822 apt sources (/etc/apt/sources.list.d/debian.sources)")?;
+    let os = fs::read_to_string("/etc/os-release")?;
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .context("no VERSION_CODENAME in /etc/os-release")?
+        .trim_matches('"');
+    let rewritten: String = system
+        .lines()
+        .map(|l| match l.strip_prefix("Suites:") {
+            Some(suites) => format!("Suites:{}\n", suites.replace(codename, suite)),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    for d in ["sources", "lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    fs::write(dir.join("none.list"), "")?;
+    fs::write(dir.join("sources/debian.sources"), rewritten)?;
+    Ok(())
+}
+
+fn fresh(path: &Path, max_age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < max_age)
+}
+
+/// The suite's current cloud kernel, downloaded and prepared once.
+pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
+    let apt = cache.join("apt").join(suite);
+    private_sources(&apt, suite)?;
+    let stamp = apt.join("updated");
+    if !fresh(&stamp, Duration::from_secs(24 * 3600)) {
+        eprintln!("vm-test: refreshing the package lists of {suite}");
+        run(Command::new("apt-get").args(apt_options(&apt)).arg("update"))?;
+        fs::write(&stamp, "")?;
+    }
+    let depends = Command::new("apt-cache")
+        .args(apt_options(&apt))
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()?;
+    let package = String::from_utf8_lossy(&depends.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
+        .with_context(|| format!("{suite} has no linux-image-cloud-amd64"))?;
+    let root = cache.join("kernels").join(&package);
+    if !root.join(".done").exists() {
+        eprintln!("vm-test: downloading {package}");
+        let debs = cache.join("debs");
+        fs::create_dir_all(&debs)?;
+        run(Command::new("apt-get").args(apt_options(&apt)).args(["download", &package]).current_dir(&debs))?;
+        let deb = fs::read_dir(&debs)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+            .context("downloaded package not found")?;
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root)?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        let vmlinuz = fs::read_dir(root.join("boot"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .context("no vmlinuz in the package")?;
+        fs::write(root.join("vmlinux"), decompress_kernel(&fs::read(&vmlinuz)?)?)?;
+        fs::write(root.join(".done"), "")?;
+        let _ = fs::remove_file(&deb);
+    }
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .filter_map(|d| fs::read_dir(root.join(d)).ok()?.flatten().next().map(|e| e.path()))
+        .next()
+        .context("no lib/modules in the package")?;
+    Ok(Kernel { label: label.to_string(), vmlinux: root.join("vmlinux"), modules })
+}
+
+/// The ELF kernel inside a bzImage: its payload (located by the boot header's
+/// `payload_offset`/`payload_length`), decompressed by the tool its magic names.
+fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
+    let u32_at = |o: usize| image.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let setup_sects = match image.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(n) => *n as usize,
+    };
+    let (offset, length) = u32_at(0x248).zip(u32_at(0x24c)).context("not a bzImage")?;
+    let start = (setup_sects + 1) * 512 + offset as usize;
+    let payload = image.get(start..start + length as usize).context("bzImage payload out of range")?;
+    const FORMATS: [(&[u8], &[&str]); 6] = [
+        (b"\xfd7zXZ\x00", &["xz", "-dc"]),
+        (b"\x28\xb5\x2f\xfd", &["zstd", "-dc"]),
+        (b"\x1f\x8b", &["gzip", "-dc"]),
+        (b"\x02\x21\x4c\x18", &["lz4", "-dc"]),
+        (b"\x5d\x00\x00", &["xz", "--format=lzma", "-dc"]),
+        (b"BZh", &["bzip2", "-dc"]),
+    ];
+    let (_, tool) = FORMATS
+        .iter()
+        .find(|(magic, _)| payload.starts_with(magic))
+        .context("unknown kernel compression")?;
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("{} (`cargo xtask setup` installs it)", tool[0]))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let data = payload.to_vec();
+    // The payload ends with the decompressed size, which some tools call trailing garbage.
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    anyhow::ensure!(out.stdout.starts_with(b"\x7fELF"), "{} did not produce an ELF kernel", tool[0]);
+    Ok(out.stdout)
+}
+
+/// Module files (decompressed) to load, dependencies first, skipping built-in ones.
+pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
+    let mut files = Vec::new();
+    collect(modules_dir.join("kernel").as_path(), &mut files)?;
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        files: &[PathBuf],
+        builtin: &str,
+        order: &mut Vec<(String, Vec<u8>)>,
+    ) -> Result<()> {
+        let canon = name.replace('-', "_");
+        if order.iter().any(|(n, _)| *n == canon)
+            || builtin.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{canon}.ko"))))
+        {
+            return Ok(());
+        }
+        let file = files
+            .iter()
+            .find(|p| {
+                let f = p.file_name().unwrap().to_string_lossy().replace('-', "_");
+                f == format!("{canon}.ko") || f.starts_with(&format!("{canon}.ko."))
+            })
+            .with_context(|| format!("module {name} not in the kernel package"))?;
+        let ko = decompress_module(file)?;
+        for dep in modinfo_depends(&ko) {
+            visit(&dep, files, builtin, order)?;
+        }
+        order.push((canon, ko));
+        Ok(())
+    }
+    for w in wanted {
+        visit(w, &files, &builtin, &mut order)?;
+    }
+    Ok(order)
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn decompress_module(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        "xz"
+    } else if name.ends_with(".zst") {
+        "zstd"
+    } else if name.ends_with(".gz") {
+        "gzip"
+    } else {
+        return Ok(fs::read(path)?);
+    };
+    let out = Command::new(tool).arg("-dc").arg(path).output()?;
+    anyhow::ensure!(out.status.success(), "{tool} -dc {name} failed");
+    Ok(out.stdout)
+}
+
+/// The `depends=` entry of a module's .modinfo section (NUL-separated key=value strings).
+fn modinfo_depends(ko: &[u8]) -> Vec<String> {
+    ko.split(|b| *b == 0)
+        .find_map(|s| s.strip_prefix(b"depends="))
+        .map(|d| String::from_utf8_lossy(d).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,310 @@
+//! `cargo xtask vm-test`: qtrace's kernel-facing test suites on stock Debian kernels under
+//! QEMU and natively, and a table of kernel × attach mode → tier per probe, tests passed.
+
+mod initramfs;
+mod kernels;
+mod qemu;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The suites that exercise the kernel side (the daemon/CLI suites need more of a userland).
+const SUITES: [&str; 6] = ["qtrace", "handshake", "queues", "detach", "cli", "doctor"];
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Kernels to test: 5.10, 6.1, 6.12, native (this machine), or all.
+    #[arg(long, default_value = "all")]
+    pub kernel: Vec<String>,
+    /// Attach modes: best (each probe's best tier), kprobe, tracepoint (forced caps). Default:
+    /// best everywhere, and kprobe too on the VM kernels.
+    #[arg(long)]
+    pub attach: Vec<String>,
+    /// Only tests whose name contains this.
+    #[arg(last = true)]
+    pub filter: Vec<String>,
+}
+
+/// One run: a kernel in an attach mode.
+struct Outcome {
+    kernel: String,
+    mode: String,
+    tiers: BTreeMap<String, String>,
+    passed: Vec<String>,
+    failed: Vec<(String, String)>,
+    problem: Option<String>,
+    seconds: f64,
+}
+
+pub fn vm_test(opts: Options) -> Result<()> {
+    fs::create_dir_all("target/vm-cache/logs")?;
+    // Absolute: apt resolves relative paths against /etc/apt.
+    let cache = fs::canonicalize("target/vm-cache")?;
+    let binaries = build_test_binaries()?;
+    let wanted: Vec<String> = if opts.kernel.iter().any(|k| k == "all") {
+        ["native", "5.10", "6.1", "6.12"].map(String::from).to_vec()
+    } else {
+        opts.kernel.clone()
+    };
+    let filter = opts.filter.first().cloned();
+    let mut jobs = Vec::new();
+    for k in &wanted {
+        let modes: Vec<String> = match (opts.attach.is_empty(), k.as_str()) {
+            (false, _) => opts.attach.clone(),
+            (true, "native") => vec!["best".into()],
+            (true, _) => vec!["best".into(), "kprobe".into()],
+        };
+        for m in modes {
+            jobs.push((k.clone(), m));
+        }
+    }
+    let mut images = BTreeMap::new();
+    for (k, _) in &jobs {
+        if k == "native" || images.contains_key(k) {
+            continue;
+        }
+        let (_, suite) = kernels::SUITES
+            .iter()
+            .find(|(l, _)| l == k)
+            .with_context(|| format!("unknown kernel {k}: use 5.10, 6.1, 6.12, native or all"))?;
+        let t = Instant::now();
+        let kernel = kernels::fetch(&cache, k, suite)?;
+        let modules = kernels::module_closure(&kernel.modules, &initramfs::MODULES)?;
+        let initrd = cache.join(format!("initramfs-{k}.cpio"));
+        initramfs::build(&initrd, &modules, &binaries.all(), &init_script(&binaries, filter.as_deref()))?;
+        eprintln!("vm-test: {} ready in {:.1}s", kernel.label, t.elapsed().as_secs_f64());
+        images.insert(k.clone(), (kernel, initrd));
+    }
+    // Two VMs at a time: two cores, and `-M pc` guests share them well.
+    let mut outcomes = Vec::new();
+    for pair in jobs.chunks(2) {
+        let handles: Vec<_> = pair
+            .iter()
+            .map(|(k, m)| {
+                let (k, m) = (k.clone(), m.clone());
+                let image = images.get(&k).map(|(kern, initrd)| (kern.vmlinux.clone(), initrd.clone()));
+                let binaries = binaries.clone();
+                let filter = filter.clone();
+                let logs = cache.join("logs");
+                std::thread::spawn(move || run_one(&k, &m, image, &binaries, filter.as_deref(), &logs))
+            })
+            .collect();
+        for h in handles {
+            outcomes.push(h.join().map_err(|_| anyhow::anyhow!("a matrix job panicked"))??);
+        }
+    }
+    print!("{}", table(&outcomes));
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.problem.is_some() || !o.failed.is_empty())
+        .map(|o| format!("{} ({})", o.kernel, o.mode))
+        .collect();
+    if !bad.is_empty() {
+        bail!("the kernel matrix failed on {}; logs in target/vm-cache/logs", bad.join(", "));
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Binaries {
+    qtrace: PathBuf,
+    suites: Vec<(String, PathBuf)>,
+}
+
+impl Binaries {
+    fn all(&self) -> Vec<PathBuf> {
+        std::iter::once(self.qtrace.clone()).chain(self.suites.iter().map(|s| s.1.clone())).collect()
+    }
+}
+
+/// Release builds: the guests emulate the CPU, and qtrace's BTF parsing is slow unoptimised.
+fn build_test_binaries() -> Result<Binaries> {
+    let out = Command::new("cargo")
+        .args(["test", "--release", "--no-run", "--message-format=json", "--package", "qtrace"])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "building the test binaries failed");
+    let mut suites = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) else { continue };
+        if v["profile"]["test"] == true && SUITES.contains(&name) {
+            suites.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    suites.sort_by_key(|(n, _)| SUITES.iter().position(|s| s == n));
+    let qtrace = fs::canonicalize("target/release/qtrace")?;
+    Ok(Binaries { qtrace, suites })
+}
+
+/// The guest's /init: mounts, modules, the probe report, each suite, power off.
+fn init_script(b: &Binaries, filter: Option<&str>) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns\n\
+         mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug\n\
+         mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+         ip link set lo up\n\
+         for m in $(cat /modules/order); do insmod /modules/$m.ko || echo \"@@QTRACE module $m failed\"; done\n\
+         ATTACH=$(sed -n 's/.*qtrace.attach=\\([a-z]*\\).*/\\1/p' /proc/cmdline)\n\
+         [ \"$ATTACH\" = best ] && ATTACH=fentry\n\
+         export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n",
+    );
+    let _ = writeln!(s, "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"", b.qtrace.display());
+    for (name, exe) in &b.suites {
+        let filter = filter.unwrap_or_default();
+        let _ = writeln!(s, "echo '@@QTRACE begin {name}'\n{} --test-threads=1 {filter} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
+    }
+    s += "echo '@@QTRACE done'\npoweroff -f\n";
+    s
+}
+
+fn run_one(
+    kernel: &str,
+    mode: &str,
+    image: Option<(PathBuf, PathBuf)>,
+    b: &Binaries,
+    filter: Option<&str>,
+    logs: &Path,
+) -> Result<Outcome> {
+    let t = Instant::now();
+    let (console, problem) = match image {
+        None => native(b, mode, filter)?,
+        Some((vmlinux, initrd)) => {
+            let (console, finished) =
+                qemu::boot(&vmlinux, &initrd, &format!("qtrace.attach={mode}"), Duration::from_secs(900))?;
+            let problem = if !finished {
+                Some("timed out".to_string())
+            } else if !console.contains("@@QTRACE done") {
+                Some("the guest stopped before the tests ended".to_string())
+            } else {
+                None
+            };
+            (console, problem)
+        }
+    };
+    fs::write(logs.join(format!("{kernel}-{mode}.log")), &console)?;
+    let mut o = parse(kernel, mode, &console);
+    o.problem = problem.or(o.problem);
+    o.seconds = t.elapsed().as_secs_f64();
+    eprintln!(
+        "vm-test: {kernel} ({mode}): {} passed, {} failed in {:.0}s",
+        o.passed.len(),
+        o.failed.len(),
+        o.seconds
+    );
+    Ok(o)
+}
+
+/// The same suites on this machine's kernel, with the same markers as in a guest.
+fn native(b: &Binaries, mode: &str, filter: Option<&str>) -> Result<(String, Option<String>)> {
+    let attach = if mode == "best" { "fentry" } else { mode };
+    let probes = Command::new(&b.qtrace).args(["probes", "--json", "--attach", attach]).output()?;
+    let mut console = format!("@@QTRACE probes {}\n", String::from_utf8_lossy(&probes.stdout).trim());
+    for (name, exe) in &b.suites {
+        let out = Command::new(exe)
+            .arg("--test-threads=1")
+            .args(filter)
+            .env("QTRACE_TEST_ATTACH", attach)
+            .output()?;
+        let _ = write!(
+            console,
+            "@@QTRACE begin {name}\n{}{}@@QTRACE end {name} rc={}\n",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code().unwrap_or(-1)
+        );
+    }
+    console += "@@QTRACE done\n";
+    Ok((console, None))
+}
+
+fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
+    let mut o = Outcome {
+        kernel: kernel.to_string(),
+        mode: mode.to_string(),
+        tiers: BTreeMap::new(),
+        passed: Vec::new(),
+        failed: Vec::new(),
+        problem: None,
+        seconds: 0.0,
+    };
+    let mut suite = String::new();
+    for line in console.lines() {
+        // Console lines may carry firmware noise before a marker.
+        let line = line.trim_end_matches('\r');
+        let line = line.find("@@QTRACE").map_or(line, |at| &line[at..]);
+        if let Some(json) = line.strip_prefix("@@QTRACE probes ") {
+            match serde_json::from_str::<Value>(json) {
+                Ok(v) => {
+                    o.kernel = format!("{kernel} ({})", v["kernel"].as_str().unwrap_or("?"));
+                    for p in v["probes"].as_array().into_iter().flatten() {
+                        let tier = p["tier"].as_str().unwrap_or("unavailable").to_string();
+                        o.tiers.insert(p["probe"].as_str().unwrap_or("?").to_string(), tier);
+                    }
+                }
+                Err(_) => o.problem = Some(format!("qtrace probes failed: {json}")),
+            }
+        } else if let Some(name) = line.strip_prefix("@@QTRACE begin ") {
+            suite = name.to_string();
+        } else if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, result)) = rest.rsplit_once(" ... ") {
+                let name = format!("{suite}::{name}");
+                match result {
+                    "ok" => o.passed.push(name),
+                    "FAILED" => o.failed.push((name, String::new())),
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("@@QTRACE end ") {
+            if !rest.ends_with("rc=0") && o.failed.iter().all(|(n, _)| !n.starts_with(&format!("{suite}::"))) {
+                o.failed.push((format!("{suite} (exit {rest})"), String::new()));
+            }
+        }
+    }
+    // The panic message of each failure, for the summary.
+    for (name, why) in &mut o.failed {
+        let test = name.split("::").skip(1).collect::<Vec<_>>().join("::");
+        if let Some(at) = console.find(&format!("---- {test} stdout ----")) {
+            *why = console[at..].lines().skip(1).take(4).collect::<Vec<_>>().join(" | ");
+        }
+    }
+    o
+}
+
+fn table(outcomes: &[Outcome]) -> String {
+    let probes = ["syn", "ack", "synack", "accept"];
+    let mut s = format!("\n{:<34} {:<10}", "KERNEL", "ATTACH");
+    for p in probes {
+        let _ = write!(s, " {p:<11}");
+    }
+    s += " TESTS\n";
+    for o in outcomes {
+        let _ = write!(s, "{:<34} {:<10}", o.kernel, o.mode);
+        for p in probes {
+            let _ = write!(s, " {:<11}", o.tiers.get(p).map_or("?", String::as_str));
+        }
+        let status = match &o.problem {
+            Some(p) => format!("{} passed, {} failed; {p}", o.passed.len(), o.failed.len()),
+            None => format!("{} passed, {} failed ({:.0}s)", o.passed.len(), o.failed.len(), o.seconds),
+        };
+        s += &status;
+        s.push('\n');
+    }
+    for o in outcomes {
+        for (name, why) in &o.failed {
+            let _ = writeln!(s, "FAILED {} ({}): {name}: {why}", o.kernel, o.mode);
+        }
+    }
+    s
+}

@@ -1,0 +1,47 @@
+//! Booting a kernel under QEMU (software emulation: no KVM here) and capturing its console.
+
+use std::{
+    io::Read,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+/// Boots `kernel` with `initrd`, returns the console output; kills the VM after `timeout`.
+pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, timeout: Duration) -> Result<(String, bool)> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        .args(["-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 oops=panic {cmdline}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("qemu-system-x86_64 (apt package qemu-system-x86)")?;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let start = Instant::now();
+    let finished = loop {
+        if child.try_wait()?.is_some() {
+            break true;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Ok((reader.join().unwrap_or_default(), finished))
+}
