@@ -3,7 +3,7 @@
 //! qtrace compiles no kernel struct layout in. Everything the programs read is located here
 //! and handed to them as globals (see `qtrace_common::kernel`).
 
-use std::{fs::File, os::unix::fs::FileExt, path::Path};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use btfparse::{Integer32Value, Integer64Value, Offset, Readable, TypeInformation, TypeVariant};
@@ -11,11 +11,21 @@ use qtrace_common::{HookLayout, Offsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-struct BtfFile(File);
+/// The BTF blob in memory: btfparse reads it in many small pieces, and each read of the sysfs
+/// file is a syscall (reading it piecemeal took seconds).
+struct BtfBytes(Vec<u8>);
 
-impl Readable for BtfFile {
+impl Readable for BtfBytes {
     fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        self.0.read_exact_at(buffer, offset).map_err(Into::into)
+        let start = offset as usize;
+        let src = self.0.get(start..start + buffer.len()).ok_or_else(|| {
+            btfparse::Error::new(
+                btfparse::ErrorKind::IOError,
+                "read past the end of the BTF data",
+            )
+        })?;
+        buffer.copy_from_slice(src);
+        Ok(())
     }
 }
 
@@ -37,8 +47,8 @@ impl KernelBtf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let types = TypeInformation::new(&BtfFile(file))
+        let bytes = std::fs::read(path).with_context(|| format!("open {}", path.display()))?;
+        let types = TypeInformation::new(&BtfBytes(bytes))
             .map_err(|e| anyhow!("parse {}: {e:?}", path.display()))?;
         Ok(Self { types })
     }

@@ -52,9 +52,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Scrapes run on blocking-pool threads, each of which would get its own malloc arena:
+    // two arenas keep a long-running daemon's memory from fragmenting across them.
+    // SAFETY: a malloc tunable set before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("QTRACE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            // aya warns when it cannot raise RLIMIT_MEMLOCK, which only happens without
+            // privileges; the capability error that follows says what to do.
+            EnvFilter::try_from_env("QTRACE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,aya::sys::bpf=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -23,30 +23,11 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(opts: &TracerOptions) -> Result<Self> {
-        let kbtf = KernelBtf::load(&opts.btf)?;
-        let btf = Btf::parse_file(&opts.btf, Endianness::default())
-            .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
-        let offsets = kbtf
-            .offsets()
-            .context("resolve struct offsets from the kernel's BTF")?;
-        let hooks = kbtf.hook_layout();
-        tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
-        let mut ebpf = EbpfLoader::new()
-            .override_global(globals::OFFSETS, &offsets, true)
-            .override_global(globals::HOOKS, &hooks, true)
-            .override_global(globals::EVENT_RATE, &opts.event_rate, true)
-            .map_max_entries(maps::LISTENERS, opts.max_listeners)
-            .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
-            .load(OBJECT)
-            .map_err(|e| {
-                permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object"))
-            })?;
-        let probes = probes::attach_all(&mut ebpf, &btf, &kbtf, opts.best_tier)?;
-        if probes.iter().all(|p| p.tier.is_none()) {
-            let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
-            let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));
-            return Err(permission_hint(err));
-        }
+        let (mut ebpf, probes) = load_and_attach(opts)?;
+        // The parsed BTF (tens of MB) is gone now; hand its pages back to the system instead
+        // of keeping them for a daemon that never parses again.
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         let counters = KernelCounters::take(&mut ebpf)?.into();
         Ok(Self {
             ebpf,
@@ -54,6 +35,34 @@ impl Tracer {
             counters,
         })
     }
+}
+
+fn load_and_attach(opts: &TracerOptions) -> Result<(Ebpf, Vec<ProbeStatus>)> {
+    let kbtf = KernelBtf::load(&opts.btf)?;
+    let btf = Btf::parse_file(&opts.btf, Endianness::default())
+        .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
+    let offsets = kbtf
+        .offsets()
+        .context("resolve struct offsets from the kernel's BTF")?;
+    let hooks = kbtf.hook_layout();
+    tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::OFFSETS, &offsets, true)
+        .override_global(globals::HOOKS, &hooks, true)
+        .override_global(globals::EVENT_RATE, &opts.event_rate, true)
+        .map_max_entries(maps::LISTENERS, opts.max_listeners)
+        .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
+        .load(OBJECT)
+        .map_err(|e| {
+            permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object"))
+        })?;
+    let probes = probes::attach_all(&mut ebpf, &btf, &kbtf, opts.best_tier)?;
+    if probes.iter().all(|p| p.tier.is_none()) {
+        let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
+        let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));
+        return Err(permission_hint(err));
+    }
+    Ok((ebpf, probes))
 }
 
 /// Capabilities qtrace needs that this process lacks. CAP_SYS_ADMIN stands in for CAP_BPF and

@@ -4,12 +4,17 @@
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 fn deploy(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (`cargo xtask setup` installs it)"));
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (`cargo xtask setup` installs it)"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -42,7 +47,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;
     while let Some(at) = rest.find("qtrace_") {
-        let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
         rest = &rest[at + name.len()..];
         let family = ["_bucket", "_sum", "_count"]
             .iter()
@@ -54,16 +62,34 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 fn assert_known(file: &str, names: BTreeSet<String>) {
-    let unknown: Vec<_> = names.iter().filter(|n| !EXPORTED.contains(&n.as_str())).collect();
-    assert!(unknown.is_empty(), "{file} uses metrics qtrace does not export: {unknown:?}");
+    let unknown: Vec<_> = names
+        .iter()
+        .filter(|n| !EXPORTED.contains(&n.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{file} uses metrics qtrace does not export: {unknown:?}"
+    );
 }
 
 #[test]
 fn prometheus_rules_pass_their_unit_tests() {
-    ok(Command::new("promtool").arg("check").arg("rules").arg(deploy("prometheus/alerts.yml")));
-    ok(Command::new("promtool").arg("test").arg("rules").arg(deploy("prometheus/alerts_test.yml")));
-    ok(Command::new("promtool").arg("check").arg("config").arg(deploy("prometheus/prometheus.yml")));
-    assert_known("alerts.yml", metric_names(&std::fs::read_to_string(deploy("prometheus/alerts.yml")).unwrap()));
+    ok(Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(deploy("prometheus/alerts.yml")));
+    ok(Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(deploy("prometheus/alerts_test.yml")));
+    ok(Command::new("promtool")
+        .arg("check")
+        .arg("config")
+        .arg(deploy("prometheus/prometheus.yml")));
+    assert_known(
+        "alerts.yml",
+        metric_names(&std::fs::read_to_string(deploy("prometheus/alerts.yml")).unwrap()),
+    );
 }
 
 #[test]
@@ -78,7 +104,11 @@ fn grafana_dashboard_queries_exported_metrics() {
         .collect();
     assert!(exprs.len() >= 8, "{exprs:?}");
     let used = metric_names(&exprs.join("\n"));
-    for needed in ["qtrace_listen_drops_total", "qtrace_accept_queue_wait_seconds", "qtrace_listener_info"] {
+    for needed in [
+        "qtrace_listen_drops_total",
+        "qtrace_accept_queue_wait_seconds",
+        "qtrace_listener_info",
+    ] {
         assert!(used.contains(needed), "the dashboard lacks {needed}");
     }
     assert_known("qtrace.json", metric_names(&text));
@@ -91,18 +121,34 @@ fn systemd_unit_is_valid_and_hardened() {
     let dir = std::env::temp_dir().join(format!("qtrace-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("qtrace.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/qtrace", env!("CARGO_BIN_EXE_qtrace"))).unwrap();
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/qtrace", env!("CARGO_BIN_EXE_qtrace")),
+    )
+    .unwrap();
     let verify = ok(Command::new("systemd-analyze").arg("verify").arg(&copy));
     assert!(verify.trim().is_empty(), "systemd-analyze verify: {verify}");
-    let security = ok(Command::new("systemd-analyze").args(["security", "--offline=true"]).arg(&copy));
+    let security = ok(Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&copy));
     let _ = std::fs::remove_dir_all(&dir);
     let level: f64 = security
         .lines()
-        .find_map(|l| l.split("Overall exposure level for qtrace.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for qtrace.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .expect("an exposure level");
-    assert!(level <= 3.0, "exposure {level} (deploy/README.md records 2.9)");
-    for needed in ["CapabilityBoundingSet=CAP_BPF CAP_PERFMON", "NoNewPrivileges=yes", "ProtectSystem=strict"] {
+    assert!(
+        level <= 3.0,
+        "exposure {level} (deploy/README.md records 2.9)"
+    );
+    for needed in [
+        "CapabilityBoundingSet=CAP_BPF CAP_PERFMON",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ] {
         assert!(unit.contains(needed), "{needed}");
     }
 }
@@ -113,7 +159,9 @@ fn kubernetes_daemonset_parses_with_least_capabilities() {
                  c = d['spec']['template']['spec']['containers'][0]['securityContext']['capabilities']; \
                  assert d['kind'] == 'DaemonSet' and c['drop'] == ['ALL'] and 'SYS_ADMIN' not in c['add'], c; \
                  print(' '.join(c['add']))";
-    let caps = ok(Command::new("python3").args(["-c", check]).arg(deploy("kubernetes/daemonset.yaml")));
+    let caps = ok(Command::new("python3")
+        .args(["-c", check])
+        .arg(deploy("kubernetes/daemonset.yaml")));
     assert_eq!(caps.trim(), "BPF PERFMON SYS_PTRACE DAC_READ_SEARCH");
 }
 
@@ -139,5 +187,8 @@ fn example_config_is_accepted() {
     let _ = std::fs::remove_file(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     // It gets as far as loading BTF (given a bad path on purpose): the file itself was fine.
-    assert!(err.contains("kernel BTF not readable at /nonexistent"), "{err}\n{config}");
+    assert!(
+        err.contains("kernel BTF not readable at /nonexistent"),
+        "{err}\n{config}"
+    );
 }

@@ -1,4 +1,5 @@
 //! Developer tasks: `cargo xtask setup | test | run`.
+mod bench;
 mod matrix;
 mod setup;
 
@@ -17,7 +18,8 @@ struct Cli {
 enum Task {
     /// Install the eBPF toolchain (rust-src, bpf-linker) and the packages the tests use.
     Setup,
-    /// Run every test: unit tests, and integration tests against this machine's kernel.
+    /// Run every test: unit and integration tests on this machine's kernel, the benchmark
+    /// harness's smoke run, and the kernel matrix (Debian 5.10, 6.1, 6.12 in QEMU).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
@@ -25,6 +27,13 @@ enum Task {
     },
     /// Run the kernel-facing suites on stock Debian kernels in QEMU and natively.
     VmTest(matrix::Options),
+    /// Measure qtrace's cost (writes BENCHMARKS.md); --smoke checks the harness only.
+    Bench(bench::Options),
+    /// Install qtrace as a systemd service: binary, unit, example config.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: String,
+    },
     /// Build qtrace (release) and run it with these arguments, e.g. `cargo xtask run -- run`.
     Run {
         #[arg(last = true)]
@@ -52,11 +61,27 @@ fn dispatch(task: Task) -> Result<()> {
             setup::setup()?;
             run(Command::new("cargo")
                 .args(["test", "--workspace", "--exclude", "qtrace-ebpf"])
-                .args(args))
+                .args(&args))?;
+            // The benchmark harness works (tiny sizes; no timing is asserted).
+            bench::bench(bench::Options {
+                smoke: true,
+                out: "target/BENCHMARKS.smoke.md".into(),
+            })?;
+            // The kernel-facing suites on 5.10, 6.1, 6.12 in QEMU and natively.
+            matrix::vm_test(matrix::Options {
+                kernel: vec!["all".into()],
+                attach: vec![],
+                filter: args,
+            })
         }
         Task::VmTest(opts) => {
             setup::setup()?;
             matrix::vm_test(opts)
+        }
+        Task::Install { prefix } => install(&prefix),
+        Task::Bench(opts) => {
+            setup::setup()?;
+            bench::bench(opts)
         }
         Task::Run { args } => {
             setup::setup()?;
@@ -87,4 +112,29 @@ pub fn sh_ok(script: &str) -> bool {
         .args(["-c", script])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+fn install(prefix: &str) -> Result<()> {
+    setup::setup()?;
+    run(Command::new("cargo").args(["build", "--quiet", "--release", "--package", "qtrace"]))?;
+    let bin = format!("{prefix}/bin/qtrace");
+    run(Command::new("install").args(["-D", "-m", "0755", "target/release/qtrace", &bin]))?;
+    let unit = std::fs::read_to_string("deploy/systemd/qtrace.service")?
+        .replace("/usr/local/bin/qtrace", &bin);
+    std::fs::write("/etc/systemd/system/qtrace.service", unit)
+        .context("write /etc/systemd/system/qtrace.service")?;
+    if !std::path::Path::new("/etc/qtrace/qtrace.toml").exists() {
+        run(Command::new("install").args([
+            "-D",
+            "-m",
+            "0644",
+            "deploy/qtrace.toml",
+            "/etc/qtrace/qtrace.toml",
+        ]))?;
+    }
+    if std::path::Path::new("/run/systemd/system").exists() {
+        run(Command::new("systemctl").arg("daemon-reload"))?;
+    }
+    eprintln!("installed {bin} and qtrace.service: `systemctl enable --now qtrace`");
+    Ok(())
 }

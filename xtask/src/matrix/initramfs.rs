@@ -20,10 +20,17 @@ const TOOLS: [&str; 4] = ["ip", "nft", "bpftool", "setpriv"];
 /// demand; the guest has no modprobe): nftables, and sock_diag for TCP.
 pub const MODULES: [&str; 2] = ["nf_tables", "tcp_diag"];
 
-pub fn build(out: &Path, modules: &[(String, Vec<u8>)], binaries: &[PathBuf], init: &str) -> Result<()> {
+pub fn build(
+    out: &Path,
+    modules: &[(String, Vec<u8>)],
+    binaries: &[PathBuf],
+    init: &str,
+) -> Result<()> {
     let root = out.with_extension("d");
     let _ = fs::remove_dir_all(&root);
-    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc", "modules", "var"] {
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "run", "etc", "modules", "var",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
     symlink("/run", root.join("var/run"))?;
@@ -40,7 +47,11 @@ pub fn build(out: &Path, modules: &[(String, Vec<u8>)], binaries: &[PathBuf], in
         let dest = under(&root, elf);
         fs::create_dir_all(dest.parent().unwrap())?;
         // Debug info is most of a test binary's size and useless in the guest.
-        run(Command::new("strip").arg("--strip-debug").arg("-o").arg(&dest).arg(elf))?;
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&dest)
+            .arg(elf))?;
         libs.extend(linked_libraries(elf)?);
     }
     for lib in libs {
@@ -58,7 +69,10 @@ pub fn build(out: &Path, modules: &[(String, Vec<u8>)], binaries: &[PathBuf], in
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
     let cpio = Command::new("sh")
         .arg("-c")
-        .arg(format!("find . | cpio -o -H newc --quiet > '{}'", out.display()))
+        .arg(format!(
+            "find . | cpio -o -H newc --quiet > '{}'",
+            out.display()
+        ))
         .current_dir(&root)
         .status()?;
     anyhow::ensure!(cpio.success(), "cpio failed");
@@ -71,9 +85,14 @@ fn under(root: &Path, abs: &Path) -> PathBuf {
 }
 
 fn which(tool: &str) -> Result<PathBuf> {
-    let out = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?;
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()?;
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    anyhow::ensure!(!path.is_empty(), "{tool} is not installed (`cargo xtask setup`)");
+    anyhow::ensure!(
+        !path.is_empty(),
+        "{tool} is not installed (`cargo xtask setup`)"
+    );
     Ok(fs::canonicalize(path)?)
 }
 

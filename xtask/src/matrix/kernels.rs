@@ -13,7 +13,11 @@ use anyhow::{Context, Result};
 use crate::run;
 
 /// Matrix label, Debian suite.
-pub const SUITES: [(&str, &str); 3] = [("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+pub const SUITES: [(&str, &str); 3] = [
+    ("5.10", "bullseye"),
+    ("6.1", "bookworm"),
+    ("6.12", "trixie"),
+];
 
 pub struct Kernel {
     pub label: String,
@@ -76,7 +80,9 @@ pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
     let stamp = apt.join("updated");
     if !fresh(&stamp, Duration::from_secs(24 * 3600)) {
         eprintln!("vm-test: refreshing the package lists of {suite}");
-        run(Command::new("apt-get").args(apt_options(&apt)).arg("update"))?;
+        run(Command::new("apt-get")
+            .args(apt_options(&apt))
+            .arg("update"))?;
         fs::write(&stamp, "")?;
     }
     let depends = Command::new("apt-cache")
@@ -92,11 +98,17 @@ pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
         eprintln!("vm-test: downloading {package}");
         let debs = cache.join("debs");
         fs::create_dir_all(&debs)?;
-        run(Command::new("apt-get").args(apt_options(&apt)).args(["download", &package]).current_dir(&debs))?;
+        run(Command::new("apt-get")
+            .args(apt_options(&apt))
+            .args(["download", &package])
+            .current_dir(&debs))?;
         let deb = fs::read_dir(&debs)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
             .context("downloaded package not found")?;
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
@@ -104,31 +116,53 @@ pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
         let vmlinuz = fs::read_dir(root.join("boot"))?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .context("no vmlinuz in the package")?;
-        fs::write(root.join("vmlinux"), decompress_kernel(&fs::read(&vmlinuz)?)?)?;
+        fs::write(
+            root.join("vmlinux"),
+            decompress_kernel(&fs::read(&vmlinuz)?)?,
+        )?;
         fs::write(root.join(".done"), "")?;
         let _ = fs::remove_file(&deb);
     }
     let modules = ["lib/modules", "usr/lib/modules"]
         .iter()
-        .filter_map(|d| fs::read_dir(root.join(d)).ok()?.flatten().next().map(|e| e.path()))
+        .filter_map(|d| {
+            fs::read_dir(root.join(d))
+                .ok()?
+                .flatten()
+                .next()
+                .map(|e| e.path())
+        })
         .next()
         .context("no lib/modules in the package")?;
-    Ok(Kernel { label: label.to_string(), vmlinux: root.join("vmlinux"), modules })
+    Ok(Kernel {
+        label: label.to_string(),
+        vmlinux: root.join("vmlinux"),
+        modules,
+    })
 }
 
 /// The ELF kernel inside a bzImage: its payload (located by the boot header's
 /// `payload_offset`/`payload_length`), decompressed by the tool its magic names.
 fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
-    let u32_at = |o: usize| image.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        image
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
     let setup_sects = match image.get(0x1f1) {
         Some(0) | None => 4,
         Some(n) => *n as usize,
     };
     let (offset, length) = u32_at(0x248).zip(u32_at(0x24c)).context("not a bzImage")?;
     let start = (setup_sects + 1) * 512 + offset as usize;
-    let payload = image.get(start..start + length as usize).context("bzImage payload out of range")?;
+    let payload = image
+        .get(start..start + length as usize)
+        .context("bzImage payload out of range")?;
     const FORMATS: [(&[u8], &[&str]); 6] = [
         (b"\xfd7zXZ\x00", &["xz", "-dc"]),
         (b"\x28\xb5\x2f\xfd", &["zstd", "-dc"]),
@@ -154,7 +188,11 @@ fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
     let out = child.wait_with_output()?;
     let _ = writer.join();
-    anyhow::ensure!(out.stdout.starts_with(b"\x7fELF"), "{} did not produce an ELF kernel", tool[0]);
+    anyhow::ensure!(
+        out.stdout.starts_with(b"\x7fELF"),
+        "{} did not produce an ELF kernel",
+        tool[0]
+    );
     Ok(out.stdout)
 }
 
@@ -172,7 +210,11 @@ pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String
     ) -> Result<()> {
         let canon = name.replace('-', "_");
         if order.iter().any(|(n, _)| *n == canon)
-            || builtin.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f.starts_with(&format!("{canon}.ko"))))
+            || builtin.lines().any(|l| {
+                l.rsplit('/')
+                    .next()
+                    .is_some_and(|f| f.starts_with(&format!("{canon}.ko")))
+            })
         {
             return Ok(());
         }
@@ -228,6 +270,12 @@ fn decompress_module(path: &Path) -> Result<Vec<u8>> {
 fn modinfo_depends(ko: &[u8]) -> Vec<String> {
     ko.split(|b| *b == 0)
         .find_map(|s| s.strip_prefix(b"depends="))
-        .map(|d| String::from_utf8_lossy(d).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .map(|d| {
+            String::from_utf8_lossy(d)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -80,8 +80,17 @@ pub fn vm_test(opts: Options) -> Result<()> {
         let kernel = kernels::fetch(&cache, k, suite)?;
         let modules = kernels::module_closure(&kernel.modules, &initramfs::MODULES)?;
         let initrd = cache.join(format!("initramfs-{k}.cpio"));
-        initramfs::build(&initrd, &modules, &binaries.all(), &init_script(&binaries, filter.as_deref()))?;
-        eprintln!("vm-test: {} ready in {:.1}s", kernel.label, t.elapsed().as_secs_f64());
+        initramfs::build(
+            &initrd,
+            &modules,
+            &binaries.all(),
+            &init_script(&binaries, filter.as_deref()),
+        )?;
+        eprintln!(
+            "vm-test: {} ready in {:.1}s",
+            kernel.label,
+            t.elapsed().as_secs_f64()
+        );
         images.insert(k.clone(), (kernel, initrd));
     }
     // Two VMs at a time: two cores, and `-M pc` guests share them well.
@@ -91,15 +100,22 @@ pub fn vm_test(opts: Options) -> Result<()> {
             .iter()
             .map(|(k, m)| {
                 let (k, m) = (k.clone(), m.clone());
-                let image = images.get(&k).map(|(kern, initrd)| (kern.vmlinux.clone(), initrd.clone()));
+                let image = images
+                    .get(&k)
+                    .map(|(kern, initrd)| (kern.vmlinux.clone(), initrd.clone()));
                 let binaries = binaries.clone();
                 let filter = filter.clone();
                 let logs = cache.join("logs");
-                std::thread::spawn(move || run_one(&k, &m, image, &binaries, filter.as_deref(), &logs))
+                std::thread::spawn(move || {
+                    run_one(&k, &m, image, &binaries, filter.as_deref(), &logs)
+                })
             })
             .collect();
         for h in handles {
-            outcomes.push(h.join().map_err(|_| anyhow::anyhow!("a matrix job panicked"))??);
+            outcomes.push(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a matrix job panicked"))??,
+            );
         }
     }
     print!("{}", table(&outcomes));
@@ -109,7 +125,10 @@ pub fn vm_test(opts: Options) -> Result<()> {
         .map(|o| format!("{} ({})", o.kernel, o.mode))
         .collect();
     if !bad.is_empty() {
-        bail!("the kernel matrix failed on {}; logs in target/vm-cache/logs", bad.join(", "));
+        bail!(
+            "the kernel matrix failed on {}; logs in target/vm-cache/logs",
+            bad.join(", ")
+        );
     }
     Ok(())
 }
@@ -122,21 +141,35 @@ struct Binaries {
 
 impl Binaries {
     fn all(&self) -> Vec<PathBuf> {
-        std::iter::once(self.qtrace.clone()).chain(self.suites.iter().map(|s| s.1.clone())).collect()
+        std::iter::once(self.qtrace.clone())
+            .chain(self.suites.iter().map(|s| s.1.clone()))
+            .collect()
     }
 }
 
 /// Release builds: the guests emulate the CPU, and qtrace's BTF parsing is slow unoptimised.
 fn build_test_binaries() -> Result<Binaries> {
     let out = Command::new("cargo")
-        .args(["test", "--release", "--no-run", "--message-format=json", "--package", "qtrace"])
+        .args([
+            "test",
+            "--release",
+            "--no-run",
+            "--message-format=json",
+            "--package",
+            "qtrace",
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     anyhow::ensure!(out.status.success(), "building the test binaries failed");
     let mut suites = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+        else {
+            continue;
+        };
         if v["profile"]["test"] == true && SUITES.contains(&name) {
             suites.push((name.to_string(), PathBuf::from(exe)));
         }
@@ -160,7 +193,11 @@ fn init_script(b: &Binaries, filter: Option<&str>) -> String {
          [ \"$ATTACH\" = best ] && ATTACH=fentry\n\
          export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n",
     );
-    let _ = writeln!(s, "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"", b.qtrace.display());
+    let _ = writeln!(
+        s,
+        "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"",
+        b.qtrace.display()
+    );
     for (name, exe) in &b.suites {
         let filter = filter.unwrap_or_default();
         let _ = writeln!(s, "echo '@@QTRACE begin {name}'\n{} --test-threads=1 {filter} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
@@ -181,8 +218,12 @@ fn run_one(
     let (console, problem) = match image {
         None => native(b, mode, filter)?,
         Some((vmlinux, initrd)) => {
-            let (console, finished) =
-                qemu::boot(&vmlinux, &initrd, &format!("qtrace.attach={mode}"), Duration::from_secs(900))?;
+            let (console, finished) = qemu::boot(
+                &vmlinux,
+                &initrd,
+                &format!("qtrace.attach={mode}"),
+                Duration::from_secs(900),
+            )?;
             let problem = if !finished {
                 Some("timed out".to_string())
             } else if !console.contains("@@QTRACE done") {
@@ -209,8 +250,13 @@ fn run_one(
 /// The same suites on this machine's kernel, with the same markers as in a guest.
 fn native(b: &Binaries, mode: &str, filter: Option<&str>) -> Result<(String, Option<String>)> {
     let attach = if mode == "best" { "fentry" } else { mode };
-    let probes = Command::new(&b.qtrace).args(["probes", "--json", "--attach", attach]).output()?;
-    let mut console = format!("@@QTRACE probes {}\n", String::from_utf8_lossy(&probes.stdout).trim());
+    let probes = Command::new(&b.qtrace)
+        .args(["probes", "--json", "--attach", attach])
+        .output()?;
+    let mut console = format!(
+        "@@QTRACE probes {}\n",
+        String::from_utf8_lossy(&probes.stdout).trim()
+    );
     for (name, exe) in &b.suites {
         let out = Command::new(exe)
             .arg("--test-threads=1")
@@ -250,7 +296,8 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
                     o.kernel = format!("{kernel} ({})", v["kernel"].as_str().unwrap_or("?"));
                     for p in v["probes"].as_array().into_iter().flatten() {
                         let tier = p["tier"].as_str().unwrap_or("unavailable").to_string();
-                        o.tiers.insert(p["probe"].as_str().unwrap_or("?").to_string(), tier);
+                        o.tiers
+                            .insert(p["probe"].as_str().unwrap_or("?").to_string(), tier);
                     }
                 }
                 Err(_) => o.problem = Some(format!("qtrace probes failed: {json}")),
@@ -267,8 +314,13 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
                 }
             }
         } else if let Some(rest) = line.strip_prefix("@@QTRACE end ") {
-            if !rest.ends_with("rc=0") && o.failed.iter().all(|(n, _)| !n.starts_with(&format!("{suite}::"))) {
-                o.failed.push((format!("{suite} (exit {rest})"), String::new()));
+            if !rest.ends_with("rc=0")
+                && o.failed
+                    .iter()
+                    .all(|(n, _)| !n.starts_with(&format!("{suite}::")))
+            {
+                o.failed
+                    .push((format!("{suite} (exit {rest})"), String::new()));
             }
         }
     }
@@ -276,7 +328,12 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
     for (name, why) in &mut o.failed {
         let test = name.split("::").skip(1).collect::<Vec<_>>().join("::");
         if let Some(at) = console.find(&format!("---- {test} stdout ----")) {
-            *why = console[at..].lines().skip(1).take(4).collect::<Vec<_>>().join(" | ");
+            *why = console[at..]
+                .lines()
+                .skip(1)
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" | ");
         }
     }
     o
@@ -286,17 +343,22 @@ fn table(outcomes: &[Outcome]) -> String {
     let probes = ["syn", "ack", "synack", "accept"];
     let mut s = format!("\n{:<34} {:<10}", "KERNEL", "ATTACH");
     for p in probes {
-        let _ = write!(s, " {p:<11}");
+        let _ = write!(s, " {p:<12}");
     }
     s += " TESTS\n";
     for o in outcomes {
         let _ = write!(s, "{:<34} {:<10}", o.kernel, o.mode);
         for p in probes {
-            let _ = write!(s, " {:<11}", o.tiers.get(p).map_or("?", String::as_str));
+            let _ = write!(s, " {:<12}", o.tiers.get(p).map_or("?", String::as_str));
         }
         let status = match &o.problem {
             Some(p) => format!("{} passed, {} failed; {p}", o.passed.len(), o.failed.len()),
-            None => format!("{} passed, {} failed ({:.0}s)", o.passed.len(), o.failed.len(), o.seconds),
+            None => format!(
+                "{} passed, {} failed ({:.0}s)",
+                o.passed.len(),
+                o.failed.len(),
+                o.seconds
+            ),
         };
         s += &status;
         s.push('\n');

@@ -10,10 +10,23 @@ use std::{
 use anyhow::{Context, Result};
 
 /// Boots `kernel` with `initrd`, returns the console output; kills the VM after `timeout`.
-pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, timeout: Duration) -> Result<(String, bool)> {
+pub fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    timeout: Duration,
+) -> Result<(String, bool)> {
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
-        .args(["-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"])
+        .args([
+            "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
