@@ -654,6 +654,15 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     let cpu = d.cpu()? - cpu0;
+    let (_, metrics) = d.get("/metrics")?;
+    let lost = |cause: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("qtrace_events_lost_total{{cause=\"{cause}\"}}")))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .unwrap_or(0)
+    };
+    let (ring_full, limited) = (lost("ringbuf_full"), lost("rate_limited"));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(reader.id() as i32, libc::SIGINT) };
     let (got, spread) = counter
@@ -669,6 +678,10 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     let _ = writeln!(s, "{n} half-open handshakes retransmit their SYN-ACK within ~1 ms; `qtrace events --json` reads them from the daemon.\n");
     s += "| figure | value |\n|---|---|\n";
     let _ = writeln!(s, "| events delivered | {got} of {n} |");
+    let _ = writeln!(
+        s,
+        "| not delivered, counted: ring buffer full / rate-limited | {ring_full} / {limited} |"
+    );
     let _ = writeln!(
         s,
         "| delivery rate (first to last event) | {:.0} events/s |",

@@ -24,6 +24,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("tmux", "tmux"),
     ("setpriv", "util-linux"),
+    ("pkill", "procps"),
+    ("bash", "bash"),
+    ("modinfo", "kmod"),
+    ("strip", "binutils"),
 ];
 
 pub fn setup() -> Result<()> {

@@ -19,7 +19,9 @@ use crate::run;
 /// `sh` (busybox's runs its own applets first, whatever PATH says).
 const TOOLS: [&str; 7] = ["busybox", "sh", "bash", "ip", "nft", "bpftool", "setpriv"];
 /// Tools only some suites run (daemon, top): packed when installed.
-const OPTIONAL: [&str; 5] = ["prometheus", "promtool", "nginx", "wrk", "tmux"];
+const OPTIONAL: [&str; 6] = ["prometheus", "promtool", "nginx", "wrk", "tmux", "pkill"];
+/// Data tmux needs: terminal descriptions and a UTF-8 locale.
+const DATA: [&str; 2] = ["/usr/lib/terminfo", "/usr/lib/locale/C.utf8"];
 
 const ETC: [(&str, &str); 4] = [
     ("passwd", "root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/:/bin/false\nnobody:x:65534:65534::/:/bin/false\n"),
@@ -30,7 +32,12 @@ const ETC: [(&str, &str); 4] = [
 
 /// The common archive: `binaries` (stripped of debug info) and the tools, their libraries,
 /// the empty `dirs`, and `scripts` (path in the guest, text; made executable).
-pub fn common(out: &Path, binaries: &[PathBuf], dirs: &[&Path], scripts: &[(&str, &str)]) -> Result<()> {
+pub fn common(
+    out: &Path,
+    binaries: &[PathBuf],
+    dirs: &[&Path],
+    scripts: &[(&str, &str)],
+) -> Result<()> {
     let root = out.with_extension("d");
     let _ = fs::remove_dir_all(&root);
     // The host's merged-/usr links (bin -> usr/bin, ...), so every host path resolves the same.
@@ -40,13 +47,25 @@ pub fn common(out: &Path, binaries: &[PathBuf], dirs: &[&Path], scripts: &[(&str
             symlink(&target, root.join(top))?;
         }
     }
-    for d in ["proc", "sys", "dev", "run", "tmp", "root", "etc", "var/log/nginx", "var/lib/nginx"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "root",
+        "etc",
+        "var/log/nginx",
+        "var/lib/nginx",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
     for d in dirs {
         fs::create_dir_all(under(&root, d))?;
     }
-    let mut tools = TOOLS.iter().map(|t| which(t).with_context(|| format!("{t} is not installed (`cargo xtask setup`)")));
+    let mut tools = TOOLS
+        .iter()
+        .map(|t| which(t).with_context(|| format!("{t} is not installed (`cargo xtask setup`)")));
     let tools = tools.by_ref().collect::<Result<Vec<_>>>()?;
     let optional: Vec<PathBuf> = OPTIONAL.iter().filter_map(|t| which(t)).collect();
     let mut libs = BTreeSet::new();
@@ -58,21 +77,30 @@ pub fn common(out: &Path, binaries: &[PathBuf], dirs: &[&Path], scripts: &[(&str
         let dest = under(&root, elf);
         fs::create_dir_all(dest.parent().unwrap())?;
         // Debug info is most of a test binary; symbols stay for backtraces.
-        run(Command::new("strip").arg("--strip-debug").arg("-o").arg(&dest).arg(elf))?;
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&dest)
+            .arg(elf))?;
         libs.extend(linked_libraries(elf)?);
     }
     for lib in &libs {
         copy(lib, &under(&root, lib))?;
     }
-    if optional.iter().any(|t| t.ends_with("tmux")) && Path::new("/usr/lib/terminfo").is_dir() {
-        run(Command::new("cp").args(["-a", "/usr/lib/terminfo"]).arg(root.join("usr/lib")))?;
+    for dir in DATA.iter().map(Path::new).filter(|d| d.is_dir()) {
+        let dest = under(&root, dir.parent().unwrap());
+        fs::create_dir_all(&dest)?;
+        run(Command::new("cp").arg("-a").arg(dir).arg(dest))?;
     }
     // busybox's applets, but none named like a real tool (it could come first on PATH).
     let busybox = &tools[0];
     let applets = Command::new(busybox).arg("--list-full").output()?;
     for applet in String::from_utf8_lossy(&applets.stdout).lines() {
         let link = root.join(applet);
-        let real = tools.iter().chain(&optional).any(|t| t.file_name() == link.file_name());
+        let real = tools
+            .iter()
+            .chain(&optional)
+            .any(|t| t.file_name() == link.file_name());
         if !real && link.symlink_metadata().is_err() && link.parent().is_some_and(Path::is_dir) {
             symlink(busybox, link)?;
         }
@@ -122,17 +150,25 @@ fn under(root: &Path, abs: &Path) -> PathBuf {
 /// Where `PATH` finds a command (packed at that path: a symlink's target may be elsewhere).
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// The shared libraries and the loader `ldd` lists (none for a static binary).
 fn linked_libraries(elf: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(elf).output().context("running ldd")?;
+    let out = Command::new("ldd")
+        .arg(elf)
+        .output()
+        .context("running ldd")?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
             let l = l.split_once("=>").map_or(l, |(_, path)| path);
-            l.split_whitespace().next().filter(|p| p.starts_with('/')).map(PathBuf::from)
+            l.split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+                .map(PathBuf::from)
         })
         .collect())
 }

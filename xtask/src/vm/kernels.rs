@@ -15,7 +15,11 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::run;
 
 /// Matrix label, Debian suite.
-pub const KERNELS: [(&str, &str); 3] = [("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
+pub const KERNELS: [(&str, &str); 3] = [
+    ("5.10", "bullseye"),
+    ("6.1", "bookworm"),
+    ("6.12", "trixie"),
+];
 
 pub struct Kernel {
     /// `linux-image-<abi>-cloud-amd64=<version>`.
@@ -53,8 +57,13 @@ pub fn prepare(cache: &Path, suite: &str) -> Result<Kernel> {
         let debs = apt.join("debs");
         let _ = fs::remove_dir_all(&debs);
         fs::create_dir_all(&debs)?;
-        run(apt_command("apt-get", &apt).args(["download", &package]).current_dir(&debs))?;
-        let deb = fs::read_dir(&debs)?.next().context("apt-get download left no file")??.path();
+        run(apt_command("apt-get", &apt)
+            .args(["download", &package])
+            .current_dir(&debs))?;
+        let deb = fs::read_dir(&debs)?
+            .next()
+            .context("apt-get download left no file")??
+            .path();
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
@@ -70,7 +79,11 @@ pub fn prepare(cache: &Path, suite: &str) -> Result<Kernel> {
         .map(|d| root.join(d))
         .find(|d| d.is_dir())
         .context("the kernel package has no lib/modules")?;
-    Ok(Kernel { package, vmlinux: root.join("vmlinux"), modules: only_entry(&modules, "")? })
+    Ok(Kernel {
+        package,
+        vmlinux: root.join("vmlinux"),
+        modules: only_entry(&modules, "")?,
+    })
 }
 
 /// The system's deb822 sources with the host's codename replaced by `suite` on `Suites:`.
@@ -121,7 +134,11 @@ fn apt_field(dir: &Path, package: &str, field: &str) -> Result<String> {
     let out = apt_command("apt-cache", dir)
         .args(["show", "--no-all-versions", package])
         .output()?;
-    ensure!(out.status.success(), "apt-cache show {package}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "apt-cache show {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}: ")).map(str::to_string))
@@ -133,11 +150,17 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
     let mut found = fs::read_dir(dir)?
         .map(|e| Ok(e?.path()))
         .filter(|p| match p {
-            Ok(p) => p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)),
+            Ok(p) => p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix)),
             Err(_) => true,
         })
         .collect::<Result<Vec<_>>>()?;
-    ensure!(found.len() == 1, "expected one {prefix}* in {}, found {found:?}", dir.display());
+    ensure!(
+        found.len() == 1,
+        "expected one {prefix}* in {}, found {found:?}",
+        dir.display()
+    );
     Ok(found.remove(0))
 }
 
@@ -161,10 +184,17 @@ fn extract_vmlinux(image: &[u8]) -> Result<Vec<u8>> {
         [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
         [0x1f, 0x8b, ..] => &["gzip", "-dc"],
         [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
-        _ => bail!("unknown compression (magic {:02x?})", &payload[..payload.len().min(6)]),
+        _ => bail!(
+            "unknown compression (magic {:02x?})",
+            &payload[..payload.len().min(6)]
+        ),
     };
     let elf = filter(Command::new(tool[0]).args(&tool[1..]), payload)?;
-    ensure!(elf.starts_with(b"\x7fELF"), "{} did not produce an ELF file", tool[0]);
+    ensure!(
+        elf.starts_with(b"\x7fELF"),
+        "{} did not produce an ELF file",
+        tool[0]
+    );
     Ok(elf)
 }
 

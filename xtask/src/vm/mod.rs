@@ -84,8 +84,14 @@ pub fn vm_test(opts: Options) -> Result<()> {
 
     let t = Instant::now();
     let bins = build()?;
-    fs::write(cache.join("tests.sh"), tests_script(&bins, &opts.filter, false))?;
-    eprintln!("vm-test: test binaries built ({:.1}s)", t.elapsed().as_secs_f64());
+    fs::write(
+        cache.join("tests.sh"),
+        tests_script(&bins, &opts.filter, false),
+    )?;
+    eprintln!(
+        "vm-test: test binaries built ({:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
 
     let mut images = BTreeMap::new();
     let vms: Vec<&str> = kernels.iter().copied().filter(|k| *k != "native").collect();
@@ -98,7 +104,10 @@ pub fn vm_test(opts: Options) -> Result<()> {
         let scripts = [("/init", INIT), ("/tests.sh", tests.as_str())];
         initramfs::common(&common, &bins.all(), &[&bins.workdir], &scripts)?;
         let mb = fs::metadata(&common)?.len() >> 20;
-        eprintln!("vm-test: initramfs built, {mb} MiB ({:.1}s)", t.elapsed().as_secs_f64());
+        eprintln!(
+            "vm-test: initramfs built, {mb} MiB ({:.1}s)",
+            t.elapsed().as_secs_f64()
+        );
         for k in vms {
             let t = Instant::now();
             let (_, suite) = kernels::KERNELS.iter().find(|(l, _)| *l == k).unwrap();
@@ -109,7 +118,11 @@ pub fn vm_test(opts: Options) -> Result<()> {
             let initrd = dir.join(format!("{k}.cpio.gz"));
             initramfs::append(&common, &extra, &initrd)?;
             let secs = t.elapsed().as_secs_f64();
-            eprintln!("vm-test: {k}: {} with modules {} ({secs:.1}s)", kernel.package, order.join(" "));
+            eprintln!(
+                "vm-test: {k}: {} with modules {} ({secs:.1}s)",
+                kernel.package,
+                order.join(" ")
+            );
             images.insert(k, (kernel.vmlinux, initrd));
         }
     }
@@ -124,7 +137,9 @@ pub fn vm_test(opts: Options) -> Result<()> {
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| loop {
-                let Some((i, (k, mode))) = queue.lock().unwrap().next() else { break };
+                let Some((i, (k, mode))) = queue.lock().unwrap().next() else {
+                    break;
+                };
                 let (vmlinux, initrd) = &images[k];
                 let result = vm(&cache, k, mode, vmlinux, initrd);
                 done.lock().unwrap().push((i, result));
@@ -137,9 +152,17 @@ pub fn vm_test(opts: Options) -> Result<()> {
     outcomes.sort_by_key(|(i, _)| *i);
     let outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
     println!("\n{}", report::table(&outcomes));
-    let bad: Vec<String> = outcomes.iter().filter(|o| !o.ok()).map(|o| format!("{} {}", o.target, o.mode)).collect();
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| format!("{} {}", o.target, o.mode))
+        .collect();
     if !bad.is_empty() {
-        bail!("the kernel matrix failed on {}; console logs in {}", bad.join(", "), cache.join("logs").display());
+        bail!(
+            "the kernel matrix failed on {}; console logs in {}",
+            bad.join(", "),
+            cache.join("logs").display()
+        );
     }
     Ok(())
 }
@@ -155,7 +178,10 @@ struct Binaries {
 
 impl Binaries {
     fn all(&self) -> Vec<PathBuf> {
-        std::iter::once(&self.qtrace).chain(self.tests.iter().map(|t| &t.1)).cloned().collect()
+        std::iter::once(&self.qtrace)
+            .chain(self.tests.iter().map(|t| &t.1))
+            .cloned()
+            .collect()
     }
 }
 
@@ -167,12 +193,20 @@ fn build() -> Result<Binaries> {
     ensure!(out.status.success(), "building qtrace's tests failed");
     let (mut qtrace, mut tests, mut workdir) = (None, Vec::new(), None);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str()) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str())
+        else {
+            continue;
+        };
         let unit = v["target"]["kind"] != serde_json::json!(["test"]);
         if v["profile"]["test"] == true {
             tests.push((!unit, name.to_string(), PathBuf::from(exe)));
-            workdir = v["manifest_path"].as_str().and_then(|m| Path::new(m).parent()).map(Path::to_path_buf);
+            workdir = v["manifest_path"]
+                .as_str()
+                .and_then(|m| Path::new(m).parent())
+                .map(Path::to_path_buf);
         } else if name == "qtrace" {
             qtrace = Some(PathBuf::from(exe));
         }
@@ -198,7 +232,11 @@ fn tests_script(b: &Binaries, filter: &[String], guest: bool) -> String {
         quote(&b.qtrace.to_string_lossy()),
         quote(&b.workdir.to_string_lossy())
     );
-    for (name, exe) in b.tests.iter().filter(|(n, _)| !guest || !HOST_ONLY.contains(&n.as_str())) {
+    for (name, exe) in b
+        .tests
+        .iter()
+        .filter(|(n, _)| !guest || !HOST_ONLY.contains(&n.as_str()))
+    {
         let _ = writeln!(
             s,
             "echo '{MARK} begin {name}'\ntimeout -s KILL {BINARY_TIMEOUT} {} --test-threads=1 --color never {} 2>&1\n\
@@ -228,7 +266,10 @@ fn native(cache: &Path, mode: &str) -> Result<Outcome> {
 fn vm(cache: &Path, kernel: &str, mode: &str, vmlinux: &Path, initrd: &Path) -> Result<Outcome> {
     let t = Instant::now();
     let log = cache.join(format!("logs/{kernel}-{mode}.console.log"));
-    let cmdline = format!("vmtest.attach={mode} vmtest.timeout={}", VM_TIMEOUT.as_secs());
+    let cmdline = format!(
+        "vmtest.attach={mode} vmtest.timeout={}",
+        VM_TIMEOUT.as_secs()
+    );
     let (console, finished) = qemu::boot(vmlinux, initrd, &cmdline, &log, VM_TIMEOUT)?;
     let mut o = report::parse(kernel, mode, &console, finished);
     o.seconds = t.elapsed().as_secs_f64();
@@ -238,6 +279,13 @@ fn vm(cache: &Path, kernel: &str, mode: &str, vmlinux: &Path, initrd: &Path) -> 
 
 fn progress(o: &Outcome) {
     let (passed, failed, secs) = (o.passed, o.failed.len(), o.seconds);
-    let problem = o.problem.as_deref().map(|p| format!("; {p}")).unwrap_or_default();
-    eprintln!("vm-test: {} ({}): {passed} passed, {failed} failed ({secs:.0}s){problem}", o.target, o.mode);
+    let problem = o
+        .problem
+        .as_deref()
+        .map(|p| format!("; {p}"))
+        .unwrap_or_default();
+    eprintln!(
+        "vm-test: {} ({}): {passed} passed, {failed} failed ({secs:.0}s){problem}",
+        o.target, o.mode
+    );
 }

@@ -46,7 +46,9 @@ fn visit(
     if builtin.contains(&name) || order.contains(&name) {
         return Ok(());
     }
-    let file = files.get(&name).with_context(|| format!("module {name} is neither built in nor in the package"))?;
+    let file = files
+        .get(&name)
+        .with_context(|| format!("module {name} is neither built in nor in the package"))?;
     let ko = out.join(format!("{name}.ko"));
     let tool = match file.extension().and_then(|e| e.to_str()) {
         Some("xz") => Some("xz"),
@@ -55,12 +57,27 @@ fn visit(
         _ => None,
     };
     match tool {
-        Some(tool) => fs::write(&ko, filter(Command::new(tool).arg("-dc"), &fs::read(file)?)?)?,
+        Some(tool) => fs::write(
+            &ko,
+            filter(Command::new(tool).arg("-dc"), &fs::read(file)?)?,
+        )?,
         None => drop(fs::copy(file, &ko)?),
     }
-    let deps = Command::new("modinfo").args(["-F", "depends"]).arg(&ko).output()?;
-    ensure!(deps.status.success(), "modinfo {}: {}", ko.display(), String::from_utf8_lossy(&deps.stderr));
-    for dep in String::from_utf8_lossy(&deps.stdout).trim().split(',').filter(|d| !d.is_empty()) {
+    let deps = Command::new("modinfo")
+        .args(["-F", "depends"])
+        .arg(&ko)
+        .output()?;
+    ensure!(
+        deps.status.success(),
+        "modinfo {}: {}",
+        ko.display(),
+        String::from_utf8_lossy(&deps.stderr)
+    );
+    for dep in String::from_utf8_lossy(&deps.stdout)
+        .trim()
+        .split(',')
+        .filter(|d| !d.is_empty())
+    {
         visit(dep, files, builtin, out, order)?;
     }
     order.push(name);
@@ -82,5 +99,8 @@ fn index(dir: &Path, files: &mut BTreeMap<String, PathBuf>) -> Result<()> {
 /// `.../nf_tables.ko.xz` → `nf_tables` (module names use `_` where files may use `-`).
 fn name_of(path: &Path) -> String {
     let file = path.file_name().unwrap_or_default().to_string_lossy();
-    file.split(".ko").next().unwrap_or_default().replace('-', "_")
+    file.split(".ko")
+        .next()
+        .unwrap_or_default()
+        .replace('-', "_")
 }

@@ -12,10 +12,24 @@ use anyhow::{Context, Result};
 
 /// Boots `vmlinux` with `initrd`; the console is written to `log` as it comes and returned,
 /// with false when the VM was still running after `timeout` (it is killed).
-pub fn boot(vmlinux: &Path, initrd: &Path, cmdline: &str, log: &Path, timeout: Duration) -> Result<(String, bool)> {
+pub fn boot(
+    vmlinux: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(String, bool)> {
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
-        .args(["-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"])
+        .args([
+            "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(vmlinux)
         .arg("-initrd")

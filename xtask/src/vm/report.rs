@@ -17,7 +17,6 @@ pub struct Outcome {
     pub release: Option<String>,
     pub tiers: BTreeMap<String, String>,
     pub passed: usize,
-    pub ignored: usize,
     /// Test (`binary::name`) and what it printed when it failed.
     pub failed: Vec<(String, String)>,
     /// Why the run itself did not finish (VM timeout, guest crash, no probe report).
@@ -37,10 +36,10 @@ struct Binary<'a> {
     name: &'a str,
     lines: Vec<&'a str>,
     passed: usize,
-    ignored: usize,
     failed: Vec<&'a str>,
     pending: Option<&'a str>,
-    summary: Option<(usize, usize)>,
+    /// The passed count of libtest's summary line.
+    summary: Option<usize>,
 }
 
 impl<'a> Binary<'a> {
@@ -48,15 +47,15 @@ impl<'a> Binary<'a> {
         self.lines.push(line);
         // `test result: FAILED. 25 passed; 1 failed; 0 ignored; …`
         if let Some(counts) = line.strip_prefix("test result: ") {
-            let n = |what: &str| {
-                let count = counts.split(';').find_map(|c| c.trim().strip_suffix(what));
-                count?.split_whitespace().last()?.parse().ok()
-            };
-            self.summary = n(" passed").zip(n(" ignored"));
+            let passed = counts.split(';').find_map(|c| c.strip_suffix(" passed"));
+            self.summary = passed.and_then(|p| p.split_whitespace().last()?.parse().ok());
             return;
         }
         // `test NAME ... RESULT`; output of a test's children may split it over lines.
-        let (name, result) = match line.strip_prefix("test ").and_then(|r| r.split_once(" ... ")) {
+        let (name, result) = match line
+            .strip_prefix("test ")
+            .and_then(|r| r.split_once(" ... "))
+        {
             Some((name, result)) => (name, result.trim()),
             None => match self.pending {
                 Some(name) => (name, line.trim()),
@@ -67,7 +66,7 @@ impl<'a> Binary<'a> {
         match result {
             "ok" => self.passed += 1,
             "FAILED" => self.failed.push(name),
-            r if r.starts_with("ignored") => self.ignored += 1,
+            r if r.starts_with("ignored") => {}
             _ => self.pending = Some(name),
         }
     }
@@ -80,7 +79,8 @@ impl<'a> Binary<'a> {
         };
         let frame = |l: &str| {
             let l = l.trim_start();
-            l.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+            l.split_once(": ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
                 || l.starts_with("at ")
                 || l.eq_ignore_ascii_case("stack backtrace:")
                 || l.starts_with("note: Some details are omitted")
@@ -97,8 +97,15 @@ impl<'a> Binary<'a> {
 
 /// The last `n` non-blank-ended lines of `lines`.
 fn tail(lines: &[&str], n: usize) -> String {
-    let end = lines.iter().rposition(|l| !l.trim().is_empty()).map_or(0, |e| e + 1);
-    let start = lines[..end].iter().position(|l| !l.trim().is_empty()).unwrap_or(0).max(end.saturating_sub(n));
+    let end = lines
+        .iter()
+        .rposition(|l| !l.trim().is_empty())
+        .map_or(0, |e| e + 1);
+    let start = lines[..end]
+        .iter()
+        .position(|l| !l.trim().is_empty())
+        .unwrap_or(0)
+        .max(end.saturating_sub(n));
     lines[start..end].join("\n")
 }
 
@@ -109,7 +116,6 @@ pub fn parse(target: &str, mode: &str, console: &str, finished: bool) -> Outcome
         release: None,
         tiers: BTreeMap::new(),
         passed: 0,
-        ignored: 0,
         failed: Vec::new(),
         problem: None,
         seconds: 0.0,
@@ -130,22 +136,30 @@ pub fn parse(target: &str, mode: &str, console: &str, finished: bool) -> Outcome
                     o.release = v["kernel"].as_str().map(str::to_string);
                     for p in v["probes"].as_array().into_iter().flatten() {
                         let tier = p["tier"].as_str().unwrap_or("unavailable");
-                        o.tiers.insert(p["probe"].as_str().unwrap_or("?").into(), tier.into());
+                        o.tiers
+                            .insert(p["probe"].as_str().unwrap_or("?").into(), tier.into());
                     }
                 }
                 Err(_) => o.problem = Some(format!("`qtrace probes` failed: {rest}")),
             },
-            "begin" => bin = Some(Binary { name: rest, ..Default::default() }),
+            "begin" => {
+                bin = Some(Binary {
+                    name: rest,
+                    ..Default::default()
+                })
+            }
             "end" => {
                 let Some(b) = bin.take() else { continue };
                 let exit = rest.rsplit("exit=").next().unwrap_or("?");
-                let (passed, ignored) = b.summary.unwrap_or((b.passed, b.ignored));
-                o.passed += passed;
-                o.ignored += ignored;
+                o.passed += b.summary.unwrap_or(b.passed);
                 let mut failed = b.failed.clone();
                 // Names libtest lists under the last `failures:` (lines it may have split).
                 if b.summary.is_some() {
-                    let list = b.lines.iter().rposition(|l| *l == "failures:").map_or(&[][..], |i| &b.lines[i + 1..]);
+                    let list = b
+                        .lines
+                        .iter()
+                        .rposition(|l| *l == "failures:")
+                        .map_or(&[][..], |i| &b.lines[i + 1..]);
                     for name in list.iter().filter_map(|l| l.strip_prefix("    ")) {
                         if !name.contains(' ') && !failed.contains(&name) {
                             failed.push(name);
@@ -155,9 +169,16 @@ pub fn parse(target: &str, mode: &str, console: &str, finished: bool) -> Outcome
                 for t in &failed {
                     o.failed.push((format!("{}::{t}", b.name), b.excerpt(t)));
                 }
-                if exit != "0" && failed.is_empty() {
-                    let during = b.pending.map(|t| format!(", during {t}")).unwrap_or_default();
-                    o.failed.push((format!("{} (exit {exit}{during})", b.name), tail(&b.lines, 25)));
+                // Killed (timeout) or crashed: no summary, or no failure to blame.
+                if exit != "0" && (failed.is_empty() || b.summary.is_none()) {
+                    let during = b
+                        .pending
+                        .map(|t| format!(", during {t}"))
+                        .unwrap_or_default();
+                    o.failed.push((
+                        format!("{} (exit {exit}{during})", b.name),
+                        tail(&b.lines, 25),
+                    ));
                 }
             }
             "module" => o.problem = Some(format!("module {rest}")),
@@ -167,7 +188,11 @@ pub fn parse(target: &str, mode: &str, console: &str, finished: bool) -> Outcome
     }
     if !done {
         let lines: Vec<&str> = console.lines().collect();
-        let why = if finished { "the guest stopped before the tests ended" } else { "timed out (VM killed)" };
+        let why = if finished {
+            "the guest stopped before the tests ended"
+        } else {
+            "timed out (VM killed)"
+        };
         o.problem = Some(why.into());
         o.failed.push((format!("({why})"), tail(&lines, 30)));
     } else if o.release.is_none() && o.problem.is_none() {
@@ -183,11 +208,23 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     s += " PASSED FAILED  TIME\n";
     for o in outcomes {
-        let _ = write!(s, "{:<8} {:<28} {:<10}", o.target, o.release.as_deref().unwrap_or("?"), o.mode);
+        let _ = write!(
+            s,
+            "{:<8} {:<28} {:<10}",
+            o.target,
+            o.release.as_deref().unwrap_or("?"),
+            o.mode
+        );
         for p in PROBES {
             let _ = write!(s, " {:<11}", o.tiers.get(p).map_or("?", String::as_str));
         }
-        let _ = write!(s, " {:>6} {:>6} {:>4.0}s", o.passed, o.failed.len(), o.seconds);
+        let _ = write!(
+            s,
+            " {:>6} {:>6} {:>4.0}s",
+            o.passed,
+            o.failed.len(),
+            o.seconds
+        );
         if let Some(problem) = &o.problem {
             let _ = write!(s, "  {problem}");
         }
@@ -203,4 +240,56 @@ pub fn table(outcomes: &[Outcome]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_tiers_results_panics_and_killed_binaries() {
+        let console = r#"Booting from ROM..@@vm-test probes {"kernel":"6.1.0-56-cloud-amd64","probes":[{"probe":"syn","tier":"fentry"},{"probe":"accept","tier":null}]}
+@@vm-test begin queues
+
+running 3 tests
+test a ... ok
+test b ... output of a child
+FAILED
+test c ... ignored
+
+failures:
+
+---- b stdout ----
+
+thread 'b' (7) panicked at qtrace/tests/queues.rs:1:1:
+boom
+stack backtrace:
+   0: __rustc::rust_begin_unwind
+note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.
+
+
+failures:
+    b
+
+test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.00s
+
+@@vm-test end queues exit=101
+@@vm-test begin detach
+test d ... 
+@@vm-test end detach exit=137
+@@vm-test done
+"#;
+        let o = super::parse("6.1", "best", console, true);
+        assert_eq!(o.release.as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(
+            (o.tiers["syn"].as_str(), o.tiers["accept"].as_str()),
+            ("fentry", "unavailable")
+        );
+        assert_eq!(o.passed, 1);
+        let names: Vec<&str> = o.failed.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(names, ["queues::b", "detach (exit 137, during d)"]);
+        assert_eq!(
+            o.failed[0].1,
+            "thread 'b' (7) panicked at qtrace/tests/queues.rs:1:1:\nboom"
+        );
+        assert!(!o.ok() && o.problem.is_none());
+    }
 }
