@@ -26,7 +26,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("pkill", "procps"),
     ("bash", "bash"),
-    ("modinfo", "kmod"),
     ("strip", "binutils"),
 ];
 
