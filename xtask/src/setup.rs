@@ -27,6 +27,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("pkill", "procps"),
     ("bash", "bash"),
     ("strip", "binutils"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn setup() -> Result<()> {
