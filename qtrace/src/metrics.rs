@@ -121,6 +121,8 @@ impl std::fmt::Debug for Families {
 
 enum Value {
     Counter(u64),
+    /// A counter of seconds.
+    Seconds(f64),
     Gauge(i64),
     Info,
     Histogram {
@@ -166,6 +168,7 @@ impl Collector for Families {
 fn encode_value(mut e: MetricEncoder, value: &Value) -> Result<(), std::fmt::Error> {
     match value {
         Value::Counter(v) => ConstCounter::new(*v).encode(e),
+        Value::Seconds(v) => ConstCounter::new(*v).encode(e),
         Value::Gauge(v) => ConstGauge::new(*v).encode(e),
         Value::Histogram {
             sum,
@@ -391,6 +394,31 @@ fn self_families(out: &mut Vec<Family>, scrape: &Scrape, probes: &[ProbeStatus],
         "Network namespaces whose queues could not be sampled (entering them needs CAP_SYS_ADMIN).",
         scrape.netns_unreadable,
     ));
+    if let Some(programs) = &scrape.programs {
+        out.push(Family {
+            name: "qtrace_bpf_program_runs",
+            help: "Invocations of each attached program (kernel.bpf_stats_enabled=1).",
+            kind: MetricType::Counter,
+            samples: programs
+                .iter()
+                .map(|p| (vec![("program", p.name.clone())], Value::Counter(p.runs)))
+                .collect(),
+        });
+        out.push(Family {
+            name: "qtrace_bpf_program_run_seconds",
+            help: "Time spent in each attached program (kernel.bpf_stats_enabled=1).",
+            kind: MetricType::Counter,
+            samples: programs
+                .iter()
+                .map(|p| {
+                    (
+                        vec![("program", p.name.clone())],
+                        Value::Seconds(p.run_time.as_secs_f64()),
+                    )
+                })
+                .collect(),
+        });
+    }
     out.push(Family {
         name: "qtrace_probe",
         help: "The attach tier each probe got on this kernel.",

@@ -82,6 +82,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let state = Arc::new(AppState {
         scraper: Scraper::new(
             tracer.counters.clone(),
+            tracer.program_ids.clone(),
             tracer.probes.clone(),
             daemon.filter.clone(),
         ),

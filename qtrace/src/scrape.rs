@@ -48,8 +48,17 @@ pub struct ListenerView {
     pub owner: Option<Owner>,
 }
 
+/// One attached program's run statistics (kernel.bpf_stats_enabled=1).
+pub struct ProgramRuntime {
+    pub name: String,
+    pub runs: u64,
+    pub run_time: Duration,
+}
+
 pub struct Scrape {
     pub listeners: Vec<ListenerView>,
+    /// None when the kernel does not collect them (kernel.bpf_stats_enabled=0).
+    pub programs: Option<Vec<ProgramRuntime>>,
     pub self_stats: [u64; SelfStat::COUNT],
     /// Network namespaces whose queues could not be sampled (no CAP_SYS_ADMIN, or gone).
     pub netns_unreadable: usize,
@@ -57,6 +66,7 @@ pub struct Scrape {
 
 pub struct Scraper {
     pub counters: std::sync::Arc<KernelCounters>,
+    pub program_ids: Vec<u32>,
     pub probes: Vec<ProbeStatus>,
     pub vis: Visibility,
     owners: Mutex<Owners>,
@@ -66,10 +76,12 @@ pub struct Scraper {
 impl Scraper {
     pub fn new(
         counters: std::sync::Arc<KernelCounters>,
+        program_ids: Vec<u32>,
         probes: Vec<ProbeStatus>,
         filter: Filter,
     ) -> Self {
         Self {
+            program_ids,
             vis: Visibility::of(&probes),
             counters,
             probes,
@@ -128,9 +140,28 @@ impl Scraper {
         }
         Ok(Scrape {
             listeners: rows.into_values().collect(),
+            programs: self.program_runtimes(),
             self_stats: self.counters.self_stats()?,
             netns_unreadable,
         })
+    }
+}
+
+impl Scraper {
+    fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
+        let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+        if enabled.trim() != "1" {
+            return None;
+        }
+        let mine = aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| self.program_ids.contains(&p.id()))
+            .map(|p| ProgramRuntime {
+                name: p.name_as_str().unwrap_or("?").to_string(),
+                runs: p.run_count(),
+                run_time: p.run_time(),
+            });
+        Some(mine.collect())
     }
 }
 

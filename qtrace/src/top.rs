@@ -295,6 +295,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
         let tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
         let scraper = Scraper::new(
             tracer.counters.clone(),
+            tracer.program_ids.clone(),
             tracer.probes.clone(),
             Default::default(),
         );

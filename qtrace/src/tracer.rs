@@ -19,6 +19,8 @@ pub struct Tracer {
     pub probes: Vec<ProbeStatus>,
     /// The counter maps, shared with whoever reads them (table, scrapes).
     pub counters: std::sync::Arc<KernelCounters>,
+    /// Kernel ids of the programs attached, for their run-time statistics.
+    pub program_ids: Vec<u32>,
 }
 
 impl Tracer {
@@ -29,10 +31,15 @@ impl Tracer {
         // SAFETY: malloc_trim only releases free heap memory.
         unsafe { libc::malloc_trim(0) };
         let counters = KernelCounters::take(&mut ebpf)?.into();
+        let program_ids = ebpf
+            .programs()
+            .filter_map(|(_, p)| Some(p.info().ok()?.id()))
+            .collect();
         Ok(Self {
             ebpf,
             probes,
             counters,
+            program_ids,
         })
     }
 }

@@ -499,3 +499,35 @@ impl Drop for Cgroup {
         let _ = std::fs::remove_dir(&self.0);
     }
 }
+
+/// With kernel.bpf_stats_enabled=1 the daemon exports each attached program's runs and run
+/// time; without, it exports none (never zeros for what the kernel does not measure).
+#[test]
+fn bpf_program_run_time_follows_the_kernel_switch() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (server, port) = listener(&ns, "127.0.0.1", 8);
+    let stats = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(stats).unwrap();
+    std::fs::write(stats, "1").unwrap();
+    ns.drop_final_acks(&[port]);
+    let _half_open = connect(&ns, "127.0.0.1", port, 1);
+    thread::sleep(Duration::from_millis(1500)); // one SYN-ACK retransmit
+    let on = http_get(&q.web(), "/metrics", None).1;
+    std::fs::write(stats, "0").unwrap();
+    let off = http_get(&q.web(), "/metrics", None).1;
+    std::fs::write(stats, was.trim()).unwrap();
+    drop(server);
+    q.stop(libc::SIGTERM);
+    let prog = [("program", "qt_synack_tp")];
+    assert!(
+        sample(&on, "qtrace_bpf_program_runs_total", &prog).unwrap_or(0.0) >= 1.0,
+        "{on}"
+    );
+    assert!(
+        sample(&on, "qtrace_bpf_program_run_seconds_total", &prog).unwrap_or(0.0) > 0.0,
+        "{on}"
+    );
+    assert!(!off.contains("qtrace_bpf_program_runs_total"), "{off}");
+}
