@@ -17,6 +17,27 @@ use crate::probes::Tier;
 /// Read when it exists and no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/qtrace/qtrace.toml";
 
+/// Where `events` and `top` get their data: the daemon's local socket, or probes of their own.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SourceArgs {
+    /// The daemon's events socket.
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
+    pub socket: PathBuf,
+    /// Run probes of its own instead of asking the daemon (needs the daemon's privileges).
+    #[arg(long)]
+    pub standalone: bool,
+    #[command(flatten)]
+    pub tracer: TracerArgs,
+}
+
+impl SourceArgs {
+    /// The probes of a `--standalone` run, configured like the daemon's.
+    pub fn start_tracer(&self) -> Result<crate::tracer::Tracer> {
+        let (file, _) = FileConfig::load(None)?;
+        crate::tracer::Tracer::start(&self.tracer.resolve(&file.tracer)?)
+    }
+}
+
 /// How the kernel side is loaded (shared by `run` and `probes`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
 #[serde(default)]

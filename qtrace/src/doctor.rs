@@ -249,7 +249,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
             .iter()
             .find(|l| l["netns"] == netns && l["port"] == port && l["addr"] == addr.to_string())
     };
-    let mut owners = Owners::new(Duration::ZERO);
+    let mut owners = Owners::default();
     let inodes: Vec<u32> = namespaces
         .iter()
         .flat_map(|n| n.listeners.iter().map(|l| l.inode))

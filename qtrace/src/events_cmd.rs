@@ -3,7 +3,6 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -12,23 +11,16 @@ use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    config::SourceArgs,
     events::{self, Clock, Record},
     hub::{self, Request},
     ring::EventRing,
-    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct EventsOptions {
-    /// The daemon's events socket.
-    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
-    pub socket: PathBuf,
-    /// Run probes of its own instead of asking the daemon (needs the daemon's privileges).
-    #[arg(long)]
-    pub standalone: bool,
     #[command(flatten)]
-    pub tracer: TracerArgs,
+    pub source: SourceArgs,
     /// JSON Lines (the schema of `qtrace run --print --json` events) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -84,7 +76,7 @@ pub async fn events(opts: EventsOptions) -> Result<()> {
         json: opts.json,
         filter: opts.filter.clone(),
     };
-    let done = if opts.standalone {
+    let done = if opts.source.standalone {
         standalone(&opts, &mut out).await
     } else {
         from_daemon(&opts, &mut out).await
@@ -148,7 +140,7 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let stream = hub::request(&opts.socket, &Request::Events { since_ns })?;
+    let stream = hub::request(&opts.source.socket, &Request::Events { since_ns })?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {
@@ -190,8 +182,7 @@ fn monotonic_ns() -> u64 {
 async fn standalone(opts: &EventsOptions, out: &mut Output) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let (file, _) = FileConfig::load(None)?;
-    let mut tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
+    let mut tracer = opts.source.start_tracer()?;
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let clock = Clock::new();
     loop {

@@ -56,7 +56,9 @@ impl Hub {
             live: broadcast::channel(per_reader).0,
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             owners: RwLock::new(HashMap::new()),
-            owners_stale: AtomicBool::new(false),
+            // Unknown until the first refresh, which thereby runs at start: it also warms the
+            // scraper's owner cache, so the first /metrics scrape is not the slow one.
+            owners_stale: AtomicBool::new(true),
         })
     }
 

@@ -57,17 +57,19 @@ pub fn all() -> Vec<Namespace> {
 pub fn run_in<T: Send>(ns: &Namespace, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     std::thread::scope(|scope| {
         scope
-            .spawn(|| {
-                let file =
-                    File::open(&ns.path).with_context(|| format!("open {}", ns.path.display()))?;
-                // SAFETY: a namespace fd we own; only this short-lived thread moves.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("enter network namespace {}", ns.inode));
-                }
-                f()
-            })
+            .spawn(|| enter(ns).and_then(|()| f()))
             .join()
             .unwrap_or_else(|_| anyhow::bail!("thread for namespace {} panicked", ns.inode))
     })
+}
+
+/// Moves the calling thread into `ns`: only for a thread of its own, which then stays there.
+pub fn enter(ns: &Namespace) -> Result<()> {
+    let file = File::open(&ns.path).with_context(|| format!("open {}", ns.path.display()))?;
+    // SAFETY: a namespace fd we own; the caller's thread is the only one that moves.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("enter network namespace {}", ns.inode));
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Mutex, time::Duration};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use qtrace_common::{ListenerKey, SelfStat};
 use serde::Serialize;
 
@@ -85,8 +85,7 @@ impl Scraper {
             vis: Visibility::of(&probes),
             counters,
             probes,
-            // A rescan walks every process's fds: at most once a second, and only for new sockets.
-            owners: Mutex::new(Owners::new(Duration::from_secs(1))),
+            owners: Mutex::new(Owners::default()),
             filter: Mutex::new(filter),
         }
     }
@@ -166,22 +165,44 @@ impl Scraper {
 }
 
 /// Listeners of every namespace; entering other namespaces needs CAP_SYS_ADMIN, and those
-/// that cannot be entered are counted, not guessed.
+/// that cannot be entered are counted, not guessed. Each dump walks the kernel's listening
+/// hash, which all namespaces share, so namespaces are sampled a few at a time in parallel.
 fn sample_all_namespaces() -> (Vec<(u32, ListenerQueues)>, usize) {
     let own = netns::own().ok();
+    let namespaces = netns::all();
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::new();
     let mut unreadable = 0;
-    for ns in netns::all() {
-        let sampled = if own.as_ref().is_some_and(|o| o.inode == ns.inode) {
-            sockdiag::listeners()
-        } else {
-            netns::run_in(&ns, sockdiag::listeners)
-        };
-        match sampled {
-            Ok(ls) => out.extend(ls.into_iter().map(|l| (ns.inode, l))),
-            Err(e) => {
-                tracing::debug!("netns {}: {e:#}", ns.inode);
-                unreadable += 1;
+    for batch in namespaces.chunks(parallel) {
+        let sampled: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = batch
+                .iter()
+                .map(|ns| {
+                    let mine = own.as_ref().is_some_and(|o| o.inode == ns.inode);
+                    scope.spawn(move || {
+                        if mine {
+                            sockdiag::listeners()
+                        } else {
+                            netns::enter(ns).and_then(|()| sockdiag::listeners())
+                        }
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(anyhow!("sampling panicked")))
+                })
+                .collect()
+        });
+        for (ns, sampled) in batch.iter().zip(sampled) {
+            match sampled {
+                Ok(ls) => out.extend(ls.into_iter().map(|l| (ns.inode, l))),
+                Err(e) => {
+                    tracing::debug!("netns {}: {e:#}", ns.inode);
+                    unreadable += 1;
+                }
             }
         }
     }

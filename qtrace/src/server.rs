@@ -1,8 +1,11 @@
 //! The HTTP endpoints: /metrics, /healthz, /api/listeners.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
 };
 
 use axum::{
@@ -64,25 +67,36 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let scrape = match collect(&state).await {
-        Ok(s) => s,
-        Err(e) => return failed(e),
-    };
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
-    let s = &state.scraper;
-    let body = metrics::render(
-        &scrape,
-        &s.probes,
-        s.vis,
-        state.max_series.load(Ordering::Relaxed),
-        openmetrics,
-    );
+    // Rendering thousands of listeners takes milliseconds: off the event loop, like collecting.
+    let s = state.clone();
+    let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let t = Instant::now();
+        let scrape = s.scraper.collect()?;
+        let collected = t.elapsed();
+        let sc = &s.scraper;
+        let max_series = s.max_series.load(Ordering::Relaxed);
+        let body = metrics::render(&scrape, &sc.probes, sc.vis, max_series, openmetrics);
+        tracing::debug!(
+            listeners = scrape.listeners.len(),
+            ?collected,
+            rendered = ?(t.elapsed() - collected),
+            "scrape"
+        );
+        Ok(body)
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
+    let body = match rendered {
+        Ok(b) => b,
+        Err(e) => return failed(e),
+    };
     let kind = if openmetrics { OPENMETRICS } else { CLASSIC };
-    drop(scrape);
     let response = ([(header::CONTENT_TYPE, kind)], body).into_response();
     trim_heap();
     response

@@ -2,7 +2,7 @@
 //! (`ss -lnt` uses the same interface): the accept queue's length and limit from the
 //! listener itself, the SYN queue's length by counting its request sockets.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use netlink_packet_core::{
@@ -52,32 +52,47 @@ pub fn listeners() -> Result<Vec<ListenerQueues>> {
             }
         }
     }
+    let index = ListenerIndex::new(&listeners);
     for (addr, port) in requests {
-        if let Some(l) = owning_listener(&mut listeners, addr, port) {
-            l.synq_len += 1;
+        if let Some(i) = index.find(&listeners, addr, port) {
+            listeners[i].synq_len += 1;
         }
     }
     Ok(listeners)
 }
 
-/// The listener a request socket belongs to: same port, same address or a wildcard one
-/// (an IPv6 wildcard also takes IPv4 peers unless it is v6-only; the exact match wins).
-fn owning_listener(
-    ls: &mut [ListenerQueues],
-    addr: IpAddr,
-    port: u16,
-) -> Option<&mut ListenerQueues> {
-    let peer = canonical(addr);
-    let exact = ls
-        .iter()
-        .position(|l| l.port == port && canonical(l.addr) == peer);
-    let wildcard = || {
-        ls.iter().position(|l| {
-            l.port == port && l.addr.is_unspecified() && (l.addr.is_ipv6() || peer.is_ipv4())
+/// Finds the listener a request socket belongs to: same port, same address or a wildcard
+/// one (an IPv6 wildcard also takes IPv4 peers unless it is v6-only; the exact match wins).
+/// Indexed: a SYN flood leaves thousands of requests, and a host may have thousands of listeners.
+struct ListenerIndex {
+    exact: HashMap<(u16, IpAddr), usize>,
+    wildcard: HashMap<u16, Vec<usize>>,
+}
+
+impl ListenerIndex {
+    fn new(ls: &[ListenerQueues]) -> Self {
+        let mut index = Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for (i, l) in ls.iter().enumerate() {
+            index.exact.entry((l.port, canonical(l.addr))).or_insert(i);
+            if l.addr.is_unspecified() {
+                index.wildcard.entry(l.port).or_default().push(i);
+            }
+        }
+        index
+    }
+
+    fn find(&self, ls: &[ListenerQueues], addr: IpAddr, port: u16) -> Option<usize> {
+        let peer = canonical(addr);
+        self.exact.get(&(port, peer)).copied().or_else(|| {
+            let wild = self.wildcard.get(&port)?;
+            wild.iter()
+                .copied()
+                .find(|&i| ls[i].addr.is_ipv6() || peer.is_ipv4())
         })
-    };
-    let i = exact.or_else(wildcard)?;
-    ls.get_mut(i)
+    }
 }
 
 fn canonical(addr: IpAddr) -> IpAddr {
@@ -166,22 +181,21 @@ mod tests {
             synq_len: 0,
             inode: 0,
         };
-        let mut ls = vec![
+        let ls = vec![
             l("0.0.0.0", 80),
             l("127.0.0.1", 80),
             l("::", 443),
             l("::1", 22),
         ];
-        let v4: IpAddr = "127.0.0.1".parse().unwrap();
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        assert_eq!(owning_listener(&mut ls, v4, 80).unwrap().addr, v4);
-        assert_eq!(
-            owning_listener(&mut ls, "10.0.0.1".parse().unwrap(), 80)
-                .unwrap()
-                .port,
-            80
-        );
-        assert_eq!(owning_listener(&mut ls, mapped, 443).unwrap().port, 443);
-        assert!(owning_listener(&mut ls, v4, 22).is_none());
+        let index = ListenerIndex::new(&ls);
+        let owner = |addr: &str, port| {
+            let i = index.find(&ls, addr.parse().unwrap(), port)?;
+            Some(ls[i].addr.to_string())
+        };
+        assert_eq!(owner("127.0.0.1", 80).as_deref(), Some("127.0.0.1"));
+        assert_eq!(owner("10.0.0.1", 80).as_deref(), Some("0.0.0.0"));
+        assert_eq!(owner("::ffff:10.0.0.1", 443).as_deref(), Some("::"));
+        assert_eq!(owner("::ffff:127.0.0.1", 80).as_deref(), Some("127.0.0.1"));
+        assert_eq!(owner("127.0.0.1", 22), None);
     }
 }

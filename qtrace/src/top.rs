@@ -17,24 +17,12 @@ use crossterm::{
 };
 use serde_json::Value;
 
-use crate::{
-    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
-    hub,
-    scrape::Scraper,
-    server::snapshot_json,
-    tracer::Tracer,
-};
+use crate::{config::SourceArgs, hub, scrape::Scraper, server::snapshot_json, tracer::Tracer};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TopOptions {
-    /// The daemon's events socket.
-    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
-    pub socket: PathBuf,
-    /// Run probes of its own instead of asking the daemon.
-    #[arg(long)]
-    pub standalone: bool,
     #[command(flatten)]
-    pub tracer: TracerArgs,
+    pub source: SourceArgs,
     /// Print one table (rates over --interval) as plain text and exit.
     #[arg(long)]
     pub once: bool,
@@ -290,9 +278,8 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
 }
 
 pub fn top(opts: TopOptions) -> Result<()> {
-    let source = if opts.standalone {
-        let (file, _) = FileConfig::load(None)?;
-        let tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
+    let source = if opts.source.standalone {
+        let tracer = opts.source.start_tracer()?;
         let scraper = Scraper::new(
             tracer.counters.clone(),
             tracer.program_ids.clone(),
@@ -301,7 +288,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
         );
         Source::Local(Box::new(scraper), tracer)
     } else {
-        Source::Daemon(opts.socket.clone())
+        Source::Daemon(opts.source.socket.clone())
     };
     let mut prev = source.snapshot()?;
     if opts.once || !io::stdout().is_terminal() {

@@ -10,17 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{connect, delta, http_get, listener, require_root, sample, sh, Netns, Qtrace};
-
-/// ACK-time overflows plus SYN-ACK retransmits on a backlog-1 listener (see handshake.rs).
-fn overflow_scenario(ns: &Netns, port: u16) {
-    ns.drop_final_acks(&[port]);
-    let held = connect(ns, "127.0.0.1", port, 2);
-    ns.allow_acks();
-    let fill = connect(ns, "127.0.0.1", port, 2);
-    thread::sleep(Duration::from_millis(1500));
-    std::mem::forget((held, fill));
-}
+use common::{
+    connect, delta, http_get, listener, require_root, sample, sh, AckOverflow, Netns, Qtrace,
+};
 
 fn promtool_check_metrics(text: &str) {
     let mut child = Command::new("promtool")
@@ -50,11 +42,12 @@ fn metrics_equal_the_kernel_counters() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    let (server, port) = listener(&ns, "127.0.0.1", 1);
-    let before = ns.tcp_ext();
-    overflow_scenario(&ns, port);
-    drop(server);
-    let after = ns.tcp_ext();
+    let AckOverflow {
+        port,
+        before,
+        after,
+        ..
+    } = AckOverflow::provoke(&ns, "127.0.0.1");
 
     let (status, text) = http_get(&qtrace.web(), "/metrics", None);
     assert_eq!(status, 200);
@@ -279,11 +272,12 @@ fn prometheus_scrapes_the_drop_series() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    let (server, port) = listener(&ns, "127.0.0.1", 1);
-    let before = ns.tcp_ext();
-    overflow_scenario(&ns, port);
-    drop(server);
-    let after = ns.tcp_ext();
+    let AckOverflow {
+        port,
+        before,
+        after,
+        ..
+    } = AckOverflow::provoke(&ns, "127.0.0.1");
     let dir = std::env::temp_dir().join(format!("qtrace-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");

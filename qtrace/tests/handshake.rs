@@ -2,9 +2,9 @@
 //! each test creates, where `/proc/net/netstat` counts only what the test did.
 mod common;
 
-use std::{io::Read, net::TcpStream, thread, time::Duration};
+use std::{io::Read, thread, time::Duration};
 
-use common::{connect, delta, listener, local_ports, require_root, Netns, Qtrace};
+use common::{connect, delta, listener, local_ports, require_root, AckOverflow, Netns, Qtrace};
 
 /// Final ACKs dropped by nftables: the listener retransmits SYN-ACKs, and qtrace's count for
 /// that listener must equal the namespace's TCPSynRetrans, each event naming listener and client.
@@ -73,20 +73,6 @@ fn synack_retransmits_ipv6() {
     synack_retransmits("::1");
 }
 
-/// Fills the accept queue while two handshakes wait on their final ACK: when those ACKs come
-/// (after the first SYN-ACK retransmit) the accept queue is full and the kernel drops them.
-/// Returns the clients whose ACKs overflowed.
-fn overflow_at_ack(ns: &Netns, ip: &'static str, port: u16) -> Vec<TcpStream> {
-    ns.drop_final_acks(&[port]);
-    let held = connect(ns, ip, port, 2);
-    ns.allow_acks();
-    // backlog 1 holds two children (full means more than the backlog); these complete at once.
-    let _fill = connect(ns, ip, port, 2);
-    thread::sleep(Duration::from_millis(1500));
-    std::mem::forget(_fill); // keep the accept queue full until the namespace goes
-    held
-}
-
 #[test]
 fn accept_queue_overflow_at_final_ack() {
     require_root();
@@ -97,18 +83,10 @@ fn accept_queue_overflow_at_final_ack() {
         qtrace.ready
     );
     let ns = Netns::new();
-    let (server, port) = listener(&ns, "127.0.0.1", 1);
-    let before = ns.tcp_ext();
-    let held = overflow_at_ack(&ns, "127.0.0.1", port);
-    drop(server);
-    let after = ns.tcp_ext();
+    let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let out = qtrace.stop(libc::SIGTERM);
 
-    let overflows = delta(&before, &after, "ListenOverflows");
-    assert!(
-        overflows >= 2,
-        "the scenario provoked only {overflows} ACK-time overflows"
-    );
+    let (port, overflows) = (o.port, o.overflows());
     let counters = out.counters(&ns, "127.0.0.1", port);
     assert_eq!(
         counters["drop_accept_queue_full_ack"], overflows,
@@ -117,7 +95,7 @@ fn accept_queue_overflow_at_final_ack() {
     assert_eq!(counters["overflow_resets"], 0, "{counters}");
     let events = out.events_of(&ns, "ack_drop_accept_queue_full");
     assert_eq!(events.len() as u64, overflows, "{events:?}");
-    let ports = local_ports(&held);
+    let ports = local_ports(&o.held);
     for e in &events {
         assert!(
             ports.contains(&e["rport"].as_u64().unwrap()),
@@ -139,18 +117,10 @@ fn abort_on_overflow_resets_the_client() {
     );
     let ns = Netns::new();
     ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
-    let (server, port) = listener(&ns, "127.0.0.1", 1);
-    let before = ns.tcp_ext();
-    let held = overflow_at_ack(&ns, "127.0.0.1", port);
-    drop(server);
-    let after = ns.tcp_ext();
+    let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let out = qtrace.stop(libc::SIGINT);
 
-    let overflows = delta(&before, &after, "ListenOverflows");
-    assert!(
-        overflows >= 2,
-        "the scenario provoked only {overflows} ACK-time overflows"
-    );
+    let (port, overflows) = (o.port, o.overflows());
     let counters = out.counters(&ns, "127.0.0.1", port);
     assert_eq!(
         counters["drop_accept_queue_full_ack"], overflows,
@@ -158,7 +128,7 @@ fn abort_on_overflow_resets_the_client() {
     );
     assert_eq!(counters["overflow_resets"], overflows, "{counters}");
     assert_eq!(out.events_of(&ns, "overflow_reset").len() as u64, overflows);
-    for mut c in held {
+    for mut c in o.held {
         let err = c
             .read(&mut [0; 1])
             .expect_err("the client should have been reset");

@@ -205,6 +205,47 @@ impl Drop for Netns {
     }
 }
 
+/// A backlog-1 listener in `ns` whose final ACKs hit a full accept queue: two handshakes
+/// wait on their final ACK (dropped by nftables) while two more fill the queue; when the held
+/// ACKs come, after the first SYN-ACK retransmit, the kernel drops them. With the namespace's
+/// TcpExt counters around it; the clients stay open until the namespace goes.
+pub struct AckOverflow {
+    pub port: u16,
+    /// The clients whose final ACKs overflowed.
+    pub held: Vec<TcpStream>,
+    pub before: HashMap<String, u64>,
+    pub after: HashMap<String, u64>,
+}
+
+impl AckOverflow {
+    pub fn provoke(ns: &Netns, ip: &'static str) -> Self {
+        let (server, port) = listener(ns, ip, 1);
+        let before = ns.tcp_ext();
+        ns.drop_final_acks(&[port]);
+        let held = connect(ns, ip, port, 2);
+        ns.allow_acks();
+        // backlog 1 holds two children (full means more than the backlog); these complete at once.
+        let fill = connect(ns, ip, port, 2);
+        thread::sleep(Duration::from_millis(1500));
+        std::mem::forget(fill);
+        drop(server);
+        let after = ns.tcp_ext();
+        Self {
+            port,
+            held,
+            before,
+            after,
+        }
+    }
+
+    /// ListenOverflows at the final ACK, as the namespace counted them; at least the two held.
+    pub fn overflows(&self) -> u64 {
+        let n = delta(&self.before, &self.after, "ListenOverflows");
+        assert!(n >= 2, "the scenario provoked only {n} ACK-time overflows");
+        n
+    }
+}
+
 /// The delta of one TcpExt counter between two readings.
 pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
     after[name] - before[name]
