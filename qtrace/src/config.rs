@@ -7,6 +7,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -126,6 +127,10 @@ pub struct DaemonArgs {
     /// many it missed [default: 1024].
     #[arg(long, env = "QTRACE_EVENTS_READER_QUEUE")]
     pub events_reader_queue: Option<u32>,
+    /// How often every listener's queues are sampled for the last hour's history that
+    /// `qtrace doctor` reports (e.g. 10s) [default: 10s].
+    #[arg(long, env = "QTRACE_QUEUE_SAMPLE_INTERVAL", value_name = "DURATION")]
+    pub queue_sample_interval: Option<String>,
 }
 
 pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
@@ -139,6 +144,7 @@ pub struct DaemonOptions {
     pub events_socket: PathBuf,
     pub events_socket_group: Option<String>,
     pub events_reader_queue: usize,
+    pub queue_sample_interval: Duration,
 }
 
 /// Which listeners are exported.
@@ -306,6 +312,30 @@ impl DaemonArgs {
                         format!("{n}: must be 1 to 1000000"),
                     ))
                 }
+            },
+            queue_sample_interval: match self
+                .queue_sample_interval
+                .as_ref()
+                .or(file.queue_sample_interval.as_ref())
+            {
+                None => Duration::from_secs(10),
+                Some(text) => match humantime::parse_duration(text) {
+                    Ok(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(600) => d,
+                    Ok(_) => {
+                        return Err(invalid(
+                            "queue_sample_interval",
+                            "queue-sample-interval",
+                            format!("{text}: must be 100ms to 10m"),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(invalid(
+                            "queue_sample_interval",
+                            "queue-sample-interval",
+                            format!("{text}: {e} (write e.g. 10s)"),
+                        ))
+                    }
+                },
             },
             listen,
             max_listener_series: max_listener_series as usize,

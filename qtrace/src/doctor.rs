@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
     config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    history::LastHour,
     hub, netns,
     owners::{Owner, Owners},
     probe_report::kernel_release,
@@ -231,6 +232,10 @@ fn namespaces() -> (Vec<Namespace>, usize) {
 
 pub fn doctor(opts: DoctorOptions) -> Result<()> {
     let daemon = hub::listeners_snapshot(&opts.socket).ok();
+    let sample_interval = daemon
+        .as_ref()
+        .and_then(|d| d["queue_sample_interval_seconds"].as_f64())
+        .unwrap_or_default();
     let probes = match &daemon {
         Some(d) => d["probes"].clone(),
         None => match FileConfig::load(None)
@@ -261,14 +266,23 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
         for l in &ns.listeners {
             let lim = limits(l.acceptq_max, &ns.sysctls, rule);
             let owner = owners.get(&l.inode);
-            let counters = counted(ns.inode, &l.addr, l.port).map(|c| c["counters"].clone());
+            let seen = counted(ns.inode, &l.addr, l.port);
+            let counters = seen.map(|c| c["counters"].clone());
+            let last_hour: Option<LastHour> =
+                seen.and_then(|c| serde_json::from_value(c["last_hour"].clone()).ok());
             let name = listener_name(owner, &l.addr, l.port, ns.inode);
-            advise(&mut advice, &name, l, &lim, &ns.sysctls, counters.as_ref());
+            let evidence = Evidence {
+                counters: counters.as_ref(),
+                last_hour: last_hour.as_ref(),
+                sample_interval,
+            };
+            advise(&mut advice, &name, l, &lim, &ns.sysctls, &evidence);
             listeners.push(json!({
                 "netns": ns.inode, "addr": l.addr.to_string(), "port": l.port, "owner": owner,
                 "accept_queue": { "len": l.acceptq_len, "limit": lim.accept_limit, "backlog": lim.backlog },
                 "syn_queue": { "len": l.synq_len, "limit": lim.syn_limit, "rule": lim.syn_rule },
                 "counters": counters,
+                "last_hour": last_hour,
             }));
         }
     }
@@ -302,6 +316,35 @@ fn listener_name(owner: Option<&Owner>, addr: &IpAddr, port: u16, netns: u32) ->
     }
 }
 
+/// What the daemon knows of a listener, when one runs.
+struct Evidence<'a> {
+    /// Counts since the daemon started.
+    counters: Option<&'a Value>,
+    last_hour: Option<&'a LastHour>,
+    sample_interval: f64,
+}
+
+impl Evidence<'_> {
+    /// "; at its limit in 37% of the last hour (sampled every 10 s), 1204 handshakes dropped
+    /// in that time", or nothing without a daemon.
+    fn accept_queue_history(&self) -> String {
+        let Some(h) = self.last_hour.filter(|h| h.samples > 0) else {
+            return String::new();
+        };
+        let span = match h.sampled_seconds {
+            s if s >= 3600.0 => "the last hour".to_string(),
+            s if s >= 120.0 => format!("the last {:.0} min", s / 60.0),
+            s => format!("the last {s:.1} s"),
+        };
+        format!(
+            "; at its limit in {:.0}% of {span} (sampled every {} s), {} handshakes dropped in that time",
+            h.accept_queue_at_limit * 100.0,
+            self.sample_interval,
+            h.drops
+        )
+    }
+}
+
 /// Advice from evidence: the queues now and what the daemon counted, never boilerplate.
 fn advise(
     out: &mut Vec<Value>,
@@ -309,13 +352,17 @@ fn advise(
     l: &ListenerQueues,
     lim: &Limits,
     sysctl: &BTreeMap<String, String>,
-    counters: Option<&Value>,
+    evidence: &Evidence,
 ) {
+    let counters = evidence.counters;
     let n = |k: &str| counters.and_then(|c| c[k].as_u64()).unwrap_or(0);
     let sys = |k: &str| sysctl.get(k).cloned().unwrap_or_default();
     let accept_drops = n("drop_accept_queue_full_syn") + n("drop_accept_queue_full_ack");
     let mut say = |text: String| out.push(json!({ "listener": who, "advice": text }));
-    if accept_drops > 0 || (lim.accept_limit > 0 && l.acceptq_len >= lim.accept_limit) {
+    let was_full = evidence
+        .last_hour
+        .is_some_and(|h| h.accept_queue_at_limit > 0.0);
+    if accept_drops > 0 || was_full || (lim.accept_limit > 0 && l.acceptq_len >= lim.accept_limit) {
         let cap = match lim.backlog {
             Backlog::AtLeast(_) => format!(
                 "raise net.core.somaxconn (now {} caps it) and the listen() backlog",
@@ -326,9 +373,11 @@ fn advise(
             }
         };
         say(format!(
-            "accept queue {}/{} now, {accept_drops} connections dropped for a full accept queue: the \
-             application accepts too slowly for its load; {cap}",
-            l.acceptq_len, lim.accept_limit
+            "accept queue {}/{} now{}; {accept_drops} connections dropped for a full accept queue \
+             since qtrace started: the application accepts too slowly for its load; {cap}",
+            l.acceptq_len,
+            lim.accept_limit,
+            evidence.accept_queue_history()
         ));
     }
     if n("drop_syn_queue_full") > 0 && sys("net/ipv4/tcp_syncookies") == "0" {

@@ -6,6 +6,7 @@ mod config;
 mod doctor;
 mod events;
 mod events_cmd;
+mod history;
 mod hub;
 mod listener;
 mod metrics;

@@ -5,7 +5,7 @@
 use std::{
     io::{self, Write},
     path::PathBuf,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
@@ -19,6 +19,7 @@ use tokio::{
 use crate::{
     config::{DaemonArgs, FileConfig, TracerArgs},
     events::{self, Clock},
+    history::History,
     hub::{self, Hub},
     ring::EventRing,
     scrape::ListenerId,
@@ -87,6 +88,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             daemon.filter.clone(),
         ),
         max_series: daemon.max_listener_series.into(),
+        history: Mutex::new(History::new(
+            daemon.queue_sample_interval,
+            daemon.max_listener_series,
+        )),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let hub = Hub::new(daemon.events_reader_queue);
@@ -97,6 +102,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         stop_rx.clone(),
     ));
     tokio::spawn(refresh_owners(hub.clone(), state.clone(), stop_rx.clone()));
+    tokio::spawn(sample_queues(state.clone(), stop_rx.clone()));
     let server = {
         let app = server::router(state.clone());
         tokio::spawn(async move {
@@ -164,8 +170,8 @@ fn reload(opts: &RunOptions, path: Option<&std::path::Path>, state: &AppState) {
                 .max_series
                 .store(daemon.max_listener_series, Ordering::Relaxed);
             tracing::info!(
-                "reloaded the config file (filters, max_listener_series); the listen address \
-                 and tracer settings take effect at restart"
+                "reloaded the config file (filters, max_listener_series); the listen address, \
+                 queue_sample_interval and tracer settings take effect at restart"
             );
         }
         Err(e) => tracing::error!("config reload failed, keeping the running settings: {e:#}"),
@@ -192,6 +198,24 @@ async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Re
                     .collect(),
             ),
             Err(e) => tracing::debug!("owner refresh: {e:#}"),
+        }
+    }
+}
+
+/// Every listener's queues at a fixed interval, for the last hour's history (fixed, so the
+/// share of samples is a share of time, whatever the scrape rate).
+async fn sample_queues(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let every = state.history.lock().unwrap().interval();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match server::collect(&state).await {
+            Ok(scrape) => state.history.lock().unwrap().record(&scrape),
+            Err(e) => tracing::debug!("queue sample: {e:#}"),
         }
     }
 }

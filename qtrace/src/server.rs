@@ -3,7 +3,7 @@
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Instant,
 };
@@ -18,6 +18,7 @@ use axum::{
 use serde_json::json;
 
 use crate::{
+    history::History,
     metrics,
     scrape::{Scrape, Scraper},
     snapshot::{accept_wait_json, counters_json},
@@ -27,6 +28,7 @@ pub struct AppState {
     pub scraper: Scraper,
     /// Reloadable with SIGHUP.
     pub max_series: AtomicUsize,
+    pub history: Mutex<History>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -116,11 +118,16 @@ async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
 /// Every listener with its counters, queues and owner: /api/listeners and the events socket.
 pub async fn listeners_json(state: &Arc<AppState>) -> anyhow::Result<serde_json::Value> {
     let scrape = collect(state).await?;
-    Ok(snapshot_json(&state.scraper, &scrape))
+    let history = state.history.lock().unwrap();
+    Ok(snapshot_json(&state.scraper, &scrape, Some(&history)))
 }
 
 /// The snapshot's JSON form (also what `qtrace top`/`doctor` read).
-pub fn snapshot_json(scraper: &Scraper, scrape: &Scrape) -> serde_json::Value {
+pub fn snapshot_json(
+    scraper: &Scraper,
+    scrape: &Scrape,
+    history: Option<&History>,
+) -> serde_json::Value {
     let vis = scraper.vis;
     let listeners: Vec<_> = scrape
         .listeners
@@ -138,11 +145,13 @@ pub fn snapshot_json(scraper: &Scraper, scrape: &Scrape) -> serde_json::Value {
                     "syn_len": q.synq_len,
                 })),
                 "owner": v.owner,
+                "last_hour": history.and_then(|h| h.last_hour(&v.id, History::drops(v.stats.as_ref()))),
             })
         })
         .collect();
     json!({
         "type": "listeners",
+        "queue_sample_interval_seconds": history.map(|h| h.interval().as_secs_f64()),
         "probes": scraper.probes,
         "listeners": listeners,
         "netns_unreadable": scrape.netns_unreadable,

@@ -71,7 +71,7 @@ impl Source {
     fn snapshot(&self) -> Result<Value> {
         match self {
             Source::Daemon(socket) => hub::listeners_snapshot(socket),
-            Source::Local(scraper, _) => Ok(snapshot_json(scraper, &scraper.collect()?)),
+            Source::Local(scraper, _) => Ok(snapshot_json(scraper, &scraper.collect()?, None)),
         }
     }
 }

@@ -5,13 +5,18 @@ mod common;
 
 use std::{os::fd::AsRawFd, process::Command, time::Duration};
 
-use common::{connect_nonblocking, listener, require_root, Netns};
+use common::{connect_nonblocking, listener, require_root, Netns, Qtrace};
 use serde_json::Value;
 use socket2::Socket;
 
 fn doctor() -> Value {
+    doctor_of("/nonexistent/qtrace.sock")
+}
+
+/// The report, with what the daemon listening on `socket` has seen.
+fn doctor_of(socket: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-        .args(["doctor", "--json", "--socket", "/nonexistent/qtrace.sock"])
+        .args(["doctor", "--json", "--socket", socket])
         .output()
         .unwrap();
     assert!(
@@ -139,4 +144,37 @@ fn advice_names_the_full_accept_queue_and_abort_on_overflow() {
             .any(|a| a.contains("raise the listen() backlog (now 2")),
         "{advice:?}"
     );
+}
+
+/// With a daemon sampling the queues, the advice says for how much of the recent past the
+/// accept queue was at its limit, not only how it is now.
+#[test]
+fn advice_reports_the_share_of_time_the_accept_queue_was_full() {
+    require_root();
+    let qtrace = Qtrace::start(&["--queue-sample-interval", "100ms"]);
+    let ns = Netns::new();
+    let (_server, port) = listener(&ns, "127.0.0.1", 2);
+    let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: full from now on
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = doctor_of(&qtrace.events_socket());
+    let l = find(&report, &ns, port);
+    let hour = &l["last_hour"];
+    assert!(hour["samples"].as_u64().unwrap() >= 5, "{l}");
+    // Every sample since the clients connected found the queue full; one or two (on an
+    // emulated CPU) may have come between listen() and the connects.
+    let samples = hour["samples"].as_f64().unwrap();
+    let share = hour["accept_queue_at_limit"].as_f64().unwrap();
+    assert!(share >= (samples - 2.0) / samples, "{l}");
+    assert_eq!(hour["drops"], 0, "{l}");
+    let sampled = samples * 0.1;
+    let advice = format!(
+        "accept queue 3/2 now; at its limit in {:.0}% of the last {sampled:.1} s (sampled every 0.1 s), \
+         0 handshakes dropped in that time; 0 connections dropped",
+        share * 100.0
+    );
+    assert!(
+        report["advice"].to_string().contains(&advice),
+        "{advice} not in {report}"
+    );
+    qtrace.stop(libc::SIGTERM);
 }
