@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use crate::run;
 
 /// Tools the tests run inside the guest (the real ones: busybox's `ip` cannot do everything).
-const TOOLS: [&str; 4] = ["ip", "nft", "bpftool", "setpriv"];
+const TOOLS: [&str; 5] = ["ip", "nft", "bpftool", "setpriv", "bash"];
 
 /// Modules the tests need that Debian's cloud kernels build as modules (a host loads them on
 /// demand; the guest has no modprobe): nftables, and sock_diag for TCP.

@@ -18,7 +18,15 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 /// The suites that exercise the kernel side (the daemon/CLI suites need more of a userland).
-const SUITES: [&str; 6] = ["qtrace", "handshake", "queues", "detach", "cli", "doctor"];
+const SUITES: [&str; 7] = [
+    "qtrace",
+    "handshake",
+    "queues",
+    "detach",
+    "cli",
+    "doctor",
+    "events",
+];
 
 #[derive(clap::Args)]
 pub struct Options {
