@@ -29,6 +29,9 @@ enum Task {
     VmTest(matrix::Options),
     /// Measure qtrace's cost (writes BENCHMARKS.md); --smoke checks the harness only.
     Bench(bench::Options),
+    /// Inside the benchmark's guest kernel: the interleaved churn rounds (see `bench`).
+    #[command(hide = true)]
+    BenchGuest(bench::GuestOptions),
     /// Install qtrace as a systemd service: binary, unit, example config.
     Install {
         #[arg(long, default_value = "/usr/local")]
@@ -43,9 +46,14 @@ enum Task {
 
 fn main() {
     let cli = Cli::parse();
-    // Paths below are relative to the workspace root, wherever cargo was invoked from.
+    // Paths below are relative to the workspace root, wherever cargo was invoked from (a
+    // benchmark guest has no workspace).
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    if let Err(e) = std::env::set_current_dir(root)
+    let in_workspace = match cli.task {
+        Task::BenchGuest(_) => Ok(()),
+        _ => std::env::set_current_dir(root),
+    };
+    if let Err(e) = in_workspace
         .map_err(Into::into)
         .and_then(|()| dispatch(cli.task))
     {
@@ -83,6 +91,7 @@ fn dispatch(task: Task) -> Result<()> {
             setup::setup()?;
             bench::bench(opts)
         }
+        Task::BenchGuest(opts) => bench::guest(opts),
         Task::Run { args } => {
             setup::setup()?;
             run(Command::new("cargo").args([

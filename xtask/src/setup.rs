@@ -8,7 +8,7 @@ use crate::{run, sh_ok};
 /// bpf-linker must match the kernel programs' LLVM: it is built against nightly's own libLLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and the kernel matrix use (command they provide, package).
+/// Debian packages the tests and the kernel matrix use (command or file they provide, package).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
@@ -28,6 +28,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bash", "bash"),
     ("strip", "binutils"),
     ("systemd-analyze", "systemd"),
+    // The benchmark's peers, and the C headers their scripts include, run in the 6.12 guest.
+    ("bpftrace", "bpftrace"),
+    ("/usr/include/x86_64-linux-gnu/sys/socket.h", "libc6-dev"),
 ];
 
 pub fn setup() -> Result<()> {
@@ -99,7 +102,7 @@ fn bpf_linker() -> Result<()> {
 fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(cmd, _)| !sh_ok(&format!("command -v {cmd}")))
+        .filter(|(cmd, _)| !sh_ok(&format!("command -v {cmd} || test -e {cmd}")))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {

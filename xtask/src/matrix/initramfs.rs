@@ -1,5 +1,5 @@
 //! The guest's initramfs: busybox, the real tools the tests call, the test binaries at their
-//! host paths, every library they link, the kernel modules nftables needs, and /init.
+//! host paths, every library they link, data files, the kernel modules nftables needs, and /init.
 
 use std::{
     collections::BTreeSet,
@@ -24,6 +24,7 @@ pub fn build(
     out: &Path,
     modules: &[(String, Vec<u8>)],
     binaries: &[PathBuf],
+    files: &[PathBuf],
     init: &str,
 ) -> Result<()> {
     let root = out.with_extension("d");
@@ -59,6 +60,12 @@ pub fn build(
         fs::create_dir_all(dest.parent().unwrap())?;
         fs::copy(&lib, &dest).with_context(|| format!("copy {}", lib.display()))?;
     }
+    // Data the binaries read (scripts, headers), copied as they are at their host paths.
+    for f in files {
+        let dest = under(&root, f);
+        fs::create_dir_all(dest.parent().unwrap())?;
+        run(Command::new("cp").arg("-a").arg(f).arg(&dest))?;
+    }
     let mut order = String::new();
     for (name, ko) in modules {
         fs::write(root.join("modules").join(format!("{name}.ko")), ko)?;
@@ -84,7 +91,7 @@ fn under(root: &Path, abs: &Path) -> PathBuf {
     root.join(abs.strip_prefix("/").unwrap_or(abs))
 }
 
-fn which(tool: &str) -> Result<PathBuf> {
+pub fn which(tool: &str) -> Result<PathBuf> {
     let out = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()?;

@@ -2,8 +2,9 @@
 //! QEMU and natively, and a table of kernel × attach mode → tier per probe, tests passed.
 
 mod initramfs;
+pub use initramfs::which;
 mod kernels;
-mod qemu;
+pub mod qemu;
 
 use std::{
     collections::BTreeMap,
@@ -80,26 +81,15 @@ pub fn vm_test(opts: Options) -> Result<()> {
         if k == "native" || images.contains_key(k) {
             continue;
         }
-        let (_, suite) = kernels::SUITES
-            .iter()
-            .find(|(l, _)| l == k)
-            .with_context(|| format!("unknown kernel {k}: use 5.10, 6.1, 6.12, native or all"))?;
-        let t = Instant::now();
-        let kernel = kernels::fetch(&cache, k, suite)?;
-        let modules = kernels::module_closure(&kernel.modules, &initramfs::MODULES)?;
-        let initrd = cache.join(format!("initramfs-{k}.cpio"));
-        initramfs::build(
-            &initrd,
-            &modules,
+        let image = guest_image(
+            &cache,
+            k,
+            "",
             &binaries.all(),
+            &[],
             &init_script(&binaries, filter.as_deref()),
         )?;
-        eprintln!(
-            "vm-test: {} ready in {:.1}s",
-            kernel.label,
-            t.elapsed().as_secs_f64()
-        );
-        images.insert(k.clone(), (kernel, initrd));
+        images.insert(k.clone(), image);
     }
     // Two VMs at a time: two cores, and `-M pc` guests share them well.
     let mut outcomes = Vec::new();
@@ -110,7 +100,7 @@ pub fn vm_test(opts: Options) -> Result<()> {
                 let (k, m) = (k.clone(), m.clone());
                 let image = images
                     .get(&k)
-                    .map(|(kern, initrd)| (kern.vmlinux.clone(), initrd.clone()));
+                    .map(|i: &GuestImage| (i.vmlinux.clone(), i.initrd.clone()));
                 let binaries = binaries.clone();
                 let filter = filter.clone();
                 let logs = cache.join("logs");
@@ -140,6 +130,54 @@ pub fn vm_test(opts: Options) -> Result<()> {
     }
     Ok(())
 }
+
+/// A kernel to boot and the initramfs made for it.
+pub struct GuestImage {
+    pub label: String,
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Debian's kernel `k` (5.10, 6.1, 6.12) from the cache, and an initramfs (named with `tag`)
+/// holding `binaries` with their libraries, `files` as they are, the modules the tests need
+/// and `init`.
+pub fn guest_image(
+    cache: &Path,
+    k: &str,
+    tag: &str,
+    binaries: &[PathBuf],
+    files: &[PathBuf],
+    init: &str,
+) -> Result<GuestImage> {
+    let (_, suite) = kernels::SUITES
+        .iter()
+        .find(|(l, _)| *l == k)
+        .with_context(|| format!("unknown kernel {k}: use 5.10, 6.1, 6.12, native or all"))?;
+    let t = Instant::now();
+    let kernel = kernels::fetch(cache, k, suite)?;
+    let modules = kernels::module_closure(&kernel.modules, &initramfs::MODULES)?;
+    let initrd = cache.join(format!("initramfs-{tag}{k}.cpio"));
+    initramfs::build(&initrd, &modules, binaries, files, init)?;
+    eprintln!(
+        "vm-test: {} ready in {:.1}s",
+        kernel.label,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(GuestImage {
+        label: kernel.label,
+        vmlinux: kernel.vmlinux,
+        initrd,
+    })
+}
+
+/// The start of every guest's /init: filesystems, /run/netns, loopback, the modules.
+pub const INIT_PROLOGUE: &str = "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+     mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+     mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns\n\
+     mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug\n\
+     mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+     ip link set lo up\n\
+     for m in $(cat /modules/order); do insmod /modules/$m.ko || echo \"@@QTRACE module $m failed\"; done\n";
 
 #[derive(Clone)]
 struct Binaries {
@@ -189,18 +227,10 @@ fn build_test_binaries() -> Result<Binaries> {
 
 /// The guest's /init: mounts, modules, the probe report, each suite, power off.
 fn init_script(b: &Binaries, filter: Option<&str>) -> String {
-    let mut s = String::from(
-        "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns\n\
-         mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug\n\
-         mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
-         ip link set lo up\n\
-         for m in $(cat /modules/order); do insmod /modules/$m.ko || echo \"@@QTRACE module $m failed\"; done\n\
-         ATTACH=$(sed -n 's/.*qtrace.attach=\\([a-z]*\\).*/\\1/p' /proc/cmdline)\n\
-         [ \"$ATTACH\" = best ] && ATTACH=fentry\n\
-         export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n",
-    );
+    let mut s = String::from(INIT_PROLOGUE);
+    s += "ATTACH=$(sed -n 's/.*qtrace.attach=\\([a-z]*\\).*/\\1/p' /proc/cmdline)\n\
+          [ \"$ATTACH\" = best ] && ATTACH=fentry\n\
+          export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n";
     let _ = writeln!(
         s,
         "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"",
@@ -230,6 +260,7 @@ fn run_one(
                 &vmlinux,
                 &initrd,
                 &format!("qtrace.attach={mode}"),
+                1024,
                 Duration::from_secs(900),
             )?;
             let problem = if !finished {

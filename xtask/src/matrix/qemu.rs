@@ -9,17 +9,18 @@ use std::{
 
 use anyhow::{Context, Result};
 
-/// Boots `kernel` with `initrd`, returns the console output; kills the VM after `timeout`.
+/// Boots `kernel` with `initrd` and `memory_mib` of RAM, returns the console output; kills the
+/// VM after `timeout`.
 pub fn boot(
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
+    memory_mib: u32,
     timeout: Duration,
 ) -> Result<(String, bool)> {
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1",
-        ])
+        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args(["-m", &memory_mib.to_string()])
         .args([
             "-nodefaults",
             "-nographic",
