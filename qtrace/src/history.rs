@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::scrape::{ListenerId, Scrape};
 
-const MINUTES: u64 = 60;
+const MINUTES: u32 = 60;
 
 const DROPS: [Counter; 4] = [
     Counter::DropSynQueueFull,
@@ -22,16 +22,19 @@ const DROPS: [Counter; 4] = [
     Counter::DropOther,
 ];
 
-/// One listener's tally for one minute.
+/// One listener's tally for one minute: 16 bytes, so a listener's hour is under 1 KiB (at
+/// most 600 samples a minute, at the shortest interval).
 struct Minute {
     /// Minutes since the history began.
-    index: u64,
-    samples: u32,
+    index: u32,
+    samples: u16,
     /// Samples where the accept queue held its limit or more.
-    at_limit: u32,
+    at_limit: u16,
     /// The listener's drop count (every reason) when the minute began.
     drops_before: u64,
 }
+
+const _: () = assert!(size_of::<Minute>() == 16);
 
 pub struct History {
     start: Instant,
@@ -68,7 +71,7 @@ impl History {
 
     /// Adds one sample of every listener in `scrape` whose queues were read.
     pub fn record(&mut self, scrape: &Scrape) {
-        let now = self.start.elapsed().as_secs() / 60;
+        let now = (self.start.elapsed().as_secs() / 60) as u32;
         for v in &scrape.listeners {
             let Some(q) = &v.queues else { continue };
             if !self.listeners.contains_key(&v.id) && self.listeners.len() >= self.cap {
@@ -86,7 +89,7 @@ impl History {
             }
             let m = minutes.back_mut().expect("pushed above");
             m.samples += 1;
-            m.at_limit += u32::from(q.acceptq_max > 0 && q.acceptq_len >= q.acceptq_max);
+            m.at_limit += u16::from(q.acceptq_max > 0 && q.acceptq_len >= q.acceptq_max);
         }
         for minutes in self.listeners.values_mut() {
             while minutes.front().is_some_and(|m| m.index + MINUTES <= now) {
@@ -99,13 +102,13 @@ impl History {
     /// The listener's last hour; `drops_now` is its drop count at this moment.
     pub fn last_hour(&self, id: &ListenerId, drops_now: u64) -> Option<LastHour> {
         let minutes = self.listeners.get(id)?;
-        let samples: u32 = minutes.iter().map(|m| m.samples).sum();
-        let at_limit: u32 = minutes.iter().map(|m| m.at_limit).sum();
+        let samples: u32 = minutes.iter().map(|m| u32::from(m.samples)).sum();
+        let at_limit: u32 = minutes.iter().map(|m| u32::from(m.at_limit)).sum();
         let first = minutes.front()?;
         Some(LastHour {
             sampled_seconds: (self.interval * samples)
                 .as_secs_f64()
-                .min((MINUTES * 60) as f64),
+                .min(f64::from(MINUTES * 60)),
             samples,
             accept_queue_at_limit: f64::from(at_limit) / f64::from(samples.max(1)),
             drops: drops_now.saturating_sub(first.drops_before),
