@@ -42,6 +42,13 @@ impl Counter {
         Counter::Accepted,
         Counter::EventsRateLimited,
     ];
+    /// The reasons a handshake packet was dropped at the listener; together, ListenDrops.
+    pub const DROPS: [Counter; 4] = [
+        Counter::DropSynQueueFull,
+        Counter::DropAcceptQueueFullSyn,
+        Counter::DropAcceptQueueFullAck,
+        Counter::DropOther,
+    ];
 }
 
 /// Accept-queue wait histogram: bucket 0 holds waits under 1 µs, bucket `b` (b ≥ 1) waits in

@@ -8,19 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qtrace_common::Counter;
 use serde::{Deserialize, Serialize};
 
-use crate::scrape::{ListenerId, Scrape};
+use crate::{
+    scrape::{ListenerId, Scrape},
+    stats::ListenerStats,
+};
 
 const MINUTES: u32 = 60;
-
-const DROPS: [Counter; 4] = [
-    Counter::DropSynQueueFull,
-    Counter::DropAcceptQueueFullSyn,
-    Counter::DropAcceptQueueFullAck,
-    Counter::DropOther,
-];
 
 /// One listener's tally for one minute: 16 bytes, so a listener's hour is under 1 KiB (at
 /// most 600 samples a minute, at the shortest interval).
@@ -77,7 +72,7 @@ impl History {
             if !self.listeners.contains_key(&v.id) && self.listeners.len() >= self.cap {
                 continue;
             }
-            let drops = Self::drops(v.stats.as_ref());
+            let drops = v.stats.as_ref().map_or(0, ListenerStats::drops);
             let minutes = self.listeners.entry(v.id).or_default();
             if minutes.back().is_none_or(|m| m.index != now) {
                 minutes.push_back(Minute {
@@ -114,19 +109,16 @@ impl History {
             drops: drops_now.saturating_sub(first.drops_before),
         })
     }
-
-    /// A listener's drop count now, as [`History::last_hour`] wants it.
-    pub fn drops(stats: Option<&crate::stats::ListenerStats>) -> u64 {
-        stats.map_or(0, |s| DROPS.iter().map(|c| s.get(*c)).sum())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
 
+    use qtrace_common::Counter;
+
     use super::*;
-    use crate::{scrape::ListenerView, sockdiag::ListenerQueues, stats::ListenerStats};
+    use crate::{scrape::ListenerView, sockdiag::ListenerQueues};
 
     fn view(port: u16, len: u32, drops: u64) -> ListenerView {
         let addr: IpAddr = "127.0.0.1".parse().unwrap();

@@ -22,6 +22,7 @@ use crate::{
     metrics,
     scrape::{Scrape, Scraper},
     snapshot::{accept_wait_json, counters_json},
+    stats::ListenerStats,
 };
 
 pub struct AppState {
@@ -145,7 +146,7 @@ pub fn snapshot_json(
                     "syn_len": q.synq_len,
                 })),
                 "owner": v.owner,
-                "last_hour": history.and_then(|h| h.last_hour(&v.id, History::drops(v.stats.as_ref()))),
+                "last_hour": history.and_then(|h| h.last_hour(&v.id, v.stats.as_ref().map_or(0, ListenerStats::drops))),
             })
         })
         .collect();

@@ -20,6 +20,11 @@ impl ListenerStats {
         self.counts[counter as usize]
     }
 
+    /// Drops of every reason.
+    pub fn drops(&self) -> u64 {
+        Counter::DROPS.iter().map(|&c| self.get(c)).sum()
+    }
+
     pub fn empty(key: ListenerKey) -> Self {
         ListenerStats {
             key,

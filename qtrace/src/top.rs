@@ -15,6 +15,7 @@ use crossterm::{
     execute, queue,
     terminal::{self, ClearType},
 };
+use qtrace_common::Counter;
 use serde_json::Value;
 
 use crate::{config::SourceArgs, hub, scrape::Scraper, server::snapshot_json, tracer::Tracer};
@@ -91,13 +92,6 @@ pub struct Row {
     pub wait: Option<(f64, f64)>,
 }
 
-const DROP_COUNTERS: [&str; 4] = [
-    "drop_syn_queue_full",
-    "drop_accept_queue_full_syn",
-    "drop_accept_queue_full_ack",
-    "drop_other",
-];
-
 impl Row {
     fn drops_total(&self) -> f64 {
         self.drops.iter().flatten().sum()
@@ -171,7 +165,7 @@ pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
                     .unwrap_or_default(),
                 acceptq: q["accept_len"].as_u64().zip(q["accept_limit"].as_u64()),
                 synq: q["syn_len"].as_u64(),
-                drops: DROP_COUNTERS.map(rate),
+                drops: Counter::DROPS.map(|c| rate(c.name())),
                 retransmits: rate("synack_retransmits"),
                 cookies: rate("syncookies_sent"),
                 wait: wait_quantiles(&p["accept_wait"], &l["accept_wait"]),
