@@ -158,14 +158,18 @@ pub struct Filter {
 
 impl Filter {
     pub fn admits(&self, netns: u32, port: u16) -> bool {
-        self.include_ports
-            .as_ref()
-            .is_none_or(|s| s.contains(&port))
+        self.admits_netns(netns)
             && self
-                .include_netns
+                .include_ports
                 .as_ref()
-                .is_none_or(|s| s.contains(&netns))
+                .is_none_or(|s| s.contains(&port))
             && !self.exclude_ports.contains(&port)
+    }
+
+    pub fn admits_netns(&self, netns: u32) -> bool {
+        self.include_netns
+            .as_ref()
+            .is_none_or(|s| s.contains(&netns))
             && !self.exclude_netns.contains(&netns)
     }
 }

@@ -1,6 +1,9 @@
 //! Decoding ring-buffer records and rendering them for people and for machines.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use qtrace_common::{Event, EventKind};
 use serde::{Deserialize, Serialize};
@@ -73,7 +76,8 @@ pub struct Record {
     pub synq_len: u32,
     pub synq_max: u32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub owner: Option<Owner>,
+    /// Shared with the daemon's owner map: an event does not copy its strings.
+    pub owner: Option<Arc<Owner>>,
 }
 
 fn kind(ev: &Event) -> EventKind {
@@ -210,11 +214,11 @@ mod tests {
     #[test]
     fn human_line_reads_like_the_kernel_state() {
         let mut r = to_record(&retransmit(), &Clock::new());
-        r.owner = Some(Owner {
+        r.owner = Some(Arc::new(Owner {
             pid: 1234,
             comm: "nginx".into(),
             unit: "nginx.service".into(),
-        });
+        }));
         let line = to_human(&r);
         assert!(line.contains("SYN-ACK retransmit #2"), "{line}");
         assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");

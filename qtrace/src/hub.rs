@@ -44,7 +44,7 @@ pub enum Request {
 pub struct Hub {
     live: broadcast::Sender<Arc<Record>>,
     history: Mutex<VecDeque<Arc<Record>>>,
-    owners: RwLock<HashMap<ListenerId, Owner>>,
+    owners: RwLock<HashMap<ListenerId, Arc<Owner>>>,
     /// An event named a listener whose owner is not known yet.
     owners_stale: AtomicBool,
 }
@@ -82,7 +82,7 @@ impl Hub {
         self.owners_stale.swap(false, Ordering::Relaxed)
     }
 
-    pub fn set_owners(&self, owners: HashMap<ListenerId, Owner>) {
+    pub fn set_owners(&self, owners: HashMap<ListenerId, Arc<Owner>>) {
         *self.owners.write().unwrap() = owners;
     }
 

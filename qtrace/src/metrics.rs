@@ -21,12 +21,11 @@ use crate::{
     stats::{wait_bucket_le_seconds, ListenerStats},
 };
 
-const DROP_REASONS: [(Counter, &str); 4] = [
-    (Counter::DropSynQueueFull, "syn_queue_full"),
-    (Counter::DropAcceptQueueFullSyn, "accept_queue_full_syn"),
-    (Counter::DropAcceptQueueFullAck, "accept_queue_full_ack"),
-    (Counter::DropOther, "other"),
-];
+/// The `reason` label of a drop counter: its name without `drop_` (`syn_queue_full`, …, `other`).
+fn drop_reason(c: Counter) -> &'static str {
+    let name = c.name();
+    name.strip_prefix("drop_").unwrap_or(name)
+}
 
 const LISTENER_COUNTERS: [(Counter, &str, &str); 5] = [
     (
@@ -305,13 +304,13 @@ fn families(
         samples: series
             .iter()
             .flat_map(|s| {
-                DROP_REASONS
-                    .iter()
-                    .filter(|(c, _)| vis.sees(*c))
-                    .map(|(c, reason)| {
+                Counter::DROPS
+                    .into_iter()
+                    .filter(|&c| vis.sees(c))
+                    .map(|c| {
                         (
-                            s.labels.with("reason", *reason),
-                            Value::Counter(s.stats.get(*c)),
+                            s.labels.with("reason", drop_reason(c)),
+                            Value::Counter(s.stats.get(c)),
                         )
                     })
             })
@@ -365,10 +364,14 @@ fn families(
             .iter()
             .filter_map(|v| {
                 let o = v.owner.as_ref()?;
-                let l = listener_labels(v)
-                    .with("pid", o.pid.to_string())
-                    .with("comm", o.comm.clone())
-                    .with("unit", o.unit.clone());
+                let l = Labels {
+                    listener: Listener::Id(v.id),
+                    extra: vec![
+                        ("pid", o.pid.to_string().into()),
+                        ("comm", o.comm.clone().into()),
+                        ("unit", o.unit.clone().into()),
+                    ],
+                };
                 Some((l, Value::Info))
             })
             .collect(),

@@ -194,7 +194,7 @@ async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Re
                 scrape
                     .listeners
                     .into_iter()
-                    .filter_map(|v| Some((v.id, v.owner?)))
+                    .filter_map(|v| Some((v.id, Arc::new(v.owner?))))
                     .collect(),
             ),
             Err(e) => tracing::debug!("owner refresh: {e:#}"),

@@ -109,7 +109,7 @@ impl Scraper {
                 },
             );
         }
-        let (sampled, netns_unreadable) = sample_all_namespaces();
+        let (sampled, netns_unreadable) = sample_all_namespaces(&filter);
         for (netns, queues) in sampled {
             let id = ListenerId {
                 netns,
@@ -167,9 +167,13 @@ impl Scraper {
 /// Listeners of every namespace; entering other namespaces needs CAP_SYS_ADMIN, and those
 /// that cannot be entered are counted, not guessed. Each dump walks the kernel's listening
 /// hash, which all namespaces share, so namespaces are sampled a few at a time in parallel.
-fn sample_all_namespaces() -> (Vec<(u32, ListenerQueues)>, usize) {
+fn sample_all_namespaces(filter: &Filter) -> (Vec<(u32, ListenerQueues)>, usize) {
     let own = netns::own().ok();
-    let namespaces = netns::all();
+    // A namespace the filter excludes is not entered at all.
+    let namespaces: Vec<_> = netns::all()
+        .into_iter()
+        .filter(|ns| filter.admits_netns(ns.inode))
+        .collect();
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::new();
     let mut unreadable = 0;
