@@ -42,12 +42,8 @@ fn metrics_equal_the_kernel_counters() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    let AckOverflow {
-        port,
-        before,
-        after,
-        ..
-    } = AckOverflow::provoke(&ns, "127.0.0.1");
+    let o = AckOverflow::provoke(&ns, "127.0.0.1");
+    let port = o.port;
 
     let (status, text) = http_get(&qtrace.web(), "/metrics", None);
     assert_eq!(status, 200);
@@ -63,15 +59,11 @@ fn metrics_equal_the_kernel_counters() {
         "qtrace_listen_drops_total",
         &with(("reason", "accept_queue_full_ack")),
     );
-    assert_eq!(
-        ack_drops,
-        Some(delta(&before, &after, "ListenOverflows") as f64),
-        "{text}"
-    );
+    assert_eq!(ack_drops, Some(o.overflows() as f64), "{text}");
     let rtx = sample(&text, "qtrace_synack_retransmits_total", &l);
     assert_eq!(
         rtx,
-        Some(delta(&before, &after, "TCPSynRetrans") as f64),
+        Some(delta(&o.before, &o.after, "TCPSynRetrans") as f64),
         "{text}"
     );
     // What this kernel's probes cannot see is absent, not 0.
@@ -272,12 +264,8 @@ fn prometheus_scrapes_the_drop_series() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    let AckOverflow {
-        port,
-        before,
-        after,
-        ..
-    } = AckOverflow::provoke(&ns, "127.0.0.1");
+    let o = AckOverflow::provoke(&ns, "127.0.0.1");
+    let port = o.port;
     let dir = std::env::temp_dir().join(format!("qtrace-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
@@ -307,7 +295,7 @@ fn prometheus_scrapes_the_drop_series() {
     let query = format!(
         "/api/v1/query?query=qtrace_listen_drops_total%7Bport%3D%22{port}%22%2Creason%3D%22accept_queue_full_ack%22%7D"
     );
-    let expected = delta(&before, &after, "ListenOverflows").to_string();
+    let expected = o.overflows().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     let found = loop {
         if let Ok(std::net::TcpStream { .. }) = std::net::TcpStream::connect(&prom_addr) {
