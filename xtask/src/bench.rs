@@ -54,6 +54,8 @@ struct Sizes {
     storm: Duration,
     namespaces: usize,
     listeners_per_ns: usize,
+    /// /metrics scrapes at scale: enough for a p99 that is not just the maximum.
+    scrapes: usize,
     burst: usize,
 }
 
@@ -67,6 +69,7 @@ pub fn bench(opts: Options) -> Result<()> {
             storm: Duration::from_millis(500),
             namespaces: 2,
             listeners_per_ns: 10,
+            scrapes: 5,
             burst: 50,
         }
     } else {
@@ -78,11 +81,11 @@ pub fn bench(opts: Options) -> Result<()> {
             storm: Duration::from_secs(10),
             namespaces: 10,
             listeners_per_ns: 1000,
+            scrapes: 200,
             burst: 5000,
         }
     };
-    run(Command::new("cargo").args(["build", "--quiet", "--release", "--package", "qtrace"]))?;
-    let qtrace = std::fs::canonicalize("target/release/qtrace")?;
+    let qtrace = crate::build_release()?;
     let mut report = header(&opts)?;
     report += &churn(&qtrace, &sizes)?;
     report += &guest_churn(&qtrace, &sizes)?;
@@ -222,7 +225,9 @@ impl Daemon {
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // Its errors (why it did not start) reach the benchmark's stderr.
+            .env("QTRACE_LOG", "error")
+            .stderr(Stdio::inherit())
             .spawn()?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
@@ -275,12 +280,25 @@ impl Daemon {
         Ok((t.elapsed(), body))
     }
 
-    fn stop(mut self) -> Result<()> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait()?;
+    fn stop(self) -> Result<()> {
+        drop(self);
         Ok(())
     }
+}
+
+/// A stopped benchmark leaves nothing attached: on every path out, errors included, the daemon
+/// gets SIGTERM and is waited for.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM);
+    }
+}
+
+/// Signals a child of ours and reaps it.
+fn stop_child(child: &mut Child, signal: i32) {
+    // SAFETY: signalling our own, not yet reaped, child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let _ = child.wait();
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -369,93 +387,83 @@ fn churn_round(ns: &Netns, secs: Duration, clients: usize) -> Result<f64> {
     Ok(n as f64 / elapsed)
 }
 
-/// 1 and 2: connection churn with and without qtrace, interleaved; BPF run time per program.
-fn churn(qtrace: &Path, z: &Sizes) -> Result<String> {
-    let ns = Netns::new("churn")?;
-    let clients = 4;
-    let (mut base, mut traced) = (Vec::new(), Vec::new());
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
-    let mut runtimes: Vec<(String, u64, u64)> = Vec::new();
-    for round in 1..=z.rounds {
-        eprintln!("bench: churn round {round}/{}", z.rounds);
-        base.push(churn_round(&ns, z.round, clients)?);
-        let d = Daemon::start(qtrace, &[])?;
-        traced.push(churn_round(&ns, z.round, clients)?);
-        runtimes = prog_runtimes("qt_")?;
-        d.stop()?;
-    }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-    let (b, t) = (stats(base), stats(traced));
-    let mut s = String::from("## 1. Handshake-path overhead (loopback connection churn)\n\n");
-    let _ = writeln!(s, "{clients} clients connect and reset as fast as they can to an accept loop, {} rounds of {:?} per configuration, interleaved.\n", z.rounds, z.round);
-    s += "| configuration | connections/s (min / median / max) | ratio to no tracer (median) |\n|---|---|---|\n";
-    let _ = writeln!(s, "| no tracer | {} | 1.000 |", fmt3(b));
-    let _ = writeln!(
-        s,
-        "| qtrace (this kernel's tiers) | {} | {:.3} |",
-        fmt3(t),
-        t.1 / b.1
-    );
-    s += "| bpftrace tcpsynbl.bt + tcpaccept.bt | not runnable on this kernel (no kprobes): measured in the 6.12 guest, 1b |  |\n\n";
-    s += "## 2. In-kernel cost per program invocation (kernel.bpf_stats_enabled=1, during the qtrace rounds above)\n\n";
-    s += "| program | invocations | mean ns per invocation |\n|---|---|---|\n";
-    if runtimes.is_empty() {
-        s += "| (none ran) | 0 | 0 |\n";
-    }
-    for (name, cnt, ns_total) in &runtimes {
-        let _ = writeln!(
-            s,
-            "| {name} | {cnt} | {:.0} |",
-            *ns_total as f64 / (*cnt).max(1) as f64
-        );
-    }
-    s += "\nTarget ≤ 250 ns. On this kernel only the tracepoint-tier programs load; the fentry/kprobe ones are measured in the 6.12 guest (1b), in emulated nanoseconds.\n\n";
-    Ok(s)
+/// Clients of the churn: each connects and resets in a loop.
+const CLIENTS: usize = 4;
+
+/// What traces the handshakes during a churn round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    NoTracer,
+    /// qtrace at the best tier this kernel gives each probe.
+    Qtrace,
+    QtraceFentry,
+    QtraceKprobe,
+    /// bpftrace's tcpsynbl.bt and tcpaccept.bt (Debian's bpftrace), side by side.
+    Bpftrace,
 }
 
-/// The tracers compared in the guest, in the order each round runs them.
-const GUEST_CONFIGS: [&str; 4] = ["none", "qtrace-fentry", "qtrace-kprobe", "bpftrace"];
+const HOST_CONFIGS: [Config; 2] = [Config::NoTracer, Config::Qtrace];
+const GUEST_CONFIGS: [Config; 4] = [
+    Config::NoTracer,
+    Config::QtraceFentry,
+    Config::QtraceKprobe,
+    Config::Bpftrace,
+];
 
-/// The peer: bpftrace's tcpsynbl.bt and tcpaccept.bt (Debian's bpftrace), as an SRE would run
-/// them side by side.
 const BPFTRACE_TOOLS: [&str; 2] = ["/usr/sbin/tcpsynbl.bt", "/usr/sbin/tcpaccept.bt"];
 
-/// A tracer running during one guest round.
-enum Running {
-    None,
-    Qtrace(Daemon),
-    Bpftrace(Vec<Child>),
-}
-
-impl Running {
-    fn start(config: &str, qtrace: &Path) -> Result<Self> {
-        Ok(match config {
-            "qtrace-fentry" => Self::Qtrace(Daemon::start(qtrace, &["--attach", "fentry"])?),
-            "qtrace-kprobe" => Self::Qtrace(Daemon::start(qtrace, &["--attach", "kprobe"])?),
-            "bpftrace" => Self::Bpftrace(start_bpftrace(&BPFTRACE_TOOLS)?),
-            _ => Self::None,
-        })
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Self::NoTracer => "no tracer",
+            Self::Qtrace => "qtrace (this kernel's tiers)",
+            Self::QtraceFentry => "qtrace, fentry tier",
+            Self::QtraceKprobe => "qtrace, forced to kprobes",
+            Self::Bpftrace => "bpftrace tcpsynbl.bt + tcpaccept.bt",
+        }
     }
 
-    fn stop(self) -> Result<()> {
+    /// The least ratio to no tracer the issue asks for.
+    fn target(self) -> &'static str {
         match self {
-            Self::None => Ok(()),
-            Self::Qtrace(d) => d.stop(),
-            Self::Bpftrace(children) => {
-                for mut c in children {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-                    c.wait()?;
-                }
-                Ok(())
-            }
+            Self::QtraceFentry => "≥ 0.99",
+            Self::QtraceKprobe => "≥ 0.98",
+            Self::Bpftrace => "peer: qtrace must lose less",
+            Self::NoTracer | Self::Qtrace => "",
         }
+    }
+
+    /// Starts the tracer; dropping what it returns stops it.
+    fn start(self, qtrace: &Path) -> Result<Running> {
+        Ok(match self {
+            Self::NoTracer => Running::Nothing,
+            Self::Qtrace => Running::Qtrace(Daemon::start(qtrace, &[])?),
+            Self::QtraceFentry => Running::Qtrace(Daemon::start(qtrace, &["--attach", "fentry"])?),
+            Self::QtraceKprobe => Running::Qtrace(Daemon::start(qtrace, &["--attach", "kprobe"])?),
+            Self::Bpftrace => Running::Bpftrace(start_bpftrace(&BPFTRACE_TOOLS)?),
+        })
+    }
+}
+
+/// A tracer running during one round; dropping it stops it.
+enum Running {
+    Nothing,
+    Qtrace(#[allow(dead_code)] Daemon),
+    Bpftrace(#[allow(dead_code)] Vec<Interrupted>),
+}
+
+/// A child stopped with SIGINT (as Ctrl-C stops bpftrace) when dropped.
+struct Interrupted(Child);
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        stop_child(&mut self.0, libc::SIGINT);
     }
 }
 
 /// Starts bpftrace on each tool at once (its start-up compiles the script and reads the
 /// kernel's BTF: slow under emulation) and waits until each has attached (BEGIN has printed).
-fn start_bpftrace(tools: &[&str]) -> Result<Vec<Child>> {
+fn start_bpftrace(tools: &[&str]) -> Result<Vec<Interrupted>> {
     let mut children = Vec::new();
     for tool in tools {
         let child = Command::new("bpftrace")
@@ -464,9 +472,9 @@ fn start_bpftrace(tools: &[&str]) -> Result<Vec<Child>> {
             .stderr(Stdio::inherit())
             .spawn()
             .context("bpftrace (apt package bpftrace)")?;
-        children.push(child);
+        children.push(Interrupted(child));
     }
-    for (child, tool) in children.iter_mut().zip(tools) {
+    for (Interrupted(child), tool) in children.iter_mut().zip(tools) {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         while !line.starts_with("Tracing") {
@@ -481,41 +489,181 @@ fn start_bpftrace(tools: &[&str]) -> Result<Vec<Child>> {
     Ok(children)
 }
 
-/// In the guest: churn rounds with each tracer, interleaved, then one more with
-/// kernel.bpf_stats_enabled=1 for the programs' run time (the statistics cost time of their
-/// own, so that round's rate is not used); one `@@QTRACE bench` JSON line per measurement.
-pub fn guest(opts: GuestOptions) -> Result<()> {
-    let ns = Netns::new("guest")?;
-    for round in 1..=opts.rounds + 1 {
-        let timed = round <= opts.rounds;
-        std::fs::write(
-            "/proc/sys/kernel/bpf_stats_enabled",
-            if timed { "0" } else { "1" },
-        )?;
-        for config in GUEST_CONFIGS {
-            let running = Running::start(config, &opts.qtrace)?;
-            let cps = churn_round(&ns, Duration::from_millis(opts.millis), 4)?;
-            // Nothing else in the guest loads BPF programs.
-            let programs = if timed {
-                Vec::new()
-            } else {
-                prog_runtimes("")?
-            };
-            running.stop()?;
-            let line = serde_json::json!({
-                "config": config, "timed": timed, "cps": cps, "programs": programs,
-            });
-            println!("@@QTRACE bench {line}");
+/// BPF programs that ran: name, run count, total run time (ns).
+type Programs = Vec<(String, u64, u64)>;
+
+/// kernel.bpf_stats_enabled, put back as it was when dropped.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn save() -> Result<Self> {
+        Ok(Self(std::fs::read_to_string(Self::PATH)?))
+    }
+
+    fn set(&self, on: bool) -> Result<()> {
+        Ok(std::fs::write(Self::PATH, if on { "1" } else { "0" })?)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
+/// Connections/s of each configuration over the timed rounds, and the programs that ran in
+/// its statistics round.
+#[derive(Default)]
+struct Churn {
+    cps: BTreeMap<Config, Vec<f64>>,
+    programs: BTreeMap<Config, Programs>,
+}
+
+impl Churn {
+    /// `rounds` rounds of every configuration, interleaved, with BPF statistics off; then one
+    /// more of each with kernel.bpf_stats_enabled=1 for the programs' run time (statistics
+    /// cost time of their own, so that round's rate is not used). `each` gets every
+    /// measurement as it comes: (configuration, timed, connections/s, programs named
+    /// `prefix…`).
+    fn run(
+        ns: &Netns,
+        configs: &[Config],
+        (rounds, round): (usize, Duration),
+        qtrace: &Path,
+        prefix: &str,
+        mut each: impl FnMut(Config, bool, f64, Programs),
+    ) -> Result<()> {
+        let stats = BpfStats::save()?;
+        for r in 1..=rounds + 1 {
+            eprintln!("bench: churn round {r}/{}", rounds + 1);
+            let timed = r <= rounds;
+            stats.set(!timed)?;
+            for &config in configs {
+                let running = config.start(qtrace)?;
+                let cps = churn_round(ns, round, CLIENTS)?;
+                let programs = if timed {
+                    Vec::new()
+                } else {
+                    prog_runtimes(prefix)?
+                };
+                drop(running);
+                each(config, timed, cps, programs);
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, config: Config, timed: bool, cps: f64, programs: Programs) {
+        if timed {
+            self.cps.entry(config).or_default().push(cps);
+        } else {
+            self.programs.insert(config, programs);
         }
     }
-    Ok(())
+
+    /// Connections/s and the ratio to no tracer, one row per configuration.
+    fn rates(&self, configs: &[Config]) -> Result<String> {
+        let of = |c: Config| {
+            self.cps
+                .get(&c)
+                .map(|v| stats(v.clone()))
+                .with_context(|| format!("no rounds of {}", c.name()))
+        };
+        let base = of(Config::NoTracer)?;
+        let mut s = String::from(
+            "| configuration | connections/s (min / median / max) | ratio to no tracer (median) | target |\n|---|---|---|---|\n",
+        );
+        for &c in configs {
+            let st = of(c)?;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {} |",
+                c.name(),
+                fmt3(st),
+                st.1 / base.1,
+                c.target()
+            );
+        }
+        Ok(s)
+    }
+
+    /// Mean run time per invocation of each program that ran, by configuration.
+    fn run_times(&self, configs: &[Config]) -> String {
+        let mut s = String::from(
+            "| configuration | program | invocations | mean ns per invocation |\n|---|---|---|---|\n",
+        );
+        for c in configs {
+            for (name, cnt, ns_total) in self.programs.get(c).into_iter().flatten() {
+                let _ = writeln!(
+                    s,
+                    "| {} | {name} | {cnt} | {:.0} |",
+                    c.name(),
+                    *ns_total as f64 / (*cnt).max(1) as f64
+                );
+            }
+        }
+        s
+    }
 }
+
+/// 1 and 2: connection churn with and without qtrace on this machine's kernel.
+fn churn(qtrace: &Path, z: &Sizes) -> Result<String> {
+    let ns = Netns::new("churn")?;
+    let mut churn = Churn::default();
+    Churn::run(
+        &ns,
+        &HOST_CONFIGS,
+        (z.rounds, z.round),
+        qtrace,
+        "qt_",
+        |c, timed, cps, p| churn.add(c, timed, cps, p),
+    )?;
+    let mut s = String::from("## 1. Handshake-path overhead (loopback connection churn)\n\n");
+    let _ = writeln!(s, "{CLIENTS} clients connect and reset as fast as they can to an accept loop, {} rounds of {:?} per configuration, interleaved.\n", z.rounds, z.round);
+    s += &churn.rates(&HOST_CONFIGS)?;
+    s += "\nbpftrace's tcpsynbl.bt + tcpaccept.bt cannot run on this kernel (no kprobes): the peers are compared in the 6.12 guest, 1b.\n\n";
+    s += "## 2. In-kernel cost per program invocation (kernel.bpf_stats_enabled=1, in one more round with qtrace)\n\n";
+    if churn
+        .programs
+        .get(&Config::Qtrace)
+        .is_none_or(Vec::is_empty)
+    {
+        s += "No qtrace program ran.\n";
+    }
+    s += &churn.run_times(&[Config::Qtrace]);
+    s += "\nTarget ≤ 250 ns. On this kernel only the tracepoint-tier programs load; the fentry/kprobe ones are measured in the 6.12 guest (1b), in emulated nanoseconds.\n\n";
+    Ok(s)
+}
+
+/// In the guest: the interleaved churn of every guest configuration, one `@@QTRACE bench`
+/// JSON line per measurement. Nothing else in the guest loads BPF programs, so every program
+/// that ran is the tracer's.
+pub fn guest(opts: GuestOptions) -> Result<()> {
+    let ns = Netns::new("guest")?;
+    Churn::run(
+        &ns,
+        &GUEST_CONFIGS,
+        (opts.rounds, Duration::from_millis(opts.millis)),
+        &opts.qtrace,
+        "",
+        |c, timed, cps, programs| {
+            let line = serde_json::json!({
+                "config": c.name(), "timed": timed, "cps": cps, "programs": programs,
+            });
+            println!("{GUEST_MARKER}{line}");
+        },
+    )
+}
+
+const GUEST_MARKER: &str = "@@QTRACE bench ";
 
 /// 1b: the same churn in Debian's 6.12 kernel under QEMU, where fentry and kprobes exist:
 /// qtrace at both tiers against no tracer and against bpftrace, interleaved in one guest.
 fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
     eprintln!("bench: churn in the 6.12 guest");
-    let cache = std::fs::canonicalize("target/vm-cache")?;
+    let cache = crate::matrix::cache_dir()?;
     let xtask = std::env::current_exe()?;
     let bpftrace = crate::matrix::which("bpftrace")?;
     let mut files: Vec<PathBuf> = BPFTRACE_TOOLS.iter().map(PathBuf::from).collect();
@@ -548,7 +696,7 @@ fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
         &files,
         &init,
     )?;
-    let (console, _) = crate::matrix::qemu::boot(
+    let (console, finished) = crate::matrix::qemu::boot(
         &image.vmlinux,
         &image.initrd,
         "",
@@ -557,80 +705,59 @@ fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
     )?;
     let log = cache.join("logs/bench-6.12.log");
     std::fs::write(&log, &console)?;
-    let mut cps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut programs: BTreeMap<&str, Vec<(String, u64, u64)>> = BTreeMap::new();
+    anyhow::ensure!(
+        finished,
+        "the benchmark guest timed out (console in {})",
+        log.display()
+    );
+    let mut churn = Churn::default();
     for line in console.lines() {
-        let Some(at) = line.find("@@QTRACE bench ") else {
+        let Some((_, json)) = line.split_once(GUEST_MARKER) else {
             continue;
         };
-        let v: Value = serde_json::from_str(line[at + 15..].trim_end())
+        let v: Value = serde_json::from_str(json.trim_end())
             .with_context(|| format!("a guest result in {}", log.display()))?;
         let config = GUEST_CONFIGS
             .into_iter()
-            .find(|c| v["config"] == *c)
+            .find(|c| v["config"] == c.name())
             .context("an unknown configuration")?;
-        if v["timed"] == true {
-            cps.entry(config)
-                .or_default()
-                .push(v["cps"].as_f64().unwrap_or(0.0));
-        } else {
-            programs.insert(config, serde_json::from_value(v["programs"].clone())?);
-        }
+        let programs = serde_json::from_value(v["programs"].clone())?;
+        churn.add(
+            config,
+            v["timed"] == true,
+            v["cps"].as_f64().unwrap_or(0.0),
+            programs,
+        );
     }
-    if cps.len() != GUEST_CONFIGS.len() || programs.len() != GUEST_CONFIGS.len() {
+    if churn.programs.len() != GUEST_CONFIGS.len() {
         bail!(
             "the benchmark guest did not measure every configuration (console in {})",
             log.display()
         );
     }
-    let base = stats(cps["none"].clone());
     let mut s = format!(
-        "## 1b. Handshake-path overhead at the fentry and kprobe tiers ({} under QEMU)\n\n",
-        image.label
+        "## 1b. Handshake-path overhead at the fentry and kprobe tiers (Debian {} under QEMU)\n\n",
+        image.release
     );
     let _ = writeln!(
         s,
-        "The same churn (4 clients, an accept loop) inside one guest booted from Debian's kernel: \
-         {} rounds of {:?} per configuration, interleaved. The guest's CPU is emulated (TCG, no \
-         KVM here), so absolute rates are low and each instruction's cost is distorted; the \
-         ratios are what carry over.\n",
+        "The same churn ({CLIENTS} clients, an accept loop) inside one guest booted from Debian's \
+         kernel: {} rounds of {:?} per configuration, interleaved. The guest's CPU is emulated \
+         (TCG, no KVM here), so absolute rates are low and each instruction's cost is distorted; \
+         the ratios are what carry over.\n",
         z.guest_rounds, z.guest_round
     );
-    s += "| configuration | connections/s (min / median / max) | ratio to no tracer (median) | target |\n|---|---|---|---|\n";
-    for config in GUEST_CONFIGS {
-        let st = stats(cps[config].clone());
-        let target = match config {
-            "qtrace-fentry" => "≥ 0.99",
-            "qtrace-kprobe" => "≥ 0.98",
-            "bpftrace" => "peer: qtrace must lose less",
-            _ => "",
-        };
-        let _ = writeln!(
-            s,
-            "| {config} | {} | {:.3} | {target} |",
-            fmt3(st),
-            st.1 / base.1
-        );
-    }
+    s += &churn.rates(&GUEST_CONFIGS)?;
     s += "\nBPF programs that ran in one more round of each configuration, with kernel.bpf_stats_enabled=1 \
           (not in the rates above: the statistics cost time of their own). Emulated, so the \
           nanoseconds compare only with each other:\n\n";
-    s += "| configuration | program | invocations | mean ns per invocation |\n|---|---|---|---|\n";
-    for (config, progs) in &programs {
-        for (name, cnt, ns_total) in progs {
-            let _ = writeln!(
-                s,
-                "| {config} | {name} | {cnt} | {:.0} |",
-                *ns_total as f64 / (*cnt).max(1) as f64
-            );
-        }
-    }
+    s += &churn.run_times(&GUEST_CONFIGS);
     s.push('\n');
     Ok(s)
 }
 
-/// The programs named `prefix…` that ran: name, run count, total run time (ns).
-fn prog_runtimes(prefix: &str) -> Result<Vec<(String, u64, u64)>> {
+/// The programs named `prefix…` that ran.
+fn prog_runtimes(prefix: &str) -> Result<Programs> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()?;
@@ -675,7 +802,7 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         })
     };
     let addr: SocketAddr = rx.recv_timeout(Duration::from_secs(5))?;
-    let before = (ns.tcp_ext("ListenDrops")?, ns.tcp_ext("ListenOverflows")?);
+    let before = ns.tcp_ext("ListenDrops")?;
     let attempts = Arc::new(AtomicU64::new(0));
     let cpu0 = d.cpu()?;
     let workers: Vec<_> = (0..4)
@@ -708,10 +835,10 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("storm server panicked"))??;
     let cpu = (d.cpu()? - cpu0) / secs * 100.0;
     let rss = d.rss_mib()?;
-    let after = (ns.tcp_ext("ListenDrops")?, ns.tcp_ext("ListenOverflows")?);
+    let after = ns.tcp_ext("ListenDrops")?;
     let (_, metrics) = d.get("/metrics")?;
     d.stop()?;
-    let drops = after.0 - before.0;
+    let drops = after - before;
     let lost: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("qtrace_events_lost_total"))
@@ -788,6 +915,17 @@ fn syn(addr: SocketAddr) {
 /// 4: 10,000 listeners in 10 namespaces.
 fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
     eprintln!("bench: scale");
+    // One process holds every listener: more descriptors than the usual soft limit of 1024.
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile);
+        nofile.rlim_cur = nofile.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
+    }
     let namespaces: Vec<Netns> = (0..z.namespaces)
         .map(|i| Netns::new(&format!("scale{i}")))
         .collect::<Result<_>>()?;
@@ -809,7 +947,7 @@ fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
     let d = Daemon::start(qtrace, &["--max-listener-series", &total.to_string()])?;
     let mut times = Vec::new();
     let mut size = 0;
-    for _ in 0..20 {
+    for _ in 0..z.scrapes {
         let (t, body) = d.get("/metrics")?;
         times.push(t.as_secs_f64() * 1e3);
         size = body.len();
@@ -833,7 +971,8 @@ fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
     );
     let _ = writeln!(
         s,
-        "| /metrics scrape p50 / p99 | {:.1} / {:.1} ms | p99 ≤ 100 ms |",
+        "| /metrics scrape p50 / p99 ({} scrapes) | {:.1} / {:.1} ms | p99 ≤ 100 ms |",
+        times.len(),
         p(0.5),
         p(0.99)
     );
@@ -856,12 +995,14 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
         qtrace,
         &["--event-rate", "1000000", "--events-reader-queue", "100000"],
     )?;
-    let mut reader = Command::new(qtrace)
-        .args(["events", "--json", "--socket"])
-        .arg(&d.socket)
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let out = BufReader::new(reader.stdout.take().unwrap());
+    let mut reader = Interrupted(
+        Command::new(qtrace)
+            .args(["events", "--json", "--socket"])
+            .arg(&d.socket)
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let out = BufReader::new(reader.0.stdout.take().unwrap());
     let n = z.burst;
     let counter = thread::spawn(move || {
         let mut got = 0usize;
@@ -911,19 +1052,17 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
             .unwrap_or(0)
     };
     let (ring_full, limited) = (lost("ringbuf_full"), lost("rate_limited"));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(reader.id() as i32, libc::SIGINT) };
+    drop(reader); // its output ends: the counter finishes
     let (got, spread) = counter
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
-    let _ = reader.wait();
     d.stop()?;
     drop(clients);
     if got == 0 {
         bail!("no events reached `qtrace events`");
     }
     let mut s = String::from("## 5. Event path\n\n");
-    let _ = writeln!(s, "{n} handshakes are held half-open (the listener's SYN queue takes up to somaxconn of them, the rest get syncookies); their SYN-ACK retransmits come within ~1 ms and `qtrace events --json` reads them from the daemon.\n");
+    let _ = writeln!(s, "{n} handshakes are held half-open (the listener's SYN queue takes up to somaxconn of them, the rest get syncookies); their first SYN-ACK retransmits come together about 1 s later and `qtrace events --json` reads them from the daemon.\n");
     s += "| figure | value |\n|---|---|\n";
     let _ = writeln!(
         s,

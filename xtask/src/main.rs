@@ -93,15 +93,8 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::BenchGuest(opts) => bench::guest(opts),
         Task::Run { args } => {
-            setup::setup()?;
-            run(Command::new("cargo").args([
-                "build",
-                "--quiet",
-                "--release",
-                "--package",
-                "qtrace",
-            ]))?;
-            run(Command::new("target/release/qtrace").args(args))
+            setup::toolchain()?;
+            run(Command::new(build_release()?).args(args))
         }
     }
 }
@@ -123,11 +116,20 @@ pub fn sh_ok(script: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn install(prefix: &str) -> Result<()> {
-    setup::setup()?;
+/// Builds qtrace in release mode; its absolute path.
+pub fn build_release() -> Result<std::path::PathBuf> {
     run(Command::new("cargo").args(["build", "--quiet", "--release", "--package", "qtrace"]))?;
+    Ok(std::fs::canonicalize("target/release/qtrace")?)
+}
+
+fn install(prefix: &str) -> Result<()> {
+    setup::toolchain()?;
+    let built = build_release()?;
     let bin = format!("{prefix}/bin/qtrace");
-    run(Command::new("install").args(["-D", "-m", "0755", "target/release/qtrace", &bin]))?;
+    run(Command::new("install")
+        .args(["-D", "-m", "0755"])
+        .arg(&built)
+        .arg(&bin))?;
     let unit = std::fs::read_to_string("deploy/systemd/qtrace.service")?
         .replace("/usr/local/bin/qtrace", &bin);
     std::fs::write("/etc/systemd/system/qtrace.service", unit)

@@ -33,10 +33,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/x86_64-linux-gnu/sys/socket.h", "libc6-dev"),
 ];
 
+/// Everything: the toolchain and the packages the tests, the matrix and the benchmarks use.
 pub fn setup() -> Result<()> {
+    toolchain()?;
+    apt_packages()
+}
+
+/// What building and running qtrace needs, and nothing more: `run` and `install` must not
+/// put test servers (nginx, Prometheus) on a production host.
+pub fn toolchain() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
-    apt_packages()?;
     tracefs()
 }
 
@@ -102,7 +109,13 @@ fn bpf_linker() -> Result<()> {
 fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(cmd, _)| !sh_ok(&format!("command -v {cmd} || test -e {cmd}")))
+        .filter(|(cmd, _)| {
+            !if cmd.starts_with('/') {
+                Path::new(cmd).exists()
+            } else {
+                sh_ok(&format!("command -v {cmd}"))
+            }
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {

@@ -41,7 +41,7 @@ pub fn build(
     for a in String::from_utf8_lossy(&applets.stdout).lines() {
         let _ = symlink("busybox", root.join("bin").join(a));
     }
-    let mut elves: Vec<PathBuf> = TOOLS.iter().filter_map(|t| which(t).ok()).collect();
+    let mut elves: Vec<PathBuf> = TOOLS.iter().map(|t| which(t)).collect::<Result<_>>()?;
     elves.extend(binaries.iter().cloned());
     let mut libs = BTreeSet::new();
     for elf in &elves {

@@ -20,7 +20,8 @@ pub const SUITES: [(&str, &str); 3] = [
 ];
 
 pub struct Kernel {
-    pub label: String,
+    /// `uname -r` of the kernel, e.g. 6.12.117+deb13-cloud-amd64.
+    pub release: String,
     /// Decompressed kernel image, booted directly (PVH).
     pub vmlinux: PathBuf,
     /// `lib/modules/<release>` of the package.
@@ -74,7 +75,12 @@ fn fresh(path: &Path, max_age: Duration) -> bool {
 }
 
 /// The suite's current cloud kernel, downloaded and prepared once.
-pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
+/// The current cloud kernel of the Debian suite whose matrix label is `label` (5.10, 6.1, 6.12).
+pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
+    let (_, suite) = SUITES
+        .iter()
+        .find(|(l, _)| *l == label)
+        .with_context(|| format!("unknown kernel {label}: use 5.10, 6.1, 6.12, native or all"))?;
     let apt = cache.join("apt").join(suite);
     private_sources(&apt, suite)?;
     let stamp = apt.join("updated");
@@ -140,7 +146,10 @@ pub fn fetch(cache: &Path, label: &str, suite: &str) -> Result<Kernel> {
         .next()
         .context("no lib/modules in the package")?;
     Ok(Kernel {
-        label: label.to_string(),
+        release: modules
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         vmlinux: root.join("vmlinux"),
         modules,
     })
@@ -163,6 +172,17 @@ fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
     let payload = image
         .get(start..start + length as usize)
         .context("bzImage payload out of range")?;
+    let kernel = decompress(payload)?.context("unknown kernel compression")?;
+    anyhow::ensure!(
+        kernel.starts_with(b"\x7fELF"),
+        "the bzImage payload did not decompress to an ELF kernel"
+    );
+    Ok(kernel)
+}
+
+/// `data` decompressed by the tool its magic bytes name; None when it is not compressed in a
+/// format known here (a kernel payload, or a `.ko.xz`/`.zst`/`.gz` module).
+fn decompress(data: &[u8]) -> Result<Option<Vec<u8>>> {
     const FORMATS: [(&[u8], &[&str]); 6] = [
         (b"\xfd7zXZ\x00", &["xz", "-dc"]),
         (b"\x28\xb5\x2f\xfd", &["zstd", "-dc"]),
@@ -171,10 +191,9 @@ fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
         (b"\x5d\x00\x00", &["xz", "--format=lzma", "-dc"]),
         (b"BZh", &["bzip2", "-dc"]),
     ];
-    let (_, tool) = FORMATS
-        .iter()
-        .find(|(magic, _)| payload.starts_with(magic))
-        .context("unknown kernel compression")?;
+    let Some((_, tool)) = FORMATS.iter().find(|(magic, _)| data.starts_with(magic)) else {
+        return Ok(None);
+    };
     let mut child = Command::new(tool[0])
         .args(&tool[1..])
         .stdin(std::process::Stdio::piped())
@@ -183,17 +202,13 @@ fn decompress_kernel(image: &[u8]) -> Result<Vec<u8>> {
         .spawn()
         .with_context(|| format!("{} (`cargo xtask setup` installs it)", tool[0]))?;
     let mut stdin = child.stdin.take().unwrap();
-    let data = payload.to_vec();
-    // The payload ends with the decompressed size, which some tools call trailing garbage.
+    let data = data.to_vec();
+    // A kernel payload ends with its decompressed size, which some tools call trailing garbage:
+    // the exit status is not checked, the caller checks what came out.
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
     let out = child.wait_with_output()?;
     let _ = writer.join();
-    anyhow::ensure!(
-        out.stdout.starts_with(b"\x7fELF"),
-        "{} did not produce an ELF kernel",
-        tool[0]
-    );
-    Ok(out.stdout)
+    Ok(Some(out.stdout))
 }
 
 /// Module files (decompressed) to load, dependencies first, skipping built-in ones.
@@ -251,19 +266,14 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn decompress_module(path: &Path) -> Result<Vec<u8>> {
-    let name = path.to_string_lossy();
-    let tool = if name.ends_with(".xz") {
-        "xz"
-    } else if name.ends_with(".zst") {
-        "zstd"
-    } else if name.ends_with(".gz") {
-        "gzip"
-    } else {
-        return Ok(fs::read(path)?);
-    };
-    let out = Command::new(tool).arg("-dc").arg(path).output()?;
-    anyhow::ensure!(out.status.success(), "{tool} -dc {name} failed");
-    Ok(out.stdout)
+    let raw = fs::read(path)?;
+    let ko = decompress(&raw)?.unwrap_or(raw);
+    anyhow::ensure!(
+        ko.starts_with(b"\x7fELF"),
+        "{} did not decompress to an ELF module",
+        path.display()
+    );
+    Ok(ko)
 }
 
 /// The `depends=` entry of a module's .modinfo section (NUL-separated key=value strings).

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 /// The suites that exercise the kernel side (the daemon/CLI suites need more of a userland).
@@ -55,9 +55,7 @@ struct Outcome {
 }
 
 pub fn vm_test(opts: Options) -> Result<()> {
-    fs::create_dir_all("target/vm-cache/logs")?;
-    // Absolute: apt resolves relative paths against /etc/apt.
-    let cache = fs::canonicalize("target/vm-cache")?;
+    let cache = cache_dir()?;
     let binaries = build_test_binaries()?;
     let wanted: Vec<String> = if opts.kernel.iter().any(|k| k == "all") {
         ["native", "5.10", "6.1", "6.12"].map(String::from).to_vec()
@@ -131,9 +129,16 @@ pub fn vm_test(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// Where kernels, images and guest logs are kept (`logs/` inside), created if absent;
+/// absolute, as apt resolves relative paths against /etc/apt.
+pub fn cache_dir() -> Result<PathBuf> {
+    fs::create_dir_all("target/vm-cache/logs")?;
+    Ok(fs::canonicalize("target/vm-cache")?)
+}
+
 /// A kernel to boot and the initramfs made for it.
 pub struct GuestImage {
-    pub label: String,
+    pub release: String,
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
 }
@@ -149,22 +154,18 @@ pub fn guest_image(
     files: &[PathBuf],
     init: &str,
 ) -> Result<GuestImage> {
-    let (_, suite) = kernels::SUITES
-        .iter()
-        .find(|(l, _)| *l == k)
-        .with_context(|| format!("unknown kernel {k}: use 5.10, 6.1, 6.12, native or all"))?;
     let t = Instant::now();
-    let kernel = kernels::fetch(cache, k, suite)?;
+    let kernel = kernels::fetch(cache, k)?;
     let modules = kernels::module_closure(&kernel.modules, &initramfs::MODULES)?;
     let initrd = cache.join(format!("initramfs-{tag}{k}.cpio"));
     initramfs::build(&initrd, &modules, binaries, files, init)?;
     eprintln!(
-        "vm-test: {} ready in {:.1}s",
-        kernel.label,
+        "vm-test: {k} ({}) ready in {:.1}s",
+        kernel.release,
         t.elapsed().as_secs_f64()
     );
     Ok(GuestImage {
-        label: kernel.label,
+        release: kernel.release,
         vmlinux: kernel.vmlinux,
         initrd,
     })

@@ -36,7 +36,8 @@ pub fn boot(
         .arg(format!("console=ttyS0 quiet panic=-1 oops=panic {cmdline}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // QEMU's own complaints (a bad image, no memory) go straight to the caller's stderr.
+        .stderr(Stdio::inherit())
         .spawn()
         .context("qemu-system-x86_64 (apt package qemu-system-x86)")?;
     let mut stdout = child.stdout.take().unwrap();
