@@ -14,32 +14,44 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use qtrace_common::{Counter, EventKind};
+use qtrace_common::{Counter, EventKind, ListenerKey};
 
 use crate::{
     account::{bump, count, emit},
-    kernel::{hooks, listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
+    kernel::{
+        hooks, listener_key, listener_key_of_request, net_sysctl_u8, offsets, read, skb_is_ipv4,
+        Queues, Remote,
+    },
 };
 
+/// syn_recv_sock returned `child`; `v6_exit`: this is `tcp_v6_syn_recv_sock()`'s return.
 #[inline(always)]
-fn on_return(sk: *const u8, req: *const u8, req_unhash: u64, child: *const u8) -> Result<(), ()> {
+fn on_return(
+    sk: *const u8,
+    skb: *const u8,
+    req: *const u8,
+    req_unhash: u64,
+    child: *const u8,
+    v6_exit: bool,
+) -> Result<(), ()> {
     if !child.is_null() {
         return Ok(());
     }
-    let remote = Remote::of_request(req, read_family(sk)?).unwrap_or_default();
-    dropped(sk, remote, req_unhash != 0)
-}
-
-#[inline(always)]
-fn read_family(sk: *const u8) -> Result<u16, ()> {
-    read(sk, offsets().skc_family)
+    // A dual-stack listener's IPv4 ACK goes from tcp_v6_syn_recv_sock() to
+    // tcp_v4_syn_recv_sock(), whose return has counted it already. (The request's family is
+    // the listener's, AF_INET6, either way: the packet tells.)
+    if v6_exit && skb_is_ipv4(skb)? {
+        return Ok(());
+    }
+    let key = listener_key_of_request(sk, req)?;
+    let remote = Remote::of_request(req, key.family).unwrap_or_default();
+    dropped(sk, &key, remote, req_unhash != 0)
 }
 
 /// Counts a dropped final ACK, and the reset `tcp_check_req()` answers it with when
 /// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there).
 #[inline(always)]
-fn dropped(sk: *const u8, remote: Remote, may_reset: bool) -> Result<(), ()> {
-    let key = listener_key(sk)?;
+fn dropped(sk: *const u8, key: &ListenerKey, remote: Remote, may_reset: bool) -> Result<(), ()> {
     let q = Queues::read(sk)?;
     let (counter, kind) = if q.acceptq_full() {
         (
@@ -49,11 +61,11 @@ fn dropped(sk: *const u8, remote: Remote, may_reset: bool) -> Result<(), ()> {
     } else {
         (Counter::DropOther, EventKind::DropOther)
     };
-    let c = count(&key, counter).ok_or(())?;
-    emit(c, &key, kind, remote, q, 0);
+    let c = count(key, counter).ok_or(())?;
+    emit(c, key, kind, remote, q, 0);
     if may_reset && net_sysctl_u8(sk, offsets().net_abort_on_overflow)? != 0 {
         bump(c, Counter::OverflowResets);
-        emit(c, &key, EventKind::OverflowReset, remote, q, 0);
+        emit(c, key, EventKind::OverflowReset, remote, q, 0);
     }
     Ok(())
 }
@@ -62,25 +74,53 @@ fn dropped(sk: *const u8, remote: Remote, may_reset: bool) -> Result<(), ()> {
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn qt_ack4_fx6(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(6));
+    let _ = on_return(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg(2),
+        ctx.arg(4),
+        ctx.arg(6),
+        false,
+    );
     0
 }
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn qt_ack4_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(7));
+    let _ = on_return(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg(2),
+        ctx.arg(4),
+        ctx.arg(7),
+        false,
+    );
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx6(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(6));
+    let _ = on_return(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg(2),
+        ctx.arg(4),
+        ctx.arg(6),
+        true,
+    );
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(ctx.arg(0), ctx.arg(2), ctx.arg(4), ctx.arg(7));
+    let _ = on_return(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg(2),
+        ctx.arg(4),
+        ctx.arg(7),
+        true,
+    );
     0
 }
 
@@ -93,7 +133,10 @@ struct Entry {
     req_unhash: u64,
 }
 
-/// One slot per CPU: syn_recv_sock runs in softirq context and does not nest.
+/// One slot per CPU: syn_recv_sock runs in softirq context and nests only as
+/// tcp_v6_syn_recv_sock() → tcp_v4_syn_recv_sock() for a dual-stack listener's IPv4 request;
+/// the inner entry overwrites the slot with the same request, the inner return counts and
+/// clears it, and the outer return finds it empty: one count.
 #[map]
 static QT_ACK_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
 
@@ -124,9 +167,11 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
             unsafe { (*slot).sk = 0 };
             let _ = on_return(
                 e.sk as *const u8,
+                core::ptr::null(),
                 e.req as *const u8,
                 e.req_unhash,
                 ctx.ret(),
+                false,
             );
         }
     }
@@ -148,8 +193,9 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
     if !from_check_req && (reason != h.drop_reason_no_socket || !is_listener(sk)?) {
         return Ok(());
     }
-    let remote = Remote::of_skb(skb, read_family(sk)?).unwrap_or_default();
-    dropped(sk, remote, from_check_req)
+    let key = listener_key(sk)?;
+    let remote = Remote::of_skb(skb, key.family).unwrap_or_default();
+    dropped(sk, &key, remote, from_check_req)
 }
 
 #[inline(always)]

@@ -39,9 +39,22 @@ pub fn read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
 /// The listener key of a listening socket (`struct sock *`).
 #[inline(always)]
 pub fn listener_key(sk: *const u8) -> Result<ListenerKey, ()> {
+    key_with_port_of(sk, sk)
+}
+
+/// The key of listener `sk` for an event about its request `req`. The port comes from the
+/// request (`ir_num`, in the same `sock_common` layout): close() zeroes the listener's while a
+/// SYN-ACK retransmit or a final ACK of the request may still be under way.
+#[inline(always)]
+pub fn listener_key_of_request(sk: *const u8, req: *const u8) -> Result<ListenerKey, ()> {
+    key_with_port_of(sk, req)
+}
+
+#[inline(always)]
+fn key_with_port_of(sk: *const u8, port_of: *const u8) -> Result<ListenerKey, ()> {
     let o = offsets();
     let family: u16 = read(sk, o.skc_family)?;
-    let port: u16 = read(sk, o.skc_num)?;
+    let port: u16 = read(port_of, o.skc_num)?;
     let net: *const u8 = read(sk, o.skc_net)?;
     let netns: u32 = read(net, o.net_ns_inum)?;
     let mut addr = [0u8; 16];
@@ -141,12 +154,9 @@ impl Remote {
     #[inline(always)]
     pub fn of_skb(skb: *const u8, listener_family: u16) -> Result<Remote, ()> {
         let o = offsets();
-        let head: *const u8 = read(skb, o.skb_head)?;
-        let nh: u16 = read(skb, o.skb_network_header)?;
+        let (head, ip) = ip_header(skb)?;
         let th: u16 = read(skb, o.skb_transport_header)?;
-        let ip = head.wrapping_add(nh as usize);
-        let version: u8 = read(ip, 0)?;
-        let addr = if version >> 4 == 4 {
+        let addr = if is_ipv4(ip)? {
             put_v4(listener_family, read(ip, 12)?)
         } else {
             read(ip, 8)?
@@ -157,4 +167,24 @@ impl Remote {
             port: u16::from_be(port),
         })
     }
+}
+
+/// A received packet's buffer head and its IP header.
+#[inline(always)]
+fn ip_header(skb: *const u8) -> Result<(*const u8, *const u8), ()> {
+    let o = offsets();
+    let head: *const u8 = read(skb, o.skb_head)?;
+    let nh: u16 = read(skb, o.skb_network_header)?;
+    Ok((head, head.wrapping_add(nh as usize)))
+}
+
+#[inline(always)]
+fn is_ipv4(ip: *const u8) -> Result<bool, ()> {
+    Ok(read::<u8>(ip, 0)? >> 4 == 4)
+}
+
+/// Whether a received packet (`struct sk_buff *` with its headers set) is IPv4.
+#[inline(always)]
+pub fn skb_is_ipv4(skb: *const u8) -> Result<bool, ()> {
+    is_ipv4(ip_header(skb)?.1)
 }

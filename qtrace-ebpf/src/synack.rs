@@ -6,17 +6,12 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit},
-    kernel::{listener_key, offsets, read, Queues, Remote},
+    kernel::{listener_key_of_request, offsets, read, Queues, Remote},
 };
 
 #[inline(always)]
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
-    let mut key = listener_key(sk)?;
-    if key.port == 0 {
-        // A retransmit racing with the listener's close(), which zeroes its port: the request
-        // carries the same port (`ir_num`, in the same sock_common layout).
-        key.port = read(req, offsets().skc_num)?;
-    }
+    let key = listener_key_of_request(sk, req)?;
     let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
     let remote = Remote::of_request(req, key.family).unwrap_or_default();
     // num_retrans is incremented by the caller after this tracepoint: this is retransmit n+1.

@@ -106,6 +106,31 @@ fn accept_queue_overflow_at_final_ack() {
     }
 }
 
+/// A dual-stack listener's IPv4 final ACKs pass through both tcp_v6_syn_recv_sock() and the
+/// tcp_v4_syn_recv_sock() it calls: each dropped one is still one drop.
+#[test]
+fn dual_stack_listener_counts_ipv4_overflows_once() {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    assert!(
+        qtrace.tier("ack").is_some(),
+        "ack probe unavailable: {}",
+        qtrace.ready
+    );
+    let ns = Netns::new();
+    let o = AckOverflow::provoke_from(&ns, "::", "127.0.0.1");
+    let out = qtrace.stop(libc::SIGTERM);
+
+    let (port, overflows) = (o.port, o.overflows());
+    let counters = out.counters(&ns, "::", port);
+    assert_eq!(
+        counters["drop_accept_queue_full_ack"], overflows,
+        "{counters}"
+    );
+    let events = out.events_of(&ns, "ack_drop_accept_queue_full");
+    assert_eq!(events.len() as u64, overflows, "{events:?}");
+}
+
 #[test]
 fn abort_on_overflow_resets_the_client() {
     require_root();

@@ -101,6 +101,22 @@ impl Netns {
     }
 
     /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
+    /// Waits until TcpExt `counter` has grown by `at_least` since `before` (kernel timers may run
+    /// late on a loaded or emulated machine); gives up quietly at `limit`, for the caller's
+    /// assertions to say what happened.
+    pub fn wait_for(
+        &self,
+        before: &HashMap<String, u64>,
+        counter: &str,
+        at_least: u64,
+        limit: Duration,
+    ) {
+        let deadline = Instant::now() + limit;
+        while delta(before, &self.tcp_ext(), counter) < at_least && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) {
         let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
         self.run(move || std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}")));
@@ -205,34 +221,43 @@ impl Drop for Netns {
     }
 }
 
-/// A backlog-1 listener in `ns` whose final ACKs hit a full accept queue: two handshakes
-/// wait on their final ACK (dropped by nftables) while two more fill the queue; when the held
-/// ACKs come, after the first SYN-ACK retransmit, the kernel drops them. With the namespace's
-/// TcpExt counters around it; the clients stay open until the namespace goes.
+/// A backlog-1 listener whose final ACKs hit a full accept queue: two handshakes wait on
+/// their final ACK (dropped by nftables) while two more fill the queue; when the held ACKs
+/// come, after the first SYN-ACK retransmit, the kernel drops them. The listener closes as
+/// soon as the namespace has counted both, before the next retransmit. With the namespace's
+/// TcpExt counters around it; the clients stay open until the value is dropped.
 pub struct AckOverflow {
     pub port: u16,
     /// The clients whose final ACKs overflowed.
     pub held: Vec<TcpStream>,
+    /// The clients in the accept queue.
+    _fill: Vec<TcpStream>,
     pub before: HashMap<String, u64>,
     pub after: HashMap<String, u64>,
 }
 
 impl AckOverflow {
     pub fn provoke(ns: &Netns, ip: &'static str) -> Self {
-        let (server, port) = listener(ns, ip, 1);
+        Self::provoke_from(ns, ip, ip)
+    }
+
+    /// The listener on `listen_ip`, its clients from `client_ip` (an IPv4 client of a
+    /// dual-stack `::` listener).
+    pub fn provoke_from(ns: &Netns, listen_ip: &'static str, client_ip: &'static str) -> Self {
+        let (server, port) = listener(ns, listen_ip, 1);
         let before = ns.tcp_ext();
         ns.drop_final_acks(&[port]);
-        let held = connect(ns, ip, port, 2);
+        let held = connect(ns, client_ip, port, 2);
         ns.allow_acks();
         // backlog 1 holds two children (full means more than the backlog); these complete at once.
-        let fill = connect(ns, ip, port, 2);
-        thread::sleep(Duration::from_millis(1500));
-        std::mem::forget(fill);
+        let fill = connect(ns, client_ip, port, 2);
+        ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
         drop(server);
         let after = ns.tcp_ext();
         Self {
             port,
             held,
+            _fill: fill,
             before,
             after,
         }
