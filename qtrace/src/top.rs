@@ -188,7 +188,7 @@ fn wait_quantiles(prev: &Value, cur: &Value) -> Option<(f64, f64)> {
     let delta: Vec<(f64, u64)> = c
         .iter()
         .enumerate()
-        .map(|(i, (le, n))| (*le, n - p.get(i).map_or(0, |x| x.1)))
+        .map(|(i, (le, n))| (*le, n.saturating_sub(p.get(i).map_or(0, |x| x.1))))
         .collect();
     let total = delta.last()?.1;
     if total == 0 {
@@ -318,8 +318,13 @@ fn live(source: &Source, mut prev: Value, opts: &TopOptions) -> Result<()> {
     let result = (|| -> Result<()> {
         let (mut by, mut reverse) = (opts.sort, false);
         let mut last = Instant::now();
-        let mut table = String::from("waiting for the first interval…\n");
+        // The last interval's rows: a new sort order applies to them at once.
+        let mut shown: Option<Vec<Row>> = None;
         loop {
+            let table = shown.as_ref().map_or_else(
+                || "waiting for the first interval…\n".to_string(),
+                |r| render(r.clone(), by, reverse),
+            );
             queue!(out, terminal::Clear(ClearType::All), cursor::MoveTo(0, 0))?;
             let header = format!(
                 "qtrace top — sorted by {by:?}{} — q quit, s sort, r reverse\n\n",
@@ -347,7 +352,7 @@ fn live(source: &Source, mut prev: Value, opts: &TopOptions) -> Result<()> {
             if last.elapsed() >= opts.interval {
                 let cur = source.snapshot()?;
                 let secs = last.elapsed().as_secs_f64();
-                table = render(rows(&prev, &cur, secs), by, reverse);
+                shown = Some(rows(&prev, &cur, secs));
                 prev = cur;
                 last = Instant::now();
             }

@@ -204,3 +204,16 @@ fn without_a_daemon_it_says_so() {
         "{err}"
     );
 }
+
+/// Owners are the daemon's knowledge: a standalone reader filtering by owner would print
+/// nothing forever, so it refuses and says why, before loading anything.
+#[test]
+fn standalone_refuses_owner_filters() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["events", "--standalone", "--comm", "nginx"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--pid and --comm need the daemon"), "{err}");
+}

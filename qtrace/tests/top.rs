@@ -1,9 +1,13 @@
 //! `qtrace top` driven in a real terminal (tmux): the overflowing listener is at the top.
 mod common;
 
-use std::{process::Command, thread, time::Duration};
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
-use common::{connect, require_root, sh, Netns, Qtrace};
+use common::{connect, listener, require_root, sh, Netns, Qtrace};
 use socket2::{Domain, Socket, Type};
 
 fn listen(ns: &Netns, port: u16, backlog: i32) -> Socket {
@@ -16,17 +20,30 @@ fn listen(ns: &Netns, port: u16, backlog: i32) -> Socket {
     })
 }
 
+/// This namespace's two rows in the order the pane shows them (other namespaces may
+/// interleave).
+fn rows_of(pane: &str) -> Vec<&str> {
+    pane.lines()
+        .filter(|l| l.starts_with("127.0.0.1:40001 ") || l.starts_with("127.0.0.1:40002 "))
+        .collect()
+}
+
+fn capture(session: &str) -> String {
+    sh(Command::new("tmux").args(["capture-pane", "-p", "-t", session]))
+}
+
 #[test]
 fn the_overflowing_listener_is_on_top() {
     require_root();
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
-    // The quiet listener has the lower port: plain key order would list it first.
-    let _quiet = listen(&ns, 40001, 128);
+    // Both accept queues end up full (2/1), so only the drops can put the busy one first; the
+    // quiet listener has the lower port, so plain key order would list it first.
+    let _quiet = listen(&ns, 40001, 1);
     let _busy = listen(&ns, 40002, 1);
     let session = format!("qtrace-top-{}", std::process::id());
     let top = format!(
-        "{} top --socket {} --interval 1s",
+        "{} top --socket {} --interval 5s",
         env!("CARGO_BIN_EXE_qtrace"),
         q.events_socket()
     );
@@ -42,39 +59,63 @@ fn the_overflowing_listener_is_on_top() {
         &top,
     ]));
     // Two handshakes held back, the accept queue filled, then their ACKs overflow it.
+    let before = ns.tcp_ext();
     ns.drop_final_acks(&[40002]);
     let _held = connect(&ns, "127.0.0.1", 40002, 2);
     ns.allow_acks();
     let _fill = connect(&ns, "127.0.0.1", 40002, 2);
-    let _ok = connect(&ns, "127.0.0.1", 40001, 1);
-    thread::sleep(Duration::from_millis(3500));
-    let pane = sh(Command::new("tmux").args(["capture-pane", "-p", "-t", &session]));
+    let _quiet_fill = connect(&ns, "127.0.0.1", 40001, 2);
+    ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
+    // The first table that counts the drops.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut pane = capture(&session);
+    while !rows_of(&pane)
+        .first()
+        .is_some_and(|r| r.starts_with("127.0.0.1:40002 "))
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(200));
+        pane = capture(&session);
+    }
+    // `r` reverses the table at once, not at the next refresh 5 s later.
+    sh(Command::new("tmux").args(["send-keys", "-t", &session, "r"]));
+    thread::sleep(Duration::from_millis(500));
+    let reversed = capture(&session);
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &session])
         .status();
     q.stop(libc::SIGTERM);
-    println!("--- qtrace top, captured from tmux ---\n{pane}");
-    let rows: Vec<&str> = pane
-        .lines()
-        .filter(|l| l.starts_with("127.0.0.1:4000"))
-        .collect();
-    // Listeners of this namespace only, in the order shown (other namespaces may interleave).
+    println!("--- qtrace top, captured from tmux ---\n{pane}\n--- after `r` ---\n{reversed}");
+    let rows = rows_of(&pane);
     assert_eq!(rows.len(), 2, "{pane}");
     assert!(
-        rows[0].starts_with("127.0.0.1:40002"),
-        "the full listener first:\n{pane}"
+        rows[0].starts_with("127.0.0.1:40002 "),
+        "the listener with drops first:\n{pane}"
     );
-    assert!(
-        rows[0].contains("2/1") && rows[0].contains("200"),
-        "accept queue 2/1, 200% full:\n{pane}"
-    );
+    for row in &rows {
+        assert!(
+            row.contains(" 2/1 ") && row.contains("200"),
+            "both accept queues 2/1, 200% full:\n{pane}"
+        );
+    }
     assert!(pane.contains("q quit, s sort, r reverse"), "{pane}");
+    let rows = rows_of(&reversed);
+    assert!(
+        reversed.contains("(reversed)")
+            && rows
+                .first()
+                .is_some_and(|r| r.starts_with("127.0.0.1:40001 ")),
+        "reversed at once:\n{reversed}"
+    );
 }
 
 #[test]
 fn once_prints_one_plain_table() {
     require_root();
     let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    let (_server, port) = listener(&ns, "127.0.0.1", 2);
+    let _clients = connect(&ns, "127.0.0.1", port, 3); // the kernel holds 3 with backlog 2
     let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
         .args([
             "top",
@@ -94,6 +135,14 @@ fn once_prints_one_plain_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.starts_with("LISTENER "), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&format!("127.0.0.1:{port} ")))
+        .unwrap_or_else(|| panic!("no row for port {port}:\n{text}"));
+    assert!(
+        row.contains(" 3/2 "),
+        "accept queue 3/2 as the kernel holds it: {row}"
+    );
     assert!(
         !text.contains('\x1b'),
         "no terminal escapes in --once output"

@@ -45,6 +45,5 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
     };
     Ok(Plan {
         steps: steps.into_iter().flatten().collect(),
-        blind_to: &[],
     })
 }

@@ -58,12 +58,8 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
                     program: "qt_ack_tp",
                     hook: Hook::Tracepoint("kfree_skb"),
                 }],
-                blind_to: &[],
             });
         }
     };
-    Ok(Plan {
-        steps,
-        blind_to: &[],
-    })
+    Ok(Plan { steps })
 }

@@ -84,10 +84,9 @@ pub struct Step {
     pub hook: Hook,
 }
 
-/// What a probe area attaches at one tier, and which of its counters that tier cannot see.
+/// What a probe area attaches at one tier (every tier of an area sees all it feeds).
 pub struct Plan {
     pub steps: Vec<Step>,
-    pub blind_to: &'static [Counter],
 }
 
 /// A probe area: one module here and one in `qtrace-ebpf/src/`.
@@ -111,17 +110,9 @@ pub struct ProbeStatus {
     pub hooks: Vec<String>,
     /// Why better tiers (or all tiers) failed.
     pub fallbacks: Vec<String>,
-    #[serde(skip)]
-    pub blind_to: &'static [Counter],
 }
 
-impl ProbeStatus {
-    fn sees(&self, counter: Counter) -> bool {
-        self.tier.is_some() && !self.blind_to.contains(&counter)
-    }
-}
-
-/// Whether `counter` is complete: every area that feeds it is attached at a tier that sees it.
+/// Whether `counter` is complete: every area that feeds it is attached.
 pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {
     if counter == Counter::EventsRateLimited {
         return true;
@@ -130,7 +121,7 @@ pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {
         .iter()
         .zip(statuses)
         .filter(|(area, _)| area.feeds.contains(&counter))
-        .all(|(_, status)| status.sees(counter))
+        .all(|(_, status)| status.tier.is_some())
 }
 
 /// Attaches every area at the best tier not better than `best`.
@@ -147,7 +138,6 @@ pub fn attach_all(
             tier: None,
             hooks: Vec::new(),
             fallbacks: Vec::new(),
-            blind_to: &[],
         };
         for tier in Tier::ALL.into_iter().filter(|t| *t >= best) {
             let plan = match (area.plan)(tier, kbtf) {
@@ -162,7 +152,6 @@ pub fn attach_all(
                 Ok(()) => {
                     status.tier = Some(tier);
                     status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
-                    status.blind_to = plan.blind_to;
                     break;
                 }
                 Err(err) => {

@@ -72,8 +72,5 @@ fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
             steps.push(Step { program, hook });
         }
     }
-    Some(Ok(Plan {
-        steps,
-        blind_to: &[],
-    }))
+    Some(Ok(Plan { steps }))
 }

@@ -19,7 +19,6 @@ fn plan(tier: Tier, _btf: &KernelBtf) -> Option<Result<Plan, String>> {
                 program: "qt_synack_tp",
                 hook: Hook::Tracepoint("tcp_retransmit_synack"),
             }],
-            blind_to: &[],
         })
     })
 }
