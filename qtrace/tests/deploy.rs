@@ -2,6 +2,7 @@
 //! (checked and unit-tested with promtool), the example Prometheus config, the Grafana dashboard
 //! (its PromQL compiled by promtool and its metric names checked against what qtrace exports)
 //! and the Kubernetes DaemonSet. No kernel programs are loaded here.
+mod common;
 
 use std::{
     collections::BTreeSet,
@@ -11,31 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::EXPORTED_METRICS;
 use serde_json::Value;
-
-/// Every metric family qtrace exports (README "Metrics", qtrace/src/metrics.rs). The histogram
-/// is named without its `_bucket`/`_sum`/`_count` suffixes, which [`metric_names`] strips.
-const EXPORTED_METRICS: &[&str] = &[
-    "qtrace_listen_drops_total",
-    "qtrace_synack_retransmits_total",
-    "qtrace_syncookies_sent_total",
-    "qtrace_overflow_resets_total",
-    "qtrace_accepted_connections_total",
-    "qtrace_syns_queued_total",
-    "qtrace_accept_queue_wait_seconds",
-    "qtrace_accept_queue_length",
-    "qtrace_accept_queue_limit",
-    "qtrace_syn_queue_length",
-    "qtrace_syn_queue_limit",
-    "qtrace_listener_info",
-    "qtrace_events_lost_total",
-    "qtrace_kernel_map_full_total",
-    "qtrace_kernel_read_errors_total",
-    "qtrace_netns_unreadable",
-    "qtrace_probe_info",
-    "qtrace_build_info",
-    "qtrace_listener_series_overflow",
-];
 
 /// The capabilities the unit and the DaemonSet grant, and no others.
 const CAPABILITIES: [&str; 4] = ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"];

@@ -486,3 +486,30 @@ impl Qtrace {
         self.child.id() as i32
     }
 }
+
+/// Every metric family qtrace exports, as named in the classic text format (README "Metrics").
+/// The histogram is named without its `_bucket`/`_sum`/`_count` suffixes. The daemon tests
+/// check a real exposition against it; deploy.rs checks dashboards and alerts use only these.
+pub const EXPORTED_METRICS: &[&str] = &[
+    "qtrace_listen_drops_total",
+    "qtrace_synack_retransmits_total",
+    "qtrace_syncookies_sent_total",
+    "qtrace_overflow_resets_total",
+    "qtrace_accepted_connections_total",
+    "qtrace_syns_queued_total",
+    "qtrace_accept_queue_wait_seconds",
+    "qtrace_accept_queue_length",
+    "qtrace_accept_queue_limit",
+    "qtrace_syn_queue_length",
+    "qtrace_syn_queue_limit",
+    "qtrace_listener_info",
+    "qtrace_events_lost_total",
+    "qtrace_kernel_map_full_total",
+    "qtrace_kernel_read_errors_total",
+    "qtrace_netns_unreadable",
+    "qtrace_probe_info",
+    "qtrace_build_info",
+    "qtrace_listener_series_overflow",
+    "qtrace_bpf_program_runs_total",
+    "qtrace_bpf_program_run_seconds_total",
+];
