@@ -19,7 +19,9 @@ use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
     config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
     history::LastHour,
-    hub, netns,
+    hub,
+    listener::endpoint_of,
+    netns,
     owners::{Owner, Owners},
     probe_report::kernel_release,
     sockdiag::{self, ListenerQueues},
@@ -311,7 +313,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
 fn listener_name(owner: Option<&Owner>, addr: &IpAddr, port: u16, netns: u32) -> String {
     let at = SocketAddr::new(*addr, port);
     match owner {
-        Some(o) => format!("{}[{}] on {at} (netns {netns})", o.comm, o.pid),
+        Some(o) => format!("{o} on {at} (netns {netns})"),
         None => format!("{at} (netns {netns})"),
     }
 }
@@ -458,11 +460,11 @@ fn human(r: &Value) -> String {
     }
     s += "\nLISTENER                                  ACCEPT Q (len/limit, backlog)     SYN Q (len/limit)\n";
     for l in r["listeners"].as_array().into_iter().flatten() {
-        let at = format!("{}:{}", l["addr"].as_str().unwrap_or(""), l["port"]);
-        let owner = l["owner"]["comm"]
-            .as_str()
-            .map(|c| format!(" {c}[{}]", l["owner"]["pid"]))
-            .unwrap_or_default();
+        let at = endpoint_of(
+            l["addr"].as_str().unwrap_or(""),
+            l["port"].as_u64().unwrap_or(0) as u16,
+        );
+        let owner = Owner::of_json(&l["owner"]).map_or(String::new(), |o| format!(" {o}"));
         let a = &l["accept_queue"];
         let backlog = match (&a["backlog"]["exactly"], &a["backlog"]["at_least"]) {
             (Value::Number(n), _) => format!("backlog {n}"),

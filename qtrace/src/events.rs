@@ -9,7 +9,7 @@ use qtrace_common::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    listener::{family_name, ip},
+    listener::{endpoint_of, family_name, ip},
     owners::Owner,
 };
 
@@ -115,24 +115,13 @@ pub fn describe(kind: &str) -> &'static str {
         .map_or("unknown event", EventKind::describe)
 }
 
-fn endpoint_of(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    }
-}
-
 /// One line for an operator.
 pub fn to_human(r: &Record) -> String {
     let what = match r.retransmit {
         Some(n) => format!("{} #{n}", describe(&r.kind)),
         None => describe(&r.kind).to_string(),
     };
-    let owner = r
-        .owner
-        .as_ref()
-        .map_or(String::new(), |o| format!("  {}[{}]", o.comm, o.pid));
+    let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
     format!(
         "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
         r.time,

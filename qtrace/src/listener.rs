@@ -1,6 +1,6 @@
 //! Human and JSON forms of a listener key and of remote endpoints.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use qtrace_common::{listener::AF_INET6, ListenerKey};
 
@@ -23,9 +23,14 @@ pub fn family_name(family: u16) -> &'static str {
 
 /// `addr:port`, with IPv6 addresses in brackets.
 pub fn endpoint(family: u16, addr: [u8; 16], port: u16) -> String {
-    match ip(family, addr) {
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-        IpAddr::V4(a) => format!("{a}:{port}"),
+    SocketAddr::new(ip(family, addr), port).to_string()
+}
+
+/// The same for an address in text (as the JSON snapshots carry it).
+pub fn endpoint_of(addr: &str, port: u16) -> String {
+    match addr.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{addr}:{port}"),
     }
 }
 
@@ -61,6 +66,9 @@ mod tests {
         assert_eq!(listener(&key(AF_INET6, [0; 16], 443)), "[::]:443");
         let loopback = Ipv6Addr::LOCALHOST.octets();
         assert_eq!(listener(&key(AF_INET6, loopback, 8443)), "[::1]:8443");
+        // The text form doctor and top read from JSON: `:::22` would be ambiguous.
+        assert_eq!(endpoint_of("::", 22), "[::]:22");
+        assert_eq!(endpoint_of("10.0.0.1", 80), "10.0.0.1:80");
     }
 
     #[test]

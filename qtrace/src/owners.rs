@@ -16,7 +16,22 @@ pub struct Owner {
     pub pid: i32,
     pub comm: String,
     /// The last component of the process's cgroup: `nginx.service`, `docker-<id>.scope`, …
+    #[serde(default)]
     pub unit: String,
+}
+
+/// `comm[pid]`, as `ps` and the kernel's log name a process.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.comm, self.pid)
+    }
+}
+
+impl Owner {
+    /// The owner in a JSON snapshot, when there is one.
+    pub fn of_json(v: &serde_json::Value) -> Option<Self> {
+        serde_json::from_value(v.clone()).ok()
+    }
 }
 
 /// Socket inode → owner. Walking every process's fds is the expensive part, so it happens

@@ -18,7 +18,10 @@ use crossterm::{
 use qtrace_common::Counter;
 use serde_json::Value;
 
-use crate::{config::SourceArgs, hub, scrape::Scraper, server::snapshot_json, tracer::Tracer};
+use crate::{
+    config::SourceArgs, hub, listener::endpoint_of, owners::Owner, scrape::Scraper,
+    server::snapshot_json, tracer::Tracer,
+};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TopOptions {
@@ -151,18 +154,10 @@ pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
                 l["addr"].as_str().unwrap_or(""),
                 l["port"].as_u64().unwrap_or(0),
             );
-            let at = if addr.contains(':') {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
-            };
             let q = &l["queues"];
             Row {
-                listener: at,
-                owner: l["owner"]["comm"]
-                    .as_str()
-                    .map(|c| format!("{c}[{}]", l["owner"]["pid"]))
-                    .unwrap_or_default(),
+                listener: endpoint_of(addr, port as u16),
+                owner: Owner::of_json(&l["owner"]).map_or(String::new(), |o| o.to_string()),
                 acceptq: q["accept_len"].as_u64().zip(q["accept_limit"].as_u64()),
                 synq: q["syn_len"].as_u64(),
                 drops: Counter::DROPS.map(|c| rate(c.name())),
