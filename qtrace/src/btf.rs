@@ -13,9 +13,9 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The BTF blob in memory: btfparse reads it in many small pieces, and each read of the sysfs
 /// file is a syscall (reading it piecemeal took seconds).
-struct BtfBytes(Vec<u8>);
+struct BtfBytes<'a>(&'a [u8]);
 
-impl Readable for BtfBytes {
+impl Readable for BtfBytes<'_> {
     fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
         let start = offset as usize;
         let src = self.0.get(start..start + buffer.len()).ok_or_else(|| {
@@ -29,6 +29,16 @@ impl Readable for BtfBytes {
     }
 }
 
+/// What qtrace needs when the BTF at `path` cannot be read or parsed.
+fn unusable(path: &Path) -> String {
+    format!(
+        "kernel BTF not readable at {}: qtrace needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels since 5.x have it), \
+         or the kernel's BTF in a file given with --btf",
+        path.display()
+    )
+}
+
 pub struct KernelBtf {
     types: TypeInformation,
 }
@@ -36,20 +46,19 @@ pub struct KernelBtf {
 impl KernelBtf {
     /// Parses the kernel's BTF at `path` (normally [`VMLINUX_BTF`]).
     pub fn load(path: &Path) -> Result<Self> {
-        Self::from_file(path).with_context(|| {
-            format!(
-                "kernel BTF not readable at {}: qtrace needs a kernel built with \
-                 CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels since 5.x have \
-                 it), or the kernel's BTF in a file given with --btf",
-                path.display()
-            )
-        })
+        Self::parse(&Self::read(path)?, path)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("open {}", path.display()))?;
+    /// The BTF file's bytes.
+    pub fn read(path: &Path) -> Result<Vec<u8>> {
+        std::fs::read(path).with_context(|| unusable(path))
+    }
+
+    /// Parses `bytes`, read from `path`.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
         let types = TypeInformation::new(&BtfBytes(bytes))
-            .map_err(|e| anyhow!("parse {}: {e:?}", path.display()))?;
+            .map_err(|e| anyhow!("parse {}: {e:?}", path.display()))
+            .with_context(|| unusable(path))?;
         Ok(Self { types })
     }
 

@@ -6,6 +6,7 @@ mod config;
 mod doctor;
 mod events;
 mod events_cmd;
+mod heap;
 mod history;
 mod hub;
 mod listener;
@@ -53,10 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Scrapes run on blocking-pool threads, each of which would get its own malloc arena:
-    // two arenas keep a long-running daemon's memory from fragmenting across them.
-    // SAFETY: a malloc tunable set before any other thread exists.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    heap::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             // aya warns when it cannot raise RLIMIT_MEMLOCK, which only happens without

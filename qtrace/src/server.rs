@@ -18,6 +18,7 @@ use axum::{
 use serde_json::json;
 
 use crate::{
+    heap,
     history::History,
     metrics,
     scrape::{Scrape, Scraper},
@@ -48,14 +49,6 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub async fn collect(state: &Arc<AppState>) -> anyhow::Result<Scrape> {
     let s = state.clone();
     tokio::task::spawn_blocking(move || s.scraper.collect()).await?
-}
-
-/// A scrape of many listeners allocates megabytes that are free again once the response is
-/// built: return them to the system rather than let a daemon that sits idle between scrapes
-/// keep its peak.
-fn trim_heap() {
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe { libc::malloc_trim(0) };
 }
 
 fn failed(e: anyhow::Error) -> Response {
@@ -101,7 +94,8 @@ async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap)
     };
     let kind = if openmetrics { OPENMETRICS } else { CLASSIC };
     let response = ([(header::CONTENT_TYPE, kind)], body).into_response();
-    trim_heap();
+    // A scrape of many listeners allocated megabytes that are free again now.
+    heap::trim();
     response
 }
 
@@ -109,7 +103,7 @@ async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
     match listeners_json(&state).await {
         Ok(v) => {
             let response = Json(v).into_response();
-            trim_heap();
+            heap::trim();
             response
         }
         Err(e) => failed(e),

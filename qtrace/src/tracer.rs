@@ -7,6 +7,7 @@ use qtrace_common::{globals, maps};
 pub use crate::config::TracerOptions;
 use crate::{
     btf::KernelBtf,
+    heap,
     probes::{self, ProbeStatus},
     stats::KernelCounters,
 };
@@ -26,10 +27,8 @@ pub struct Tracer {
 impl Tracer {
     pub fn start(opts: &TracerOptions) -> Result<Self> {
         let (mut ebpf, probes) = load_and_attach(opts)?;
-        // The parsed BTF (tens of MB) is gone now; hand its pages back to the system instead
-        // of keeping them for a daemon that never parses again.
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe { libc::malloc_trim(0) };
+        // The parsed BTF (tens of MB) is gone now, and is never parsed again.
+        heap::trim();
         let counters = KernelCounters::take(&mut ebpf)?.into();
         let program_ids = ebpf
             .programs()
@@ -45,9 +44,12 @@ impl Tracer {
 }
 
 fn load_and_attach(opts: &TracerOptions) -> Result<(Ebpf, Vec<ProbeStatus>)> {
-    let kbtf = KernelBtf::load(&opts.btf)?;
-    let btf = Btf::parse_file(&opts.btf, Endianness::default())
+    // One read of the file for both parsers (aya's, for attaching; btfparse, for offsets).
+    let bytes = KernelBtf::read(&opts.btf)?;
+    let kbtf = KernelBtf::parse(&bytes, &opts.btf)?;
+    let btf = Btf::parse(&bytes, Endianness::default())
         .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
+    drop(bytes);
     let offsets = kbtf
         .offsets()
         .context("resolve struct offsets from the kernel's BTF")?;
