@@ -56,9 +56,12 @@ fn accept_queue_full_at_syn() {
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 1);
     let before = ns.tcp_ext();
-    let clients = connect_nonblocking(&ns, "127.0.0.1", port, 20);
+    // The queue is full before the other SYNs come: sent together, they could all reach the
+    // SYN queue first (an emulated CPU defers the handshakes) and take the syncookie path.
+    let full = connect(&ns, "127.0.0.1", port, 2);
+    let clients = connect_nonblocking(&ns, "127.0.0.1", port, 18);
     thread::sleep(Duration::from_millis(300)); // well before any SYN retransmit (1 s)
-    drop(clients);
+    drop((full, clients));
     drop(server);
     let after = ns.tcp_ext();
     let out = qtrace.stop(libc::SIGTERM);
