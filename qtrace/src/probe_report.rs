@@ -35,13 +35,7 @@ pub fn probes(opts: ProbesOptions) -> Result<()> {
     writeln!(out, "kernel {kernel}")?;
     for p in &tracer.probes {
         let tier = p.tier.map_or("unavailable".to_string(), |t| t.to_string());
-        let variant = p.variant.map(|v| format!(" ({v})")).unwrap_or_default();
-        writeln!(
-            out,
-            "{:<8} {tier:<12} {}{variant}",
-            p.probe,
-            p.hooks.join(", ")
-        )?;
+        writeln!(out, "{:<8} {tier:<12} {}", p.probe, p.hooks.join(", "))?;
         for why in &p.fallbacks {
             writeln!(out, "{:<8} {:<12} not: {why}", "", "")?;
         }

@@ -87,20 +87,6 @@ pub struct Step {
 /// What a probe area attaches at one tier (every tier of an area sees all it feeds).
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// How this variant differs from the tier's others, for the report.
-    pub variant: Option<&'static str>,
-    /// The same tier with less asked of the kernel, tried when these steps fail.
-    pub fallback: Option<Box<Plan>>,
-}
-
-impl Plan {
-    pub fn new(steps: Vec<Step>) -> Self {
-        Self {
-            steps,
-            variant: None,
-            fallback: None,
-        }
-    }
 }
 
 /// A probe area: one module here and one in `qtrace-ebpf/src/`.
@@ -122,10 +108,7 @@ pub struct ProbeStatus {
     /// None: unavailable on this kernel.
     pub tier: Option<Tier>,
     pub hooks: Vec<String>,
-    /// Which of the tier's variants attached, where it has several.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub variant: Option<&'static str>,
-    /// Why better tiers or variants (or all tiers) failed.
+    /// Why better tiers (or all tiers) failed.
     pub fallbacks: Vec<String>,
 }
 
@@ -154,36 +137,30 @@ pub fn attach_all(
             probe: area.name,
             tier: None,
             hooks: Vec::new(),
-            variant: None,
             fallbacks: Vec::new(),
         };
-        'tiers: for tier in Tier::ALL.into_iter().filter(|t| *t >= best) {
-            let mut candidate = match (area.plan)(tier, kbtf) {
+        for tier in Tier::ALL.into_iter().filter(|t| *t >= best) {
+            let plan = match (area.plan)(tier, kbtf) {
                 None => continue,
-                Some(Ok(plan)) => Some(plan),
+                Some(Ok(plan)) => plan,
                 Some(Err(why)) => {
                     status.fallbacks.push(format!("{tier}: {why}"));
                     continue;
                 }
             };
-            while let Some(plan) = candidate {
-                match attach_plan(ebpf, btf, &plan.steps) {
-                    Ok(()) => {
-                        status.tier = Some(tier);
-                        status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
-                        status.variant = plan.variant;
-                        break 'tiers;
-                    }
-                    Err(err) => {
-                        tracing::debug!("probe {}: {tier} failed: {err:?}", area.name);
-                        let variant = plan.variant.map(|v| format!(" ({v})")).unwrap_or_default();
-                        status
-                            .fallbacks
-                            .push(format!("{tier}{variant}: {}", first_line(&err)));
-                        for step in &plan.steps {
-                            unload(ebpf, step.program);
-                        }
-                        candidate = plan.fallback.map(|next| *next);
+            match attach_plan(ebpf, btf, &plan.steps) {
+                Ok(()) => {
+                    status.tier = Some(tier);
+                    status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
+                    break;
+                }
+                Err(err) => {
+                    tracing::debug!("probe {}: {tier} failed: {err:?}", area.name);
+                    status
+                        .fallbacks
+                        .push(format!("{tier}: {}", first_line(&err)));
+                    for step in &plan.steps {
+                        unload(ebpf, step.program);
                     }
                 }
             }

@@ -72,5 +72,5 @@ fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
             steps.push(Step { program, hook });
         }
     }
-    Some(Ok(Plan::new(steps)))
+    Some(Ok(Plan { steps }))
 }

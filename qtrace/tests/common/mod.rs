@@ -284,22 +284,9 @@ pub struct Qtrace {
 }
 
 fn tier(ready: &Value, probe: &str) -> Option<String> {
-    probe_status(ready, probe)["tier"]
-        .as_str()
-        .map(str::to_string)
-}
-
-fn probe_status<'a>(ready: &'a Value, probe: &str) -> &'a Value {
     let probes = ready["probes"].as_array().unwrap();
-    probes.iter().find(|p| p["probe"] == probe).unwrap()
-}
-
-/// The running kernel's (major, minor) version.
-pub fn kernel_version() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (next(), next())
+    let p = probes.iter().find(|p| p["probe"] == probe).unwrap();
+    p["tier"].as_str().map(str::to_string)
 }
 
 /// What qtrace printed from start to exit.
@@ -411,13 +398,6 @@ impl Qtrace {
 impl Output {
     pub fn tier(&self, probe: &str) -> Option<String> {
         tier(&self.ready, probe)
-    }
-
-    /// Which of its tier's variants `probe` attached with, where the tier has several.
-    pub fn variant(&self, probe: &str) -> Option<String> {
-        probe_status(&self.ready, probe)["variant"]
-            .as_str()
-            .map(str::to_string)
     }
 
     /// The final snapshot of the listener on (`netns`, `addr`, `port`), if it had any count.
