@@ -262,6 +262,7 @@ fn run_one(
                 &initrd,
                 &format!("qtrace.attach={mode}"),
                 1024,
+                qemu::Clock::Real,
                 Duration::from_secs(900),
             )?;
             let problem = if !finished {
