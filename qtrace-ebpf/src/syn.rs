@@ -43,19 +43,31 @@ const FLOOD_COOKIE: u8 = 2;
 #[map]
 static QT_SYN_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
 
+/// Whether the kernel's decisions are seen (`decided()`), not predicted from the queues.
+#[inline(always)]
+fn exact() -> bool {
+    hooks().syn_decisions_hooked != 0
+}
+
 #[inline(always)]
 fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
     let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
     let o = offsets();
-    let entry = Entry {
+    let mut entry = Entry {
         sk: sk as u64,
         skb: skb as u64,
-        queues: Queues::read(sk)?,
+        queues: Queues::default(),
         drops: read(sk, o.sk_drops)?,
-        syncookies: net_sysctl_u8(sk, o.net_syncookies)?,
+        syncookies: 0,
         flood: 0,
         cookie: 0,
     };
+    // Only a prediction needs the state before the SYN; a seen decision reads the queues at
+    // exit, which a dropped SYN or a syncookie leaves as they were. Every SYN pays for this.
+    if !exact() {
+        entry.queues = Queues::read(sk)?;
+        entry.syncookies = net_sysctl_u8(sk, o.net_syncookies)?;
+    }
     unsafe { *slot = entry };
     Ok(())
 }
@@ -70,9 +82,14 @@ fn exit() -> Result<(), ()> {
     unsafe { (*slot).sk = 0 };
     let (sk, skb) = (e.sk as *const u8, e.skb as *const u8);
     let drops: u32 = read(sk, offsets().sk_drops)?;
-    let q = e.queues;
-    let exact = hooks().syn_decisions_hooked != 0;
-    let (counter, kind) = if drops != e.drops {
+    let exact = exact();
+    let dropped = drops != e.drops;
+    if !dropped && exact && e.cookie == 0 {
+        count(&listener_key(sk)?, Counter::SynQueued);
+        return Ok(());
+    }
+    let q = if exact { Queues::read(sk)? } else { e.queues };
+    let (counter, kind) = if dropped {
         let synq_full = if exact {
             e.flood == FLOOD_DROP
         } else {
