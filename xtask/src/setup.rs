@@ -31,6 +31,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The benchmark's peers, and the C headers their scripts include, run in the 6.12 guest.
     ("bpftrace", "bpftrace"),
     ("/usr/include/x86_64-linux-gnu/sys/socket.h", "libc6-dev"),
+    // The benchmark's profile of the fentry tier, taken in the guest.
+    ("perf", "linux-perf"),
 ];
 
 /// Everything: the toolchain and the packages the tests, the matrix and the benchmarks use.
