@@ -1,6 +1,10 @@
 //! Facts about the running kernel that user space reads from BTF and hands to the programs
 //! as globals, so one object runs on every kernel without a struct layout compiled in.
 
+/// How many bytes at the head of `struct sock_common` the programs copy in one read to build a
+/// listener's key; every key field must end inside them (checked against BTF at start).
+pub const SOCK_KEY_HEAD: u32 = 96;
+
 /// Byte offsets of the struct members the programs read. Every field is resolved from the
 /// running kernel's BTF at start-up; none is assumed.
 #[repr(C)]

@@ -2,6 +2,7 @@
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, Global};
 use qtrace_common::{
+    kernel::SOCK_KEY_HEAD,
     listener::{AF_INET, AF_INET6},
     HookLayout, ListenerKey, Offsets, SelfStat,
 };
@@ -50,26 +51,62 @@ pub fn listener_key_of_request(sk: *const u8, req: *const u8) -> Result<Listener
     key_with_port_of(sk, req)
 }
 
+/// The head of a `struct sock_common`, copied in one helper call: each
+/// `bpf_probe_read_kernel` has a fixed cost, and the kernel copies 8 bytes a step only when
+/// both ends are 8-byte aligned (byte by byte otherwise), hence the alignment.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct SockHead([u8; SOCK_KEY_HEAD as usize]);
+
+impl SockHead {
+    #[inline(always)]
+    fn read(sk: *const u8) -> Result<Self, ()> {
+        read(sk, 0)
+    }
+
+    /// The `T` at `off` (the offsets are constants to the verifier: a frozen read-only map).
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: u32) -> Result<T, ()> {
+        let off = off as usize;
+        if off + size_of::<T>() > self.0.len() {
+            return Err(());
+        }
+        // SAFETY: in bounds, checked above; any bit pattern is a valid T here.
+        Ok(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off).cast::<T>()) })
+    }
+}
+
 #[inline(always)]
 fn key_with_port_of(sk: *const u8, port_of: *const u8) -> Result<ListenerKey, ()> {
     let o = offsets();
-    let family: u16 = read(sk, o.skc_family)?;
-    let port: u16 = read(port_of, o.skc_num)?;
-    let net: *const u8 = read(sk, o.skc_net)?;
-    let netns: u32 = read(net, o.net_ns_inum)?;
-    let mut addr = [0u8; 16];
-    if family == AF_INET6 {
-        addr = read(sk, o.skc_v6_rcv_saddr)?;
+    let head = SockHead::read(sk)?;
+    let family: u16 = head.get(o.skc_family)?;
+    let port: u16 = if port_of == sk {
+        head.get(o.skc_num)?
     } else {
-        let v4: [u8; 4] = read(sk, o.skc_rcv_saddr)?;
-        addr[..4].copy_from_slice(&v4);
-    }
+        read(port_of, o.skc_num)?
+    };
+    let net: *const u8 = head.get(o.skc_net)?;
+    let netns: u32 = read(net, o.net_ns_inum)?;
+    let addr = if family == AF_INET6 {
+        head.get(o.skc_v6_rcv_saddr)?
+    } else {
+        words_to_addr([head.get(o.skc_rcv_saddr)?, 0, 0, 0])
+    };
     Ok(ListenerKey {
         netns,
         family,
         port,
         addr,
     })
+}
+
+/// An address assembled from 32-bit words: zeroing part of a byte array instead compiles to
+/// a call to a byte-by-byte memset.
+#[inline(always)]
+fn words_to_addr(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, any bit pattern is valid.
+    unsafe { core::mem::transmute(words) }
 }
 
 /// A per-netns `u8` sysctl of the socket's namespace (`net->ipv4.sysctl_*`).
@@ -120,16 +157,13 @@ pub struct Remote {
 }
 
 #[inline(always)]
-fn put_v4(listener_family: u16, v4: [u8; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
+fn put_v4(listener_family: u16, v4: u32) -> [u8; 16] {
     if listener_family == AF_INET6 {
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..].copy_from_slice(&v4);
+        // ::ffff:a.b.c.d
+        words_to_addr([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4])
     } else {
-        addr[..4].copy_from_slice(&v4);
+        words_to_addr([v4, 0, 0, 0])
     }
-    addr
 }
 
 impl Remote {

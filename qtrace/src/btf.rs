@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use btfparse::{Integer32Value, Integer64Value, Offset, Readable, TypeInformation, TypeVariant};
-use qtrace_common::{HookLayout, Offsets};
+use qtrace_common::{kernel::SOCK_KEY_HEAD, HookLayout, Offsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -138,6 +138,22 @@ impl KernelBtf {
             }
         }
         let skc = |m: &str| self.offset("sock_common", m);
+        // The key's fields are copied from the head of sock_common in one read.
+        for (member, size) in [
+            ("skc_rcv_saddr", 4),
+            ("skc_num", 2),
+            ("skc_family", 2),
+            ("skc_net", 8),
+            ("skc_v6_rcv_saddr", 16),
+        ] {
+            let end = skc(member)? + size;
+            if end > SOCK_KEY_HEAD {
+                bail!(
+                    "sock_common.{member} ends at byte {end}, beyond the {SOCK_KEY_HEAD} bytes \
+                     qtrace reads: unsupported kernel layout"
+                );
+            }
+        }
         Ok(Offsets {
             skc_daddr: skc("skc_daddr")?,
             skc_rcv_saddr: skc("skc_rcv_saddr")?,
