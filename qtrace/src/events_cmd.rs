@@ -3,17 +3,18 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
+    net::IpAddr,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use qtrace_common::EventKind;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::SourceArgs,
     events::{self, Clock, Record},
-    hub::{self, Request},
+    hub::{self, Line, Request},
     ring::EventRing,
 };
 
@@ -39,11 +40,11 @@ pub struct EventFilter {
     pub port: Vec<u16>,
     /// Listener address.
     #[arg(long)]
-    pub addr: Option<String>,
+    pub addr: Option<IpAddr>,
     /// Event kind (repeatable): syn_drop_syn_queue_full, syn_drop_accept_queue_full,
     /// ack_drop_accept_queue_full, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
-    #[arg(long)]
-    pub kind: Vec<String>,
+    #[arg(long, value_parser = events::parse_kind)]
+    pub kind: Vec<EventKind>,
     /// Network namespace inode.
     #[arg(long)]
     pub netns: Option<u32>,
@@ -58,7 +59,7 @@ pub struct EventFilter {
 impl EventFilter {
     pub fn admits(&self, r: &Record) -> bool {
         (self.port.is_empty() || self.port.contains(&r.lport))
-            && self.addr.as_ref().is_none_or(|a| *a == r.laddr)
+            && self.addr.is_none_or(|a| a == r.laddr)
             && (self.kind.is_empty() || self.kind.contains(&r.kind))
             && self.netns.is_none_or(|n| n == r.netns)
             && self
@@ -167,10 +168,9 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         };
-        let v: Value = serde_json::from_str(&line).context("a line from the daemon")?;
-        match v["type"].as_str() {
-            Some("gap") => out.gap(v["missed"].as_u64().unwrap_or(0))?,
-            _ => out.record(&serde_json::from_value(v)?)?,
+        match serde_json::from_str(&line).context("a line from the daemon")? {
+            Line::Event(r) => out.record(&r)?,
+            Line::Gap { missed } => out.gap(missed)?,
         }
     }
 }

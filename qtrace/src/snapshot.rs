@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    listener::{family_name, ip, listener},
+    listener::{ip, listener, Family},
     probes::{counter_available, ProbeStatus},
     stats::{wait_bucket_le_seconds, ListenerStats},
 };
@@ -34,7 +34,7 @@ impl Visibility {
 #[derive(Serialize)]
 struct ListenerJson {
     netns: u32,
-    family: &'static str,
+    family: Family,
     addr: String,
     port: u16,
     counters: Map<String, Value>,
@@ -90,7 +90,7 @@ pub fn to_json(
         .iter()
         .map(|s| ListenerJson {
             netns: s.key.netns,
-            family: family_name(s.key.family),
+            family: Family::of(s.key.family),
             addr: ip(s.key.family, s.key.addr).to_string(),
             port: s.key.port,
             counters: counters_json(Some(s), vis),
