@@ -174,13 +174,14 @@ pub fn to_human(r: &Record) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use qtrace_common::{listener::AF_INET, ListenerKey};
 
     use super::*;
     use crate::hub::Line;
 
-    fn retransmit() -> Event {
+    /// A SYN-ACK retransmit at 127.0.0.1:8080 in netns 4026532000.
+    pub(crate) fn retransmit() -> Event {
         let mut laddr = [0u8; 16];
         laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let mut raddr = [0u8; 16];

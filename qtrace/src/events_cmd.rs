@@ -8,13 +8,14 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use qtrace_common::EventKind;
+use qtrace_common::{Event, EventKind};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::SourceArgs,
     events::{self, Clock, Record},
     hub::{self, Line, Request},
+    listener::ip,
     ring::EventRing,
 };
 
@@ -57,11 +58,16 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// The conditions a kernel event can be judged on by itself: `--standalone` builds the
+    /// record only for the events that pass (it refuses the owner filters).
+    pub fn admits_event(&self, ev: &Event) -> bool {
+        let l = &ev.listener;
+        self.admits_listener(l.netns, ip(l.family, l.addr), l.port, events::kind(ev))
+    }
+
+    /// Every condition, the owner's too: a daemon's record.
     pub fn admits(&self, r: &Record) -> bool {
-        (self.port.is_empty() || self.port.contains(&r.lport))
-            && self.addr.is_none_or(|a| a == r.laddr)
-            && (self.kind.is_empty() || self.kind.contains(&r.kind))
-            && self.netns.is_none_or(|n| n == r.netns)
+        self.admits_listener(r.netns, r.laddr, r.lport, r.kind)
             && self
                 .pid
                 .is_none_or(|p| r.owner.as_ref().is_some_and(|o| o.pid == p))
@@ -70,13 +76,17 @@ impl EventFilter {
                 .as_ref()
                 .is_none_or(|c| r.owner.as_ref().is_some_and(|o| o.comm == *c))
     }
+
+    fn admits_listener(&self, netns: u32, addr: IpAddr, port: u16, kind: EventKind) -> bool {
+        (self.port.is_empty() || self.port.contains(&port))
+            && self.addr.is_none_or(|a| a == addr)
+            && (self.kind.is_empty() || self.kind.contains(&kind))
+            && self.netns.is_none_or(|n| n == netns)
+    }
 }
 
 pub async fn events(opts: EventsOptions) -> Result<()> {
-    let mut out = Output {
-        json: opts.json,
-        filter: opts.filter.clone(),
-    };
+    let mut out = Output { json: opts.json };
     let done = if opts.source.standalone {
         // Owners come from the daemon's view of the sockets; standalone events carry none.
         if opts.filter.pid.is_some() || opts.filter.comm.is_some() {
@@ -104,14 +114,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 struct Output {
     json: bool,
-    filter: EventFilter,
 }
 
 impl Output {
     fn record(&mut self, r: &Record) -> Result<()> {
-        if !self.filter.admits(r) {
-            return Ok(());
-        }
         let mut stdout = io::stdout().lock();
         if self.json {
             serde_json::to_writer(&mut stdout, r)?;
@@ -169,7 +175,8 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
             _ = sigterm.recv() => return Ok(()),
         };
         match serde_json::from_str(&line).context("a line from the daemon")? {
-            Line::Event(r) => out.record(&r)?,
+            Line::Event(r) if opts.filter.admits(&r) => out.record(&r)?,
+            Line::Event(_) => {}
             Line::Gap { missed } => out.gap(missed)?,
         }
     }
@@ -194,12 +201,67 @@ async fn standalone(opts: &EventsOptions, out: &mut Output) -> Result<()> {
     loop {
         tokio::select! {
             batch = ring.wait() => {
-                for ev in batch? {
-                    out.record(&events::to_record(&ev, &clock))?;
+                for ev in batch?.iter().filter(|ev| opts.filter.admits_event(ev)) {
+                    out.record(&events::to_record(ev, &clock))?;
                 }
             }
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Standalone filters the kernel's event, the daemon path its record: the same verdicts.
+    #[test]
+    fn events_and_their_records_pass_the_same_filters() {
+        let ev = events::tests::retransmit();
+        let r = events::to_record(&ev, &Clock::new());
+        let filters = [
+            EventFilter::default(),
+            EventFilter {
+                port: vec![80, 8080],
+                ..Default::default()
+            },
+            EventFilter {
+                port: vec![80],
+                ..Default::default()
+            },
+            EventFilter {
+                addr: "127.0.0.1".parse().ok(),
+                ..Default::default()
+            },
+            EventFilter {
+                addr: "::1".parse().ok(),
+                ..Default::default()
+            },
+            EventFilter {
+                kind: vec![EventKind::SynackRetransmit],
+                ..Default::default()
+            },
+            EventFilter {
+                kind: vec![EventKind::DropOther],
+                ..Default::default()
+            },
+            EventFilter {
+                netns: Some(4026532000),
+                ..Default::default()
+            },
+            EventFilter {
+                netns: Some(1),
+                ..Default::default()
+            },
+        ];
+        let verdicts: Vec<_> = filters.iter().map(|f| f.admits_event(&ev)).collect();
+        assert_eq!(
+            verdicts,
+            [true, true, false, true, false, true, false, true, false]
+        );
+        for f in &filters {
+            assert_eq!(f.admits(&r), f.admits_event(&ev), "{f:?}");
         }
     }
 }
