@@ -27,6 +27,17 @@ pub struct ListenerId {
     pub port: u16,
 }
 
+impl ListenerId {
+    /// The listener of an entry of a JSON snapshot (`netns`, `addr`, `port`).
+    pub fn of_json(l: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            netns: l["netns"].as_u64()?.try_into().ok()?,
+            addr: l["addr"].as_str()?.parse().ok()?,
+            port: l["port"].as_u64()?.try_into().ok()?,
+        })
+    }
+}
+
 impl From<&ListenerKey> for ListenerId {
     fn from(k: &ListenerKey) -> Self {
         Self {

@@ -19,8 +19,13 @@ use qtrace_common::Counter;
 use serde_json::Value;
 
 use crate::{
-    config::SourceArgs, hub, listener::endpoint_of, owners::Owner, scrape::Scraper,
-    server::snapshot_json, tracer::Tracer,
+    config::SourceArgs,
+    hub,
+    listener::endpoint_of,
+    owners::Owner,
+    scrape::{ListenerId, Scraper},
+    server::snapshot_json,
+    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -122,21 +127,13 @@ impl Row {
     }
 }
 
-fn id(l: &Value) -> (u64, String, u64) {
-    (
-        l["netns"].as_u64().unwrap_or(0),
-        l["addr"].as_str().unwrap_or("").to_string(),
-        l["port"].as_u64().unwrap_or(0),
-    )
-}
-
 /// Rows from two snapshots `secs` apart.
 pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
-    let before: HashMap<_, &Value> = prev["listeners"]
+    let before: HashMap<ListenerId, &Value> = prev["listeners"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|l| (id(l), l))
+        .filter_map(|l| Some((ListenerId::of_json(l)?, l)))
         .collect();
     let empty = Value::Null;
     cur["listeners"]
@@ -144,7 +141,9 @@ pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
         .into_iter()
         .flatten()
         .map(|l| {
-            let p = before.get(&id(l)).copied().unwrap_or(&empty);
+            let p = ListenerId::of_json(l)
+                .and_then(|id| before.get(&id).copied())
+                .unwrap_or(&empty);
             let rate = |name: &str| {
                 let now = l["counters"][name].as_u64()?;
                 let then = p["counters"][name].as_u64().unwrap_or(0);
