@@ -91,7 +91,8 @@ pub async fn events(opts: EventsOptions) -> Result<()> {
         // Owners come from the daemon's view of the sockets; standalone events carry none.
         if opts.filter.pid.is_some() || opts.filter.comm.is_some() {
             anyhow::bail!(
-                "--pid and --comm need the daemon (it knows each listener's owner): drop                  --standalone, or filter by --port/--addr/--netns"
+                "--pid and --comm need the daemon (it knows each listener's owner): drop \
+                 --standalone, or filter by --port/--addr/--netns"
             );
         }
         standalone(&opts, &mut out).await
