@@ -7,7 +7,7 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
-    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    config::ClientArgs,
     history::LastHour,
     hub,
     listener::endpoint_of,
@@ -30,11 +30,9 @@ use crate::{
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DoctorOptions {
-    /// The daemon's events socket, for what it has counted.
-    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
-    pub socket: PathBuf,
+    // The daemon is asked for what it has counted; without one, doctor attaches probes.
     #[command(flatten)]
-    pub tracer: TracerArgs,
+    pub client: ClientArgs,
     /// One JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -233,17 +231,15 @@ fn namespaces() -> (Vec<Namespace>, usize) {
 }
 
 pub fn doctor(opts: DoctorOptions) -> Result<()> {
-    let daemon = hub::listeners_snapshot(&opts.socket).ok();
+    let settings = opts.client.settings()?;
+    let daemon = hub::listeners_snapshot(&settings.daemon.events_socket).ok();
     let sample_interval = daemon
         .as_ref()
         .and_then(|d| d["queue_sample_interval_seconds"].as_f64())
         .unwrap_or_default();
     let probes = match &daemon {
         Some(d) => d["probes"].clone(),
-        None => match FileConfig::load(None)
-            .and_then(|(f, _)| opts.tracer.resolve(&f.tracer))
-            .and_then(|t| Tracer::start(&t))
-        {
+        None => match Tracer::start(&settings.tracer) {
             Ok(tracer) => serde_json::to_value(&tracer.probes)?,
             Err(e) => json!({ "error": format!("{e:#}") }),
         },

@@ -4,6 +4,7 @@
 use std::{
     io::{self, BufRead, BufReader, Write},
     net::IpAddr,
+    path::Path,
     time::Duration,
 };
 
@@ -12,11 +13,12 @@ use qtrace_common::{Event, EventKind};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    config::SourceArgs,
+    config::{Settings, SourceArgs},
     events::{self, Clock, Record},
     hub::{self, Line, Request},
     listener::ip,
     ring::EventRing,
+    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -86,18 +88,19 @@ impl EventFilter {
 }
 
 pub async fn events(opts: EventsOptions) -> Result<()> {
+    // Owners come from the daemon's view of the sockets; standalone events carry none.
+    if opts.source.standalone && (opts.filter.pid.is_some() || opts.filter.comm.is_some()) {
+        anyhow::bail!(
+            "--pid and --comm need the daemon (it knows each listener's owner): drop \
+             --standalone, or filter by --port/--addr/--netns"
+        );
+    }
+    let settings = opts.source.client.settings()?;
     let mut out = Output { json: opts.json };
     let done = if opts.source.standalone {
-        // Owners come from the daemon's view of the sockets; standalone events carry none.
-        if opts.filter.pid.is_some() || opts.filter.comm.is_some() {
-            anyhow::bail!(
-                "--pid and --comm need the daemon (it knows each listener's owner): drop \
-                 --standalone, or filter by --port/--addr/--netns"
-            );
-        }
-        standalone(&opts, &mut out).await
+        standalone(&opts, &mut out, &settings).await
     } else {
-        from_daemon(&opts, &mut out).await
+        from_daemon(&opts, &mut out, &settings.daemon.events_socket).await
     };
     // A closed stdout (`| head`) is the reader saying it has enough: not an error.
     match done {
@@ -149,12 +152,12 @@ impl Output {
     }
 }
 
-async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> Result<()> {
     let since_ns = match opts.since {
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let stream = hub::request(&opts.source.socket, &Request::Events { since_ns })?;
+    let stream = hub::request(socket, &Request::Events { since_ns })?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {
@@ -193,10 +196,10 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-async fn standalone(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tracer = opts.source.start_tracer()?;
+    let mut tracer = Tracer::start(&settings.tracer)?;
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let clock = Clock::new();
     loop {

@@ -266,8 +266,9 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
 }
 
 pub fn top(opts: TopOptions) -> Result<()> {
+    let settings = opts.source.client.settings()?;
     let source = if opts.source.standalone {
-        let tracer = opts.source.start_tracer()?;
+        let tracer = Tracer::start(&settings.tracer)?;
         let scraper = Scraper::new(
             tracer.counters.clone(),
             tracer.program_ids.clone(),
@@ -276,7 +277,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
         );
         Source::Local(Box::new(scraper), tracer)
     } else {
-        Source::Daemon(opts.source.socket.clone())
+        Source::Daemon(settings.daemon.events_socket)
     };
     let mut prev = source.snapshot()?;
     if opts.once || !io::stdout().is_terminal() {
