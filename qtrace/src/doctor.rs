@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::{
-    btf::{KernelBtf, VMLINUX_BTF},
+    btf::KernelBtf,
     config::ClientArgs,
     history::LastHour,
     hub,
@@ -237,11 +237,20 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
         .as_ref()
         .and_then(|d| d["queue_sample_interval_seconds"].as_f64())
         .unwrap_or_default();
-    let probes = match &daemon {
-        Some(d) => d["probes"].clone(),
-        None => match Tracer::start(&settings.tracer) {
-            Ok(tracer) => serde_json::to_value(&tracer.probes)?,
-            Err(e) => json!({ "error": format!("{e:#}") }),
+    let btf_file = &settings.tracer.btf;
+    // The BTF is parsed at most once, for doctor's own probes, which need it anyway. A running
+    // daemon's attached probes show its BTF parses: then the file need only be readable.
+    let (btf, probes) = match &daemon {
+        Some(d) => (KernelBtf::check_readable(btf_file), d["probes"].clone()),
+        None => match KernelBtf::load(btf_file) {
+            Ok(loaded) => match Tracer::start_with(&settings.tracer, loaded) {
+                Ok(tracer) => (Ok(()), serde_json::to_value(&tracer.probes)?),
+                Err(e) => (Ok(()), json!({ "error": format!("{e:#}") })),
+            },
+            Err(e) => {
+                let why = format!("{e:#}");
+                (Err(e), json!({ "error": why }))
+            }
         },
     };
     let rule = measure_synq_rule().ok();
@@ -287,7 +296,9 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
     let report = json!({
         "kernel": {
             "release": kernel_release(),
-            "btf": KernelBtf::load(Path::new(VMLINUX_BTF)).is_ok(),
+            "btf": btf.is_ok(),
+            "btf_file": btf_file,
+            "btf_error": btf.err().map(|e| format!("{e:#}")),
             "synq_full_rule": rule,
         },
         "probes": probes,
@@ -412,7 +423,10 @@ fn human(r: &Value) -> String {
     s += &format!(
         "kernel {}  BTF {}\n",
         k["release"].as_str().unwrap_or("?"),
-        if k["btf"] == true { "yes" } else { "NO" }
+        match k["btf_error"].as_str() {
+            Some(why) => format!("NO: {why}"),
+            None => "yes".into(),
+        }
     );
     s += &format!(
         "SYN queue full rule: {}\n",
