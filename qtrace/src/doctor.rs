@@ -24,6 +24,7 @@ use crate::{
     netns,
     owners::{Owner, Owners},
     probe_report::kernel_release,
+    scrape::ListenerId,
     sockdiag::{self, ListenerQueues},
     tracer::Tracer,
 };
@@ -255,12 +256,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
     };
     let rule = measure_synq_rule().ok();
     let (namespaces, unreadable) = namespaces();
-    let counted = |netns: u32, addr: &IpAddr, port: u16| -> Option<&Value> {
-        daemon.as_ref()?["listeners"]
-            .as_array()?
-            .iter()
-            .find(|l| l["netns"] == netns && l["port"] == port && l["addr"] == addr.to_string())
-    };
+    let counted = daemon.as_ref().map(ListenerId::index).unwrap_or_default();
     let mut owners = Owners::default();
     let inodes: Vec<u32> = namespaces
         .iter()
@@ -273,7 +269,12 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
         for l in &ns.listeners {
             let lim = limits(l.acceptq_max, &ns.sysctls, rule);
             let owner = owners.get(&l.inode);
-            let seen = counted(ns.inode, &l.addr, l.port);
+            let id = ListenerId {
+                netns: ns.inode,
+                addr: l.addr,
+                port: l.port,
+            };
+            let seen = counted.get(&id).copied();
             let counters = seen.map(|c| c["counters"].clone());
             let last_hour: Option<LastHour> =
                 seen.and_then(|c| serde_json::from_value(c["last_hour"].clone()).ok());

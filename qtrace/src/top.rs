@@ -2,7 +2,6 @@
 //! retransmits/s, accept wait — from the daemon (or probes of its own with --standalone).
 
 use std::{
-    collections::HashMap,
     io::{self, IsTerminal, Write},
     path::PathBuf,
     time::{Duration, Instant},
@@ -129,12 +128,7 @@ impl Row {
 
 /// Rows from two snapshots `secs` apart.
 pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
-    let before: HashMap<ListenerId, &Value> = prev["listeners"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| Some((ListenerId::of_json(l)?, l)))
-        .collect();
+    let before = ListenerId::index(prev);
     let empty = Value::Null;
     cur["listeners"]
         .as_array()
