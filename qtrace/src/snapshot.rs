@@ -127,6 +127,7 @@ fn wait_json(s: &ListenerStats) -> WaitJson {
     }
 }
 
+/// The counters' column titles, for every table (`run --print`, `top`'s drop columns).
 const COLUMNS: [(Counter, &str); 9] = [
     (Counter::DropSynQueueFull, "SYNQ-FULL"),
     (Counter::DropAcceptQueueFullSyn, "ACCQ-FULL@SYN"),
@@ -138,6 +139,14 @@ const COLUMNS: [(Counter, &str); 9] = [
     (Counter::SynQueued, "SYN-QUEUED"),
     (Counter::Accepted, "ACCEPTED"),
 ];
+
+/// The title of `c`'s column (its name where no table shows it).
+pub fn title(c: Counter) -> &'static str {
+    COLUMNS
+        .iter()
+        .find(|(k, _)| *k == c)
+        .map_or(c.name(), |(_, t)| t)
+}
 
 /// The listeners with any non-zero counter, one row each.
 pub fn to_table(listeners: &[ListenerStats], vis: Visibility) -> String {

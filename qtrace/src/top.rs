@@ -24,6 +24,7 @@ use crate::{
     owners::Owner,
     scrape::{ListenerId, Scraper},
     server::snapshot_json,
+    snapshot,
     tracer::Tracer,
 };
 
@@ -203,6 +204,18 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// One line of the table; a drop column is as wide as its title.
+fn line(head: [&str; 5], drops: [&str; 4], tail: [&str; 4]) -> String {
+    let [listener, owner, accq, fill, synq] = head;
+    let mut s = format!("{listener:<26} {owner:<18} {accq:>11} {fill:>5} {synq:>6}");
+    for (c, v) in Counter::DROPS.iter().zip(drops) {
+        s += &format!(" {v:>w$}", w = snapshot::title(*c).len());
+    }
+    let [rtx, cookies, p50, p99] = tail;
+    s += &format!(" {rtx:>8} {cookies:>8} {p50:>9} {p99:>9}\n");
+    s
+}
+
 /// The table, sorted; `reverse` flips the order.
 pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     rows.sort_by(|a, b| match by {
@@ -215,45 +228,24 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     if reverse {
         rows.reverse();
     }
-    let mut s = format!(
-        "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
-        "LISTENER",
-        "OWNER",
-        "ACCEPTQ",
-        "FILL%",
-        "SYNQ",
-        "SYNQ-FULL",
-        "ACCQ@SYN",
-        "ACCQ@ACK",
-        "OTHER",
-        "RTX/s",
-        "COOKIE/s",
-        "WAIT-P50",
-        "WAIT-P99"
+    let mut s = line(
+        ["LISTENER", "OWNER", "ACCEPTQ", "FILL%", "SYNQ"],
+        Counter::DROPS.map(snapshot::title),
+        ["RTX/s", "COOKIE/s", "WAIT-P50", "WAIT-P99"],
     );
     for r in rows {
         let accq = r.acceptq.map_or("-".into(), |(l, m)| format!("{l}/{m}"));
         let fill = r
             .acceptq
             .map_or("-".into(), |_| format!("{:.0}", r.fill() * 100.0));
+        let synq = r.synq.map_or("-".into(), |q| q.to_string());
         let (p50, p99) = r
             .wait
             .map_or(("-".into(), "-".into()), |(a, b)| (seconds(a), seconds(b)));
-        s += &format!(
-            "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
-            r.listener,
-            r.owner,
-            accq,
-            fill,
-            r.synq.map_or("-".into(), |q| q.to_string()),
-            rate(r.drops[0]),
-            rate(r.drops[1]),
-            rate(r.drops[2]),
-            rate(r.drops[3]),
-            rate(r.retransmits),
-            rate(r.cookies),
-            p50,
-            p99
+        s += &line(
+            [&r.listener, &r.owner, &accq, &fill, &synq],
+            r.drops.map(rate).each_ref().map(String::as_str),
+            [&rate(r.retransmits), &rate(r.cookies), &p50, &p99],
         );
     }
     s
@@ -378,6 +370,17 @@ mod tests {
         assert_eq!(nginx.fill(), 1.0);
         assert_eq!(nginx.wait, Some((0.002, 0.002)));
         let table = render(rows, SortBy::Drops, false);
+        let header = table.lines().next().unwrap();
+        assert!(
+            Counter::DROPS
+                .iter()
+                .all(|c| header.contains(snapshot::title(*c))),
+            "the drop columns are titled as in every table: {table}"
+        );
+        assert!(
+            table.lines().all(|l| l.len() == header.len()),
+            "columns line up: {table}"
+        );
         let first = table.lines().nth(1).unwrap();
         assert!(
             first.starts_with("127.0.0.1:80")
