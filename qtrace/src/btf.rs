@@ -43,23 +43,32 @@ pub struct KernelBtf {
     types: TypeInformation,
 }
 
+/// The BTF file read once, and parsed: aya parses the same bytes again its own way, for
+/// attaching, so they are kept until then.
+pub struct LoadedBtf {
+    pub bytes: Vec<u8>,
+    pub types: KernelBtf,
+}
+
 impl KernelBtf {
-    /// Parses the kernel's BTF at `path` (normally [`VMLINUX_BTF`]).
-    pub fn load(path: &Path) -> Result<Self> {
-        Self::parse(&Self::read(path)?, path)
-    }
-
-    /// The BTF file's bytes.
-    pub fn read(path: &Path) -> Result<Vec<u8>> {
-        std::fs::read(path).with_context(|| unusable(path))
-    }
-
-    /// Parses `bytes`, read from `path`.
-    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
-        let types = TypeInformation::new(&BtfBytes(bytes))
+    /// Reads and parses the kernel's BTF at `path` (normally [`VMLINUX_BTF`]).
+    pub fn load(path: &Path) -> Result<LoadedBtf> {
+        let bytes = std::fs::read(path).with_context(|| unusable(path))?;
+        let types = TypeInformation::new(&BtfBytes(&bytes))
             .map_err(|e| anyhow!("parse {}: {e:?}", path.display()))
             .with_context(|| unusable(path))?;
-        Ok(Self { types })
+        Ok(LoadedBtf {
+            bytes,
+            types: Self { types },
+        })
+    }
+
+    /// That the BTF at `path` can be opened, with [`Self::load`]'s message if not: the check
+    /// left when a running qtrace's attached probes have shown its BTF parses.
+    pub fn check_readable(path: &Path) -> Result<()> {
+        std::fs::File::open(path)
+            .map(drop)
+            .with_context(|| unusable(path))
     }
 
     /// Byte offset of `path` (dotted, through anonymous unions) inside struct `ty`.
@@ -221,7 +230,7 @@ mod tests {
 
     fn kernel() -> &'static KernelBtf {
         static K: OnceLock<KernelBtf> = OnceLock::new();
-        K.get_or_init(|| KernelBtf::load(Path::new(VMLINUX_BTF)).unwrap())
+        K.get_or_init(|| KernelBtf::load(Path::new(VMLINUX_BTF)).unwrap().types)
     }
 
     /// `bpftool btf dump … format raw`: one `[id] KIND 'name' …` line per type, members indented.

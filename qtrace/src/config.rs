@@ -18,28 +18,79 @@ use crate::probes::Tier;
 /// Read when it exists and no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/qtrace/qtrace.toml";
 
-/// Where `events` and `top` get their data: the daemon's local socket, or probes of their own.
+/// `--config`, which every command takes.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ConfigArg {
+    /// TOML config file; flags and QTRACE_* variables override it [default:
+    /// /etc/qtrace/qtrace.toml if present].
+    #[arg(long = "config", env = "QTRACE_CONFIG", value_name = "FILE")]
+    pub path: Option<PathBuf>,
+}
+
+/// A command's settings: its flags and variables over the config file over the defaults.
+pub struct Settings {
+    pub tracer: TracerOptions,
+    pub daemon: DaemonOptions,
+    /// The config file read, if any.
+    pub file: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// Settings as every command reads them. The whole file is checked, whatever part the
+    /// command uses, so a bad file is never silently ignored; its errors name the file, and a
+    /// bad flag's errors name the flag.
+    pub fn settings(&self, tracer: &TracerArgs, daemon: &DaemonArgs) -> Result<Settings> {
+        let (file, path) = FileConfig::load(self.path.as_deref())?;
+        if let Some(path) = &path {
+            TracerArgs::default()
+                .resolve(&file.tracer)
+                .and(DaemonArgs::default().resolve(&file.daemon))
+                .with_context(|| format!("config file {}", path.display()))?;
+        }
+        Ok(Settings {
+            tracer: tracer.resolve(&file.tracer)?,
+            daemon: daemon.resolve(&file.daemon)?,
+            file: path,
+        })
+    }
+}
+
+/// What the commands that ask the daemon take (`events`, `top`, `doctor`): its socket, the
+/// config file, and the settings of the probes they attach when they run their own.
 #[derive(Clone, Debug, clap::Args)]
-pub struct SourceArgs {
-    /// The daemon's events socket.
-    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
-    pub socket: PathBuf,
-    /// Run probes of its own instead of asking the daemon (needs the daemon's privileges).
-    #[arg(long)]
-    pub standalone: bool,
+pub struct ClientArgs {
+    /// The daemon's events socket [default: the config file's events_socket, else
+    /// /run/qtrace/events.sock].
+    #[arg(long, env = "QTRACE_EVENTS_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
     #[command(flatten)]
     pub tracer: TracerArgs,
 }
 
-impl SourceArgs {
-    /// The probes of a `--standalone` run, configured like the daemon's.
-    pub fn start_tracer(&self) -> Result<crate::tracer::Tracer> {
-        let (file, _) = FileConfig::load(None)?;
-        crate::tracer::Tracer::start(&self.tracer.resolve(&file.tracer)?)
+impl ClientArgs {
+    /// The settings; `--socket` is the client's name for the daemon's `events_socket`.
+    pub fn settings(&self) -> Result<Settings> {
+        let daemon = DaemonArgs {
+            events_socket: self.socket.clone(),
+            ..Default::default()
+        };
+        self.config.settings(&self.tracer, &daemon)
     }
 }
 
-/// How the kernel side is loaded (shared by `run` and `probes`).
+/// Where `events` and `top` get their data: the daemon's local socket, or probes of their own.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Run probes of its own instead of asking the daemon (needs the daemon's privileges).
+    #[arg(long)]
+    pub standalone: bool,
+}
+
+/// How the kernel side is loaded (by `run`, `probes`, and the others' own probes).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct TracerArgs {

@@ -7,7 +7,7 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -16,25 +16,24 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::{
-    btf::{KernelBtf, VMLINUX_BTF},
-    config::{FileConfig, TracerArgs, DEFAULT_EVENTS_SOCKET},
+    btf::KernelBtf,
+    config::ClientArgs,
     history::LastHour,
     hub,
     listener::endpoint_of,
     netns,
     owners::{Owner, Owners},
     probe_report::kernel_release,
+    scrape::ListenerId,
     sockdiag::{self, ListenerQueues},
     tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DoctorOptions {
-    /// The daemon's events socket, for what it has counted.
-    #[arg(long, env = "QTRACE_EVENTS_SOCKET", default_value = DEFAULT_EVENTS_SOCKET)]
-    pub socket: PathBuf,
+    // The daemon is asked for what it has counted; without one, doctor attaches probes.
     #[command(flatten)]
-    pub tracer: TracerArgs,
+    pub client: ClientArgs,
     /// One JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -233,29 +232,31 @@ fn namespaces() -> (Vec<Namespace>, usize) {
 }
 
 pub fn doctor(opts: DoctorOptions) -> Result<()> {
-    let daemon = hub::listeners_snapshot(&opts.socket).ok();
+    let settings = opts.client.settings()?;
+    let daemon = hub::listeners_snapshot(&settings.daemon.events_socket).ok();
     let sample_interval = daemon
         .as_ref()
         .and_then(|d| d["queue_sample_interval_seconds"].as_f64())
         .unwrap_or_default();
-    let probes = match &daemon {
-        Some(d) => d["probes"].clone(),
-        None => match FileConfig::load(None)
-            .and_then(|(f, _)| opts.tracer.resolve(&f.tracer))
-            .and_then(|t| Tracer::start(&t))
-        {
-            Ok(tracer) => serde_json::to_value(&tracer.probes)?,
-            Err(e) => json!({ "error": format!("{e:#}") }),
+    let btf_file = &settings.tracer.btf;
+    // The BTF is parsed at most once, for doctor's own probes, which need it anyway. A running
+    // daemon's attached probes show its BTF parses: then the file need only be readable.
+    let (btf, probes) = match &daemon {
+        Some(d) => (KernelBtf::check_readable(btf_file), d["probes"].clone()),
+        None => match KernelBtf::load(btf_file) {
+            Ok(loaded) => match Tracer::start_with(&settings.tracer, loaded) {
+                Ok(tracer) => (Ok(()), serde_json::to_value(&tracer.probes)?),
+                Err(e) => (Ok(()), json!({ "error": format!("{e:#}") })),
+            },
+            Err(e) => {
+                let why = format!("{e:#}");
+                (Err(e), json!({ "error": why }))
+            }
         },
     };
     let rule = measure_synq_rule().ok();
     let (namespaces, unreadable) = namespaces();
-    let counted = |netns: u32, addr: &IpAddr, port: u16| -> Option<&Value> {
-        daemon.as_ref()?["listeners"]
-            .as_array()?
-            .iter()
-            .find(|l| l["netns"] == netns && l["port"] == port && l["addr"] == addr.to_string())
-    };
+    let counted = daemon.as_ref().map(ListenerId::index).unwrap_or_default();
     let mut owners = Owners::default();
     let inodes: Vec<u32> = namespaces
         .iter()
@@ -268,7 +269,12 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
         for l in &ns.listeners {
             let lim = limits(l.acceptq_max, &ns.sysctls, rule);
             let owner = owners.get(&l.inode);
-            let seen = counted(ns.inode, &l.addr, l.port);
+            let id = ListenerId {
+                netns: ns.inode,
+                addr: l.addr,
+                port: l.port,
+            };
+            let seen = counted.get(&id).copied();
             let counters = seen.map(|c| c["counters"].clone());
             let last_hour: Option<LastHour> =
                 seen.and_then(|c| serde_json::from_value(c["last_hour"].clone()).ok());
@@ -291,7 +297,9 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
     let report = json!({
         "kernel": {
             "release": kernel_release(),
-            "btf": KernelBtf::load(Path::new(VMLINUX_BTF)).is_ok(),
+            "btf": btf.is_ok(),
+            "btf_file": btf_file,
+            "btf_error": btf.err().map(|e| format!("{e:#}")),
             "synq_full_rule": rule,
         },
         "probes": probes,
@@ -416,7 +424,10 @@ fn human(r: &Value) -> String {
     s += &format!(
         "kernel {}  BTF {}\n",
         k["release"].as_str().unwrap_or("?"),
-        if k["btf"] == true { "yes" } else { "NO" }
+        match k["btf_error"].as_str() {
+            Some(why) => format!("NO: {why}"),
+            None => "yes".into(),
+        }
     );
     s += &format!(
         "SYN queue full rule: {}\n",

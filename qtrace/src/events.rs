@@ -1,6 +1,7 @@
 //! Decoding ring-buffer records and rendering them for people and for machines.
 
 use std::{
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -9,7 +10,7 @@ use qtrace_common::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    listener::{endpoint_of, family_name, ip},
+    listener::{ip, Family},
     owners::Owner,
 };
 
@@ -56,18 +57,21 @@ fn clock(id: libc::clockid_t) -> Duration {
 
 /// An event as qtrace hands it on (JSON Lines, the events socket): a stable interface.
 /// `owner` is filled in by the daemon when it knows the listening socket's process.
+/// Only `time` and `owner` live on the heap; the rest are values that serialize to their text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    #[serde(rename = "type")]
-    pub record: String,
+    /// `default`: read as a [`crate::hub::Line`], the tag is taken by the line's enum.
+    #[serde(rename = "type", default)]
+    pub record: RecordType,
     pub time: String,
     pub ts_ns: u64,
-    pub kind: String,
+    #[serde(with = "kind_name")]
+    pub kind: EventKind,
     pub netns: u32,
-    pub family: String,
-    pub laddr: String,
+    pub family: Family,
+    pub laddr: IpAddr,
     pub lport: u16,
-    pub raddr: String,
+    pub raddr: IpAddr,
     pub rport: u16,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retransmit: Option<u8>,
@@ -80,25 +84,67 @@ pub struct Record {
     pub owner: Option<Arc<Owner>>,
 }
 
-fn kind(ev: &Event) -> EventKind {
+/// `"type": "event"`, which sets events apart from the other lines of the events socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordType {
+    #[default]
+    Event,
+}
+
+/// The kind of a decoded event (`decode` let no unknown kind through).
+pub fn kind(ev: &Event) -> EventKind {
     EventKind::from_u8(ev.kind).unwrap_or(EventKind::DropOther)
+}
+
+/// The kind whose stable name is `name` (`--kind`, JSON), or an error listing the names.
+pub fn parse_kind(name: &str) -> Result<EventKind, String> {
+    let kinds = (1..=u8::MAX).map_while(EventKind::from_u8);
+    kinds.clone().find(|k| k.name() == name).ok_or_else(|| {
+        let known: Vec<_> = kinds.map(EventKind::name).collect();
+        format!("unknown event kind; known: {}", known.join(", "))
+    })
+}
+
+/// An [`EventKind`] as its stable name in JSON.
+mod kind_name {
+    use qtrace_common::EventKind;
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &EventKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EventKind, D::Error> {
+        struct Name;
+        impl de::Visitor<'_> for Name {
+            type Value = EventKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event kind name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EventKind, E> {
+                super::parse_kind(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Name)
+    }
 }
 
 pub fn to_record(ev: &Event, clock: &Clock) -> Record {
     let l = &ev.listener;
-    let k = kind(ev);
+    let kind = kind(ev);
     Record {
-        record: "event".into(),
+        record: RecordType::Event,
         time: humantime::format_rfc3339_millis(clock.wall(ev.ts_ns)).to_string(),
         ts_ns: ev.ts_ns,
-        kind: k.name().into(),
+        kind,
         netns: l.netns,
-        family: family_name(l.family).into(),
-        laddr: ip(l.family, l.addr).to_string(),
+        family: Family::of(l.family),
+        laddr: ip(l.family, l.addr),
         lport: l.port,
-        raddr: ip(l.family, ev.raddr).to_string(),
+        raddr: ip(l.family, ev.raddr),
         rport: ev.rport,
-        retransmit: (k == EventKind::SynackRetransmit).then_some(ev.retrans),
+        retransmit: (kind == EventKind::SynackRetransmit).then_some(ev.retrans),
         acceptq_len: ev.acceptq_len,
         acceptq_max: ev.acceptq_max,
         synq_len: ev.synq_len,
@@ -107,26 +153,18 @@ pub fn to_record(ev: &Event, clock: &Clock) -> Record {
     }
 }
 
-/// The event's kind as an operator reads it.
-pub fn describe(kind: &str) -> &'static str {
-    (1..=u8::MAX)
-        .map_while(EventKind::from_u8)
-        .find(|k| k.name() == kind)
-        .map_or("unknown event", EventKind::describe)
-}
-
 /// One line for an operator.
 pub fn to_human(r: &Record) -> String {
     let what = match r.retransmit {
-        Some(n) => format!("{} #{n}", describe(&r.kind)),
-        None => describe(&r.kind).to_string(),
+        Some(n) => format!("{} #{n}", r.kind.describe()),
+        None => r.kind.describe().to_string(),
     };
     let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
     format!(
         "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
         r.time,
-        endpoint_of(&r.laddr, r.lport),
-        endpoint_of(&r.raddr, r.rport),
+        SocketAddr::new(r.laddr, r.lport),
+        SocketAddr::new(r.raddr, r.rport),
         r.acceptq_len,
         r.acceptq_max,
         r.synq_len,
@@ -136,12 +174,14 @@ pub fn to_human(r: &Record) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use qtrace_common::{listener::AF_INET, ListenerKey};
 
     use super::*;
+    use crate::hub::Line;
 
-    fn retransmit() -> Event {
+    /// A SYN-ACK retransmit at 127.0.0.1:8080 in netns 4026532000.
+    pub(crate) fn retransmit() -> Event {
         let mut laddr = [0u8; 16];
         laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         let mut raddr = [0u8; 16];
@@ -221,8 +261,48 @@ mod tests {
         let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(
-            describe("syn_drop_accept_queue_full"),
-            "SYN dropped: accept queue full"
+            parse_kind("syn_drop_accept_queue_full"),
+            Ok(EventKind::SynDropAcceptQueueFull)
+        );
+        let e = parse_kind("syn_drop").unwrap_err();
+        assert!(e.contains("known: syn_drop_syn_queue_full, "), "{e}");
+    }
+
+    #[test]
+    fn daemon_lines_are_events_or_gaps() {
+        let r = to_record(&retransmit(), &Clock::new());
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(matches!(serde_json::from_str(&line).unwrap(), Line::Event(back) if back == r));
+        let gap = serde_json::from_str(r#"{"type":"gap","missed":7}"#).unwrap();
+        assert!(matches!(gap, Line::Gap { missed: 7 }));
+    }
+
+    #[test]
+    fn ipv6_addresses_are_written_as_before() {
+        let mut ev = retransmit();
+        ev.listener.family = qtrace_common::listener::AF_INET6;
+        ev.listener.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        ev.raddr = std::net::Ipv4Addr::new(10, 1, 2, 3)
+            .to_ipv6_mapped()
+            .octets();
+        let j = serde_json::to_value(to_record(&ev, &Clock::new())).unwrap();
+        assert_eq!(
+            (&j["family"], &j["laddr"], &j["raddr"]),
+            (&"ipv6".into(), &"::1".into(), &"::ffff:10.1.2.3".into())
+        );
+    }
+
+    /// The exact text: readers of the daemon's JSON Lines depend on it.
+    #[test]
+    fn json_text_is_the_wire_format() {
+        let mut r = to_record(&retransmit(), &Clock::new());
+        r.time = "2026-11-23T05:01:22.923Z".into();
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            "{\"type\":\"event\",\"time\":\"2026-11-23T05:01:22.923Z\",\"ts_ns\":1000000000,\
+             \"kind\":\"synack_retransmit\",\"netns\":4026532000,\"family\":\"ipv4\",\
+             \"laddr\":\"127.0.0.1\",\"lport\":8080,\"raddr\":\"127.0.0.2\",\"rport\":40000,\
+             \"retransmit\":2,\"acceptq_len\":1,\"acceptq_max\":1,\"synq_len\":3,\"synq_max\":1}"
         );
     }
 }

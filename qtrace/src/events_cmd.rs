@@ -3,18 +3,22 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
+    net::IpAddr,
+    path::Path,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use qtrace_common::{Event, EventKind};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    config::SourceArgs,
+    config::{Settings, SourceArgs},
     events::{self, Clock, Record},
-    hub::{self, Request},
+    hub::{self, Line, Request},
+    listener::ip,
     ring::EventRing,
+    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -39,11 +43,11 @@ pub struct EventFilter {
     pub port: Vec<u16>,
     /// Listener address.
     #[arg(long)]
-    pub addr: Option<String>,
+    pub addr: Option<IpAddr>,
     /// Event kind (repeatable): syn_drop_syn_queue_full, syn_drop_accept_queue_full,
     /// ack_drop_accept_queue_full, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
-    #[arg(long)]
-    pub kind: Vec<String>,
+    #[arg(long, value_parser = events::parse_kind)]
+    pub kind: Vec<EventKind>,
     /// Network namespace inode.
     #[arg(long)]
     pub netns: Option<u32>,
@@ -56,11 +60,16 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// The conditions a kernel event can be judged on by itself: `--standalone` builds the
+    /// record only for the events that pass (it refuses the owner filters).
+    pub fn admits_event(&self, ev: &Event) -> bool {
+        let l = &ev.listener;
+        self.admits_listener(l.netns, ip(l.family, l.addr), l.port, events::kind(ev))
+    }
+
+    /// Every condition, the owner's too: a daemon's record.
     pub fn admits(&self, r: &Record) -> bool {
-        (self.port.is_empty() || self.port.contains(&r.lport))
-            && self.addr.as_ref().is_none_or(|a| *a == r.laddr)
-            && (self.kind.is_empty() || self.kind.contains(&r.kind))
-            && self.netns.is_none_or(|n| n == r.netns)
+        self.admits_listener(r.netns, r.laddr, r.lport, r.kind)
             && self
                 .pid
                 .is_none_or(|p| r.owner.as_ref().is_some_and(|o| o.pid == p))
@@ -69,23 +78,29 @@ impl EventFilter {
                 .as_ref()
                 .is_none_or(|c| r.owner.as_ref().is_some_and(|o| o.comm == *c))
     }
+
+    fn admits_listener(&self, netns: u32, addr: IpAddr, port: u16, kind: EventKind) -> bool {
+        (self.port.is_empty() || self.port.contains(&port))
+            && self.addr.is_none_or(|a| a == addr)
+            && (self.kind.is_empty() || self.kind.contains(&kind))
+            && self.netns.is_none_or(|n| n == netns)
+    }
 }
 
 pub async fn events(opts: EventsOptions) -> Result<()> {
-    let mut out = Output {
-        json: opts.json,
-        filter: opts.filter.clone(),
-    };
+    // Owners come from the daemon's view of the sockets; standalone events carry none.
+    if opts.source.standalone && (opts.filter.pid.is_some() || opts.filter.comm.is_some()) {
+        anyhow::bail!(
+            "--pid and --comm need the daemon (it knows each listener's owner): drop \
+             --standalone, or filter by --port/--addr/--netns"
+        );
+    }
+    let settings = opts.source.client.settings()?;
+    let mut out = Output { json: opts.json };
     let done = if opts.source.standalone {
-        // Owners come from the daemon's view of the sockets; standalone events carry none.
-        if opts.filter.pid.is_some() || opts.filter.comm.is_some() {
-            anyhow::bail!(
-                "--pid and --comm need the daemon (it knows each listener's owner): drop                  --standalone, or filter by --port/--addr/--netns"
-            );
-        }
-        standalone(&opts, &mut out).await
+        standalone(&opts, &mut out, &settings).await
     } else {
-        from_daemon(&opts, &mut out).await
+        from_daemon(&opts, &mut out, &settings.daemon.events_socket).await
     };
     // A closed stdout (`| head`) is the reader saying it has enough: not an error.
     match done {
@@ -103,14 +118,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 struct Output {
     json: bool,
-    filter: EventFilter,
 }
 
 impl Output {
     fn record(&mut self, r: &Record) -> Result<()> {
-        if !self.filter.admits(r) {
-            return Ok(());
-        }
         let mut stdout = io::stdout().lock();
         if self.json {
             serde_json::to_writer(&mut stdout, r)?;
@@ -141,12 +152,12 @@ impl Output {
     }
 }
 
-async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> Result<()> {
     let since_ns = match opts.since {
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let stream = hub::request(&opts.source.socket, &Request::Events { since_ns })?;
+    let stream = hub::request(socket, &Request::Events { since_ns })?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {
@@ -167,10 +178,10 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output) -> Result<()> {
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
         };
-        let v: Value = serde_json::from_str(&line).context("a line from the daemon")?;
-        match v["type"].as_str() {
-            Some("gap") => out.gap(v["missed"].as_u64().unwrap_or(0))?,
-            _ => out.record(&serde_json::from_value(v)?)?,
+        match serde_json::from_str(&line).context("a line from the daemon")? {
+            Line::Event(r) if opts.filter.admits(&r) => out.record(&r)?,
+            Line::Event(_) => {}
+            Line::Gap { missed } => out.gap(missed)?,
         }
     }
 }
@@ -185,21 +196,76 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-async fn standalone(opts: &EventsOptions, out: &mut Output) -> Result<()> {
+async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tracer = opts.source.start_tracer()?;
+    let mut tracer = Tracer::start(&settings.tracer)?;
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let clock = Clock::new();
     loop {
         tokio::select! {
             batch = ring.wait() => {
-                for ev in batch? {
-                    out.record(&events::to_record(&ev, &clock))?;
+                for ev in batch?.iter().filter(|ev| opts.filter.admits_event(ev)) {
+                    out.record(&events::to_record(ev, &clock))?;
                 }
             }
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Standalone filters the kernel's event, the daemon path its record: the same verdicts.
+    #[test]
+    fn events_and_their_records_pass_the_same_filters() {
+        let ev = events::tests::retransmit();
+        let r = events::to_record(&ev, &Clock::new());
+        let filters = [
+            EventFilter::default(),
+            EventFilter {
+                port: vec![80, 8080],
+                ..Default::default()
+            },
+            EventFilter {
+                port: vec![80],
+                ..Default::default()
+            },
+            EventFilter {
+                addr: "127.0.0.1".parse().ok(),
+                ..Default::default()
+            },
+            EventFilter {
+                addr: "::1".parse().ok(),
+                ..Default::default()
+            },
+            EventFilter {
+                kind: vec![EventKind::SynackRetransmit],
+                ..Default::default()
+            },
+            EventFilter {
+                kind: vec![EventKind::DropOther],
+                ..Default::default()
+            },
+            EventFilter {
+                netns: Some(4026532000),
+                ..Default::default()
+            },
+            EventFilter {
+                netns: Some(1),
+                ..Default::default()
+            },
+        ];
+        let verdicts: Vec<_> = filters.iter().map(|f| f.admits_event(&ev)).collect();
+        assert_eq!(
+            verdicts,
+            [true, true, false, true, false, true, false, true, false]
+        );
+        for f in &filters {
+            assert_eq!(f.admits(&r), f.admits_event(&ev), "{f:?}");
         }
     }
 }

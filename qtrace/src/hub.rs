@@ -41,6 +41,17 @@ pub enum Request {
     Listeners,
 }
 
+/// A line the daemon writes to an events reader.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Line {
+    Event(Record),
+    /// The reader fell behind and lost this many events.
+    Gap {
+        missed: u64,
+    },
+}
+
 pub struct Hub {
     live: broadcast::Sender<Arc<Record>>,
     history: Mutex<VecDeque<Arc<Record>>>,

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use qtrace_common::{listener::AF_INET6, ListenerKey};
+use serde::{Deserialize, Serialize};
 
 /// The address in `bytes` for `family` (IPv4 in the first four bytes).
 pub fn ip(family: u16, bytes: [u8; 16]) -> IpAddr {
@@ -13,11 +14,22 @@ pub fn ip(family: u16, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-pub fn family_name(family: u16) -> &'static str {
-    if family == AF_INET6 {
-        "ipv6"
-    } else {
-        "ipv4"
+/// An address family as JSON names it (`"ipv4"`, `"ipv6"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// The family of a kernel `skc_family` value.
+    pub fn of(family: u16) -> Self {
+        if family == AF_INET6 {
+            Self::Ipv6
+        } else {
+            Self::Ipv4
+        }
     }
 }
 
@@ -75,7 +87,7 @@ mod tests {
     fn ipv4_peer_of_ipv6_listener_is_mapped() {
         let mapped = Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
         assert_eq!(endpoint(AF_INET6, mapped, 5000), "[::ffff:10.1.2.3]:5000");
-        assert_eq!(family_name(AF_INET6), "ipv6");
-        assert_eq!(family_name(AF_INET), "ipv4");
+        assert_eq!(serde_json::json!(Family::of(AF_INET6)), "ipv6");
+        assert_eq!(serde_json::json!(Family::of(AF_INET)), "ipv4");
     }
 }

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The service: attach the probes and serve /metrics, /healthz and /api/listeners
-    /// (with --print, also print events and a listener table).
+    /// (with --print, also print events and a listener table). SIGHUP re-reads the config file.
     Run(run::RunOptions),
     /// Attach every probe, report the tier each got on this kernel (and why not better), detach.
     Probes(probe_report::ProbesOptions),

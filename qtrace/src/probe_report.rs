@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use anyhow::Result;
 
 use crate::{
-    config::{FileConfig, TracerArgs},
+    config::{ConfigArg, DaemonArgs, TracerArgs},
     tracer::Tracer,
 };
 
@@ -14,17 +14,16 @@ use crate::{
 pub struct ProbesOptions {
     #[command(flatten)]
     pub tracer: TracerArgs,
-    /// Config file whose tracer settings apply [default: /etc/qtrace/qtrace.toml if present].
-    #[arg(long, env = "QTRACE_CONFIG", value_name = "FILE")]
-    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// One JSON object: {"kernel": …, "probes": [{probe, tier, hooks, fallbacks}]}.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn probes(opts: ProbesOptions) -> Result<()> {
-    let (file, _) = FileConfig::load(opts.config.as_deref())?;
-    let tracer = Tracer::start(&opts.tracer.resolve(&file.tracer)?)?;
+    let settings = opts.config.settings(&opts.tracer, &DaemonArgs::default())?;
+    let tracer = Tracer::start(&settings.tracer)?;
     let kernel = kernel_release();
     let mut out = io::stdout().lock();
     if opts.json {

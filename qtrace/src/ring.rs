@@ -28,25 +28,26 @@ impl EventRing {
     /// Waits for events and returns them all.
     pub async fn wait(&mut self) -> Result<Vec<Event>> {
         let mut guard = self.0.readable_mut().await?;
-        let mut out = drain(guard.get_inner_mut());
+        let mut out = Vec::new();
+        drain(guard.get_inner_mut(), &mut out);
         guard.clear_ready();
         // The kernel wakes a reader only when a record lands where the reader has caught up
         // to; records committed while we were draining brought no wakeup, so look again after
         // clearing readiness, or they would wait for an event that never wakes us.
-        out.extend(drain(self.0.get_mut()));
+        drain(self.0.get_mut(), &mut out);
         Ok(out)
     }
 
     /// Whatever is in the ring now, without waiting (at shutdown).
     pub fn drain_now(&mut self) -> Vec<Event> {
-        drain(self.0.get_mut())
+        let mut out = Vec::new();
+        drain(self.0.get_mut(), &mut out);
+        out
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>) -> Vec<Event> {
-    let mut out = Vec::new();
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) {
     while let Some(item) = ring.next() {
         out.extend(events::decode(&item));
     }
-    out
 }

@@ -4,7 +4,6 @@
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
@@ -17,7 +16,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{DaemonArgs, FileConfig, TracerArgs},
+    config::{ConfigArg, DaemonArgs, Settings, TracerArgs},
     events::{self, Clock},
     history::History,
     hub::{self, Hub},
@@ -36,10 +35,8 @@ pub struct RunOptions {
     pub tracer: TracerArgs,
     #[command(flatten)]
     pub daemon: DaemonArgs,
-    /// TOML config file; flags and QTRACE_* variables override it [default:
-    /// /etc/qtrace/qtrace.toml if present]. SIGHUP re-reads it.
-    #[arg(long, env = "QTRACE_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// Also print events as they happen and a listener table every --interval on stdout.
     #[arg(long)]
     pub print: bool,
@@ -56,9 +53,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let (file, config_path) = FileConfig::load(opts.config.as_deref())?;
-    let tracer_opts = opts.tracer.resolve(&file.tracer)?;
-    let daemon = opts.daemon.resolve(&file.daemon)?;
+    let Settings {
+        tracer: tracer_opts,
+        daemon,
+        file,
+    } = opts.config.settings(&opts.tracer, &opts.daemon)?;
+    // SIGHUP re-reads the file read now (without --config, the default path if it exists now).
+    let reread = ConfigArg { path: file };
     // Bound before loading anything, so a taken port fails fast and attaches nothing.
     let listener = tokio::net::TcpListener::bind(daemon.listen)
         .await
@@ -137,7 +138,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = tick.tick(), if out.is_some() => {
                 printer.table(&tracer.counters, false, out.as_mut())?;
             }
-            _ = sighup.recv() => reload(&opts, config_path.as_deref(), &state),
+            _ = sighup.recv() => reload(&opts, &reread, &state),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -157,14 +158,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 /// SIGHUP: re-read the config file and apply what can change without reloading the
 /// programs (filters, label cap); other changes need a restart, and the log says so.
-fn reload(opts: &RunOptions, path: Option<&std::path::Path>, state: &AppState) {
-    let result = FileConfig::load(opts.config.as_deref().or(path)).and_then(|(file, _)| {
-        let daemon = opts.daemon.resolve(&file.daemon)?;
-        opts.tracer.resolve(&file.tracer)?;
-        Ok(daemon)
-    });
-    match result {
-        Ok(daemon) => {
+fn reload(opts: &RunOptions, config: &ConfigArg, state: &AppState) {
+    match config.settings(&opts.tracer, &opts.daemon) {
+        Ok(Settings { daemon, .. }) => {
             state.scraper.set_filter(daemon.filter);
             state
                 .max_series

@@ -2,7 +2,12 @@
 //! /api/listeners: the kernel's counters (per listener key), the queues sampled now with
 //! sock_diag in every network namespace qtrace can enter, and each socket's owner.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Mutex,
+    time::Duration,
+};
 
 use anyhow::{anyhow, Result};
 use qtrace_common::{ListenerKey, SelfStat};
@@ -25,6 +30,27 @@ pub struct ListenerId {
     pub netns: u32,
     pub addr: IpAddr,
     pub port: u16,
+}
+
+impl ListenerId {
+    /// The listener of an entry of a JSON snapshot (`netns`, `addr`, `port`).
+    pub fn of_json(l: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            netns: l["netns"].as_u64()?.try_into().ok()?,
+            addr: l["addr"].as_str()?.parse().ok()?,
+            port: l["port"].as_u64()?.try_into().ok()?,
+        })
+    }
+
+    /// A JSON snapshot's listeners by their id.
+    pub fn index(snapshot: &serde_json::Value) -> HashMap<Self, &serde_json::Value> {
+        snapshot["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| Some((Self::of_json(l)?, l)))
+            .collect()
+    }
 }
 
 impl From<&ListenerKey> for ListenerId {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    listener::{family_name, ip, listener},
+    listener::{ip, listener, Family},
     probes::{counter_available, ProbeStatus},
     stats::{wait_bucket_le_seconds, ListenerStats},
 };
@@ -34,7 +34,7 @@ impl Visibility {
 #[derive(Serialize)]
 struct ListenerJson {
     netns: u32,
-    family: &'static str,
+    family: Family,
     addr: String,
     port: u16,
     counters: Map<String, Value>,
@@ -90,7 +90,7 @@ pub fn to_json(
         .iter()
         .map(|s| ListenerJson {
             netns: s.key.netns,
-            family: family_name(s.key.family),
+            family: Family::of(s.key.family),
             addr: ip(s.key.family, s.key.addr).to_string(),
             port: s.key.port,
             counters: counters_json(Some(s), vis),
@@ -127,6 +127,7 @@ fn wait_json(s: &ListenerStats) -> WaitJson {
     }
 }
 
+/// The counters' column titles, for every table (`run --print`, `top`'s drop columns).
 const COLUMNS: [(Counter, &str); 9] = [
     (Counter::DropSynQueueFull, "SYNQ-FULL"),
     (Counter::DropAcceptQueueFullSyn, "ACCQ-FULL@SYN"),
@@ -138,6 +139,14 @@ const COLUMNS: [(Counter, &str); 9] = [
     (Counter::SynQueued, "SYN-QUEUED"),
     (Counter::Accepted, "ACCEPTED"),
 ];
+
+/// The title of `c`'s column (its name where no table shows it).
+pub fn title(c: Counter) -> &'static str {
+    COLUMNS
+        .iter()
+        .find(|(k, _)| *k == c)
+        .map_or(c.name(), |(_, t)| t)
+}
 
 /// The listeners with any non-zero counter, one row each.
 pub fn to_table(listeners: &[ListenerStats], vis: Visibility) -> String {

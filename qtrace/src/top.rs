@@ -2,7 +2,6 @@
 //! retransmits/s, accept wait — from the daemon (or probes of its own with --standalone).
 
 use std::{
-    collections::HashMap,
     io::{self, IsTerminal, Write},
     path::PathBuf,
     time::{Duration, Instant},
@@ -19,8 +18,14 @@ use qtrace_common::Counter;
 use serde_json::Value;
 
 use crate::{
-    config::SourceArgs, hub, listener::endpoint_of, owners::Owner, scrape::Scraper,
-    server::snapshot_json, tracer::Tracer,
+    config::SourceArgs,
+    hub,
+    listener::endpoint_of,
+    owners::Owner,
+    scrape::{ListenerId, Scraper},
+    server::snapshot_json,
+    snapshot,
+    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -122,29 +127,18 @@ impl Row {
     }
 }
 
-fn id(l: &Value) -> (u64, String, u64) {
-    (
-        l["netns"].as_u64().unwrap_or(0),
-        l["addr"].as_str().unwrap_or("").to_string(),
-        l["port"].as_u64().unwrap_or(0),
-    )
-}
-
 /// Rows from two snapshots `secs` apart.
 pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
-    let before: HashMap<_, &Value> = prev["listeners"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| (id(l), l))
-        .collect();
+    let before = ListenerId::index(prev);
     let empty = Value::Null;
     cur["listeners"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|l| {
-            let p = before.get(&id(l)).copied().unwrap_or(&empty);
+            let p = ListenerId::of_json(l)
+                .and_then(|id| before.get(&id).copied())
+                .unwrap_or(&empty);
             let rate = |name: &str| {
                 let now = l["counters"][name].as_u64()?;
                 let then = p["counters"][name].as_u64().unwrap_or(0);
@@ -210,6 +204,18 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// One line of the table; a drop column is as wide as its title.
+fn line(head: [&str; 5], drops: [&str; 4], tail: [&str; 4]) -> String {
+    let [listener, owner, accq, fill, synq] = head;
+    let mut s = format!("{listener:<26} {owner:<18} {accq:>11} {fill:>5} {synq:>6}");
+    for (c, v) in Counter::DROPS.iter().zip(drops) {
+        s += &format!(" {v:>w$}", w = snapshot::title(*c).len());
+    }
+    let [rtx, cookies, p50, p99] = tail;
+    s += &format!(" {rtx:>8} {cookies:>8} {p50:>9} {p99:>9}\n");
+    s
+}
+
 /// The table, sorted; `reverse` flips the order.
 pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     rows.sort_by(|a, b| match by {
@@ -222,53 +228,33 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     if reverse {
         rows.reverse();
     }
-    let mut s = format!(
-        "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
-        "LISTENER",
-        "OWNER",
-        "ACCEPTQ",
-        "FILL%",
-        "SYNQ",
-        "SYNQ-FULL",
-        "ACCQ@SYN",
-        "ACCQ@ACK",
-        "OTHER",
-        "RTX/s",
-        "COOKIE/s",
-        "WAIT-P50",
-        "WAIT-P99"
+    let mut s = line(
+        ["LISTENER", "OWNER", "ACCEPTQ", "FILL%", "SYNQ"],
+        Counter::DROPS.map(snapshot::title),
+        ["RTX/s", "COOKIE/s", "WAIT-P50", "WAIT-P99"],
     );
     for r in rows {
         let accq = r.acceptq.map_or("-".into(), |(l, m)| format!("{l}/{m}"));
         let fill = r
             .acceptq
             .map_or("-".into(), |_| format!("{:.0}", r.fill() * 100.0));
+        let synq = r.synq.map_or("-".into(), |q| q.to_string());
         let (p50, p99) = r
             .wait
             .map_or(("-".into(), "-".into()), |(a, b)| (seconds(a), seconds(b)));
-        s += &format!(
-            "{:<26} {:<18} {:>11} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}\n",
-            r.listener,
-            r.owner,
-            accq,
-            fill,
-            r.synq.map_or("-".into(), |q| q.to_string()),
-            rate(r.drops[0]),
-            rate(r.drops[1]),
-            rate(r.drops[2]),
-            rate(r.drops[3]),
-            rate(r.retransmits),
-            rate(r.cookies),
-            p50,
-            p99
+        s += &line(
+            [&r.listener, &r.owner, &accq, &fill, &synq],
+            r.drops.map(rate).each_ref().map(String::as_str),
+            [&rate(r.retransmits), &rate(r.cookies), &p50, &p99],
         );
     }
     s
 }
 
 pub fn top(opts: TopOptions) -> Result<()> {
+    let settings = opts.source.client.settings()?;
     let source = if opts.source.standalone {
-        let tracer = opts.source.start_tracer()?;
+        let tracer = Tracer::start(&settings.tracer)?;
         let scraper = Scraper::new(
             tracer.counters.clone(),
             tracer.program_ids.clone(),
@@ -277,7 +263,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
         );
         Source::Local(Box::new(scraper), tracer)
     } else {
-        Source::Daemon(opts.source.socket.clone())
+        Source::Daemon(settings.daemon.events_socket)
     };
     let mut prev = source.snapshot()?;
     if opts.once || !io::stdout().is_terminal() {
@@ -384,6 +370,17 @@ mod tests {
         assert_eq!(nginx.fill(), 1.0);
         assert_eq!(nginx.wait, Some((0.002, 0.002)));
         let table = render(rows, SortBy::Drops, false);
+        let header = table.lines().next().unwrap();
+        assert!(
+            Counter::DROPS
+                .iter()
+                .all(|c| header.contains(snapshot::title(*c))),
+            "the drop columns are titled as in every table: {table}"
+        );
+        assert!(
+            table.lines().all(|l| l.len() == header.len()),
+            "columns line up: {table}"
+        );
         let first = table.lines().nth(1).unwrap();
         assert!(
             first.starts_with("127.0.0.1:80")

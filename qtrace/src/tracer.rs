@@ -6,7 +6,7 @@ use qtrace_common::{globals, maps};
 
 pub use crate::config::TracerOptions;
 use crate::{
-    btf::KernelBtf,
+    btf::{KernelBtf, LoadedBtf},
     heap,
     probes::{self, ProbeStatus},
     stats::KernelCounters,
@@ -26,7 +26,12 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(opts: &TracerOptions) -> Result<Self> {
-        let (mut ebpf, probes) = load_and_attach(opts)?;
+        Self::start_with(opts, KernelBtf::load(&opts.btf)?)
+    }
+
+    /// With the kernel's BTF already loaded (`opts.btf` is not read again).
+    pub fn start_with(opts: &TracerOptions, btf: LoadedBtf) -> Result<Self> {
+        let (mut ebpf, probes) = load_and_attach(opts, btf)?;
         // The parsed BTF (tens of MB) is gone now, and is never parsed again.
         heap::trim();
         let counters = KernelCounters::take(&mut ebpf)?.into();
@@ -43,10 +48,8 @@ impl Tracer {
     }
 }
 
-fn load_and_attach(opts: &TracerOptions) -> Result<(Ebpf, Vec<ProbeStatus>)> {
-    // One read of the file for both parsers (aya's, for attaching; btfparse, for offsets).
-    let bytes = KernelBtf::read(&opts.btf)?;
-    let kbtf = KernelBtf::parse(&bytes, &opts.btf)?;
+fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec<ProbeStatus>)> {
+    let LoadedBtf { bytes, types: kbtf } = loaded;
     let btf = Btf::parse(&bytes, Endianness::default())
         .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
     drop(bytes);

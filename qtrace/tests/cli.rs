@@ -157,6 +157,70 @@ fn config_file_errors_name_the_file_and_the_key() {
     );
 }
 
+/// The other commands read --config as `run` does: a missing or bad file is the same one-line
+/// error naming it, and what the file says is used.
+#[test]
+fn every_command_honours_its_config_file() {
+    let commands: [&[&str]; 6] = [
+        &["events"],
+        &["events", "--standalone"],
+        &["top", "--once"],
+        &["top", "--once", "--standalone"],
+        &["doctor"],
+        &["probes"],
+    ];
+    let range = config_file("ringbuf_kib = 5\n");
+    let unknown = config_file("max_listner_series = 5\n");
+    for cmd in commands {
+        let run = |file: &str| qtrace(&[], &[cmd, &["--config", file]].concat());
+        let err = one_line_error(&run("/nonexistent/qtrace.toml"), 1);
+        assert!(
+            err.contains("read config file /nonexistent/qtrace.toml"),
+            "{cmd:?}: {err}"
+        );
+        let err = one_line_error(&run(range.arg()), 1);
+        assert!(
+            err.contains(&format!("config file {}: invalid ringbuf_kib", range.arg())),
+            "{cmd:?}: {err}"
+        );
+        let err = one_line_error(&run(unknown.arg()), 1);
+        assert!(
+            err.contains(unknown.arg()) && err.contains("unknown key `max_listner_series`"),
+            "{cmd:?}: {err}"
+        );
+    }
+    // The daemon's socket, and the BTF of the probes a command attaches itself.
+    let elsewhere = config_file(
+        "events_socket = \"/nonexistent/config.sock\"\nbtf = \"/nonexistent/config-vmlinux\"\n",
+    );
+    let no_daemon = "no qtrace daemon at /nonexistent/config.sock";
+    let no_btf = "kernel BTF not readable at /nonexistent/config-vmlinux";
+    for (cmd, what) in commands[..4]
+        .iter()
+        .zip([no_daemon, no_btf, no_daemon, no_btf])
+    {
+        let out = qtrace(&[], &[*cmd, &["--config", elsewhere.arg()]].concat());
+        let err = one_line_error(&out, 1);
+        assert!(err.contains(what), "{cmd:?}: {err}");
+    }
+    let out = qtrace(&[], &["probes", "--config", elsewhere.arg()]);
+    assert!(one_line_error(&out, 1).contains(no_btf));
+    // doctor goes on without a daemon, and says why its own probes could not attach.
+    let out = qtrace(&[], &["doctor", "--json", "--config", elsewhere.arg()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["probes"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(no_btf)),
+        "{report}"
+    );
+}
+
 #[test]
 fn a_taken_listen_address_fails_before_attaching() {
     require_root();

@@ -15,8 +15,13 @@ fn doctor() -> Value {
 
 /// The report, with what the daemon listening on `socket` has seen.
 fn doctor_of(socket: &str) -> Value {
+    doctor_with(&["--socket", socket])
+}
+
+fn doctor_with(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-        .args(["doctor", "--json", "--socket", socket])
+        .args(["doctor", "--json"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -184,4 +189,48 @@ fn advice_reports_the_share_of_time_the_accept_queue_was_full() {
         "{advice} not in {report}"
     );
     qtrace.stop(libc::SIGTERM);
+}
+
+/// The BTF verdict is about the file --btf names: parsed when doctor attaches probes of its
+/// own, only opened when a daemon's attached probes already show its BTF parses.
+#[test]
+fn btf_is_checked_where_told() {
+    require_root();
+    assert_eq!(doctor()["kernel"]["btf"], true);
+    let unreadable = "kernel BTF not readable at /nonexistent/vmlinux";
+    let no_daemon = "/nonexistent/qtrace.sock";
+    for (btf, why) in [
+        ("/nonexistent/vmlinux", unreadable),
+        ("/proc/self/cmdline", "parse /proc/self/cmdline"),
+    ] {
+        let report = doctor_with(&["--socket", no_daemon, "--btf", btf]);
+        let kernel = &report["kernel"];
+        assert_eq!(
+            (&kernel["btf"], &kernel["btf_file"]),
+            (&false.into(), &btf.into())
+        );
+        assert!(
+            kernel["btf_error"].as_str().unwrap().contains(why),
+            "{kernel}"
+        );
+        assert!(
+            report["probes"]["error"].as_str().unwrap().contains(why),
+            "{report}"
+        );
+    }
+    let qtrace = Qtrace::start(&[]);
+    let report = doctor_with(&[
+        "--socket",
+        &qtrace.events_socket(),
+        "--btf",
+        "/nonexistent/vmlinux",
+    ]);
+    qtrace.stop(libc::SIGTERM);
+    assert_eq!(report["daemon"], true);
+    assert!(report["probes"].is_array(), "the daemon's: {report}");
+    assert_eq!(report["kernel"]["btf"], false, "{}", report["kernel"]);
+    assert!(report["kernel"]["btf_error"]
+        .as_str()
+        .unwrap()
+        .contains(unreadable));
 }

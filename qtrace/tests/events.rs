@@ -215,5 +215,8 @@ fn standalone_refuses_owner_filters() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--pid and --comm need the daemon"), "{err}");
+    assert!(
+        err.contains("need the daemon (it knows each listener's owner): drop --standalone,"),
+        "{err}"
+    );
 }
