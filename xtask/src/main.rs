@@ -21,7 +21,8 @@ enum Task {
     /// Run every test: unit and integration tests on this machine's kernel, the benchmark
     /// harness's smoke run, and the kernel matrix (Debian 5.10, 6.1, 6.12 in QEMU).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Arguments for every test binary, on this kernel and in the matrix (e.g. a test
+        /// name filter).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -68,7 +69,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             run(Command::new("cargo")
-                .args(["test", "--workspace", "--exclude", "qtrace-ebpf"])
+                .args(["test", "--workspace", "--exclude", "qtrace-ebpf", "--"])
                 .args(&args))?;
             // The benchmark harness works (tiny sizes; no timing is asserted).
             bench::bench(bench::Options {

@@ -38,7 +38,8 @@ pub struct Options {
     /// best everywhere, and kprobe too on the VM kernels.
     #[arg(long)]
     pub attach: Vec<String>,
-    /// Only tests whose name contains this.
+    /// Arguments for every test binary, e.g. test-name filters (a test runs if its name
+    /// contains any of them) or `--exact`.
     #[arg(last = true)]
     pub filter: Vec<String>,
 }
@@ -62,7 +63,7 @@ pub fn vm_test(opts: Options) -> Result<()> {
     } else {
         opts.kernel.clone()
     };
-    let filter = opts.filter.first().cloned();
+    let filter = opts.filter.clone();
     let mut jobs = Vec::new();
     for k in &wanted {
         let modes: Vec<String> = match (opts.attach.is_empty(), k.as_str()) {
@@ -85,7 +86,7 @@ pub fn vm_test(opts: Options) -> Result<()> {
             "",
             &binaries.all(),
             &[],
-            &init_script(&binaries, filter.as_deref()),
+            &init_script(&binaries, &filter),
         )?;
         images.insert(k.clone(), image);
     }
@@ -102,9 +103,7 @@ pub fn vm_test(opts: Options) -> Result<()> {
                 let binaries = binaries.clone();
                 let filter = filter.clone();
                 let logs = cache.join("logs");
-                std::thread::spawn(move || {
-                    run_one(&k, &m, image, &binaries, filter.as_deref(), &logs)
-                })
+                std::thread::spawn(move || run_one(&k, &m, image, &binaries, &filter, &logs))
             })
             .collect();
         for h in handles {
@@ -227,22 +226,36 @@ fn build_test_binaries() -> Result<Binaries> {
 }
 
 /// The guest's /init: mounts, modules, the probe report, each suite, power off.
-fn init_script(b: &Binaries, filter: Option<&str>) -> String {
+fn init_script(b: &Binaries, filter: &[String]) -> String {
     let mut s = String::from(INIT_PROLOGUE);
     s += "ATTACH=$(sed -n 's/.*qtrace.attach=\\([a-z]*\\).*/\\1/p' /proc/cmdline)\n\
-          [ \"$ATTACH\" = best ] && ATTACH=fentry\n\
           export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n";
+    let filter: Vec<String> = filter.iter().map(|a| sh_quote(a)).collect();
+    let filter = filter.join(" ");
     let _ = writeln!(
         s,
         "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"",
         b.qtrace.display()
     );
     for (name, exe) in &b.suites {
-        let filter = filter.unwrap_or_default();
         let _ = writeln!(s, "echo '@@QTRACE begin {name}'\n{} --test-threads=1 {filter} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
     }
     s += "echo '@@QTRACE done'\npoweroff -f\n";
     s
+}
+
+/// `arg` as one word of a POSIX shell command line.
+fn sh_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+/// The tier qtrace is capped at in an attach mode: `best` is no cap, i.e. fentry.
+fn attach_tier(mode: &str) -> &str {
+    if mode == "best" {
+        "fentry"
+    } else {
+        mode
+    }
 }
 
 fn run_one(
@@ -250,7 +263,7 @@ fn run_one(
     mode: &str,
     image: Option<(PathBuf, PathBuf)>,
     b: &Binaries,
-    filter: Option<&str>,
+    filter: &[String],
     logs: &Path,
 ) -> Result<Outcome> {
     let t = Instant::now();
@@ -260,7 +273,7 @@ fn run_one(
             let (console, finished) = qemu::boot(
                 &vmlinux,
                 &initrd,
-                &format!("qtrace.attach={mode}"),
+                &format!("qtrace.attach={}", attach_tier(mode)),
                 1024,
                 qemu::Clock::Real,
                 Duration::from_secs(900),
@@ -289,8 +302,8 @@ fn run_one(
 }
 
 /// The same suites on this machine's kernel, with the same markers as in a guest.
-fn native(b: &Binaries, mode: &str, filter: Option<&str>) -> Result<(String, Option<String>)> {
-    let attach = if mode == "best" { "fentry" } else { mode };
+fn native(b: &Binaries, mode: &str, filter: &[String]) -> Result<(String, Option<String>)> {
+    let attach = attach_tier(mode);
     let probes = Command::new(&b.qtrace)
         .args(["probes", "--json", "--attach", attach])
         .output()?;
