@@ -272,8 +272,13 @@ impl Daemon {
     }
 
     fn get(&self, path: &str) -> Result<(Duration, String)> {
+        // A daemon that stops answering fails the benchmark instead of hanging it.
+        const TIMEOUT: Duration = Duration::from_secs(10);
         let t = Instant::now();
-        let mut s = TcpStream::connect(&self.web)?;
+        let addr: SocketAddr = self.web.parse()?;
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_write_timeout(Some(TIMEOUT))?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
@@ -292,6 +297,20 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         stop_child(&mut self.child, libc::SIGTERM);
     }
+}
+
+/// The sum of a Prometheus exposition's samples of `family` whose labels include each of
+/// `labels` (`name="value"`).
+fn sum_samples(exposition: &str, family: &str, labels: &[&str]) -> u64 {
+    exposition
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && labels.iter().all(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
 }
 
 /// Signals a child of ours and reaps it.
@@ -1023,19 +1042,9 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     let (_, metrics) = d.get("/metrics")?;
     d.stop()?;
     let drops = after - before;
-    let lost: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("qtrace_events_lost_total"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum();
-    let visible: u64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("qtrace_listen_drops_total{")
-                && l.contains(&format!("port=\"{}\"", addr.port()))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum();
+    let lost = sum_samples(&metrics, "qtrace_events_lost_total", &[]);
+    let port = format!("port=\"{}\"", addr.port());
+    let visible = sum_samples(&metrics, "qtrace_listen_drops_total", &[&port]);
     let seen_reasons = metrics
         .matches(&format!("port=\"{}\",reason", addr.port()))
         .count();
@@ -1228,12 +1237,9 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     // The kernel's own count: past somaxconn requests turn into syncookies, not retransmits.
     let happened = ns.tcp_ext("TCPSynRetrans")? - retrans0;
     let (_, metrics) = d.get("/metrics")?;
-    let lost = |cause: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("qtrace_events_lost_total{{cause=\"{cause}\"}}")))
-            .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
-            .unwrap_or(0)
+    let lost = |cause: &str| {
+        let label = format!("cause=\"{cause}\"");
+        sum_samples(&metrics, "qtrace_events_lost_total", &[&label])
     };
     let (ring_full, limited) = (lost("ringbuf_full"), lost("rate_limited"));
     drop(reader); // its output ends: the counter finishes
