@@ -92,13 +92,23 @@ pub fn bench(opts: Options) -> Result<()> {
     report += &storm(&qtrace, &sizes)?;
     report += &scale(&qtrace, &sizes)?;
     report += &event_path(&qtrace, &sizes)?;
-    std::fs::write(&opts.out, &report).with_context(|| format!("write {}", opts.out.display()))?;
     print!("{report}");
+    // The people's reading of the last figures stays, under its heading, to be revised.
+    if let Some(reading) = std::fs::read_to_string(&opts.out)
+        .ok()
+        .and_then(|old| Some(old[old.find(READING)?..].to_string()))
+    {
+        report += &reading;
+    }
+    std::fs::write(&opts.out, &report).with_context(|| format!("write {}", opts.out.display()))?;
     if opts.smoke {
         check_well_formed(&report)?;
     }
     Ok(())
 }
+
+/// The heading of BENCHMARKS.md's hand-written part, which a new run keeps.
+const READING: &str = "## Reading these figures";
 
 fn header(opts: &Options) -> Result<String> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
