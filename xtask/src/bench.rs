@@ -685,7 +685,7 @@ fn churn(qtrace: &Path, z: &Sizes) -> Result<String> {
         s += "No qtrace program ran.\n";
     }
     s += &churn.run_times(&[Config::Qtrace]);
-    s += "\nTarget ≤ 250 ns. On this kernel only the tracepoint-tier programs load; the fentry/kprobe ones are measured in the 6.12 guest (1b), in emulated nanoseconds.\n\n";
+    s += "\nTarget ≤ 250 ns. On this kernel only the tracepoint-tier programs load; the fentry/kprobe ones are measured in the 6.12 guest (1b), in instructions.\n\n";
     Ok(s)
 }
 
