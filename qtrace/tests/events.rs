@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use common::{connect, delta, http_get, listener, local_ports, require_root, Netns, Qtrace};
+use common::{
+    connect, delta, http_get, listener, listener_on, local_ports, require_root, Netns, Qtrace,
+};
 
 /// `qtrace events ARGS` on the daemon's socket, its output read as it comes.
 struct Reader {
@@ -55,33 +57,44 @@ fn json_and_text_events_name_listener_client_and_owner() {
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 16);
-    let (_other, other_port) = listener(&ns, "127.0.0.1", 16);
-    let p = port.to_string();
-    let json = Reader::start(&q, &["--json", "--port", &p]);
-    let text = Reader::start(&q, &["--port", &p]);
+    // The same port in a namespace of its own: only the netns filter tells the two apart, and
+    // each namespace's TcpExt counts its own listener's retransmits alone.
+    let other_ns = Netns::new();
+    let (_other, _) = listener_on(&other_ns, "127.0.0.1", port, 16);
+    let (netns, p) = (ns.inode.to_string(), port.to_string());
+    let json = Reader::start(&q, &["--json", "--netns", &netns, "--port", &p]);
+    let text = Reader::start(&q, &["--netns", &netns, "--port", &p]);
     thread::sleep(Duration::from_millis(300)); // both connected
-    let before = ns.tcp_ext();
+    let (before, other_before) = (ns.tcp_ext(), other_ns.tcp_ext());
     let clients = half_open(&ns, port, 2);
-    ns.drop_final_acks(&[port, other_port]);
-    let _noise = connect(&ns, "127.0.0.1", other_port, 1); // another listener: filtered out
+    let _noise = half_open(&other_ns, port, 1); // filtered out
     thread::sleep(Duration::from_millis(3500));
     drop(server);
     let after = ns.tcp_ext();
     let json_out = json.stop();
     let text_out = text.stop();
     q.stop(libc::SIGTERM);
+    let noise = delta(&other_before, &other_ns.tcp_ext(), "TCPSynRetrans");
+    assert!(
+        noise >= 1,
+        "the other namespace's listener retransmitted nothing"
+    );
 
     let events: Vec<serde_json::Value> = json_out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let mine = delta(&before, &after, "TCPSynRetrans") - 2; // the other listener's two
+    let mine = delta(&before, &after, "TCPSynRetrans");
     assert_eq!(events.len() as u64, mine, "{json_out}");
     let ports = local_ports(&clients);
     for e in &events {
         assert_eq!(
-            (e["kind"].as_str(), e["lport"].as_u64()),
-            (Some("synack_retransmit"), Some(port.into())),
+            (e["kind"].as_str(), e["netns"].as_u64(), e["lport"].as_u64()),
+            (
+                Some("synack_retransmit"),
+                Some(ns.inode.into()),
+                Some(port.into())
+            ),
             "{e}"
         );
         assert!(ports.contains(&e["rport"].as_u64().unwrap()), "{e}");

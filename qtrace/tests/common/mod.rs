@@ -159,8 +159,13 @@ impl Netns {
 
 /// A listener that never accepts, bound to `ip` on an ephemeral port.
 pub fn listener(ns: &Netns, ip: &'static str, backlog: i32) -> (Socket, u16) {
+    listener_on(ns, ip, 0, backlog)
+}
+
+/// A listener that never accepts, bound to `ip`:`port` (0 for an ephemeral one).
+pub fn listener_on(ns: &Netns, ip: &'static str, port: u16, backlog: i32) -> (Socket, u16) {
     ns.run(move || {
-        let addr: SocketAddr = format!("{}:0", bracket(ip)).parse().unwrap();
+        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
         s.bind(&addr.into()).unwrap();
         s.listen(backlog).unwrap();
