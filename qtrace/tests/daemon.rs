@@ -170,7 +170,7 @@ fn listener_series_are_capped() {
         .iter()
         .map(|p| connect(&ns, "127.0.0.1", *p, 1))
         .collect();
-    thread::sleep(Duration::from_millis(1500));
+    ns.wait_for(&before, "TCPSynRetrans", 4, Duration::from_secs(30)); // one per client
     drop(servers);
     let after = ns.tcp_ext();
     let (_, text) = http_get(&qtrace.web(), "/metrics", None);

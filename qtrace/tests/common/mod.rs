@@ -49,6 +49,22 @@ pub fn unique_path(ext: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("qtrace-test-{}-{n}.{ext}", std::process::id()))
 }
 
+/// Polls `done` until it holds or `limit` has passed: kernel timers and processes run late on a
+/// loaded or emulated machine, so tests wait for what they need, never for a fixed time. Gives
+/// up quietly (returning false), for the caller's assertions to say what happened.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A network namespace created for one test and deleted when dropped.
 pub struct Netns {
     pub name: String,
@@ -100,10 +116,7 @@ impl Netns {
             .collect()
     }
 
-    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
-    /// Waits until TcpExt `counter` has grown by `at_least` since `before` (kernel timers may run
-    /// late on a loaded or emulated machine); gives up quietly at `limit`, for the caller's
-    /// assertions to say what happened.
+    /// Waits until TcpExt `counter` has grown by `at_least` since `before`; see `wait_until`.
     pub fn wait_for(
         &self,
         before: &HashMap<String, u64>,
@@ -111,12 +124,12 @@ impl Netns {
         at_least: u64,
         limit: Duration,
     ) {
-        let deadline = Instant::now() + limit;
-        while delta(before, &self.tcp_ext(), counter) < at_least && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(limit, || {
+            delta(before, &self.tcp_ext(), counter) >= at_least
+        });
     }
 
+    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
     pub fn sysctl(&self, key: &str, value: &str) {
         let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
         self.run(move || std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}")));
