@@ -14,6 +14,7 @@ use std::{
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc::{self, Receiver},
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -298,6 +299,10 @@ pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: 
 pub struct Qtrace {
     child: Child,
     lines: Receiver<Value>,
+    /// Its log so far, read as it comes: a test can wait for a line, and a chatty qtrace never
+    /// blocks on a full pipe.
+    log: Arc<Mutex<String>>,
+    log_reader: thread::JoinHandle<()>,
     pub ready: Value,
 }
 
@@ -339,6 +344,16 @@ impl Qtrace {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let log_reader = thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -356,19 +371,24 @@ impl Qtrace {
             Ok(v) => v,
             Err(_) => {
                 let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "qtrace did not start: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let _ = child.wait();
+                log_reader.join().unwrap();
+                panic!("qtrace did not start: {}", log.lock().unwrap());
             }
         };
         assert_eq!(ready["type"], "ready", "first line: {ready}");
         Self {
             child,
             lines,
+            log,
+            log_reader,
             ready,
         }
+    }
+
+    /// Waits until qtrace has logged a line containing `text`; whether it did within `limit`.
+    pub fn logged(&self, text: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log.lock().unwrap().contains(text))
     }
 
     /// The tier the named probe got (`None` when unavailable).
@@ -377,7 +397,7 @@ impl Qtrace {
     }
 
     /// Stops qtrace with `signal` and collects everything it printed.
-    pub fn stop(self, signal: i32) -> Output {
+    pub fn stop(mut self, signal: i32) -> Output {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -393,13 +413,10 @@ impl Qtrace {
                 _ => {}
             }
         }
-        let out = self.child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "qtrace exited with {}: {stderr}",
-            out.status
-        );
+        let status = self.child.wait().unwrap();
+        self.log_reader.join().unwrap();
+        let stderr = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(status.success(), "qtrace exited with {status}: {stderr}");
         assert!(
             !last.is_null(),
             "qtrace printed no final snapshot: {stderr}"
