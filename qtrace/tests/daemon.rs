@@ -11,8 +11,8 @@ use std::{
 };
 
 use common::{
-    connect, delta, http_get, listener, require_root, sample, sh, AckOverflow, Netns, Qtrace,
-    EXPORTED_METRICS,
+    connect, delta, http_get, listener, require_root, sample, sh, wait_until, AckOverflow, Netns,
+    Qtrace, EXPORTED_METRICS,
 };
 
 /// Every family exported is one the deploy files (dashboard, alerts) may rely on.
@@ -410,14 +410,24 @@ fn nginx_drops_are_attributed_to_nginx() {
         .stderr(Stdio::null())
         .spawn()
         .expect("wrk (apt package wrk; `cargo xtask setup` installs it)");
-    thread::sleep(Duration::from_millis(300));
+    // All 10 of wrk's connections have their SYN-ACK (or cookie) before their ACKs go through.
+    wait_until(Duration::from_secs(10), || connected_to(&ns, port) >= 10);
     ns.allow_acks();
-    thread::sleep(Duration::from_millis(1500));
-    let after = ns.tcp_ext();
-    let (_, text) = http_get(&qtrace.web(), "/metrics", None);
+    ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(30));
+    // nginx accepts again and wrk finishes: no handshake is left to overflow the queue.
     sh(Command::new("pkill").args(["-CONT", "-P", &master.to_string()]));
     unsafe { libc::kill(master, libc::SIGCONT) };
     let _ = wrk.wait();
+    // The kernel's count read on both sides of the scrape: equal, nothing happened during it.
+    let mut scraped = None;
+    wait_until(Duration::from_secs(30), || {
+        let after = ns.tcp_ext();
+        let text = http_get(&qtrace.web(), "/metrics", None).1;
+        let quiet = ns.tcp_ext()["ListenOverflows"] == after["ListenOverflows"];
+        scraped = Some((after, text));
+        quiet
+    });
+    let (after, text) = scraped.unwrap();
     unsafe { libc::kill(master, libc::SIGQUIT) };
     let _ = nginx.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -463,6 +473,19 @@ fn nginx_drops_are_attributed_to_nginx() {
         "{info}, expected unit {unit}"
     );
     drop(cgroup);
+}
+
+/// Client sockets in `ns` connected to `port` (ESTABLISHED on their side, whether or not the
+/// server has their final ACK), from its /proc/net/tcp.
+fn connected_to(ns: &Netns, port: u16) -> usize {
+    let table = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap());
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[2].ends_with(&remote) && f[3] == "01")
+        .count()
 }
 
 /// A cgroup made for one test (unified hierarchy if mounted, else the v1 memory one).
