@@ -253,17 +253,32 @@ fn sighup_reloads_the_config_file() {
     let _ = std::fs::remove_file(path);
 }
 
-/// SIGTERM while being scraped: stops serving and exits 0 within a second.
+/// SIGTERM with a scrape in flight (a client stalled halfway through its request): the
+/// daemon gives it a moment, then exits 0 within a second rather than wait for it.
 #[test]
-fn sigterm_stops_within_a_second() {
+fn sigterm_stops_within_a_second_with_a_scrape_in_flight() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let web = qtrace.web();
     assert_eq!(http_get(&web, "/healthz", None).0, 200);
+    let mut stalled = std::net::TcpStream::connect(&web).unwrap();
+    write!(stalled, "GET /metrics HTTP/1.1\r\nHost: {web}\r\n").unwrap();
     let t = Instant::now();
     qtrace.stop(libc::SIGTERM);
     let took = t.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    // Its connection went with the daemon: end of stream (or a reset), not a hang.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let read = std::io::Read::read(&mut stalled, &mut [0; 1024]);
+    assert!(
+        matches!(&read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the stalled scrape's connection is still open: {read:?}"
+    );
     assert!(
         std::net::TcpStream::connect(&web).is_err(),
         "still listening after exit"
