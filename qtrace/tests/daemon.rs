@@ -12,7 +12,7 @@ use std::{
 
 use common::{
     connect, delta, http_get, listener, require_root, sample, sh, wait_until, AckOverflow, Netns,
-    Qtrace, EXPORTED_METRICS,
+    Qtrace, TempDir, EXPORTED_METRICS,
 };
 
 /// Every family exported is one the deploy files (dashboard, alerts) may rely on.
@@ -207,9 +207,9 @@ fn listener_series_are_capped() {
 fn sighup_reloads_the_config_file() {
     require_root();
     let ns = Netns::new();
-    let path = std::env::temp_dir().join(format!("qtrace-hup-{}.toml", std::process::id()));
     let netns = ns.inode;
-    std::fs::write(&path, format!("include_netns = [{netns}]\n")).unwrap();
+    let dir = TempDir::new();
+    let path = dir.file("qtrace.toml", &format!("include_netns = [{netns}]\n"));
     let qtrace = Qtrace::start(&["--config", path.to_str().unwrap()]);
     let (_server, port) = listener(&ns, "127.0.0.1", 8);
     let has = |q: &Qtrace| {
@@ -250,7 +250,6 @@ fn sighup_reloads_the_config_file() {
     );
     assert!(!has(&qtrace), "kept the last good settings");
     qtrace.stop(libc::SIGTERM);
-    let _ = std::fs::remove_file(path);
 }
 
 /// SIGTERM with a scrape in flight (a client stalled halfway through its request): the
@@ -293,8 +292,7 @@ fn prometheus_scrapes_the_drop_series() {
     let ns = Netns::new();
     let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let port = o.port;
-    let dir = std::env::temp_dir().join(format!("qtrace-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new();
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -339,7 +337,6 @@ fn prometheus_scrapes_the_drop_series() {
     };
     let _ = prom.kill();
     let _ = prom.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     qtrace.stop(libc::SIGTERM);
     let r = found.expect("Prometheus never returned the series");
     assert_eq!(r["metric"]["netns"], ns.inode.to_string(), "{r}");
@@ -360,8 +357,7 @@ fn nginx_drops_are_attributed_to_nginx() {
             .unwrap()
             .port()
     });
-    let dir = std::env::temp_dir().join(format!("qtrace-nginx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -445,7 +441,6 @@ fn nginx_drops_are_attributed_to_nginx() {
     let (after, text) = scraped.unwrap();
     unsafe { libc::kill(master, libc::SIGQUIT) };
     let _ = nginx.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     qtrace.stop(libc::SIGTERM);
 
     let netns = ns.inode.to_string();

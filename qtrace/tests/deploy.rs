@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::EXPORTED_METRICS;
+use common::{TempDir, EXPORTED_METRICS};
 use serde_json::Value;
 
 /// The capabilities the unit and the DaemonSet grant, and no others.
@@ -77,14 +77,6 @@ fn succeeds(cmd: &mut Command) -> String {
     let (ok, text) = output(cmd);
     assert!(ok, "{cmd:?} failed:\n{text}");
     text
-}
-
-/// A scratch directory of this test process, emptied first.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qtrace-deploy-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The `qtrace_*` metric names in a PromQL expression, histogram (`*_seconds`) suffixes
@@ -331,7 +323,7 @@ fn grafana_dashboard_parses_and_queries_only_exported_metrics() {
     }
 
     // And every query is valid PromQL: promtool compiles them as recording rules.
-    let dir = scratch("grafana");
+    let dir = TempDir::new();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, expr) in exprs.iter().enumerate() {
         let expr = serde_json::to_string(&without_variables(expr)).unwrap();
@@ -343,7 +335,6 @@ fn grafana_dashboard_parses_and_queries_only_exported_metrics() {
     fs::write(&file, rules).unwrap();
     let out = succeeds(promtool().arg("check").arg("rules").arg(&file));
     println!("dashboard queries: {out}");
-    let _ = fs::remove_dir_all(dir);
 }
 
 // --- Kubernetes ---------------------------------------------------------------------------------
@@ -505,8 +496,8 @@ const DROPIN_COMBINATIONS: [&[&str]; 4] = [
 
 /// The unit with `dropins`, ExecStart pointing at the binary cargo built, in a unit directory
 /// of its own.
-fn unit_dir(dropins: &[&str]) -> PathBuf {
-    let dir = scratch(&format!("unit-{}", dropins.len()));
+fn unit_dir(dropins: &[&str]) -> TempDir {
+    let dir = TempDir::new();
     let unit = read("systemd/qtrace.service")
         .replace("/usr/local/bin/qtrace", env!("CARGO_BIN_EXE_qtrace"));
     fs::write(dir.join("qtrace.service"), unit).unwrap();
@@ -588,7 +579,6 @@ fn systemd_analyze_verifies_the_unit_and_rates_it_as_the_readme_says() {
             readme.lines().any(|l| l == row),
             "deploy/README.md's exposure table lacks `{row}`"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 }
 
@@ -598,7 +588,7 @@ fn sysusers_entry_creates_the_qtrace_user() {
         println!("note: systemd-sysusers not found; skipping");
         return;
     }
-    let root = scratch("sysusers");
+    let root = TempDir::new();
     fs::create_dir(root.join("etc")).unwrap();
     succeeds(
         Command::new("systemd-sysusers")
@@ -607,7 +597,6 @@ fn sysusers_entry_creates_the_qtrace_user() {
     );
     let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
     let group = fs::read_to_string(root.join("etc/group")).unwrap();
-    let _ = fs::remove_dir_all(root);
     let user = passwd
         .lines()
         .find(|l| l.starts_with("qtrace:"))
@@ -620,7 +609,7 @@ fn sysusers_entry_creates_the_qtrace_user() {
 
 /// The keys `qtrace run` knows, from its own refusal of an unknown one.
 fn known_config_keys() -> BTreeSet<String> {
-    let dir = scratch("keys");
+    let dir = TempDir::new();
     let file = dir.join("unknown.toml");
     fs::write(&file, "no_such_key = 1\n").unwrap();
     let (ok, out) = output(
@@ -628,7 +617,6 @@ fn known_config_keys() -> BTreeSet<String> {
             .args(["run", "--config"])
             .arg(&file),
     );
-    let _ = fs::remove_dir_all(dir);
     assert!(!ok, "an unknown key was accepted:\n{out}");
     let list = out
         .split("known keys: ")
@@ -670,7 +658,7 @@ fn example_config_documents_every_key_with_valid_values() {
 
     // All of them set at once is a valid file: the run stops only at the flag made invalid on
     // purpose, which is resolved after the file's values are checked.
-    let dir = scratch("config");
+    let dir = TempDir::new();
     let file = dir.join("all.toml");
     fs::write(&file, settings.join("\n")).unwrap();
     let (ok, out) = output(
@@ -678,7 +666,6 @@ fn example_config_documents_every_key_with_valid_values() {
             .args(["run", "--events-reader-queue", "0", "--config"])
             .arg(&file),
     );
-    let _ = fs::remove_dir_all(dir);
     assert!(!ok, "qtrace run accepted --events-reader-queue 0:\n{out}");
     assert!(
         out.contains("invalid events_reader_queue"),

@@ -50,6 +50,38 @@ pub fn unique_path(ext: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("qtrace-test-{}-{n}.{ext}", std::process::id()))
 }
 
+/// A directory of this test process in the temp dir, removed with what is in it when dropped,
+/// also when the test panics.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = unique_path("d");
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    /// The file `name` in it, holding `text`.
+    pub fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Polls `done` until it holds or `limit` has passed: kernel timers and processes run late on a
 /// loaded or emulated machine, so tests wait for what they need, never for a fixed time. Gives
 /// up quietly (returning false), for the caller's assertions to say what happened.
@@ -302,7 +334,9 @@ pub struct Qtrace {
     /// Its log so far, read as it comes: a test can wait for a line, and a chatty qtrace never
     /// blocks on a full pipe.
     log: Arc<Mutex<String>>,
-    log_reader: thread::JoinHandle<()>,
+    log_reader: Option<thread::JoinHandle<()>>,
+    /// Its events socket, removed by qtrace when it stops, and by `drop` if it was killed.
+    socket: std::path::PathBuf,
     pub ready: Value,
 }
 
@@ -326,6 +360,7 @@ impl Qtrace {
     /// kprobe, tracepoint) caps the tier, so the kernel matrix can test lower tiers too.
     pub fn start(args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
+        let socket = unique_path("sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
             .args([
                 "run",
@@ -338,7 +373,7 @@ impl Qtrace {
             ])
             .args(["--web.listen-address", "127.0.0.1:0"])
             .arg("--events-socket")
-            .arg(unique_path("sock"))
+            .arg(&socket)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -381,7 +416,8 @@ impl Qtrace {
             child,
             lines,
             log,
-            log_reader,
+            log_reader: Some(log_reader),
+            socket,
             ready,
         }
     }
@@ -414,7 +450,7 @@ impl Qtrace {
             }
         }
         let status = self.child.wait().unwrap();
-        self.log_reader.join().unwrap();
+        self.log_reader.take().unwrap().join().unwrap();
         let stderr = std::mem::take(&mut *self.log.lock().unwrap());
         assert!(status.success(), "qtrace exited with {status}: {stderr}");
         assert!(
@@ -422,11 +458,20 @@ impl Qtrace {
             "qtrace printed no final snapshot: {stderr}"
         );
         Output {
-            ready: self.ready,
+            ready: std::mem::take(&mut self.ready),
             events,
             last,
             stderr,
         }
+    }
+}
+
+/// A test that fails before `stop` leaves no qtrace running, nor its socket file.
+impl Drop for Qtrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // nothing, once `stop` has reaped it
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
