@@ -4,7 +4,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::require_root;
+use common::{require_root, TempDir};
 
 fn qtrace(prefix: &[&str], args: &[&str]) -> Output {
     let (cmd, rest) = match prefix.split_first() {
@@ -103,31 +103,22 @@ fn bad_option_values_name_the_option() {
     }
 }
 
-fn config_file(text: &str) -> tempfile_path::Path {
-    tempfile_path::Path::with(text)
+/// A config file holding `text`, removed (with its directory) on drop.
+struct ConfigFile {
+    _dir: TempDir,
+    path: String,
 }
 
-/// A config file in the temp dir, removed on drop.
-mod tempfile_path {
-    pub struct Path(pub std::path::PathBuf);
-    impl Path {
-        pub fn with(text: &str) -> Self {
-            static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p =
-                std::env::temp_dir().join(format!("qtrace-test-{}-{n}.toml", std::process::id()));
-            std::fs::write(&p, text).unwrap();
-            Self(p)
-        }
-        pub fn arg(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
+impl ConfigFile {
+    fn arg(&self) -> &str {
+        &self.path
     }
-    impl Drop for Path {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+}
+
+fn config_file(text: &str) -> ConfigFile {
+    let dir = TempDir::new();
+    let path = dir.file("qtrace.toml", text).to_str().unwrap().to_string();
+    ConfigFile { _dir: dir, path }
 }
 
 #[test]

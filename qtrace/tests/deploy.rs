@@ -9,10 +9,11 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    sync::mpsc,
+    time::Duration,
 };
 
-use common::EXPORTED_METRICS;
+use common::{TempDir, EXPORTED_METRICS};
 use serde_json::Value;
 
 /// The capabilities the unit and the DaemonSet grant, and no others.
@@ -34,37 +35,46 @@ fn have(command: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
 }
 
-fn promtool() -> Command {
+/// A command of a package `cargo xtask setup` installs; missing, the test fails and says so.
+fn installed(command: &str, package: &str) -> Command {
     assert!(
-        have("promtool"),
-        "promtool (Debian package prometheus) is missing: run `cargo xtask setup`"
+        have(command),
+        "{command} (Debian package {package}) is missing: run `cargo xtask setup`"
     );
-    Command::new("promtool")
+    Command::new(command)
+}
+
+fn promtool() -> Command {
+    installed("promtool", "prometheus")
 }
 
 /// Runs `cmd` to completion (at most two minutes); returns whether it succeeded and its stdout
 /// and stderr together.
 fn output(cmd: &mut Command) -> (bool, String) {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
+    let pid = child.id() as i32;
+    // wait_with_output reads both pipes while it waits: a child writing more than a pipe holds
+    // (64 KiB) is never left blocked on one nobody reads.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: our child, not reaped until wait_with_output returns.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = rx.recv().unwrap().expect("wait");
             panic!(
                 "{cmd:?} still running after 2 minutes: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("wait");
+    };
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -77,14 +87,6 @@ fn succeeds(cmd: &mut Command) -> String {
     let (ok, text) = output(cmd);
     assert!(ok, "{cmd:?} failed:\n{text}");
     text
-}
-
-/// A scratch directory of this test process, emptied first.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qtrace-deploy-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The `qtrace_*` metric names in a PromQL expression, histogram (`*_seconds`) suffixes
@@ -331,7 +333,7 @@ fn grafana_dashboard_parses_and_queries_only_exported_metrics() {
     }
 
     // And every query is valid PromQL: promtool compiles them as recording rules.
-    let dir = scratch("grafana");
+    let dir = TempDir::new();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, expr) in exprs.iter().enumerate() {
         let expr = serde_json::to_string(&without_variables(expr)).unwrap();
@@ -343,7 +345,6 @@ fn grafana_dashboard_parses_and_queries_only_exported_metrics() {
     fs::write(&file, rules).unwrap();
     let out = succeeds(promtool().arg("check").arg("rules").arg(&file));
     println!("dashboard queries: {out}");
-    let _ = fs::remove_dir_all(dir);
 }
 
 // --- Kubernetes ---------------------------------------------------------------------------------
@@ -505,8 +506,8 @@ const DROPIN_COMBINATIONS: [&[&str]; 4] = [
 
 /// The unit with `dropins`, ExecStart pointing at the binary cargo built, in a unit directory
 /// of its own.
-fn unit_dir(dropins: &[&str]) -> PathBuf {
-    let dir = scratch(&format!("unit-{}", dropins.len()));
+fn unit_dir(dropins: &[&str]) -> TempDir {
+    let dir = TempDir::new();
     let unit = read("systemd/qtrace.service")
         .replace("/usr/local/bin/qtrace", env!("CARGO_BIN_EXE_qtrace"));
     fs::write(dir.join("qtrace.service"), unit).unwrap();
@@ -536,14 +537,11 @@ fn exposure(out: &str) -> String {
 
 #[test]
 fn systemd_analyze_verifies_the_unit_and_rates_it_as_the_readme_says() {
-    if !have("systemd-analyze") {
-        println!("note: systemd-analyze not found; skipping the systemd-analyze checks");
-        return;
-    }
+    let analyze = || installed("systemd-analyze", "systemd");
     let readme = read("README.md");
     // The unit file itself, as the README shows the command.
     let out = succeeds(
-        Command::new("systemd-analyze")
+        analyze()
             .args(["security", "--offline=true"])
             .arg(deploy("systemd/qtrace.service")),
     );
@@ -559,17 +557,17 @@ fn systemd_analyze_verifies_the_unit_and_rates_it_as_the_readme_says() {
         let dir = unit_dir(dropins);
         // SYSTEMD_UNIT_PATH with a trailing colon: this directory, then the usual ones.
         let unit_path = format!("{}:", dir.display());
-        let analyze = || {
-            let mut c = Command::new("systemd-analyze");
+        let in_dir = || {
+            let mut c = analyze();
             c.env("SYSTEMD_UNIT_PATH", &unit_path);
             c
         };
-        let out = succeeds(analyze().args(["verify", "qtrace.service"]));
+        let out = succeeds(in_dir().args(["verify", "qtrace.service"]));
         assert!(
             out.trim().is_empty(),
             "systemd-analyze verify (drop-ins {dropins:?}) complains:\n{out}"
         );
-        let out = succeeds(analyze().args(["security", "--offline=true", "qtrace.service"]));
+        let out = succeeds(in_dir().args(["security", "--offline=true", "qtrace.service"]));
         let level = exposure(&out);
         println!("exposure with drop-ins {dropins:?}: {level}");
         let value: f64 = level.split(' ').next().unwrap().parse().unwrap();
@@ -588,7 +586,6 @@ fn systemd_analyze_verifies_the_unit_and_rates_it_as_the_readme_says() {
             readme.lines().any(|l| l == row),
             "deploy/README.md's exposure table lacks `{row}`"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 }
 
@@ -598,7 +595,7 @@ fn sysusers_entry_creates_the_qtrace_user() {
         println!("note: systemd-sysusers not found; skipping");
         return;
     }
-    let root = scratch("sysusers");
+    let root = TempDir::new();
     fs::create_dir(root.join("etc")).unwrap();
     succeeds(
         Command::new("systemd-sysusers")
@@ -607,7 +604,6 @@ fn sysusers_entry_creates_the_qtrace_user() {
     );
     let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
     let group = fs::read_to_string(root.join("etc/group")).unwrap();
-    let _ = fs::remove_dir_all(root);
     let user = passwd
         .lines()
         .find(|l| l.starts_with("qtrace:"))
@@ -620,7 +616,7 @@ fn sysusers_entry_creates_the_qtrace_user() {
 
 /// The keys `qtrace run` knows, from its own refusal of an unknown one.
 fn known_config_keys() -> BTreeSet<String> {
-    let dir = scratch("keys");
+    let dir = TempDir::new();
     let file = dir.join("unknown.toml");
     fs::write(&file, "no_such_key = 1\n").unwrap();
     let (ok, out) = output(
@@ -628,7 +624,6 @@ fn known_config_keys() -> BTreeSet<String> {
             .args(["run", "--config"])
             .arg(&file),
     );
-    let _ = fs::remove_dir_all(dir);
     assert!(!ok, "an unknown key was accepted:\n{out}");
     let list = out
         .split("known keys: ")
@@ -670,7 +665,7 @@ fn example_config_documents_every_key_with_valid_values() {
 
     // All of them set at once is a valid file: the run stops only at the flag made invalid on
     // purpose, which is resolved after the file's values are checked.
-    let dir = scratch("config");
+    let dir = TempDir::new();
     let file = dir.join("all.toml");
     fs::write(&file, settings.join("\n")).unwrap();
     let (ok, out) = output(
@@ -678,7 +673,6 @@ fn example_config_documents_every_key_with_valid_values() {
             .args(["run", "--events-reader-queue", "0", "--config"])
             .arg(&file),
     );
-    let _ = fs::remove_dir_all(dir);
     assert!(!ok, "qtrace run accepted --events-reader-queue 0:\n{out}");
     assert!(
         out.contains("invalid events_reader_queue"),

@@ -6,40 +6,63 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::Duration,
 };
 
-use common::{connect, delta, http_get, listener, local_ports, require_root, Netns, Qtrace};
+use common::{
+    connect, delta, http_get, listener, listener_on, local_ports, require_root, wait_until, Netns,
+    Qtrace,
+};
 
 /// `qtrace events ARGS` on the daemon's socket, its output read as it comes.
 struct Reader {
     child: std::process::Child,
-    out: thread::JoinHandle<String>,
+    lines: Arc<Mutex<Vec<String>>>,
+    out: thread::JoinHandle<()>,
 }
 
 impl Reader {
+    /// With `--since`, so a reader that subscribes late still gets every event.
     fn start(q: &Qtrace, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-            .args(["events", "--socket", &q.events_socket()])
+            .args(["events", "--since", "10m", "--socket", &q.events_socket()])
             .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
         let out = thread::spawn(move || {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
-            s
+            for line in stdout.lines() {
+                sink.lock().unwrap().push(line.unwrap());
+            }
         });
-        Self { child, out }
+        Self { child, lines, out }
+    }
+
+    /// Waits until it has printed `n` lines containing `what` (it prints as it reads).
+    fn wait_for(&self, what: &str, n: u64) {
+        let count = || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(what))
+                .count()
+        };
+        wait_until(Duration::from_secs(30), || count() as u64 >= n);
     }
 
     /// Stops it with SIGINT; everything it printed.
     fn stop(mut self) -> String {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         assert!(self.child.wait().unwrap().success());
-        self.out.join().unwrap()
+        self.out.join().unwrap();
+        let lines = self.lines.lock().unwrap();
+        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 }
 
@@ -55,33 +78,47 @@ fn json_and_text_events_name_listener_client_and_owner() {
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 16);
-    let (_other, other_port) = listener(&ns, "127.0.0.1", 16);
-    let p = port.to_string();
-    let json = Reader::start(&q, &["--json", "--port", &p]);
-    let text = Reader::start(&q, &["--port", &p]);
-    thread::sleep(Duration::from_millis(300)); // both connected
-    let before = ns.tcp_ext();
+    // The same port in a namespace of its own: only the netns filter tells the two apart, and
+    // each namespace's TcpExt counts its own listener's retransmits alone.
+    let other_ns = Netns::new();
+    let (_other, _) = listener_on(&other_ns, "127.0.0.1", port, 16);
+    let (netns, p) = (ns.inode.to_string(), port.to_string());
+    let json = Reader::start(&q, &["--json", "--netns", &netns, "--port", &p]);
+    let text = Reader::start(&q, &["--netns", &netns, "--port", &p]);
+    let (before, other_before) = (ns.tcp_ext(), other_ns.tcp_ext());
     let clients = half_open(&ns, port, 2);
-    ns.drop_final_acks(&[port, other_port]);
-    let _noise = connect(&ns, "127.0.0.1", other_port, 1); // another listener: filtered out
-    thread::sleep(Duration::from_millis(3500));
+    let _noise = half_open(&other_ns, port, 1); // filtered out
+                                                // Both rounds (1 s and 3 s): the listener's owner is looked up after the first.
+    ns.wait_for(&before, "TCPSynRetrans", 4, Duration::from_secs(30));
+    other_ns.wait_for(&other_before, "TCPSynRetrans", 1, Duration::from_secs(30));
     drop(server);
     let after = ns.tcp_ext();
+    let mine = delta(&before, &after, "TCPSynRetrans");
+    json.wait_for("synack_retransmit", mine);
+    text.wait_for("SYN-ACK retransmit", mine);
     let json_out = json.stop();
     let text_out = text.stop();
     q.stop(libc::SIGTERM);
+    let noise = delta(&other_before, &other_ns.tcp_ext(), "TCPSynRetrans");
+    assert!(
+        noise >= 1,
+        "the other namespace's listener retransmitted nothing"
+    );
 
     let events: Vec<serde_json::Value> = json_out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let mine = delta(&before, &after, "TCPSynRetrans") - 2; // the other listener's two
     assert_eq!(events.len() as u64, mine, "{json_out}");
     let ports = local_ports(&clients);
     for e in &events {
         assert_eq!(
-            (e["kind"].as_str(), e["lport"].as_u64()),
-            (Some("synack_retransmit"), Some(port.into())),
+            (e["kind"].as_str(), e["netns"].as_u64(), e["lport"].as_u64()),
+            (
+                Some("synack_retransmit"),
+                Some(ns.inode.into()),
+                Some(port.into())
+            ),
             "{e}"
         );
         assert!(ports.contains(&e["rport"].as_u64().unwrap()), "{e}");
@@ -113,8 +150,9 @@ fn head_closes_the_pipe_and_events_exits_cleanly() {
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
     let (_server, port) = listener(&ns, "127.0.0.1", 16);
+    // --since: the first event counts even if it comes before the reader has subscribed.
     let cmd = format!(
-        "set -o pipefail; {} events --socket {} | head -1",
+        "set -o pipefail; {} events --since 10m --socket {} | head -1",
         env!("CARGO_BIN_EXE_qtrace"),
         q.events_socket()
     );
@@ -123,7 +161,6 @@ fn head_closes_the_pipe_and_events_exits_cleanly() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(300));
     let _clients = half_open(&ns, port, 3);
     let out = pipeline.wait_with_output().unwrap();
     assert!(
@@ -145,21 +182,22 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 1024);
     let mut stuck = UnixStream::connect(q.events_socket()).unwrap();
-    stuck.write_all(b"{\"request\":\"events\"}\n").unwrap();
+    // since_ns 1: everything since the daemon started, however late it subscribes.
+    stuck
+        .write_all(b"{\"request\":\"events\",\"since_ns\":1}\n")
+        .unwrap();
     let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
-    thread::sleep(Duration::from_millis(300));
     let before = ns.tcp_ext();
     let _clients = half_open(&ns, port, 400);
-    thread::sleep(Duration::from_millis(3500));
+    ns.wait_for(&before, "TCPSynRetrans", 800, Duration::from_secs(30)); // both bursts
     drop(server);
     let after = ns.tcp_ext();
-    // The reader prints as it reads; give it a moment on slow (emulated) machines.
-    thread::sleep(Duration::from_millis(500));
+    let retransmits = delta(&before, &after, "TCPSynRetrans");
+    live.wait_for("\"event\"", retransmits);
     let (status, _) = http_get(&q.web(), "/healthz", None);
     assert_eq!(status, 200, "daemon still serving");
     let live_out = live.stop();
-    let retransmits = delta(&before, &after, "TCPSynRetrans");
-    assert!(retransmits >= 700, "{retransmits}");
+    assert!(retransmits >= 800, "{retransmits}");
     let gaps: Vec<&str> = live_out.lines().filter(|l| l.contains("\"gap\"")).collect();
     assert!(
         gaps.is_empty(),

@@ -2,7 +2,7 @@
 //! each test creates, where `/proc/net/netstat` counts only what the test did.
 mod common;
 
-use std::{io::Read, thread, time::Duration};
+use std::{io::Read, time::Duration};
 
 use common::{connect, delta, listener, local_ports, require_root, AckOverflow, Netns, Qtrace};
 
@@ -21,15 +21,15 @@ fn synack_retransmits(ip: &'static str) {
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
     let clients = connect(&ns, ip, port, 3);
-    // SYN-ACK retransmits come at 1 s and 3 s after each SYN.
-    thread::sleep(Duration::from_millis(3500));
+    // SYN-ACK retransmits come 1 s and 3 s after each SYN: both rounds.
+    ns.wait_for(&before, "TCPSynRetrans", 6, Duration::from_secs(30));
     drop(server); // ends the handshakes: no retransmit after the reading below
     let after = ns.tcp_ext();
     let out = qtrace.stop(libc::SIGINT);
 
     let expected = delta(&before, &after, "TCPSynRetrans");
     assert!(
-        expected >= 3,
+        expected >= 6,
         "the nftables rule provoked only {expected} SYN-ACK retransmits"
     );
     let counters = out.counters(&ns, ip, port);
@@ -172,7 +172,8 @@ fn rate_limited_events_are_counted() {
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
     let _clients = connect(&ns, "127.0.0.1", port, 8);
-    thread::sleep(Duration::from_millis(1500)); // the first retransmit of each, within ~1 ms
+    // The first retransmit of each, all within a few ms of each other.
+    ns.wait_for(&before, "TCPSynRetrans", 8, Duration::from_secs(30));
     drop(server);
     let after = ns.tcp_ext();
     let out = qtrace.stop(libc::SIGINT);

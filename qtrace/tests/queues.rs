@@ -60,7 +60,7 @@ fn accept_queue_full_at_syn() {
     // SYN queue first (an emulated CPU defers the handshakes) and take the syncookie path.
     let full = connect(&ns, "127.0.0.1", port, 2);
     let clients = connect_nonblocking(&ns, "127.0.0.1", port, 18);
-    thread::sleep(Duration::from_millis(300)); // well before any SYN retransmit (1 s)
+    ns.wait_for(&before, "ListenOverflows", 18, Duration::from_secs(10));
     drop((full, clients));
     drop(server);
     let after = ns.tcp_ext();
@@ -100,6 +100,8 @@ fn syn_queue_full_without_syncookies() {
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
     let clients = connect_nonblocking(&ns, "127.0.0.1", port, 20);
+    // A fixed window on purpose: the dropped clients send their SYNs again 1 s later, and the
+    // checks below want each SYN counted once.
     thread::sleep(Duration::from_millis(300));
     drop(clients);
     drop(server);
@@ -135,7 +137,7 @@ fn syncookies_always() {
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
     let clients = connect_nonblocking(&ns, "127.0.0.1", port, 5);
-    thread::sleep(Duration::from_millis(300));
+    ns.wait_for(&before, "SyncookiesSent", 5, Duration::from_secs(10));
     drop(clients);
     drop(server);
     let after = ns.tcp_ext();
@@ -216,7 +218,7 @@ fn counts_land_on_their_own_listener() {
         .zip(&ports)
         .map(|((ip, n), port)| connect(&ns, ip, *port, *n))
         .collect();
-    thread::sleep(Duration::from_millis(1500)); // one retransmit per client
+    ns.wait_for(&before, "TCPSynRetrans", 6, Duration::from_secs(30)); // one per client
     drop(servers);
     let after = ns.tcp_ext();
     let out = qtrace.stop(libc::SIGINT);

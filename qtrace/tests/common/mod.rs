@@ -14,6 +14,7 @@ use std::{
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc::{self, Receiver},
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -47,6 +48,54 @@ pub fn unique_path(ext: &str) -> std::path::PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     std::env::temp_dir().join(format!("qtrace-test-{}-{n}.{ext}", std::process::id()))
+}
+
+/// A directory of this test process in the temp dir, removed with what is in it when dropped,
+/// also when the test panics.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = unique_path("d");
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    /// The file `name` in it, holding `text`.
+    pub fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `done` until it holds or `limit` has passed: kernel timers and processes run late on a
+/// loaded or emulated machine, so tests wait for what they need, never for a fixed time. Gives
+/// up quietly (returning false), for the caller's assertions to say what happened.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A network namespace created for one test and deleted when dropped.
@@ -100,10 +149,7 @@ impl Netns {
             .collect()
     }
 
-    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
-    /// Waits until TcpExt `counter` has grown by `at_least` since `before` (kernel timers may run
-    /// late on a loaded or emulated machine); gives up quietly at `limit`, for the caller's
-    /// assertions to say what happened.
+    /// Waits until TcpExt `counter` has grown by `at_least` since `before`; see `wait_until`.
     pub fn wait_for(
         &self,
         before: &HashMap<String, u64>,
@@ -111,12 +157,12 @@ impl Netns {
         at_least: u64,
         limit: Duration,
     ) {
-        let deadline = Instant::now() + limit;
-        while delta(before, &self.tcp_ext(), counter) < at_least && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(limit, || {
+            delta(before, &self.tcp_ext(), counter) >= at_least
+        });
     }
 
+    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
     pub fn sysctl(&self, key: &str, value: &str) {
         let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
         self.run(move || std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}")));
@@ -159,8 +205,13 @@ impl Netns {
 
 /// A listener that never accepts, bound to `ip` on an ephemeral port.
 pub fn listener(ns: &Netns, ip: &'static str, backlog: i32) -> (Socket, u16) {
+    listener_on(ns, ip, 0, backlog)
+}
+
+/// A listener that never accepts, bound to `ip`:`port` (0 for an ephemeral one).
+pub fn listener_on(ns: &Netns, ip: &'static str, port: u16, backlog: i32) -> (Socket, u16) {
     ns.run(move || {
-        let addr: SocketAddr = format!("{}:0", bracket(ip)).parse().unwrap();
+        let addr: SocketAddr = format!("{}:{port}", bracket(ip)).parse().unwrap();
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
         s.bind(&addr.into()).unwrap();
         s.listen(backlog).unwrap();
@@ -280,6 +331,12 @@ pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: 
 pub struct Qtrace {
     child: Child,
     lines: Receiver<Value>,
+    /// Its log so far, read as it comes: a test can wait for a line, and a chatty qtrace never
+    /// blocks on a full pipe.
+    log: Arc<Mutex<String>>,
+    log_reader: Option<thread::JoinHandle<()>>,
+    /// Its events socket, removed by qtrace when it stops, and by `drop` if it was killed.
+    socket: std::path::PathBuf,
     pub ready: Value,
 }
 
@@ -303,6 +360,7 @@ impl Qtrace {
     /// kprobe, tracepoint) caps the tier, so the kernel matrix can test lower tiers too.
     pub fn start(args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
+        let socket = unique_path("sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
             .args([
                 "run",
@@ -315,12 +373,22 @@ impl Qtrace {
             ])
             .args(["--web.listen-address", "127.0.0.1:0"])
             .arg("--events-socket")
-            .arg(unique_path("sock"))
+            .arg(&socket)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let log_reader = thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -338,19 +406,25 @@ impl Qtrace {
             Ok(v) => v,
             Err(_) => {
                 let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "qtrace did not start: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let _ = child.wait();
+                log_reader.join().unwrap();
+                panic!("qtrace did not start: {}", log.lock().unwrap());
             }
         };
         assert_eq!(ready["type"], "ready", "first line: {ready}");
         Self {
             child,
             lines,
+            log,
+            log_reader: Some(log_reader),
+            socket,
             ready,
         }
+    }
+
+    /// Waits until qtrace has logged a line containing `text`; whether it did within `limit`.
+    pub fn logged(&self, text: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log.lock().unwrap().contains(text))
     }
 
     /// The tier the named probe got (`None` when unavailable).
@@ -359,7 +433,7 @@ impl Qtrace {
     }
 
     /// Stops qtrace with `signal` and collects everything it printed.
-    pub fn stop(self, signal: i32) -> Output {
+    pub fn stop(mut self, signal: i32) -> Output {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -375,23 +449,29 @@ impl Qtrace {
                 _ => {}
             }
         }
-        let out = self.child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "qtrace exited with {}: {stderr}",
-            out.status
-        );
+        let status = self.child.wait().unwrap();
+        self.log_reader.take().unwrap().join().unwrap();
+        let stderr = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(status.success(), "qtrace exited with {status}: {stderr}");
         assert!(
             !last.is_null(),
             "qtrace printed no final snapshot: {stderr}"
         );
         Output {
-            ready: self.ready,
+            ready: std::mem::take(&mut self.ready),
             events,
             last,
             stderr,
         }
+    }
+}
+
+/// A test that fails before `stop` leaves no qtrace running, nor its socket file.
+impl Drop for Qtrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // nothing, once `stop` has reaped it
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
