@@ -138,15 +138,25 @@ fn api_listeners_reports_queues_and_owner() {
     // Their final ACKs stay dropped: they remain in the SYN queue whatever the timers do.
     ns.drop_final_acks(&[port]);
     let _half_open = connect(&ns, "127.0.0.1", port, 2);
-    let (status, body) = http_get(&qtrace.web(), "/api/listeners", None);
-    assert_eq!(status, 200);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let me = v["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["netns"] == ns.inode && l["port"] == port)
-        .unwrap_or_else(|| panic!("listener missing: {body}"));
+    let mine = || {
+        let (status, body) = http_get(&qtrace.web(), "/api/listeners", None);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["netns"] == ns.inode && l["port"] == port)
+            .cloned()
+            .unwrap_or_else(|| panic!("listener missing: {body}"))
+    };
+    // Owners of new sockets are looked up by a rate-limited scan of /proc: a listener made a
+    // moment ago may not have one yet.
+    let mut me = mine();
+    wait_until(Duration::from_secs(10), || {
+        me = mine();
+        !me["owner"].is_null()
+    });
     assert_eq!(me["queues"]["accept_len"], 1, "{me}");
     assert_eq!(me["queues"]["accept_limit"], 3, "{me}");
     assert_eq!(me["queues"]["syn_len"], 2, "{me}");
