@@ -1002,7 +1002,6 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         let (done, name) = (done.clone(), name.clone());
         thread::spawn(move || -> Result<()> {
             Netns::join(&name)?;
-            pin_to_cpu(0);
             let l = TcpListener::bind("127.0.0.1:0")?;
             // SAFETY: re-listening with another backlog (std's is 128) on our socket.
             unsafe { libc::listen(l.as_raw_fd(), 1) };
@@ -1022,7 +1021,6 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
             let (done, attempts, name) = (done.clone(), attempts.clone(), name.clone());
             thread::spawn(move || -> Result<()> {
                 Netns::join(&name)?;
-                pin_to_cpu(0);
                 while !done.load(Ordering::Relaxed) {
                     syn(addr);
                     attempts.fetch_add(1, Ordering::Relaxed);
