@@ -5,7 +5,7 @@ mod common;
 
 use std::{os::fd::AsRawFd, process::Command, time::Duration};
 
-use common::{connect_nonblocking, delta, listener, require_root, Netns, Qtrace};
+use common::{connect_nonblocking, delta, listener, require_root, wait_until, Netns, Qtrace};
 use serde_json::Value;
 use socket2::Socket;
 
@@ -78,10 +78,11 @@ fn effective_limits_for_common_backlogs() {
                 clients.extend(connect_nonblocking(&ns, "127.0.0.1", *port, 60));
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
         // The queues really overflowed: the kernel answered the rest with syncookies.
         assert!(
-            delta(&before, &ns.tcp_ext(), "TCPReqQFullDoCookies") > 0,
+            wait_until(Duration::from_secs(10), || {
+                delta(&before, &ns.tcp_ext(), "TCPReqQFullDoCookies") > 0
+            }),
             "no SYN queue filled (somaxconn {somaxconn})"
         );
         let report = doctor();
@@ -167,8 +168,13 @@ fn advice_reports_the_share_of_time_the_accept_queue_was_full() {
     let ns = Netns::new();
     let (_server, port) = listener(&ns, "127.0.0.1", 2);
     let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: full from now on
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = doctor_of(&qtrace.events_socket());
+    let mut report = doctor_of(&qtrace.events_socket());
+    wait_until(Duration::from_secs(15), || {
+        report = doctor_of(&qtrace.events_socket());
+        find(&report, &ns, port)["last_hour"]["samples"]
+            .as_u64()
+            .is_some_and(|n| n >= 5)
+    });
     let l = find(&report, &ns, port);
     let hour = &l["last_hour"];
     assert!(hour["samples"].as_u64().unwrap() >= 5, "{l}");

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{connect, listener, require_root, sh, Netns, Qtrace};
+use common::{connect, listener, require_root, sh, wait_until, Netns, Qtrace};
 use socket2::{Domain, Socket, Type};
 
 fn listen(ns: &Netns, port: u16, backlog: i32) -> Socket {
@@ -79,8 +79,12 @@ fn the_overflowing_listener_is_on_top() {
     }
     // `r` reverses the table at once, not at the next refresh 5 s later.
     sh(Command::new("tmux").args(["send-keys", "-t", &session, "r"]));
-    thread::sleep(Duration::from_millis(500));
-    let reversed = capture(&session);
+    let mut reversed = capture(&session);
+    // Well within the 5 s refresh.
+    wait_until(Duration::from_secs(2), || {
+        reversed = capture(&session);
+        reversed.contains("(reversed)")
+    });
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &session])
         .status();
