@@ -10,10 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    scrape::{ListenerId, Scrape},
-    stats::ListenerStats,
-};
+use crate::scrape::{ListenerId, Scrape};
 
 const MINUTES: u32 = 60;
 
@@ -72,7 +69,7 @@ impl History {
             if !self.listeners.contains_key(&v.id) && self.listeners.len() >= self.cap {
                 continue;
             }
-            let drops = v.stats.as_ref().map_or(0, ListenerStats::drops);
+            let drops = v.drops();
             let minutes = self.listeners.entry(v.id).or_default();
             if minutes.back().is_none_or(|m| m.index != now) {
                 minutes.push_back(Minute {
@@ -118,7 +115,7 @@ mod tests {
     use qtrace_common::Counter;
 
     use super::*;
-    use crate::{scrape::ListenerView, sockdiag::ListenerQueues};
+    use crate::{scrape::ListenerView, sockdiag::ListenerQueues, stats::ListenerStats};
 
     fn view(port: u16, len: u32, drops: u64) -> ListenerView {
         let addr: IpAddr = "127.0.0.1".parse().unwrap();

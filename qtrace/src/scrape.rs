@@ -74,6 +74,13 @@ pub struct ListenerView {
     pub owner: Option<Owner>,
 }
 
+impl ListenerView {
+    /// Drops of every reason so far (0 when nothing was counted).
+    pub fn drops(&self) -> u64 {
+        self.stats.as_ref().map_or(0, ListenerStats::drops)
+    }
+}
+
 /// One attached program's run statistics (kernel.bpf_stats_enabled=1).
 pub struct ProgramRuntime {
     pub name: String,

@@ -23,7 +23,6 @@ use crate::{
     metrics,
     scrape::{Scrape, Scraper},
     snapshot::{accept_wait_json, counters_json},
-    stats::ListenerStats,
 };
 
 pub struct AppState {
@@ -140,7 +139,7 @@ pub fn snapshot_json(
                     "syn_len": q.synq_len,
                 })),
                 "owner": v.owner,
-                "last_hour": history.and_then(|h| h.last_hour(&v.id, v.stats.as_ref().map_or(0, ListenerStats::drops))),
+                "last_hour": history.and_then(|h| h.last_hour(&v.id, v.drops())),
             })
         })
         .collect();
