@@ -4,18 +4,46 @@ mod common;
 
 use std::{io::Read, time::Duration};
 
-use common::{connect, delta, listener, local_ports, require_root, AckOverflow, Netns, Qtrace};
+use common::{
+    connect, delta, listener, local_ports, require_root, AckOverflow, Netns, Output, Qtrace,
+};
+use serde_json::Value;
+
+/// qtrace, started as root, with `probe` attached at some tier (every kernel here has one).
+fn qtrace_with(probe: &str) -> Qtrace {
+    require_root();
+    let qtrace = Qtrace::start(&[]);
+    assert!(
+        qtrace.tier(probe).is_some(),
+        "{probe} probe unavailable: {}",
+        qtrace.ready
+    );
+    qtrace
+}
+
+/// The counters and drop events of `o`'s listener on `addr`: its final-ACK drops, counted and
+/// as events, must be the namespace's ListenOverflows.
+fn ack_drops_counted<'a>(
+    out: &'a Output,
+    ns: &Netns,
+    addr: &str,
+    o: &AckOverflow,
+) -> (&'a Value, Vec<&'a Value>) {
+    let counters = out.counters(ns, addr, o.port);
+    assert_eq!(
+        counters["drop_accept_queue_full_ack"],
+        o.overflows(),
+        "{counters}"
+    );
+    let events = out.events_of(ns, "ack_drop_accept_queue_full");
+    assert_eq!(events.len() as u64, o.overflows(), "{events:?}");
+    (counters, events)
+}
 
 /// Final ACKs dropped by nftables: the listener retransmits SYN-ACKs, and qtrace's count for
 /// that listener must equal the namespace's TCPSynRetrans, each event naming listener and client.
 fn synack_retransmits(ip: &'static str) {
-    require_root();
-    let qtrace = Qtrace::start(&[]);
-    assert!(
-        qtrace.tier("synack").is_some(),
-        "synack probe unavailable: {}",
-        qtrace.ready
-    );
+    let qtrace = qtrace_with("synack");
     let ns = Netns::new();
     let (server, port) = listener(&ns, ip, 16);
     ns.drop_final_acks(&[port]);
@@ -75,26 +103,13 @@ fn synack_retransmits_ipv6() {
 
 #[test]
 fn accept_queue_overflow_at_final_ack() {
-    require_root();
-    let qtrace = Qtrace::start(&[]);
-    assert!(
-        qtrace.tier("ack").is_some(),
-        "ack probe unavailable: {}",
-        qtrace.ready
-    );
+    let qtrace = qtrace_with("ack");
     let ns = Netns::new();
     let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let out = qtrace.stop(libc::SIGTERM);
 
-    let (port, overflows) = (o.port, o.overflows());
-    let counters = out.counters(&ns, "127.0.0.1", port);
-    assert_eq!(
-        counters["drop_accept_queue_full_ack"], overflows,
-        "{counters}"
-    );
+    let (counters, events) = ack_drops_counted(&out, &ns, "127.0.0.1", &o);
     assert_eq!(counters["overflow_resets"], 0, "{counters}");
-    let events = out.events_of(&ns, "ack_drop_accept_queue_full");
-    assert_eq!(events.len() as u64, overflows, "{events:?}");
     let ports = local_ports(&o.held);
     for e in &events {
         assert!(
@@ -110,47 +125,24 @@ fn accept_queue_overflow_at_final_ack() {
 /// tcp_v4_syn_recv_sock() it calls: each dropped one is still one drop.
 #[test]
 fn dual_stack_listener_counts_ipv4_overflows_once() {
-    require_root();
-    let qtrace = Qtrace::start(&[]);
-    assert!(
-        qtrace.tier("ack").is_some(),
-        "ack probe unavailable: {}",
-        qtrace.ready
-    );
+    let qtrace = qtrace_with("ack");
     let ns = Netns::new();
     let o = AckOverflow::provoke_from(&ns, "::", "127.0.0.1");
     let out = qtrace.stop(libc::SIGTERM);
 
-    let (port, overflows) = (o.port, o.overflows());
-    let counters = out.counters(&ns, "::", port);
-    assert_eq!(
-        counters["drop_accept_queue_full_ack"], overflows,
-        "{counters}"
-    );
-    let events = out.events_of(&ns, "ack_drop_accept_queue_full");
-    assert_eq!(events.len() as u64, overflows, "{events:?}");
+    ack_drops_counted(&out, &ns, "::", &o);
 }
 
 #[test]
 fn abort_on_overflow_resets_the_client() {
-    require_root();
-    let qtrace = Qtrace::start(&[]);
-    assert!(
-        qtrace.tier("ack").is_some(),
-        "ack probe unavailable: {}",
-        qtrace.ready
-    );
+    let qtrace = qtrace_with("ack");
     let ns = Netns::new();
     ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
     let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let out = qtrace.stop(libc::SIGINT);
 
-    let (port, overflows) = (o.port, o.overflows());
-    let counters = out.counters(&ns, "127.0.0.1", port);
-    assert_eq!(
-        counters["drop_accept_queue_full_ack"], overflows,
-        "{counters}"
-    );
+    let overflows = o.overflows();
+    let (counters, _) = ack_drops_counted(&out, &ns, "127.0.0.1", &o);
     assert_eq!(counters["overflow_resets"], overflows, "{counters}");
     assert_eq!(out.events_of(&ns, "overflow_reset").len() as u64, overflows);
     for mut c in o.held {
