@@ -84,7 +84,12 @@ fn exit() -> Result<(), ()> {
     let drops: u32 = read(sk, offsets().sk_drops)?;
     let exact = exact();
     let dropped = drops != e.drops;
-    if !dropped && exact && e.cookie == 0 {
+    let cookie = if exact {
+        e.cookie != 0
+    } else {
+        e.syncookies == 2 || (e.syncookies == 1 && e.queues.synq_full())
+    };
+    if !dropped && !cookie {
         count(&listener_key(sk)?, Counter::SynQueued);
         return Ok(());
     }
@@ -105,13 +110,8 @@ fn exit() -> Result<(), ()> {
         } else {
             (Counter::DropOther, EventKind::DropOther)
         }
-    } else if (exact && e.cookie != 0)
-        || (!exact && (e.syncookies == 2 || (e.syncookies == 1 && q.synq_full())))
-    {
-        (Counter::SyncookiesSent, EventKind::SyncookieSent)
     } else {
-        count(&listener_key(sk)?, Counter::SynQueued);
-        return Ok(());
+        (Counter::SyncookiesSent, EventKind::SyncookieSent)
     };
     let key = listener_key(sk)?;
     let c = count(&key, counter).ok_or(())?;
