@@ -72,55 +72,41 @@ fn dropped(sk: *const u8, key: &ListenerKey, remote: Remote, may_reset: bool) ->
 
 // (sk, skb, req, dst, req_unhash, own_req[, opt_child_init]) -> struct sock *
 
-#[fexit(function = "tcp_v4_syn_recv_sock")]
-pub fn qt_ack4_fx6(ctx: FExitContext) -> i32 {
+/// The fexit programs differ only in where the return value sits (after 6 or 7 arguments)
+/// and in which function they trace.
+#[inline(always)]
+fn fexit_return(ctx: &FExitContext, ret: usize, v6_exit: bool) {
     let _ = on_return(
         ctx.arg(0),
         ctx.arg(1),
         ctx.arg(2),
         ctx.arg(4),
-        ctx.arg(6),
-        false,
+        ctx.arg(ret),
+        v6_exit,
     );
+}
+
+#[fexit(function = "tcp_v4_syn_recv_sock")]
+pub fn qt_ack4_fx6(ctx: FExitContext) -> i32 {
+    fexit_return(&ctx, 6, false);
     0
 }
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn qt_ack4_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(
-        ctx.arg(0),
-        ctx.arg(1),
-        ctx.arg(2),
-        ctx.arg(4),
-        ctx.arg(7),
-        false,
-    );
+    fexit_return(&ctx, 7, false);
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx6(ctx: FExitContext) -> i32 {
-    let _ = on_return(
-        ctx.arg(0),
-        ctx.arg(1),
-        ctx.arg(2),
-        ctx.arg(4),
-        ctx.arg(6),
-        true,
-    );
+    fexit_return(&ctx, 6, true);
     0
 }
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn qt_ack6_fx7(ctx: FExitContext) -> i32 {
-    let _ = on_return(
-        ctx.arg(0),
-        ctx.arg(1),
-        ctx.arg(2),
-        ctx.arg(4),
-        ctx.arg(7),
-        true,
-    );
+    fexit_return(&ctx, 7, true);
     0
 }
 
