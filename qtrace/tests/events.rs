@@ -87,8 +87,9 @@ fn json_and_text_events_name_listener_client_and_owner() {
     let text = Reader::start(&q, &["--netns", &netns, "--port", &p]);
     let (before, other_before) = (ns.tcp_ext(), other_ns.tcp_ext());
     let clients = half_open(&ns, port, 2);
-    let _noise = half_open(&other_ns, port, 1); // filtered out
-                                                // Both rounds (1 s and 3 s): the listener's owner is looked up after the first.
+    // Filtered out by --netns.
+    let _noise = half_open(&other_ns, port, 1);
+    // Both rounds (1 s and 3 s): the listener's owner is looked up after the first.
     ns.wait_for(&before, "TCPSynRetrans", 4, Duration::from_secs(30));
     other_ns.wait_for(&other_before, "TCPSynRetrans", 1, Duration::from_secs(30));
     drop(server);

@@ -1,24 +1,9 @@
 //! `qtrace top` driven in a real terminal (tmux): the overflowing listener is at the top.
 mod common;
 
-use std::{
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
-use common::{connect, listener, require_root, sh, wait_until, Netns, Qtrace};
-use socket2::{Domain, Socket, Type};
-
-fn listen(ns: &Netns, port: u16, backlog: i32) -> Socket {
-    ns.run(move || {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-            .unwrap();
-        s.listen(backlog).unwrap();
-        s
-    })
-}
+use common::{connect, listener, listener_on, require_root, sh, wait_until, Netns, Qtrace};
 
 /// This namespace's two rows in the order the pane shows them (other namespaces may
 /// interleave).
@@ -39,8 +24,8 @@ fn the_overflowing_listener_is_on_top() {
     let ns = Netns::new();
     // Both accept queues end up full (2/1), so only the drops can put the busy one first; the
     // quiet listener has the lower port, so plain key order would list it first.
-    let _quiet = listen(&ns, 40001, 1);
-    let _busy = listen(&ns, 40002, 1);
+    let _quiet = listener_on(&ns, "127.0.0.1", 40001, 1);
+    let _busy = listener_on(&ns, "127.0.0.1", 40002, 1);
     let session = format!("qtrace-top-{}", std::process::id());
     let top = format!(
         "{} top --socket {} --interval 5s",
@@ -67,16 +52,13 @@ fn the_overflowing_listener_is_on_top() {
     let _quiet_fill = connect(&ns, "127.0.0.1", 40001, 2);
     ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
     // The first table that counts the drops.
-    let deadline = Instant::now() + Duration::from_secs(15);
     let mut pane = capture(&session);
-    while !rows_of(&pane)
-        .first()
-        .is_some_and(|r| r.starts_with("127.0.0.1:40002 "))
-        && Instant::now() < deadline
-    {
-        thread::sleep(Duration::from_millis(200));
+    wait_until(Duration::from_secs(15), || {
         pane = capture(&session);
-    }
+        rows_of(&pane)
+            .first()
+            .is_some_and(|r| r.starts_with("127.0.0.1:40002 "))
+    });
     // `r` reverses the table at once, not at the next refresh 5 s later.
     sh(Command::new("tmux").args(["send-keys", "-t", &session, "r"]));
     let mut reversed = capture(&session);
