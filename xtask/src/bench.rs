@@ -294,11 +294,6 @@ impl Daemon {
         s.read_to_string(&mut body)?;
         Ok((t.elapsed(), body))
     }
-
-    fn stop(self) -> Result<()> {
-        drop(self);
-        Ok(())
-    }
 }
 
 /// A stopped benchmark leaves nothing attached: on every path out, errors included, the daemon
@@ -1048,7 +1043,7 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     let rss = d.rss_mib()?;
     let after = ns.tcp_ext("ListenDrops")?;
     let (_, metrics) = d.get("/metrics")?;
-    d.stop()?;
+    drop(d);
     let drops = after - before;
     let lost = sum_samples(&metrics, "qtrace_events_lost_total", &[]);
     let port = format!("port=\"{}\"", addr.port());
@@ -1156,7 +1151,7 @@ fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
     let (api, _) = d.get("/api/listeners")?;
     let rss = d.rss_mib()?;
     let startup = d.startup;
-    d.stop()?;
+    drop(d);
     drop(holders);
     times.sort_by(f64::total_cmp);
     let p = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
@@ -1254,7 +1249,7 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     let (got, spread) = counter
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
-    d.stop()?;
+    drop(d);
     drop(clients);
     if got == 0 {
         bail!("no events reached `qtrace events`");

@@ -109,14 +109,6 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// True when a shell snippet succeeds (used for `command -v` checks).
-pub fn sh_ok(script: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// Builds qtrace in release mode; its absolute path.
 pub fn build_release() -> Result<std::path::PathBuf> {
     run(Command::new("cargo").args(["build", "--quiet", "--release", "--package", "qtrace"]))?;

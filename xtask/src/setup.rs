@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use std::{path::Path, process::Command};
 
-use crate::{run, sh_ok};
+use crate::run;
 
 /// bpf-linker must match the kernel programs' LLVM: it is built against nightly's own libLLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -115,7 +115,7 @@ fn apt_packages() -> Result<()> {
             !if cmd.starts_with('/') {
                 Path::new(cmd).exists()
             } else {
-                sh_ok(&format!("command -v {cmd}"))
+                crate::matrix::which(cmd).is_ok()
             }
         })
         .map(|(_, pkg)| *pkg)
@@ -123,7 +123,7 @@ fn apt_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !sh_ok("command -v apt-get") {
+    if crate::matrix::which("apt-get").is_err() {
         bail!("missing packages {missing:?} and no apt-get here: install them by hand");
     }
     eprintln!("setup: installing {}", missing.join(" "));
