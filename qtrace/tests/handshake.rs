@@ -29,7 +29,17 @@ fn ack_drops_counted<'a>(
     addr: &str,
     o: &AckOverflow,
 ) -> (&'a Value, Vec<&'a Value>) {
-    let counters = out.counters(ns, addr, o.port);
+    let counters = match out.listener(ns, addr, o.port) {
+        Some(l) => &l["counters"],
+        None => panic!(
+            "qtrace counted nothing for {addr}:{} while the namespace counted ListenOverflows {} \
+             and TCPSynRetrans {}; qtrace's log:\n{}",
+            o.port,
+            o.overflows(),
+            delta(&o.before, &o.after, "TCPSynRetrans"),
+            out.stderr
+        ),
+    };
     assert_eq!(
         counters["drop_accept_queue_full_ack"],
         o.overflows(),

@@ -305,6 +305,15 @@ impl AckOverflow {
         ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
         drop(server);
         let after = ns.tcp_ext();
+        // Whether the kernel did its part, so a failure says which side missed it.
+        let counted = |name| delta(&before, &after, name);
+        assert!(
+            counted("ListenOverflows") >= 2,
+            "the setup did not overflow: ListenOverflows {}, TCPSynRetrans {}, ListenDrops {}",
+            counted("ListenOverflows"),
+            counted("TCPSynRetrans"),
+            counted("ListenDrops")
+        );
         Self {
             port,
             held,
