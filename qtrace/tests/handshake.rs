@@ -33,10 +33,15 @@ fn ack_drops_counted<'a>(
         Some(l) => &l["counters"],
         None => panic!(
             "qtrace counted nothing for {addr}:{} while the namespace counted ListenOverflows {} \
-             and TCPSynRetrans {}; qtrace's log:\n{}",
+             and TCPSynRetrans {}; qtrace printed {} events ({} of this namespace), its final \
+             table: {}\nits BPF links and programs before it stopped: {}\nits log:\n{}",
             o.port,
             o.overflows(),
             delta(&o.before, &o.after, "TCPSynRetrans"),
+            out.events.len(),
+            out.events.iter().filter(|e| e["netns"] == ns.inode).count(),
+            out.last,
+            out.bpf,
             out.stderr
         ),
     };

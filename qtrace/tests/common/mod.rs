@@ -362,6 +362,46 @@ pub struct Output {
     /// The last listener snapshot (`"final": true`).
     pub last: Value,
     pub stderr: String,
+    /// Its BPF links and programs just before it was stopped (see `bpf_fds`).
+    pub bpf: String,
+}
+
+/// The BPF links and programs process `pid` holds, from /proc/PID/fdinfo: what each link
+/// is attached to and each program's run and recursion-miss counts. For failure messages:
+/// it tells whether the programs were attached and ran.
+pub fn bpf_fds(pid: u32) -> String {
+    const KEEP: [&str; 6] = [
+        "link_type:",
+        "tp_name:",
+        "prog_id:",
+        "run_cnt:",
+        "recursion_misses:",
+        "attach_type:",
+    ];
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return format!("(process {pid} gone)");
+    };
+    let mut out = Vec::new();
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        if !(target.contains("bpf_link") || target.contains("bpf-prog")) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let fields: Vec<_> = info
+            .lines()
+            .filter(|l| KEEP.iter().any(|k| l.starts_with(k)))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        out.push(format!("{target} {}", fields.join(", ")));
+    }
+    out.sort();
+    out.join("; ")
 }
 
 impl Qtrace {
@@ -443,6 +483,7 @@ impl Qtrace {
 
     /// Stops qtrace with `signal` and collects everything it printed.
     pub fn stop(mut self, signal: i32) -> Output {
+        let bpf = bpf_fds(self.child.id());
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -471,6 +512,7 @@ impl Qtrace {
             events,
             last,
             stderr,
+            bpf,
         }
     }
 }

@@ -378,16 +378,22 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
             }
         }
     }
-    // The panic message of each failure, for the summary.
+    // The panic message of each failure, for the summary: whole (a test's diagnosis, such as
+    // qtrace's log, is in it) up to the backtrace note, bounded.
     for (name, why) in &mut o.failed {
         let test = name.split("::").skip(1).collect::<Vec<_>>().join("::");
         if let Some(at) = console.find(&format!("---- {test} stdout ----")) {
             *why = console[at..]
                 .lines()
                 .skip(1)
-                .take(4)
+                .take_while(|l| {
+                    !["note: run with", "stack backtrace:", "---- "]
+                        .iter()
+                        .any(|end| l.starts_with(end))
+                })
+                .take(60)
                 .collect::<Vec<_>>()
-                .join(" | ");
+                .join("\n    ");
         }
     }
     o
