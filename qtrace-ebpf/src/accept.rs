@@ -16,7 +16,7 @@ use qtrace_common::{Counter, SelfStat};
 
 use crate::{
     account::{count, observe_wait, self_stat},
-    kernel::listener_key,
+    kernel::listener,
 };
 
 /// child socket → when it joined the accept queue. LRU: children closed before accept() age out.
@@ -43,8 +43,7 @@ fn accepted(sk: *const u8, child: *const u8) -> Result<(), ()> {
     if child.is_null() {
         return Ok(());
     }
-    let key = listener_key(sk)?;
-    let c = count(&key, Counter::Accepted).ok_or(())?;
+    let c = count(&listener(sk)?.key, Counter::Accepted).ok_or(())?;
     let id = child as u64;
     if let Some(t) = QT_ACCEPT_QUEUED.get_ptr(&id) {
         let wait = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *t });

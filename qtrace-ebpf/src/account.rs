@@ -97,13 +97,15 @@ fn take_token(c: *mut ListenerCounters, now: u64) -> bool {
 }
 
 /// Puts one event on the ring buffer unless the listener's rate limit or a full ring buffer
-/// stops it; either way it is counted.
+/// stops it; either way it is counted. The remote end is read only for an event that goes
+/// out: in a storm, almost every event is rate-limited, and reading the packet's or the
+/// request's addresses would cost more than the rest of the drop's accounting.
 #[inline(always)]
 pub fn emit(
     c: *mut ListenerCounters,
     key: &ListenerKey,
     kind: EventKind,
-    remote: Remote,
+    remote: impl FnOnce() -> Remote,
     queues: Queues,
     retrans: u8,
 ) {
@@ -111,6 +113,7 @@ pub fn emit(
     if !take_token(c, now) {
         return;
     }
+    let remote = remote();
     let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
         self_stat(SelfStat::RingbufFull);
         return;

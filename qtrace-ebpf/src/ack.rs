@@ -14,13 +14,12 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
 };
-use qtrace_common::{Counter, EventKind, ListenerKey};
+use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{bump, count, emit},
     kernel::{
-        hooks, listener_key, listener_key_of_request, net_sysctl_u8, offsets, read, skb_is_ipv4,
-        Queues, Remote,
+        hook, listener, listener_of_request, offset, read, skb_is_ipv4, Listener, Queues, Remote,
     },
 };
 
@@ -43,15 +42,25 @@ fn on_return(
     if v6_exit && skb_is_ipv4(skb)? {
         return Ok(());
     }
-    let key = listener_key_of_request(sk, req)?;
-    let remote = Remote::of_request(req, key.family).unwrap_or_default();
-    dropped(sk, &key, remote, req_unhash != 0)
+    let l = listener_of_request(sk, req)?;
+    let family = l.key.family;
+    dropped(
+        sk,
+        &l,
+        || Remote::of_request(req, family).unwrap_or_default(),
+        req_unhash != 0,
+    )
 }
 
 /// Counts a dropped final ACK, and the reset `tcp_check_req()` answers it with when
 /// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there).
 #[inline(always)]
-fn dropped(sk: *const u8, key: &ListenerKey, remote: Remote, may_reset: bool) -> Result<(), ()> {
+fn dropped(
+    sk: *const u8,
+    l: &Listener,
+    remote: impl Fn() -> Remote,
+    may_reset: bool,
+) -> Result<(), ()> {
     let q = Queues::read(sk)?;
     let (counter, kind) = if q.acceptq_full() {
         (
@@ -61,11 +70,11 @@ fn dropped(sk: *const u8, key: &ListenerKey, remote: Remote, may_reset: bool) ->
     } else {
         (Counter::DropOther, EventKind::DropOther)
     };
-    let c = count(key, counter).ok_or(())?;
-    emit(c, key, kind, remote, q, 0);
-    if may_reset && net_sysctl_u8(sk, offsets().net_abort_on_overflow)? != 0 {
+    let c = count(&l.key, counter).ok_or(())?;
+    emit(c, &l.key, kind, &remote, q, 0);
+    if may_reset && l.sysctl_u8(offset!(net_abort_on_overflow))? != 0 {
         bump(c, Counter::OverflowResets);
-        emit(c, key, EventKind::OverflowReset, remote, q, 0);
+        emit(c, &l.key, EventKind::OverflowReset, &remote, q, 0);
     }
     Ok(())
 }
@@ -171,23 +180,27 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
 /// from `cookie_v4/v6_check()` (the syncookie path, which sends no reset).
 #[inline(always)]
 fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
-    let h = hooks();
-    let from_check_req = reason == h.drop_reason_listen_overflow;
-    if h.drop_reason_listen_overflow == 0 || sk.is_null() {
+    let from_check_req = reason == hook!(drop_reason_listen_overflow);
+    if hook!(drop_reason_listen_overflow) == 0 || sk.is_null() {
         return Ok(());
     }
-    if !from_check_req && (reason != h.drop_reason_no_socket || !is_listener(sk)?) {
+    if !from_check_req && (reason != hook!(drop_reason_no_socket) || !is_listener(sk)?) {
         return Ok(());
     }
-    let key = listener_key(sk)?;
-    let remote = Remote::of_skb(skb, key.family).unwrap_or_default();
-    dropped(sk, &key, remote, from_check_req)
+    let l = listener(sk)?;
+    let family = l.key.family;
+    dropped(
+        sk,
+        &l,
+        || Remote::of_skb(skb, family).unwrap_or_default(),
+        from_check_req,
+    )
 }
 
 #[inline(always)]
 fn is_listener(sk: *const u8) -> Result<bool, ()> {
     const TCP_LISTEN: u8 = 10;
-    Ok(read::<u8>(sk, offsets().skc_state)? == TCP_LISTEN)
+    Ok(read::<u8>(sk, offset!(skc_state))? == TCP_LISTEN)
 }
 
 #[btf_tracepoint(function = "kfree_skb")]

@@ -10,20 +10,39 @@ use qtrace_common::{
 use crate::account::self_stat;
 
 #[unsafe(no_mangle)]
-static QT_OFFSETS: Global<Offsets> = Global::new(unsafe { core::mem::zeroed() });
+pub(crate) static QT_OFFSETS: Global<Offsets> = Global::new(unsafe { core::mem::zeroed() });
 
 #[unsafe(no_mangle)]
-static QT_HOOKS: Global<HookLayout> = Global::new(unsafe { core::mem::zeroed() });
+pub(crate) static QT_HOOKS: Global<HookLayout> = Global::new(unsafe { core::mem::zeroed() });
 
-#[inline(always)]
-pub fn offsets() -> Offsets {
-    QT_OFFSETS.load()
+/// One field of a load-time global, read alone. `Global::load` is a volatile read of the
+/// whole struct, which the compiler must carry out in full at every use: twenty loads for
+/// `Offsets`, all but one discarded, several times per program run.
+macro_rules! global_field {
+    ($global:path, $ty:ty, $field:ident) => {
+        // SAFETY: `Global` is repr(transparent) over a value the loader initialised.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*(core::ptr::addr_of!($global) as *const $ty)).$field
+            ))
+        }
+    };
 }
 
-#[inline(always)]
-pub fn hooks() -> HookLayout {
-    QT_HOOKS.load()
+/// A field of the struct offsets user space resolved from the kernel's BTF.
+macro_rules! offset {
+    ($field:ident) => {
+        $crate::kernel::global_field!($crate::kernel::QT_OFFSETS, qtrace_common::Offsets, $field)
+    };
 }
+
+/// A field of the hook layout user space resolved from the kernel's BTF.
+macro_rules! hook {
+    ($field:ident) => {
+        $crate::kernel::global_field!($crate::kernel::QT_HOOKS, qtrace_common::HookLayout, $field)
+    };
+}
+pub(crate) use {global_field, hook, offset};
 
 /// Reads a `T` at `base + off`; a failed read is counted, never silently ignored.
 #[inline(always)]
@@ -37,18 +56,33 @@ pub fn read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
     }
 }
 
-/// The listener key of a listening socket (`struct sock *`).
-#[inline(always)]
-pub fn listener_key(sk: *const u8) -> Result<ListenerKey, ()> {
-    key_with_port_of(sk, sk)
+/// A listener's key, and its network namespace (for per-netns sysctls without reading the
+/// socket again).
+pub struct Listener {
+    pub key: ListenerKey,
+    net: *const u8,
 }
 
-/// The key of listener `sk` for an event about its request `req`. The port comes from the
-/// request (`ir_num`, in the same `sock_common` layout): close() zeroes the listener's while a
+impl Listener {
+    /// A per-netns `u8` sysctl of the listener's namespace (`net->ipv4.sysctl_*`).
+    #[inline(always)]
+    pub fn sysctl_u8(&self, off: u32) -> Result<u8, ()> {
+        read(self.net, off)
+    }
+}
+
+/// A listening socket (`struct sock *`).
+#[inline(always)]
+pub fn listener(sk: *const u8) -> Result<Listener, ()> {
+    listener_with_port_of(sk, sk)
+}
+
+/// Listener `sk`, for an event about its request `req`. The port comes from the request
+/// (`ir_num`, in the same `sock_common` layout): close() zeroes the listener's while a
 /// SYN-ACK retransmit or a final ACK of the request may still be under way.
 #[inline(always)]
-pub fn listener_key_of_request(sk: *const u8, req: *const u8) -> Result<ListenerKey, ()> {
-    key_with_port_of(sk, req)
+pub fn listener_of_request(sk: *const u8, req: *const u8) -> Result<Listener, ()> {
+    listener_with_port_of(sk, req)
 }
 
 /// The head of a `struct sock_common`, copied in one helper call: each
@@ -77,27 +111,29 @@ impl SockHead {
 }
 
 #[inline(always)]
-fn key_with_port_of(sk: *const u8, port_of: *const u8) -> Result<ListenerKey, ()> {
-    let o = offsets();
+fn listener_with_port_of(sk: *const u8, port_of: *const u8) -> Result<Listener, ()> {
     let head = SockHead::read(sk)?;
-    let family: u16 = head.get(o.skc_family)?;
+    let family: u16 = head.get(offset!(skc_family))?;
     let port: u16 = if port_of == sk {
-        head.get(o.skc_num)?
+        head.get(offset!(skc_num))?
     } else {
-        read(port_of, o.skc_num)?
+        read(port_of, offset!(skc_num))?
     };
-    let net: *const u8 = head.get(o.skc_net)?;
-    let netns: u32 = read(net, o.net_ns_inum)?;
+    let net: *const u8 = head.get(offset!(skc_net))?;
+    let netns: u32 = read(net, offset!(net_ns_inum))?;
     let addr = if family == AF_INET6 {
-        head.get(o.skc_v6_rcv_saddr)?
+        head.get(offset!(skc_v6_rcv_saddr))?
     } else {
-        words_to_addr([head.get(o.skc_rcv_saddr)?, 0, 0, 0])
+        words_to_addr([head.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
     };
-    Ok(ListenerKey {
-        netns,
-        family,
-        port,
-        addr,
+    Ok(Listener {
+        key: ListenerKey {
+            netns,
+            family,
+            port,
+            addr,
+        },
+        net,
     })
 }
 
@@ -109,10 +145,11 @@ fn words_to_addr(words: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(words) }
 }
 
-/// A per-netns `u8` sysctl of the socket's namespace (`net->ipv4.sysctl_*`).
+/// A per-netns `u8` sysctl of the socket's namespace (`net->ipv4.sysctl_*`), before its
+/// listener key is known (see [`Listener::sysctl_u8`]).
 #[inline(always)]
 pub fn net_sysctl_u8(sk: *const u8, off: u32) -> Result<u8, ()> {
-    let net: *const u8 = read(sk, offsets().skc_net)?;
+    let net: *const u8 = read(sk, offset!(skc_net))?;
     read(net, off)
 }
 
@@ -127,11 +164,20 @@ pub struct Queues {
 impl Queues {
     #[inline(always)]
     pub fn read(sk: *const u8) -> Result<Queues, ()> {
-        let o = offsets();
+        // Adjacent u32s in every kernel qtrace knows: one read (each has a fixed cost).
+        let [acceptq_len, acceptq_max] =
+            if offset!(sk_max_ack_backlog) == offset!(sk_ack_backlog) + 4 {
+                read::<[u32; 2]>(sk, offset!(sk_ack_backlog))?
+            } else {
+                [
+                    read(sk, offset!(sk_ack_backlog))?,
+                    read(sk, offset!(sk_max_ack_backlog))?,
+                ]
+            };
         Ok(Queues {
-            acceptq_len: read(sk, o.sk_ack_backlog)?,
-            acceptq_max: read(sk, o.sk_max_ack_backlog)?,
-            synq_len: read(sk, o.icsk_synq_len)?,
+            acceptq_len,
+            acceptq_max,
+            synq_len: read(sk, offset!(icsk_synq_len))?,
         })
     }
 
@@ -170,13 +216,12 @@ impl Remote {
     /// The peer of a request socket (`struct request_sock *`).
     #[inline(always)]
     pub fn of_request(req: *const u8, listener_family: u16) -> Result<Remote, ()> {
-        let o = offsets();
-        let family: u16 = read(req, o.skc_family)?;
-        let port: u16 = read(req, o.skc_dport)?;
+        let family: u16 = read(req, offset!(skc_family))?;
+        let port: u16 = read(req, offset!(skc_dport))?;
         let addr = if family == AF_INET {
-            put_v4(listener_family, read(req, o.skc_daddr)?)
+            put_v4(listener_family, read(req, offset!(skc_daddr))?)
         } else {
-            read(req, o.skc_v6_daddr)?
+            read(req, offset!(skc_v6_daddr))?
         };
         Ok(Remote {
             addr,
@@ -187,9 +232,8 @@ impl Remote {
     /// The sender of a received packet (`struct sk_buff *` with its headers set).
     #[inline(always)]
     pub fn of_skb(skb: *const u8, listener_family: u16) -> Result<Remote, ()> {
-        let o = offsets();
         let (head, ip) = ip_header(skb)?;
-        let th: u16 = read(skb, o.skb_transport_header)?;
+        let th: u16 = read(skb, offset!(skb_transport_header))?;
         let addr = if is_ipv4(ip)? {
             put_v4(listener_family, read(ip, 12)?)
         } else {
@@ -206,9 +250,8 @@ impl Remote {
 /// A received packet's buffer head and its IP header.
 #[inline(always)]
 fn ip_header(skb: *const u8) -> Result<(*const u8, *const u8), ()> {
-    let o = offsets();
-    let head: *const u8 = read(skb, o.skb_head)?;
-    let nh: u16 = read(skb, o.skb_network_header)?;
+    let head: *const u8 = read(skb, offset!(skb_head))?;
+    let nh: u16 = read(skb, offset!(skb_network_header))?;
     Ok((head, head.wrapping_add(nh as usize)))
 }
 

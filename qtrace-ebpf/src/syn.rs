@@ -18,7 +18,7 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit},
-    kernel::{hooks, listener_key, net_sysctl_u8, offsets, read, Queues, Remote},
+    kernel::{hook, listener, net_sysctl_u8, offset, read, Queues, Remote},
 };
 
 #[derive(Clone, Copy)]
@@ -46,18 +46,17 @@ static QT_SYN_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
 /// Whether the kernel's decisions are seen (`decided()`), not predicted from the queues.
 #[inline(always)]
 fn exact() -> bool {
-    hooks().syn_decisions_hooked != 0
+    hook!(syn_decisions_hooked) != 0
 }
 
 #[inline(always)]
 fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
     let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
-    let o = offsets();
     let mut entry = Entry {
         sk: sk as u64,
         skb: skb as u64,
         queues: Queues::default(),
-        drops: read(sk, o.sk_drops)?,
+        drops: read(sk, offset!(sk_drops))?,
         syncookies: 0,
         flood: 0,
         cookie: 0,
@@ -66,7 +65,7 @@ fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
     // exit, which a dropped SYN or a syncookie leaves as they were. Every SYN pays for this.
     if !exact() {
         entry.queues = Queues::read(sk)?;
-        entry.syncookies = net_sysctl_u8(sk, o.net_syncookies)?;
+        entry.syncookies = net_sysctl_u8(sk, offset!(net_syncookies))?;
     }
     unsafe { *slot = entry };
     Ok(())
@@ -81,7 +80,7 @@ fn exit() -> Result<(), ()> {
     }
     unsafe { (*slot).sk = 0 };
     let (sk, skb) = (e.sk as *const u8, e.skb as *const u8);
-    let drops: u32 = read(sk, offsets().sk_drops)?;
+    let drops: u32 = read(sk, offset!(sk_drops))?;
     let exact = exact();
     let dropped = drops != e.drops;
     let cookie = if exact {
@@ -90,7 +89,7 @@ fn exit() -> Result<(), ()> {
         e.syncookies == 2 || (e.syncookies == 1 && e.queues.synq_full())
     };
     if !dropped && !cookie {
-        count(&listener_key(sk)?, Counter::SynQueued);
+        count(&listener(sk)?.key, Counter::SynQueued);
         return Ok(());
     }
     let q = if exact { Queues::read(sk)? } else { e.queues };
@@ -113,9 +112,9 @@ fn exit() -> Result<(), ()> {
     } else {
         (Counter::SyncookiesSent, EventKind::SyncookieSent)
     };
-    let key = listener_key(sk)?;
+    let key = listener(sk)?.key;
     let c = count(&key, counter).ok_or(())?;
-    let remote = Remote::of_skb(skb, key.family).unwrap_or_default();
+    let remote = || Remote::of_skb(skb, key.family).unwrap_or_default();
     emit(c, &key, kind, remote, q, 0);
     Ok(())
 }

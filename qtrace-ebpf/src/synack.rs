@@ -6,16 +6,16 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit},
-    kernel::{listener_key_of_request, offsets, read, Queues, Remote},
+    kernel::{listener_of_request, offset, read, Queues, Remote},
 };
 
 #[inline(always)]
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
-    let key = listener_key_of_request(sk, req)?;
+    let key = listener_of_request(sk, req)?.key;
     let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
-    let remote = Remote::of_request(req, key.family).unwrap_or_default();
+    let remote = || Remote::of_request(req, key.family).unwrap_or_default();
     // num_retrans is incremented by the caller after this tracepoint: this is retransmit n+1.
-    let n: u8 = read(req, offsets().req_num_retrans).unwrap_or(0);
+    let n: u8 = read(req, offset!(req_num_retrans)).unwrap_or(0);
     let q = Queues::read(sk).unwrap_or_default();
     emit(
         c,
