@@ -96,24 +96,34 @@ fn take_token(c: *mut ListenerCounters, now: u64) -> bool {
     true
 }
 
+/// What an event tells beyond its listener and kind.
+pub struct Details {
+    pub remote: Remote,
+    pub queues: Queues,
+    /// Which retransmit this is (SYN-ACK retransmits; 0 otherwise).
+    pub retrans: u8,
+}
+
 /// Puts one event on the ring buffer unless the listener's rate limit or a full ring buffer
-/// stops it; either way it is counted. The remote end is read only for an event that goes
-/// out: in a storm, almost every event is rate-limited, and reading the packet's or the
+/// stops it; either way it is counted. Its details are read only for an event that goes
+/// out: in a storm almost every event is rate-limited, and reading the packet's or the
 /// request's addresses would cost more than the rest of the drop's accounting.
 #[inline(always)]
 pub fn emit(
     c: *mut ListenerCounters,
     key: &ListenerKey,
     kind: EventKind,
-    remote: impl FnOnce() -> Remote,
-    queues: Queues,
-    retrans: u8,
+    details: impl FnOnce() -> Details,
 ) {
     let now = unsafe { bpf_ktime_get_ns() };
     if !take_token(c, now) {
         return;
     }
-    let remote = remote();
+    let Details {
+        remote,
+        queues,
+        retrans,
+    } = details();
     let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
         self_stat(SelfStat::RingbufFull);
         return;

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use qtrace_common::{Counter, EventKind};
 
 use crate::{
-    account::{bump, count, emit},
+    account::{bump, count, emit, Details},
     kernel::{
         hook, listener, listener_of_request, offset, read, skb_is_ipv4, Listener, Queues, Remote,
     },
@@ -71,10 +71,15 @@ fn dropped(
         (Counter::DropOther, EventKind::DropOther)
     };
     let c = count(&l.key, counter).ok_or(())?;
-    emit(c, &l.key, kind, &remote, q, 0);
+    let details = || Details {
+        remote: remote(),
+        queues: q,
+        retrans: 0,
+    };
+    emit(c, &l.key, kind, &details);
     if may_reset && l.sysctl_u8(offset!(net_abort_on_overflow))? != 0 {
         bump(c, Counter::OverflowResets);
-        emit(c, &l.key, EventKind::OverflowReset, &remote, q, 0);
+        emit(c, &l.key, EventKind::OverflowReset, &details);
     }
     Ok(())
 }

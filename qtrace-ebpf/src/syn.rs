@@ -17,7 +17,7 @@ use aya_ebpf::{
 use qtrace_common::{Counter, EventKind};
 
 use crate::{
-    account::{count, emit},
+    account::{count, emit, Details},
     kernel::{hook, listener, net_sysctl_u8, offset, read, Queues, Remote},
 };
 
@@ -114,8 +114,11 @@ fn exit() -> Result<(), ()> {
     };
     let key = listener(sk)?.key;
     let c = count(&key, counter).ok_or(())?;
-    let remote = || Remote::of_skb(skb, key.family).unwrap_or_default();
-    emit(c, &key, kind, remote, q, 0);
+    emit(c, &key, kind, || Details {
+        remote: Remote::of_skb(skb, key.family).unwrap_or_default(),
+        queues: q,
+        retrans: 0,
+    });
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use qtrace_common::{Counter, EventKind};
 
 use crate::{
-    account::{count, emit},
+    account::{count, emit, Details},
     kernel::{listener_of_request, offset, read, Queues, Remote},
 };
 
@@ -13,18 +13,15 @@ use crate::{
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
     let key = listener_of_request(sk, req)?.key;
     let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
-    let remote = || Remote::of_request(req, key.family).unwrap_or_default();
-    // num_retrans is incremented by the caller after this tracepoint: this is retransmit n+1.
-    let n: u8 = read(req, offset!(req_num_retrans)).unwrap_or(0);
-    let q = Queues::read(sk).unwrap_or_default();
-    emit(
-        c,
-        &key,
-        EventKind::SynackRetransmit,
-        remote,
-        q,
-        n.wrapping_add(1),
-    );
+    emit(c, &key, EventKind::SynackRetransmit, || {
+        // num_retrans is incremented by the caller after this tracepoint: retransmit n+1.
+        let n: u8 = read(req, offset!(req_num_retrans)).unwrap_or(0);
+        Details {
+            remote: Remote::of_request(req, key.family).unwrap_or_default(),
+            queues: Queues::read(sk).unwrap_or_default(),
+            retrans: n.wrapping_add(1),
+        }
+    });
     Ok(())
 }
 
