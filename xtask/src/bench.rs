@@ -218,6 +218,8 @@ impl Drop for Netns {
 struct Daemon {
     child: Child,
     web: String,
+    /// Its `ready` line: the address it serves and the tier each probe got.
+    ready: Value,
     socket: PathBuf,
     startup: Duration,
 }
@@ -258,9 +260,22 @@ impl Daemon {
         Ok(Self {
             child,
             web,
+            ready,
             socket,
             startup,
         })
+    }
+
+    /// The tier `probe` got ("unavailable" when none).
+    fn tier(&self, probe: &str) -> String {
+        self.ready["probes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["probe"] == probe)
+            .and_then(|p| p["tier"].as_str())
+            .unwrap_or("unavailable")
+            .to_string()
     }
 
     /// CPU seconds used so far (user + system).

@@ -1,4 +1,4 @@
-//! 3b: a final-ACK overflow storm, the drop this machine's kernel lets qtrace see (the
+//! 3b: a final-ACK overflow storm, the drop qtrace sees even where SYN drops have no hook (the
 //! `skb:kfree_skb` tracepoint with reason TCP_LISTEN_OVERFLOW, Linux 6.15+).
 //!
 //! A backlog-1 listener holds two handshakes in its SYN queue (their final ACKs dropped by
@@ -117,6 +117,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("storm listener panicked"))??;
     let overflows = ns.tcp_ext("ListenOverflows")? - before;
     let (_, metrics) = d.get("/metrics")?;
+    let tier = d.tier("ack");
     drop(d);
     anyhow::ensure!(
         overflows > 0,
@@ -129,10 +130,10 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         &[&port, "reason=\"accept_queue_full_ack\""],
     );
 
-    let mut s = String::from("## 3b. Final-ACK overflow storm (this kernel's tracepoint tier)\n\n");
+    let mut s = format!("## 3b. Final-ACK overflow storm (ack probe: {tier})\n\n");
     let _ = writeln!(
         s,
-        "The SYN-time drops of 3 have no hook on this kernel; final-ACK drops do. A backlog-1 listener holds two handshakes whose final ACKs nftables dropped, while two connections fill its accept queue; {SENDERS} threads then send those final ACKs again through raw sockets for {secs:.1} s, each one dropped at the full accept queue (ListenOverflows). kernel.bpf_stats_enabled=1 throughout, for the programs' run time.\n"
+        "Where the SYN-time drops of 3 have no hook, final-ACK drops may still have one. A backlog-1 listener holds two handshakes whose final ACKs nftables dropped, while two connections fill its accept queue; {SENDERS} threads then send those final ACKs again through raw sockets for {secs:.1} s, each one dropped at the full accept queue (ListenOverflows). kernel.bpf_stats_enabled=1 throughout, for the programs' run time.\n"
     );
     s += "| figure | value | target |\n|---|---|---|\n";
     let _ = writeln!(
