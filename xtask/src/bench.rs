@@ -1119,7 +1119,7 @@ impl StormCost {
     /// The daemon's rows of a storm's table, with the events it lost by `metrics`' count.
     fn rows(&self, metrics: &str) -> String {
         let scr = stats(self.scrapes.clone());
-        let lost = sum_samples(metrics, "qtrace_events_lost_total", &[]);
+        let (ring_full, limited) = events_lost(metrics);
         let mut s = String::new();
         let _ = writeln!(s, "| daemon CPU | {:.1} % of one core | ≤ 5 % |", self.cpu);
         let _ = writeln!(s, "| daemon RSS | {:.1} MiB | ≤ 30 MB |", self.rss_mib);
@@ -1130,10 +1130,20 @@ impl StormCost {
         );
         let _ = writeln!(
             s,
-            "| events lost or suppressed (counted) | {lost} | all counted |"
+            "| events not delivered, counted: ring buffer full / rate-limited | {ring_full} / {limited} | all counted |"
         );
         s
     }
+}
+
+/// The events the daemon's kernel side did not deliver, by cause: (ring buffer full,
+/// rate-limited).
+fn events_lost(metrics: &str) -> (u64, u64) {
+    let lost = |cause: &str| {
+        let label = format!("cause=\"{cause}\"");
+        sum_samples(metrics, "qtrace_events_lost_total", &[&label])
+    };
+    (lost("ringbuf_full"), lost("rate_limited"))
 }
 
 /// Sends one SYN to `addr` and forgets the socket: a non-blocking connect, then close
@@ -1299,11 +1309,7 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     // The kernel's own count: past somaxconn requests turn into syncookies, not retransmits.
     let happened = ns.tcp_ext("TCPSynRetrans")? - retrans0;
     let (_, metrics) = d.get("/metrics")?;
-    let lost = |cause: &str| {
-        let label = format!("cause=\"{cause}\"");
-        sum_samples(&metrics, "qtrace_events_lost_total", &[&label])
-    };
-    let (ring_full, limited) = (lost("ringbuf_full"), lost("rate_limited"));
+    let (ring_full, limited) = events_lost(&metrics);
     drop(reader); // its output ends: the counter finishes
     let (got, spread) = counter
         .join()
