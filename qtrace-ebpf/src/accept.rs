@@ -16,7 +16,7 @@ use qtrace_common::{Counter, SelfStat};
 
 use crate::{
     account::{count, observe_wait, self_stat},
-    kernel::listener,
+    kernel::{listener, Mem, Typed, Untyped},
 };
 
 /// child socket → when it joined the accept queue. LRU: children closed before accept() age out.
@@ -39,11 +39,11 @@ fn queued(child: *const u8) {
 }
 
 #[inline(always)]
-fn accepted(sk: *const u8, child: *const u8) -> Result<(), ()> {
+fn accepted<M: Mem>(m: M, sk: *const u8, child: *const u8) -> Result<(), ()> {
     if child.is_null() {
         return Ok(());
     }
-    let c = count(&listener(sk)?.key, Counter::Accepted).ok_or(())?;
+    let c = count(&listener(m, sk)?.key, Counter::Accepted).ok_or(())?;
     let id = child as u64;
     if let Some(t) = QT_ACCEPT_QUEUED.get_ptr(&id) {
         let wait = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *t });
@@ -70,13 +70,13 @@ pub fn qt_acc_hd_fx(ctx: FExitContext) -> i32 {
 // inet_csk_accept(sk, flags, err, kern) before 6.10, inet_csk_accept(sk, arg) since.
 #[fexit(function = "inet_csk_accept")]
 pub fn qt_acc_fx4(ctx: FExitContext) -> i32 {
-    let _ = accepted(ctx.arg(0), ctx.arg(4));
+    let _ = accepted(Typed, ctx.arg(0), ctx.arg(4));
     0
 }
 
 #[fexit(function = "inet_csk_accept")]
 pub fn qt_acc_fx2(ctx: FExitContext) -> i32 {
-    let _ = accepted(ctx.arg(0), ctx.arg(2));
+    let _ = accepted(Typed, ctx.arg(0), ctx.arg(2));
     0
 }
 
@@ -108,7 +108,7 @@ pub fn qt_acc_krp(ctx: RetProbeContext) -> u32 {
     if let Some(sk) = QT_ACCEPT_ENTRY.get_ptr(&id) {
         let sk = unsafe { *sk } as *const u8;
         let _ = QT_ACCEPT_ENTRY.remove(&id);
-        let _ = accepted(sk, ctx.ret());
+        let _ = accepted(Untyped, sk, ctx.ret());
     }
     0
 }

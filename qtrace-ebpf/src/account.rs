@@ -135,10 +135,10 @@ pub fn emit(
         rport: remote.port,
         kind: kind as u8,
         retrans,
-        acceptq_len: queues.acceptq_len,
-        acceptq_max: queues.acceptq_max,
+        acceptq_len: queues.acceptq.len,
+        acceptq_max: queues.acceptq.max,
         synq_len: queues.synq_len,
-        synq_max: queues.acceptq_max,
+        synq_max: queues.acceptq.max,
         _pad: 0,
     });
     entry.submit(0);

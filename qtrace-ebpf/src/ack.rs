@@ -19,13 +19,15 @@ use qtrace_common::{Counter, EventKind};
 use crate::{
     account::{bump, count, emit, Details},
     kernel::{
-        hook, listener, listener_of_request, offset, read, skb_is_ipv4, Listener, Queues, Remote,
+        hook, listener, listener_of_request, offset, skb_is_ipv4, AcceptQueue, Listener, Mem,
+        Remote, Typed, Untyped,
     },
 };
 
 /// syn_recv_sock returned `child`; `v6_exit`: this is `tcp_v6_syn_recv_sock()`'s return.
 #[inline(always)]
-fn on_return(
+fn on_return<M: Mem>(
+    m: M,
     sk: *const u8,
     skb: *const u8,
     req: *const u8,
@@ -39,15 +41,15 @@ fn on_return(
     // A dual-stack listener's IPv4 ACK goes from tcp_v6_syn_recv_sock() to
     // tcp_v4_syn_recv_sock(), whose return has counted it already. (The request's family is
     // the listener's, AF_INET6, either way: the packet tells.)
-    if v6_exit && skb_is_ipv4(skb)? {
+    if v6_exit && skb_is_ipv4(m, skb)? {
         return Ok(());
     }
-    let l = listener_of_request(sk, req)?;
+    let l = listener_of_request(m, sk, req)?;
     let family = l.key.family;
     dropped(
         sk,
         &l,
-        || Remote::of_request(req, family).unwrap_or_default(),
+        || Remote::of_request(m, req, family).unwrap_or_default(),
         req_unhash != 0,
     )
 }
@@ -55,14 +57,14 @@ fn on_return(
 /// Counts a dropped final ACK, and the reset `tcp_check_req()` answers it with when
 /// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there).
 #[inline(always)]
-fn dropped(
+fn dropped<M: Mem>(
     sk: *const u8,
-    l: &Listener,
+    l: &Listener<M>,
     remote: impl Fn() -> Remote,
     may_reset: bool,
 ) -> Result<(), ()> {
-    let q = Queues::read(sk)?;
-    let (counter, kind) = if q.acceptq_full() {
+    let acceptq = AcceptQueue::read(l.m, sk)?;
+    let (counter, kind) = if acceptq.full() {
         (
             Counter::DropAcceptQueueFullAck,
             EventKind::AckDropAcceptQueueFull,
@@ -73,7 +75,7 @@ fn dropped(
     let c = count(&l.key, counter).ok_or(())?;
     let details = || Details {
         remote: remote(),
-        queues: q,
+        queues: acceptq.with_synq(sk),
         retrans: 0,
     };
     emit(c, &l.key, kind, &details);
@@ -91,6 +93,7 @@ fn dropped(
 #[inline(always)]
 fn fexit_return(ctx: &FExitContext, ret: usize, v6_exit: bool) {
     let _ = on_return(
+        Typed,
         ctx.arg(0),
         ctx.arg(1),
         ctx.arg(2),
@@ -166,6 +169,7 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
         if e.sk != 0 {
             unsafe { (*slot).sk = 0 };
             let _ = on_return(
+                Untyped,
                 e.sk as *const u8,
                 core::ptr::null(),
                 e.req as *const u8,
@@ -192,12 +196,12 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
     if !from_check_req && (reason != hook!(drop_reason_no_socket) || !is_listener(sk)?) {
         return Ok(());
     }
-    let l = listener(sk)?;
+    let l = listener(Typed, sk)?;
     let family = l.key.family;
     dropped(
         sk,
         &l,
-        || Remote::of_skb(skb, family).unwrap_or_default(),
+        || Remote::of_skb(Typed, skb, family).unwrap_or_default(),
         from_check_req,
     )
 }
@@ -205,7 +209,7 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
 #[inline(always)]
 fn is_listener(sk: *const u8) -> Result<bool, ()> {
     const TCP_LISTEN: u8 = 10;
-    Ok(read::<u8>(sk, offset!(skc_state))? == TCP_LISTEN)
+    Ok(Typed.read::<u8>(sk, offset!(skc_state))? == TCP_LISTEN)
 }
 
 #[btf_tracepoint(function = "kfree_skb")]

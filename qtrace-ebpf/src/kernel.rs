@@ -44,9 +44,51 @@ macro_rules! hook {
 }
 pub(crate) use {global_field, hook, offset};
 
-/// Reads a `T` at `base + off`; a failed read is counted, never silently ignored.
+/// How a program reads kernel memory.
+///
+/// fentry/fexit and `tp_btf` programs get their arguments as BTF-typed pointers, which the
+/// verifier lets them load from directly: one instruction each, checked against the pointed-to
+/// type at load (the offsets are constants to it, read from a frozen read-only map), with a
+/// fault caught by the JIT and read as zero. kprobe arguments, and addresses kept in maps, are
+/// plain integers to it and go through `bpf_probe_read_kernel`, a helper call of tens of
+/// nanoseconds. Functions generic over `Mem` compile once per kind of program.
+pub trait Mem: Copy {
+    /// Pointers handed to this program's functions are BTF-typed.
+    const TYPED: bool;
+
+    /// The `T` at `base + off`. `T` must lie inside one member of `base`'s type when typed
+    /// (the verifier rejects a load across members).
+    #[inline(always)]
+    fn read<T: Copy>(self, base: *const u8, off: u32) -> Result<T, ()> {
+        if Self::TYPED {
+            // Volatile: the compiler must neither widen nor merge it with its neighbours.
+            Ok(unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) })
+        } else {
+            probe_read(base, off)
+        }
+    }
+}
+
+/// Reads through BTF-typed pointers (fentry, fexit, tp_btf).
+#[derive(Clone, Copy)]
+pub struct Typed;
+
+impl Mem for Typed {
+    const TYPED: bool = true;
+}
+
+/// Reads through `bpf_probe_read_kernel` (kprobes, addresses kept in maps).
+#[derive(Clone, Copy)]
+pub struct Untyped;
+
+impl Mem for Untyped {
+    const TYPED: bool = false;
+}
+
+/// Reads a `T` at `base + off` through the helper; a failed read is counted, never silently
+/// ignored.
 #[inline(always)]
-pub fn read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
+pub fn probe_read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
     match unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) } {
         Ok(v) => Ok(v),
         Err(_) => {
@@ -58,31 +100,33 @@ pub fn read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
 
 /// A listener's key, and its network namespace (for per-netns sysctls without reading the
 /// socket again).
-pub struct Listener {
+pub struct Listener<M: Mem> {
     pub key: ListenerKey,
     net: *const u8,
+    /// How the listener was read, for what is read of it next.
+    pub m: M,
 }
 
-impl Listener {
+impl<M: Mem> Listener<M> {
     /// A per-netns `u8` sysctl of the listener's namespace (`net->ipv4.sysctl_*`).
     #[inline(always)]
     pub fn sysctl_u8(&self, off: u32) -> Result<u8, ()> {
-        read(self.net, off)
+        self.m.read(self.net, off)
     }
 }
 
 /// A listening socket (`struct sock *`).
 #[inline(always)]
-pub fn listener(sk: *const u8) -> Result<Listener, ()> {
-    listener_with_port_of(sk, sk)
+pub fn listener<M: Mem>(m: M, sk: *const u8) -> Result<Listener<M>, ()> {
+    listener_with_port_of(m, sk, sk)
 }
 
 /// Listener `sk`, for an event about its request `req`. The port comes from the request
 /// (`ir_num`, in the same `sock_common` layout): close() zeroes the listener's while a
 /// SYN-ACK retransmit or a final ACK of the request may still be under way.
 #[inline(always)]
-pub fn listener_of_request(sk: *const u8, req: *const u8) -> Result<Listener, ()> {
-    listener_with_port_of(sk, req)
+pub fn listener_of_request<M: Mem>(m: M, sk: *const u8, req: *const u8) -> Result<Listener<M>, ()> {
+    listener_with_port_of(m, sk, req)
 }
 
 /// The head of a `struct sock_common`, copied in one helper call: each
@@ -93,11 +137,6 @@ pub fn listener_of_request(sk: *const u8, req: *const u8) -> Result<Listener, ()
 struct SockHead([u8; SOCK_KEY_HEAD as usize]);
 
 impl SockHead {
-    #[inline(always)]
-    fn read(sk: *const u8) -> Result<Self, ()> {
-        read(sk, 0)
-    }
-
     /// The `T` at `off` (the offsets are constants to the verifier: a frozen read-only map).
     #[inline(always)]
     fn get<T: Copy>(&self, off: u32) -> Result<T, ()> {
@@ -110,21 +149,53 @@ impl SockHead {
     }
 }
 
+/// A socket's key fields: loaded one by one through a typed pointer, or from one copy of the
+/// head through the helper.
+enum SockFields {
+    Typed(*const u8),
+    Copied(SockHead),
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn of<M: Mem>(m: M, sk: *const u8) -> Result<Self, ()> {
+        Ok(if M::TYPED {
+            SockFields::Typed(sk)
+        } else {
+            SockFields::Copied(m.read(sk, 0)?)
+        })
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: u32) -> Result<T, ()> {
+        match self {
+            SockFields::Typed(sk) => Typed.read(*sk, off),
+            SockFields::Copied(head) => head.get(off),
+        }
+    }
+}
+
 #[inline(always)]
-fn listener_with_port_of(sk: *const u8, port_of: *const u8) -> Result<Listener, ()> {
-    let head = SockHead::read(sk)?;
-    let family: u16 = head.get(offset!(skc_family))?;
+fn listener_with_port_of<M: Mem>(
+    m: M,
+    sk: *const u8,
+    port_of: *const u8,
+) -> Result<Listener<M>, ()> {
+    let fields = SockFields::of(m, sk)?;
+    let family: u16 = fields.get(offset!(skc_family))?;
     let port: u16 = if port_of == sk {
-        head.get(offset!(skc_num))?
+        fields.get(offset!(skc_num))?
     } else {
-        read(port_of, offset!(skc_num))?
+        m.read(port_of, offset!(skc_num))?
     };
-    let net: *const u8 = head.get(offset!(skc_net))?;
-    let netns: u32 = read(net, offset!(net_ns_inum))?;
+    let net: *const u8 = fields.get(offset!(skc_net))?;
+    let netns: u32 = m.read(net, offset!(net_ns_inum))?;
     let addr = if family == AF_INET6 {
-        head.get(offset!(skc_v6_rcv_saddr))?
+        // As words: a typed load must not cross the address's inner arrays' end, and the
+        // compiler may split a 16-byte load any way it likes.
+        words_to_addr(fields.get(offset!(skc_v6_rcv_saddr))?)
     } else {
-        words_to_addr([head.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
+        words_to_addr([fields.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
     };
     Ok(Listener {
         key: ListenerKey {
@@ -134,6 +205,7 @@ fn listener_with_port_of(sk: *const u8, port_of: *const u8) -> Result<Listener, 
             addr,
         },
         net,
+        m,
     })
 }
 
@@ -148,49 +220,78 @@ fn words_to_addr(words: [u32; 4]) -> [u8; 16] {
 /// A per-netns `u8` sysctl of the socket's namespace (`net->ipv4.sysctl_*`), before its
 /// listener key is known (see [`Listener::sysctl_u8`]).
 #[inline(always)]
-pub fn net_sysctl_u8(sk: *const u8, off: u32) -> Result<u8, ()> {
-    let net: *const u8 = read(sk, offset!(skc_net))?;
-    read(net, off)
+pub fn net_sysctl_u8<M: Mem>(m: M, sk: *const u8, off: u32) -> Result<u8, ()> {
+    let net: *const u8 = m.read(sk, offset!(skc_net))?;
+    m.read(net, off)
+}
+
+/// A listener's accept queue at this moment: all a drop's accounting needs.
+#[derive(Clone, Copy, Default)]
+pub struct AcceptQueue {
+    pub len: u32,
+    pub max: u32,
+}
+
+impl AcceptQueue {
+    #[inline(always)]
+    pub fn read<M: Mem>(m: M, sk: *const u8) -> Result<AcceptQueue, ()> {
+        // Adjacent u32s in every kernel qtrace knows: one helper call when the helper reads
+        // (each has a fixed cost). Typed loads are one member each.
+        let [len, max] = if !M::TYPED && offset!(sk_max_ack_backlog) == offset!(sk_ack_backlog) + 4
+        {
+            m.read::<[u32; 2]>(sk, offset!(sk_ack_backlog))?
+        } else {
+            [
+                m.read(sk, offset!(sk_ack_backlog))?,
+                m.read(sk, offset!(sk_max_ack_backlog))?,
+            ]
+        };
+        Ok(AcceptQueue { len, max })
+    }
+
+    /// `sk_acceptq_is_full()`.
+    #[inline(always)]
+    pub fn full(&self) -> bool {
+        self.len > self.max
+    }
+
+    /// With the SYN queue's length, for an event (0 if unreadable, counted as a failed read).
+    #[inline(always)]
+    pub fn with_synq(self, sk: *const u8) -> Queues {
+        Queues {
+            acceptq: self,
+            synq_len: synq_len(sk).unwrap_or(0),
+        }
+    }
+}
+
+/// `icsk_accept_queue.qlen`. Always through the helper: it lies beyond `struct sock`, the
+/// type every hooked function declares its listener as, so a typed load is rejected.
+#[inline(always)]
+fn synq_len(sk: *const u8) -> Result<u32, ()> {
+    probe_read(sk, offset!(icsk_synq_len))
 }
 
 /// The listener's queues at this moment.
 #[derive(Clone, Copy, Default)]
 pub struct Queues {
-    pub acceptq_len: u32,
-    pub acceptq_max: u32,
+    pub acceptq: AcceptQueue,
     pub synq_len: u32,
 }
 
 impl Queues {
     #[inline(always)]
-    pub fn read(sk: *const u8) -> Result<Queues, ()> {
-        // Adjacent u32s in every kernel qtrace knows: one read (each has a fixed cost).
-        let [acceptq_len, acceptq_max] =
-            if offset!(sk_max_ack_backlog) == offset!(sk_ack_backlog) + 4 {
-                read::<[u32; 2]>(sk, offset!(sk_ack_backlog))?
-            } else {
-                [
-                    read(sk, offset!(sk_ack_backlog))?,
-                    read(sk, offset!(sk_max_ack_backlog))?,
-                ]
-            };
+    pub fn read<M: Mem>(m: M, sk: *const u8) -> Result<Queues, ()> {
         Ok(Queues {
-            acceptq_len,
-            acceptq_max,
-            synq_len: read(sk, offset!(icsk_synq_len))?,
+            acceptq: AcceptQueue::read(m, sk)?,
+            synq_len: synq_len(sk)?,
         })
-    }
-
-    /// `sk_acceptq_is_full()`.
-    #[inline(always)]
-    pub fn acceptq_full(&self) -> bool {
-        self.acceptq_len > self.acceptq_max
     }
 
     /// `inet_csk_reqsk_queue_is_full()`: the SYN queue is bounded by the same backlog.
     #[inline(always)]
     pub fn synq_full(&self) -> bool {
-        self.synq_len >= self.acceptq_max
+        self.synq_len >= self.acceptq.max
     }
 }
 
@@ -215,13 +316,13 @@ fn put_v4(listener_family: u16, v4: u32) -> [u8; 16] {
 impl Remote {
     /// The peer of a request socket (`struct request_sock *`).
     #[inline(always)]
-    pub fn of_request(req: *const u8, listener_family: u16) -> Result<Remote, ()> {
-        let family: u16 = read(req, offset!(skc_family))?;
-        let port: u16 = read(req, offset!(skc_dport))?;
+    pub fn of_request<M: Mem>(m: M, req: *const u8, listener_family: u16) -> Result<Remote, ()> {
+        let family: u16 = m.read(req, offset!(skc_family))?;
+        let port: u16 = m.read(req, offset!(skc_dport))?;
         let addr = if family == AF_INET {
-            put_v4(listener_family, read(req, offset!(skc_daddr))?)
+            put_v4(listener_family, m.read(req, offset!(skc_daddr))?)
         } else {
-            read(req, offset!(skc_v6_daddr))?
+            words_to_addr(m.read(req, offset!(skc_v6_daddr))?)
         };
         Ok(Remote {
             addr,
@@ -229,17 +330,18 @@ impl Remote {
         })
     }
 
-    /// The sender of a received packet (`struct sk_buff *` with its headers set).
+    /// The sender of a received packet (`struct sk_buff *` with its headers set). The packet's
+    /// bytes go through the helper either way: `skb->head` is a byte pointer, not a typed one.
     #[inline(always)]
-    pub fn of_skb(skb: *const u8, listener_family: u16) -> Result<Remote, ()> {
-        let (head, ip) = ip_header(skb)?;
-        let th: u16 = read(skb, offset!(skb_transport_header))?;
+    pub fn of_skb<M: Mem>(m: M, skb: *const u8, listener_family: u16) -> Result<Remote, ()> {
+        let (head, ip) = ip_header(m, skb)?;
+        let th: u16 = m.read(skb, offset!(skb_transport_header))?;
         let addr = if is_ipv4(ip)? {
-            put_v4(listener_family, read(ip, 12)?)
+            put_v4(listener_family, probe_read(ip, 12)?)
         } else {
-            read(ip, 8)?
+            probe_read(ip, 8)?
         };
-        let port: u16 = read(head.wrapping_add(th as usize), 0)?;
+        let port: u16 = probe_read(head.wrapping_add(th as usize), 0)?;
         Ok(Remote {
             addr,
             port: u16::from_be(port),
@@ -249,19 +351,19 @@ impl Remote {
 
 /// A received packet's buffer head and its IP header.
 #[inline(always)]
-fn ip_header(skb: *const u8) -> Result<(*const u8, *const u8), ()> {
-    let head: *const u8 = read(skb, offset!(skb_head))?;
-    let nh: u16 = read(skb, offset!(skb_network_header))?;
+fn ip_header<M: Mem>(m: M, skb: *const u8) -> Result<(*const u8, *const u8), ()> {
+    let head: *const u8 = m.read(skb, offset!(skb_head))?;
+    let nh: u16 = m.read(skb, offset!(skb_network_header))?;
     Ok((head, head.wrapping_add(nh as usize)))
 }
 
 #[inline(always)]
 fn is_ipv4(ip: *const u8) -> Result<bool, ()> {
-    Ok(read::<u8>(ip, 0)? >> 4 == 4)
+    Ok(probe_read::<u8>(ip, 0)? >> 4 == 4)
 }
 
 /// Whether a received packet (`struct sk_buff *` with its headers set) is IPv4.
 #[inline(always)]
-pub fn skb_is_ipv4(skb: *const u8) -> Result<bool, ()> {
-    is_ipv4(ip_header(skb)?.1)
+pub fn skb_is_ipv4<M: Mem>(m: M, skb: *const u8) -> Result<bool, ()> {
+    is_ipv4(ip_header(m, skb)?.1)
 }

@@ -18,7 +18,7 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit, Details},
-    kernel::{hook, listener, net_sysctl_u8, offset, read, Queues, Remote},
+    kernel::{hook, listener, net_sysctl_u8, offset, Mem, Queues, Remote, Typed, Untyped},
 };
 
 #[derive(Clone, Copy)]
@@ -50,13 +50,13 @@ fn exact() -> bool {
 }
 
 #[inline(always)]
-fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
+fn enter<M: Mem>(m: M, sk: *const u8, skb: *const u8) -> Result<(), ()> {
     let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
     let mut entry = Entry {
         sk: sk as u64,
         skb: skb as u64,
         queues: Queues::default(),
-        drops: read(sk, offset!(sk_drops))?,
+        drops: m.read(sk, offset!(sk_drops))?,
         syncookies: 0,
         flood: 0,
         cookie: 0,
@@ -64,23 +64,24 @@ fn enter(sk: *const u8, skb: *const u8) -> Result<(), ()> {
     // Only a prediction needs the state before the SYN; a seen decision reads the queues at
     // exit, which a dropped SYN or a syncookie leaves as they were. Every SYN pays for this.
     if !exact() {
-        entry.queues = Queues::read(sk)?;
-        entry.syncookies = net_sysctl_u8(sk, offset!(net_syncookies))?;
+        entry.queues = Queues::read(m, sk)?;
+        entry.syncookies = net_sysctl_u8(m, sk, offset!(net_syncookies))?;
     }
     unsafe { *slot = entry };
     Ok(())
 }
 
+/// `args`: the listener and the SYN, from the exit's own context when it has them typed.
 #[inline(always)]
-fn exit() -> Result<(), ()> {
+fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Result<(), ()> {
     let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
     let e = unsafe { *slot };
     if e.sk == 0 {
         return Ok(());
     }
     unsafe { (*slot).sk = 0 };
-    let (sk, skb) = (e.sk as *const u8, e.skb as *const u8);
-    let drops: u32 = read(sk, offset!(sk_drops))?;
+    let (sk, skb) = args(&e);
+    let drops: u32 = m.read(sk, offset!(sk_drops))?;
     let exact = exact();
     let dropped = drops != e.drops;
     let cookie = if exact {
@@ -89,10 +90,14 @@ fn exit() -> Result<(), ()> {
         e.syncookies == 2 || (e.syncookies == 1 && e.queues.synq_full())
     };
     if !dropped && !cookie {
-        count(&listener(sk)?.key, Counter::SynQueued);
+        count(&listener(m, sk)?.key, Counter::SynQueued);
         return Ok(());
     }
-    let q = if exact { Queues::read(sk)? } else { e.queues };
+    let q = if exact {
+        Queues::read(m, sk)?
+    } else {
+        e.queues
+    };
     let (counter, kind) = if dropped {
         let synq_full = if exact {
             e.flood == FLOOD_DROP
@@ -101,7 +106,7 @@ fn exit() -> Result<(), ()> {
         };
         if synq_full {
             (Counter::DropSynQueueFull, EventKind::SynDropSynQueueFull)
-        } else if q.acceptq_full() {
+        } else if q.acceptq.full() {
             (
                 Counter::DropAcceptQueueFullSyn,
                 EventKind::SynDropAcceptQueueFull,
@@ -112,10 +117,10 @@ fn exit() -> Result<(), ()> {
     } else {
         (Counter::SyncookiesSent, EventKind::SyncookieSent)
     };
-    let key = listener(sk)?.key;
+    let key = listener(m, sk)?.key;
     let c = count(&key, counter).ok_or(())?;
     emit(c, &key, kind, || Details {
-        remote: Remote::of_skb(skb, key.family).unwrap_or_default(),
+        remote: Remote::of_skb(m, skb, key.family).unwrap_or_default(),
         queues: q,
         retrans: 0,
     });
@@ -126,27 +131,27 @@ fn exit() -> Result<(), ()> {
 
 #[fentry(function = "tcp_conn_request")]
 pub fn qt_syn_fe(ctx: FEntryContext) -> i32 {
-    let _ = enter(ctx.arg(2), ctx.arg(3));
+    let _ = enter(Typed, ctx.arg(2), ctx.arg(3));
     0
 }
 
 #[fexit(function = "tcp_conn_request")]
-pub fn qt_syn_fx(_ctx: FExitContext) -> i32 {
-    let _ = exit();
+pub fn qt_syn_fx(ctx: FExitContext) -> i32 {
+    let _ = exit(Typed, |_| (ctx.arg(2), ctx.arg(3)));
     0
 }
 
 #[kprobe]
 pub fn qt_syn_kp(ctx: ProbeContext) -> u32 {
     if let (Some(sk), Some(skb)) = (ctx.arg(2), ctx.arg(3)) {
-        let _ = enter(sk, skb);
+        let _ = enter(Untyped, sk, skb);
     }
     0
 }
 
 #[kretprobe]
 pub fn qt_syn_krp(_ctx: RetProbeContext) -> u32 {
-    let _ = exit();
+    let _ = exit(Untyped, |e| (e.sk as *const u8, e.skb as *const u8));
     0
 }
 

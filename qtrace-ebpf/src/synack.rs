@@ -6,19 +6,19 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit, Details},
-    kernel::{listener_of_request, offset, read, Queues, Remote},
+    kernel::{listener_of_request, offset, Mem, Queues, Remote, Typed},
 };
 
 #[inline(always)]
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
-    let key = listener_of_request(sk, req)?.key;
+    let key = listener_of_request(Typed, sk, req)?.key;
     let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
     emit(c, &key, EventKind::SynackRetransmit, || {
         // num_retrans is incremented by the caller after this tracepoint: retransmit n+1.
-        let n: u8 = read(req, offset!(req_num_retrans)).unwrap_or(0);
+        let n: u8 = Typed.read(req, offset!(req_num_retrans)).unwrap_or(0);
         Details {
-            remote: Remote::of_request(req, key.family).unwrap_or_default(),
-            queues: Queues::read(sk).unwrap_or_default(),
+            remote: Remote::of_request(Typed, req, key.family).unwrap_or_default(),
+            queues: Queues::read(Typed, sk).unwrap_or_default(),
             retrans: n.wrapping_add(1),
         }
     });
