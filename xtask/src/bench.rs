@@ -122,8 +122,17 @@ fn header(opts: &Options) -> Result<String> {
         .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
         .unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    // Which source the figures belong to ("-dirty": with uncommitted changes).
+    let source = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
     Ok(format!(
-        "# qtrace benchmarks\n\nReproduce: `cargo xtask bench{}` (as root). Machine: {cpu}, {cpus} CPUs, kernel {kernel}. \
+        "# qtrace benchmarks\n\nReproduce: `cargo xtask bench{}` (as root) at commit {source}. Machine: {cpu}, {cpus} CPUs, kernel {kernel}. \
          Each comparison is a ratio of runs interleaved in the same invocation; figures are \
          min / median / max over the rounds.\n\n",
         if opts.smoke { " --smoke" } else { "" }
