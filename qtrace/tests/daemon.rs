@@ -544,19 +544,12 @@ impl Drop for Cgroup {
 #[test]
 fn bpf_program_run_time_follows_the_kernel_switch() {
     require_root();
-    /// kernel.bpf_stats_enabled, put back however the test ends.
-    struct Restore(String);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = std::fs::write(STATS, self.0.trim());
-        }
-    }
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 8);
-    let _restore = Restore(std::fs::read_to_string(STATS).unwrap());
-    std::fs::write(STATS, "1").unwrap();
+    // Put back however the test ends.
+    let stats = qtrace_testkit::BpfStats::save().unwrap();
+    stats.set(true).unwrap();
     let before = ns.tcp_ext();
     ns.drop_final_acks(&[port]);
     let _half_open = connect(&ns, "127.0.0.1", port, 1);
@@ -564,7 +557,7 @@ fn bpf_program_run_time_follows_the_kernel_switch() {
     let on = http_get(&q.web(), "/metrics", None).1;
     // The kernel's own figure for the program, read after the scrape: at least as large.
     let bpftool = sh(Command::new("bpftool").args(["-j", "prog", "show", "name", "qt_synack_tp"]));
-    std::fs::write(STATS, "0").unwrap();
+    stats.set(false).unwrap();
     let off = http_get(&q.web(), "/metrics", None).1;
     drop(server);
     q.stop(libc::SIGTERM);

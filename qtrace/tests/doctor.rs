@@ -63,8 +63,8 @@ fn effective_limits_for_common_backlogs() {
     let mut checked = Vec::new();
     for somaxconn in [128u32, 4096] {
         let ns = Netns::new();
-        ns.sysctl("net/core/somaxconn", &somaxconn.to_string());
-        ns.sysctl("net/ipv4/tcp_syncookies", "1");
+        ns.sysctl("net.core.somaxconn", &somaxconn.to_string());
+        ns.sysctl("net.ipv4.tcp_syncookies", "1");
         let listeners: Vec<_> = [1u32, 50, 511, 65535]
             .into_iter()
             .map(|b| (b, listener(&ns, "127.0.0.1", b as i32)))
@@ -123,7 +123,7 @@ fn effective_limits_for_common_backlogs() {
 fn advice_names_the_full_accept_queue_and_abort_on_overflow() {
     require_root();
     let ns = Netns::new();
-    ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
+    ns.sysctl("net.ipv4.tcp_abort_on_overflow", "1");
     let (_server, port) = listener(&ns, "127.0.0.1", 2);
     let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: the queue is full
     let report = doctor();

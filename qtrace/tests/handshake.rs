@@ -152,7 +152,7 @@ fn dual_stack_listener_counts_ipv4_overflows_once() {
 fn abort_on_overflow_resets_the_client() {
     let qtrace = qtrace_with("ack");
     let ns = Netns::new();
-    ns.sysctl("net/ipv4/tcp_abort_on_overflow", "1");
+    ns.sysctl("net.ipv4.tcp_abort_on_overflow", "1");
     let o = AckOverflow::provoke(&ns, "127.0.0.1");
     let out = qtrace.stop(libc::SIGINT);
 

@@ -95,7 +95,7 @@ fn syn_queue_full_without_syncookies() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    ns.sysctl("net/ipv4/tcp_syncookies", "0");
+    ns.sysctl("net.ipv4.tcp_syncookies", "0");
     let (server, port) = listener(&ns, "127.0.0.1", 8);
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();
@@ -132,7 +132,7 @@ fn syncookies_always() {
     require_root();
     let qtrace = Qtrace::start(&[]);
     let ns = Netns::new();
-    ns.sysctl("net/ipv4/tcp_syncookies", "2");
+    ns.sysctl("net.ipv4.tcp_syncookies", "2");
     let (server, port) = listener(&ns, "127.0.0.1", 8);
     ns.drop_final_acks(&[port]);
     let before = ns.tcp_ext();

@@ -5,9 +5,8 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -20,9 +19,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use qtrace_testkit::{BpfStats, Netns};
 use serde_json::Value;
-
-use crate::run;
 
 mod ack_storm;
 
@@ -153,103 +151,6 @@ fn check_well_formed(report: &str) -> Result<()> {
     anyhow::ensure!(rows >= 8, "report has only {rows} rows with figures");
     anyhow::ensure!(!report.contains("NaN"), "NaN in the report");
     Ok(())
-}
-
-/// A network namespace for one benchmark (own counters, own port range).
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Result<Self> {
-        let name = format!("qtrace-bench-{tag}-{}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
-        Ok(Self(name))
-    }
-
-    fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.0,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
-        ]))
-    }
-
-    /// Enters the namespace named `name` from a worker thread.
-    fn join(name: &str) -> Result<()> {
-        let f = File::open(format!("/run/netns/{name}"))?;
-        // SAFETY: only the calling (worker) thread changes namespace.
-        anyhow::ensure!(
-            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0,
-            "setns failed"
-        );
-        Ok(())
-    }
-
-    fn nft(&self, ruleset: &str) -> Result<()> {
-        let mut c = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        c.stdin.take().unwrap().write_all(ruleset.as_bytes())?;
-        anyhow::ensure!(c.wait()?.success(), "nft failed");
-        Ok(())
-    }
-
-    /// A veth link from this namespace to `client`, on its own /30 (`10.77.<subnet>.0`):
-    /// returns this end's address, which `client` reaches over the link.
-    fn link(&self, client: &Netns, subnet: u8) -> Result<Ipv4Addr> {
-        let (here, there) = (format!("s{subnet}"), format!("c{subnet}"));
-        let ip =
-            |ns: &Netns, args: &[&str]| run(Command::new("ip").arg("-n").arg(&ns.0).args(args));
-        ip(
-            self,
-            &[
-                "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &client.0,
-            ],
-        )?;
-        let addr = Ipv4Addr::new(10, 77, subnet, 1);
-        for (ns, dev, host) in [(self, &here, 1), (client, &there, 2)] {
-            ip(
-                ns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("10.77.{subnet}.{host}/30"),
-                    "dev",
-                    dev,
-                ],
-            )?;
-            ip(ns, &["link", "set", dev, "up"])?;
-        }
-        Ok(addr)
-    }
-
-    fn tcp_ext(&self, name: &str) -> Result<u64> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "cat", "/proc/net/netstat"])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-        let (names, values) = (
-            lines.next().context("no TcpExt")?,
-            lines.next().context("no TcpExt")?,
-        );
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no TcpExt {name}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
 }
 
 /// The daemon, started and ready (probes attached), with its HTTP address.
@@ -414,12 +315,12 @@ fn abortive_close(s: &TcpStream) {
 fn churn_round(ns: &Netns, secs: Duration, clients: usize) -> Result<f64> {
     let done = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let name = ns.0.clone();
+    let name = ns.name.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let server = {
         let (done, name) = (done.clone(), name.clone());
         thread::spawn(move || -> Result<()> {
-            Netns::join(&name)?;
+            Netns::enter(&name)?;
             pin_to_cpu(0);
             let l = TcpListener::bind("127.0.0.1:0")?;
             // SAFETY: re-listening with a deep backlog: the accept loop is not under test.
@@ -437,7 +338,7 @@ fn churn_round(ns: &Netns, secs: Duration, clients: usize) -> Result<f64> {
         .map(|_| {
             let (done, count, name) = (done.clone(), count.clone(), name.clone());
             thread::spawn(move || -> Result<()> {
-                Netns::join(&name)?;
+                Netns::enter(&name)?;
                 pin_to_cpu(0);
                 while !done.load(Ordering::Relaxed) {
                     if let Ok(s) = TcpStream::connect(addr) {
@@ -459,7 +360,7 @@ fn churn_round(ns: &Netns, secs: Duration, clients: usize) -> Result<f64> {
     }
     // The server may have taken the last connection before `done`: one more wakes it.
     thread::spawn(move || -> Result<()> {
-        Netns::join(&name)?;
+        Netns::enter(&name)?;
         let _ = TcpStream::connect(addr);
         Ok(())
     })
@@ -591,27 +492,6 @@ fn start_bpftrace(tools: &[&str]) -> Result<Vec<Interrupted>> {
 /// BPF programs that ran: name, run count, total run time (ns).
 type Programs = Vec<(String, u64, u64)>;
 
-/// kernel.bpf_stats_enabled, put back as it was when dropped.
-struct BpfStats(String);
-
-impl BpfStats {
-    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-    fn save() -> Result<Self> {
-        Ok(Self(std::fs::read_to_string(Self::PATH)?))
-    }
-
-    fn set(&self, on: bool) -> Result<()> {
-        Ok(std::fs::write(Self::PATH, if on { "1" } else { "0" })?)
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.0.trim());
-    }
-}
-
 /// Connections/s of each configuration over the timed rounds, and the programs that ran in
 /// its statistics round.
 #[derive(Default)]
@@ -715,7 +595,7 @@ impl Churn {
 
 /// 1 and 2: connection churn with and without qtrace on this machine's kernel.
 fn churn(qtrace: &Path, z: &Sizes) -> Result<String> {
-    let ns = Netns::new("churn")?;
+    let ns = Netns::new("bench-churn")?;
     let mut churn = Churn::default();
     Churn::run(
         &ns,
@@ -746,7 +626,7 @@ fn churn(qtrace: &Path, z: &Sizes) -> Result<String> {
 /// JSON line per measurement. Nothing else in the guest loads BPF programs, so every program
 /// that ran is the tracer's.
 pub fn guest(opts: GuestOptions) -> Result<()> {
-    let ns = Netns::new("guest")?;
+    let ns = Netns::new("bench-guest")?;
     Churn::run(
         &ns,
         &GUEST_CONFIGS,
@@ -1045,25 +925,25 @@ fn prog_runtimes(prefix: &str) -> Result<Programs> {
 /// 3: a connect storm against a backlog-1 listener that never accepts.
 fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     eprintln!("bench: overflow storm");
-    let ns = Netns::new("storm")?;
+    let ns = Netns::new("bench-storm")?;
     ns.sysctl("net.ipv4.tcp_syncookies", "0")?;
     // Each worker storms from a namespace of its own, over a veth link: the listener's
     // namespace counts the drops, theirs do not.
     let clients = (0..STORM_WORKERS)
         .map(|i| {
-            let c = Netns::new(&format!("stormc{i}"))?;
+            let c = Netns::new(&format!("bench-stormc{i}"))?;
             let server = ns.link(&c, i as u8)?;
             Ok((c, server))
         })
         .collect::<Result<Vec<_>>>()?;
     let d = Daemon::start(qtrace, &[])?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let name = ns.0.clone();
+    let name = ns.name.clone();
     let done = Arc::new(AtomicBool::new(false));
     let server = {
         let (done, name) = (done.clone(), name.clone());
         thread::spawn(move || -> Result<()> {
-            Netns::join(&name)?;
+            Netns::enter(&name)?;
             let l = TcpListener::bind("0.0.0.0:0")?;
             // SAFETY: re-listening with another backlog (std's is 128) on our socket.
             unsafe { libc::listen(l.as_raw_fd(), 1) };
@@ -1075,15 +955,15 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         })
     };
     let port: u16 = rx.recv_timeout(Duration::from_secs(5))?;
-    let before = ns.tcp_ext("ListenDrops")?;
+    let before = ns.tcp_ext_value("ListenDrops")?;
     let attempts = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = clients
         .iter()
         .map(|(client, server)| {
             let addr = SocketAddr::from((*server, port));
-            let (done, attempts, name) = (done.clone(), attempts.clone(), client.0.clone());
+            let (done, attempts, name) = (done.clone(), attempts.clone(), client.name.clone());
             thread::spawn(move || -> Result<()> {
-                Netns::join(&name)?;
+                Netns::enter(&name)?;
                 while !done.load(Ordering::Relaxed) {
                     syn(addr);
                     attempts.fetch_add(1, Ordering::Relaxed);
@@ -1097,7 +977,7 @@ fn storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("storm server panicked"))??;
-    let after = ns.tcp_ext("ListenDrops")?;
+    let after = ns.tcp_ext_value("ListenDrops")?;
     let (_, metrics) = d.get("/metrics")?;
     drop(d);
     let drops = after - before;
@@ -1242,14 +1122,14 @@ fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
         libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
     }
     let namespaces: Vec<Netns> = (0..z.namespaces)
-        .map(|i| Netns::new(&format!("scale{i}")))
+        .map(|i| Netns::new(&format!("bench-scale{i}")))
         .collect::<Result<_>>()?;
     let mut holders = Vec::new();
     for ns in &namespaces {
-        let (name, n) = (ns.0.clone(), z.listeners_per_ns);
+        let (name, n) = (ns.name.clone(), z.listeners_per_ns);
         holders.push(
             thread::spawn(move || -> Result<Vec<TcpListener>> {
-                Netns::join(&name)?;
+                Netns::enter(&name)?;
                 (0..n)
                     .map(|_| TcpListener::bind("127.0.0.1:0").map_err(Into::into))
                     .collect()
@@ -1305,7 +1185,7 @@ fn scale(qtrace: &Path, z: &Sizes) -> Result<String> {
 /// 5: a burst of SYN-ACK retransmit events through `qtrace events --json`.
 fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     eprintln!("bench: event path");
-    let ns = Netns::new("events")?;
+    let ns = Netns::new("bench-events")?;
     let d = Daemon::start(
         qtrace,
         &["--event-rate", "1000000", "--events-reader-queue", "100000"],
@@ -1337,11 +1217,11 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     });
     // Half-open handshakes (final ACKs dropped): one retransmit event each after 1 s.
     ns.nft("table inet b {\n chain input {\n type filter hook input priority 0\n tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n")?;
-    let name = ns.0.clone();
+    let name = ns.name.clone();
     let cpu0 = d.cpu()?;
-    let retrans0 = ns.tcp_ext("TCPSynRetrans")?;
+    let retrans0 = ns.tcp_ext_value("TCPSynRetrans")?;
     let clients = thread::spawn(move || -> Result<Vec<TcpStream>> {
-        Netns::join(&name)?;
+        Netns::enter(&name)?;
         let l = TcpListener::bind("127.0.0.1:0")?;
         // SAFETY: re-listening with a larger backlog on our socket.
         unsafe { libc::listen(l.as_raw_fd(), 65535) };
@@ -1357,7 +1237,7 @@ fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     let cpu = d.cpu()? - cpu0;
     // The kernel's own count: past somaxconn requests turn into syncookies, not retransmits.
-    let happened = ns.tcp_ext("TCPSynRetrans")? - retrans0;
+    let happened = ns.tcp_ext_value("TCPSynRetrans")? - retrans0;
     let (_, metrics) = d.get("/metrics")?;
     let (ring_full, limited) = events_lost(&metrics);
     drop(reader); // its output ends: the counter finishes

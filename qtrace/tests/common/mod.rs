@@ -6,10 +6,8 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -98,55 +96,32 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A network namespace created for one test and deleted when dropped.
-pub struct Netns {
-    pub name: String,
-    /// The namespace's inode number: what qtrace reports as `netns`.
-    pub inode: u32,
+/// A network namespace created for one test and deleted when dropped: the one the
+/// benchmarks use too (`qtrace_testkit`), failing as a test does, by panicking.
+pub struct Netns(qtrace_testkit::Netns);
+
+impl std::ops::Deref for Netns {
+    type Target = qtrace_testkit::Netns;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Netns {
     pub fn new() -> Self {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "qtrace-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        sh(Command::new("ip").args(["netns", "add", &name]));
-        sh(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        let inode = std::fs::metadata(format!("/run/netns/{name}"))
-            .unwrap()
-            .ino() as u32;
-        Self { name, inode }
+        Self(qtrace_testkit::Netns::new("test").unwrap())
     }
 
     /// Runs `f` on a thread that has entered this namespace. Sockets made there stay in it and
     /// may be used from any thread afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let ns = File::open(&path).unwrap();
-            // SAFETY: a valid namespace fd; only this thread changes namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
+        self.0.run(f).unwrap()
     }
 
     /// The namespace's TcpExt counters (`/proc/net/netstat`): exact ground truth for it alone.
     pub fn tcp_ext(&self) -> HashMap<String, u64> {
-        let text = self.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap());
-        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .skip(1)
-            .map(|(n, v)| (n.to_string(), v.parse().unwrap()))
-            .collect()
+        self.0.tcp_ext().unwrap()
     }
 
     /// Waits until TcpExt `counter` has grown by `at_least` since `before`; see `wait_until`.
@@ -162,29 +137,14 @@ impl Netns {
         });
     }
 
-    /// Sets a per-namespace sysctl such as `net/ipv4/tcp_abort_on_overflow`.
+    /// Sets a per-namespace sysctl such as `net.ipv4.tcp_abort_on_overflow`.
     pub fn sysctl(&self, key: &str, value: &str) {
-        let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
-        self.run(move || std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}")));
+        self.0.sysctl(key, value).unwrap();
     }
 
     /// Loads an nftables ruleset into this namespace.
     pub fn nft(&self, ruleset: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("nft (apt package nftables; `cargo xtask setup` installs it)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(ruleset.as_bytes())
-            .unwrap();
-        assert!(
-            child.wait().unwrap().success(),
-            "nft -f failed for:\n{ruleset}"
-        );
+        self.0.nft(ruleset).unwrap();
     }
 
     /// Drops every pure ACK (the handshake's last packet) arriving for `ports` in this
@@ -262,14 +222,6 @@ pub fn connect_nonblocking(ns: &Netns, ip: &'static str, port: u16, n: usize) ->
             })
             .collect()
     })
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// A backlog-1 listener whose final ACKs hit a full accept queue: two handshakes wait on

@@ -23,7 +23,9 @@ use std::{
 
 use anyhow::Result;
 
-use super::{prog_runtimes, sockaddr, sum_samples, BpfStats, Daemon, Netns, Sizes, StormCost};
+use qtrace_testkit::{BpfStats, Netns};
+
+use super::{prog_runtimes, sockaddr, sum_samples, Daemon, Sizes, StormCost};
 
 /// Where the held handshakes' clients connect from: the rule drops only their ACKs.
 const HELD_FROM: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -39,7 +41,7 @@ struct Held {
 
 pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     eprintln!("bench: final-ACK overflow storm");
-    let ns = Netns::new("ackstorm")?;
+    let ns = Netns::new("bench-ackstorm")?;
     // Without timestamps a bare ACK needs no options to be accepted.
     ns.sysctl("net.ipv4.tcp_timestamps", "0")?;
     ns.nft(&format!(
@@ -48,13 +50,13 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     ))?;
     let d = Daemon::start(qtrace, &[])?;
     let (tx, rx) = mpsc::channel();
-    let name = ns.0.clone();
+    let name = ns.name.clone();
     let done = Arc::new(AtomicBool::new(false));
     // The listener and its clients live on one thread in the namespace until the storm ends.
     let holder = {
         let (done, name) = (done.clone(), name.clone());
         thread::spawn(move || -> Result<()> {
-            Netns::join(&name)?;
+            Netns::enter(&name)?;
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             // SAFETY: re-listening with another backlog (std's is 128) on our socket.
             unsafe { libc::listen(listener.as_raw_fd(), 1) };
@@ -85,7 +87,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
             anyhow::bail!("the storm's listener and clients did not come up");
         }
     };
-    let before = ns.tcp_ext("ListenOverflows")?;
+    let before = ns.tcp_ext_value("ListenOverflows")?;
     let bpf_stats = BpfStats::save()?;
     bpf_stats.set(true)?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -93,7 +95,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         .map(|_| {
             let (done, sent, name, acks) = (done.clone(), sent.clone(), name.clone(), acks.clone());
             thread::spawn(move || -> Result<()> {
-                Netns::join(&name)?;
+                Netns::enter(&name)?;
                 let raw = raw_sender()?;
                 let to = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
                 let mut n = 0u64;
@@ -115,7 +117,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     holder
         .join()
         .map_err(|_| anyhow::anyhow!("storm listener panicked"))??;
-    let overflows = ns.tcp_ext("ListenOverflows")? - before;
+    let overflows = ns.tcp_ext_value("ListenOverflows")? - before;
     let (_, metrics) = d.get("/metrics")?;
     let tier = d.tier("ack");
     drop(d);

@@ -1,0 +1,190 @@
+//! What qtrace's integration tests and its benchmarks both need from the kernel: network
+//! namespaces of their own (with their own TcpExt counters, the ground truth qtrace is held
+//! to) and the BPF run-time statistics switch, each undone when dropped.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Write,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// Runs a command to completion; its stderr is the error when it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{cmd:?} (`cargo xtask setup` installs what it needs)"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A network namespace made for one test or benchmark, deleted when dropped.
+pub struct Netns {
+    pub name: String,
+    /// The namespace's inode number: what qtrace reports as `netns`.
+    pub inode: u32,
+}
+
+impl Netns {
+    /// `qtrace-<tag>-<pid>-<n>`, with its loopback up.
+    pub fn new(tag: &str) -> Result<Self> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "qtrace-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        // From here on a failure deletes it again.
+        let mut ns = Self { name, inode: 0 };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        ns.inode = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino() as u32;
+        Ok(ns)
+    }
+
+    /// Moves the calling thread into namespace `name`. Sockets it makes there stay in it and
+    /// may be used from any thread afterwards.
+    pub fn enter(name: &str) -> Result<()> {
+        let path = format!("/run/netns/{name}");
+        let ns = File::open(&path).with_context(|| path.clone())?;
+        // SAFETY: a valid namespace fd; only the calling thread changes namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns({path}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread of its own that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let name = self.name.clone();
+        thread::spawn(move || Netns::enter(&name).map(|()| f()))
+            .join()
+            .map_err(|_| anyhow::anyhow!("a thread in namespace {} panicked", self.name))?
+    }
+
+    /// Sets one of the namespace's sysctls, named as sysctl(8) does (`net.ipv4.tcp_syncookies`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let (path, value) = (
+            format!("/proc/sys/{}", key.replace('.', "/")),
+            value.to_string(),
+        );
+        self.run(move || std::fs::write(&path, value).with_context(|| path))?
+    }
+
+    /// Loads an nftables ruleset into the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft (apt package nftables; `cargo xtask setup` installs it)")?;
+        child
+            .stdin
+            .take()
+            .context("nft's stdin")?
+            .write_all(ruleset.as_bytes())?;
+        ensure!(child.wait()?.success(), "nft -f failed for:\n{ruleset}");
+        Ok(())
+    }
+
+    /// The namespace's TcpExt counters (`/proc/net/netstat`): exact ground truth for it alone.
+    pub fn tcp_ext(&self) -> Result<HashMap<String, u64>> {
+        let text = self.run(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))??;
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no TcpExt lines in /proc/net/netstat");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .map(|(n, v)| Ok((n.to_string(), v.parse()?)))
+            .collect()
+    }
+
+    /// One TcpExt counter of the namespace.
+    pub fn tcp_ext_value(&self, name: &str) -> Result<u64> {
+        self.tcp_ext()?
+            .get(name)
+            .copied()
+            .with_context(|| format!("no TcpExt {name} on this kernel"))
+    }
+
+    /// A veth link from this namespace to `client`, on its own /30 (`10.77.<subnet>.0`):
+    /// returns this end's address, which `client` reaches over the link.
+    pub fn link(&self, client: &Netns, subnet: u8) -> Result<Ipv4Addr> {
+        let (here, there) = (format!("s{subnet}"), format!("c{subnet}"));
+        let ip =
+            |ns: &Netns, args: &[&str]| run(Command::new("ip").arg("-n").arg(&ns.name).args(args));
+        ip(
+            self,
+            &[
+                "link",
+                "add",
+                &here,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &there,
+                "netns",
+                &client.name,
+            ],
+        )?;
+        for (ns, dev, host) in [(self, &here, 1), (client, &there, 2)] {
+            ip(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.77.{subnet}.{host}/30"),
+                    "dev",
+                    dev,
+                ],
+            )?;
+            ip(ns, &["link", "set", dev, "up"])?;
+        }
+        Ok(Ipv4Addr::new(10, 77, subnet, 1))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// `kernel.bpf_stats_enabled`, restored to what it was when dropped: the statistics cost
+/// every BPF program two clock reads a run, so nothing may leave them on.
+pub struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    /// Remembers the present setting.
+    pub fn save() -> Result<Self> {
+        Ok(Self(
+            std::fs::read_to_string(Self::PATH).context(Self::PATH)?,
+        ))
+    }
+
+    pub fn set(&self, on: bool) -> Result<()> {
+        std::fs::write(Self::PATH, if on { "1" } else { "0" }).context(Self::PATH)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
