@@ -23,7 +23,9 @@ use crate::{
 #[map]
 static QT_ACCEPT_QUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
-/// pid_tgid → listener, between inet_csk_accept's entry and return (kprobe tier only).
+/// pid_tgid → listener, between inet_csk_accept's entry and return (kprobe tier only). A
+/// thread's slot is written at entry and zeroed at return in place, and reused by its next
+/// accept(): an LRU insert and delete per accept() cost more than the rest of the probe.
 #[map]
 static QT_ACCEPT_ENTRY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
@@ -97,18 +99,26 @@ pub fn qt_acc_hd_krp(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn qt_acc_kp(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        let _ = QT_ACCEPT_ENTRY.insert(&bpf_get_current_pid_tgid(), &sk, 0);
+        let id = bpf_get_current_pid_tgid();
+        match QT_ACCEPT_ENTRY.get_ptr_mut(&id) {
+            // Only this thread touches its slot.
+            Some(slot) => unsafe { *slot = sk },
+            None => {
+                let _ = QT_ACCEPT_ENTRY.insert(&id, &sk, 0);
+            }
+        }
     }
     0
 }
 
 #[kretprobe]
 pub fn qt_acc_krp(ctx: RetProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    if let Some(sk) = QT_ACCEPT_ENTRY.get_ptr(&id) {
-        let sk = unsafe { *sk } as *const u8;
-        let _ = QT_ACCEPT_ENTRY.remove(&id);
-        let _ = accepted(Untyped, sk, ctx.ret());
+    if let Some(slot) = QT_ACCEPT_ENTRY.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+        // Zero: this return is accounted for (a return without its entry finds zero).
+        let sk = unsafe { core::ptr::replace(slot, 0) } as *const u8;
+        if !sk.is_null() {
+            let _ = accepted(Untyped, sk, ctx.ret());
+        }
     }
     0
 }
