@@ -97,6 +97,8 @@ fn synack_retransmits(ip: &'static str) {
             "{e} is not from clients {ports:?}"
         );
         assert!(e["retransmit"].as_u64().unwrap() >= 1, "{e}");
+        // The three half-open handshakes wait in the SYN queue throughout.
+        assert_eq!(e["synq_len"], 3, "{e}");
     }
     for p in &ports {
         assert!(
@@ -133,6 +135,8 @@ fn accept_queue_overflow_at_final_ack() {
         );
         assert_eq!(e["acceptq_max"], 1, "{e}");
         assert_eq!(e["acceptq_len"], 2, "{e}");
+        // The two held handshakes stay in the SYN queue while their ACKs are dropped.
+        assert_eq!(e["synq_len"], 2, "{e}");
     }
 }
 
