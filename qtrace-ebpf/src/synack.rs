@@ -6,7 +6,7 @@ use qtrace_common::{Counter, EventKind};
 
 use crate::{
     account::{count, emit, Details},
-    kernel::{listener_of_request, offset, Mem, Queues, Remote, Typed},
+    kernel::{listener_of_request, offset, AcceptQueue, Mem, Remote, Typed},
 };
 
 #[inline(always)]
@@ -18,7 +18,10 @@ fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
         let n: u8 = Typed.read(req, offset!(req_num_retrans)).unwrap_or(0);
         Details {
             remote: Remote::of_request(Typed, req, key.family).unwrap_or_default(),
-            queues: Queues::read(Typed, sk).unwrap_or_default(),
+            // Like a drop's: a SYN-queue length the helper fails to read is 0 alone.
+            queues: AcceptQueue::read(Typed, sk)
+                .unwrap_or_default()
+                .with_synq(sk),
             retrans: n.wrapping_add(1),
         }
     });
