@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use qtrace_testkit::{BpfStats, Netns};
+use qtrace_testkit::{probe_tier, BpfStats, Netns};
 use serde_json::Value;
 
 mod ack_storm;
@@ -206,15 +206,8 @@ impl Daemon {
     }
 
     /// The tier `probe` got ("unavailable" when none).
-    fn tier(&self, probe: &str) -> String {
-        self.ready["probes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["probe"] == probe)
-            .and_then(|p| p["tier"].as_str())
-            .unwrap_or("unavailable")
-            .to_string()
+    fn tier(&self, probe: &str) -> Result<String> {
+        Ok(probe_tier(&self.ready, probe)?.unwrap_or_else(|| "unavailable".into()))
     }
 
     /// CPU seconds used so far (user + system).

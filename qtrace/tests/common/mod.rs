@@ -301,12 +301,6 @@ pub struct Qtrace {
     pub ready: Value,
 }
 
-fn tier(ready: &Value, probe: &str) -> Option<String> {
-    let probes = ready["probes"].as_array().unwrap();
-    let p = probes.iter().find(|p| p["probe"] == probe).unwrap();
-    p["tier"].as_str().map(str::to_string)
-}
-
 /// What qtrace printed from start to exit.
 pub struct Output {
     pub ready: Value,
@@ -430,7 +424,7 @@ impl Qtrace {
 
     /// The tier the named probe got (`None` when unavailable).
     pub fn tier(&self, probe: &str) -> Option<String> {
-        tier(&self.ready, probe)
+        qtrace_testkit::probe_tier(&self.ready, probe).unwrap()
     }
 
     /// Stops qtrace with `signal` and collects everything it printed.
@@ -480,7 +474,7 @@ impl Drop for Qtrace {
 
 impl Output {
     pub fn tier(&self, probe: &str) -> Option<String> {
-        tier(&self.ready, probe)
+        qtrace_testkit::probe_tier(&self.ready, probe).unwrap()
     }
 
     /// The final snapshot of the listener on (`netns`, `addr`, `port`), if it had any count.

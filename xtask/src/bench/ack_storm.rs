@@ -119,7 +119,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("storm listener panicked"))??;
     let overflows = ns.tcp_ext_value("ListenOverflows")? - before;
     let (_, metrics) = d.get("/metrics")?;
-    let tier = d.tier("ack");
+    let tier = d.tier("ack")?;
     drop(d);
     anyhow::ensure!(
         overflows > 0,

@@ -1,6 +1,7 @@
-//! What qtrace's integration tests and its benchmarks both need from the kernel: network
-//! namespaces of their own (with their own TcpExt counters, the ground truth qtrace is held
-//! to) and the BPF run-time statistics switch, each undone when dropped.
+//! What qtrace's integration tests and its benchmarks both need: network namespaces of their
+//! own (with their own TcpExt counters, the ground truth qtrace is held to) and the BPF
+//! run-time statistics switch, each undone when dropped; and the reading of qtrace's ready
+//! line.
 
 use std::{
     collections::HashMap,
@@ -187,4 +188,16 @@ impl Drop for BpfStats {
     fn drop(&mut self) {
         let _ = std::fs::write(Self::PATH, self.0.trim());
     }
+}
+
+/// The tier `probe` got by qtrace's `ready` line (`run --json`): `None` when it got none
+/// (unavailable on this kernel). A probe the line does not list is an error, not "none".
+pub fn probe_tier(ready: &serde_json::Value, probe: &str) -> Result<Option<String>> {
+    let p = ready["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["probe"] == probe)
+        .with_context(|| format!("qtrace's ready line lists no probe {probe}: {ready}"))?;
+    Ok(p["tier"].as_str().map(str::to_string))
 }
