@@ -1,6 +1,7 @@
 //! Per-listener counters aggregated in the kernel, and qtrace's own accounting.
 
 /// Indexes into [`ListenerCounters::counts`]. Each is exact: one kernel event, one increment.
+/// Names: [`crate::vocabulary`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -41,13 +42,6 @@ impl Counter {
         Counter::OverflowResets,
         Counter::Accepted,
         Counter::EventsRateLimited,
-    ];
-    /// The reasons a handshake packet was dropped at the listener; together, ListenDrops.
-    pub const DROPS: [Counter; 4] = [
-        Counter::DropSynQueueFull,
-        Counter::DropAcceptQueueFullSyn,
-        Counter::DropAcceptQueueFullAck,
-        Counter::DropOther,
     ];
 }
 
@@ -112,24 +106,6 @@ impl SelfStat {
         SelfStat::AcceptMapFull,
         SelfStat::ReadFailed,
     ];
-}
-
-impl Counter {
-    /// Stable name, used in JSON output and metric labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::SynQueued => "syn_queued",
-            Counter::DropSynQueueFull => "drop_syn_queue_full",
-            Counter::DropAcceptQueueFullSyn => "drop_accept_queue_full_syn",
-            Counter::DropAcceptQueueFullAck => "drop_accept_queue_full_ack",
-            Counter::DropOther => "drop_other",
-            Counter::SyncookiesSent => "syncookies_sent",
-            Counter::SynackRetransmits => "synack_retransmits",
-            Counter::OverflowResets => "overflow_resets",
-            Counter::Accepted => "accepted",
-            Counter::EventsRateLimited => "events_rate_limited",
-        }
-    }
 }
 
 impl SelfStat {

@@ -2,13 +2,14 @@
 
 use crate::ListenerKey;
 
-/// What happened. Stable numbering: it is part of the event wire format.
+/// What happened. Stable numbering: it is part of the event wire format. Names and
+/// descriptions: [`crate::vocabulary`].
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    SynDropSynQueueFull = 1,
-    SynDropAcceptQueueFull = 2,
-    AckDropAcceptQueueFull = 3,
+    DropSynQueueFull = 1,
+    DropAcceptQueueFullSyn = 2,
+    DropAcceptQueueFullAck = 3,
     DropOther = 4,
     SynackRetransmit = 5,
     OverflowReset = 6,
@@ -18,9 +19,9 @@ pub enum EventKind {
 impl EventKind {
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
-            1 => Self::SynDropSynQueueFull,
-            2 => Self::SynDropAcceptQueueFull,
-            3 => Self::AckDropAcceptQueueFull,
+            1 => Self::DropSynQueueFull,
+            2 => Self::DropAcceptQueueFullSyn,
+            3 => Self::DropAcceptQueueFullAck,
             4 => Self::DropOther,
             5 => Self::SynackRetransmit,
             6 => Self::OverflowReset,
@@ -50,32 +51,4 @@ pub struct Event {
     pub synq_len: u32,
     pub synq_max: u32,
     pub _pad: u32,
-}
-
-impl EventKind {
-    /// Stable name, used in JSON output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::SynDropSynQueueFull => "syn_drop_syn_queue_full",
-            Self::SynDropAcceptQueueFull => "syn_drop_accept_queue_full",
-            Self::AckDropAcceptQueueFull => "ack_drop_accept_queue_full",
-            Self::DropOther => "drop_other",
-            Self::SynackRetransmit => "synack_retransmit",
-            Self::OverflowReset => "overflow_reset",
-            Self::SyncookieSent => "syncookie_sent",
-        }
-    }
-
-    /// What an operator reads.
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Self::SynDropSynQueueFull => "SYN dropped: SYN queue full",
-            Self::SynDropAcceptQueueFull => "SYN dropped: accept queue full",
-            Self::AckDropAcceptQueueFull => "ACK dropped: accept queue full",
-            Self::DropOther => "handshake packet dropped (other)",
-            Self::SynackRetransmit => "SYN-ACK retransmit",
-            Self::OverflowReset => "reset (abort_on_overflow)",
-            Self::SyncookieSent => "syncookie sent",
-        }
-    }
 }

@@ -8,11 +8,13 @@ pub mod counters;
 pub mod event;
 pub mod kernel;
 pub mod listener;
+pub mod vocabulary;
 
 pub use counters::{Counter, ListenerCounters, SelfStat, WAIT_BUCKETS};
 pub use event::{Event, EventKind};
 pub use kernel::{HookLayout, Offsets};
 pub use listener::ListenerKey;
+pub use vocabulary::DropReason;
 
 /// Names of the maps in the eBPF object, used by both sides.
 pub mod maps {

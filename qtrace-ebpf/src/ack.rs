@@ -67,7 +67,7 @@ fn dropped<M: Mem>(
     let (counter, kind) = if acceptq.full() {
         (
             Counter::DropAcceptQueueFullAck,
-            EventKind::AckDropAcceptQueueFull,
+            EventKind::DropAcceptQueueFullAck,
         )
     } else {
         (Counter::DropOther, EventKind::DropOther)

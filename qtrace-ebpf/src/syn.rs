@@ -105,11 +105,11 @@ fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Re
             e.syncookies == 0 && q.synq_full()
         };
         if synq_full {
-            (Counter::DropSynQueueFull, EventKind::SynDropSynQueueFull)
+            (Counter::DropSynQueueFull, EventKind::DropSynQueueFull)
         } else if q.acceptq.full() {
             (
                 Counter::DropAcceptQueueFullSyn,
-                EventKind::SynDropAcceptQueueFull,
+                EventKind::DropAcceptQueueFullSyn,
             )
         } else {
             (Counter::DropOther, EventKind::DropOther)

@@ -13,7 +13,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::probes::Tier;
+use crate::api::Tier;
+
+/// The running kernel's BTF, where the kernel publishes it.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Read when it exists and no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/qtrace/qtrace.toml";
@@ -315,7 +318,7 @@ impl TracerArgs {
                 .btf
                 .clone()
                 .or_else(|| file.btf.clone())
-                .unwrap_or_else(|| crate::btf::VMLINUX_BTF.into()),
+                .unwrap_or_else(|| VMLINUX_BTF.into()),
         })
     }
 }

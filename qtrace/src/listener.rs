@@ -1,4 +1,5 @@
-//! Human and JSON forms of a listener key and of remote endpoints.
+//! A listener's identity ([`ListenerId`]) and the human and JSON forms of listener keys and
+//! remote endpoints. Common to every layer; imports only `qtrace_common`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -14,6 +15,31 @@ pub fn ip(family: u16, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
+/// A listener as exported: (netns inode, address, port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListenerId {
+    pub netns: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl ListenerId {
+    /// `addr:port`, with IPv6 addresses in brackets.
+    pub fn endpoint(&self) -> String {
+        SocketAddr::new(self.addr, self.port).to_string()
+    }
+}
+
+impl From<&ListenerKey> for ListenerId {
+    fn from(k: &ListenerKey) -> Self {
+        Self {
+            netns: k.netns,
+            addr: ip(k.family, k.addr),
+            port: k.port,
+        }
+    }
+}
+
 /// An address family as JSON names it (`"ipv4"`, `"ipv6"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +49,15 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family of an address as qtrace writes it (IPv4 listeners' addresses are IPv4).
+    pub fn of_addr(addr: &IpAddr) -> Self {
+        if addr.is_ipv6() {
+            Self::Ipv6
+        } else {
+            Self::Ipv4
+        }
+    }
+
     /// The family of a kernel `skc_family` value.
     pub fn of(family: u16) -> Self {
         if family == AF_INET6 {
@@ -36,14 +71,6 @@ impl Family {
 /// `addr:port`, with IPv6 addresses in brackets.
 pub fn endpoint(family: u16, addr: [u8; 16], port: u16) -> String {
     SocketAddr::new(ip(family, addr), port).to_string()
-}
-
-/// The same for an address in text (as the JSON snapshots carry it).
-pub fn endpoint_of(addr: &str, port: u16) -> String {
-    match addr.parse::<IpAddr>() {
-        Ok(ip) => SocketAddr::new(ip, port).to_string(),
-        Err(_) => format!("{addr}:{port}"),
-    }
 }
 
 pub fn listener(key: &ListenerKey) -> String {
@@ -78,9 +105,6 @@ mod tests {
         assert_eq!(listener(&key(AF_INET6, [0; 16], 443)), "[::]:443");
         let loopback = Ipv6Addr::LOCALHOST.octets();
         assert_eq!(listener(&key(AF_INET6, loopback, 8443)), "[::1]:8443");
-        // The text form doctor and top read from JSON: `:::22` would be ambiguous.
-        assert_eq!(endpoint_of("::", 22), "[::]:22");
-        assert_eq!(endpoint_of("10.0.0.1", 80), "10.0.0.1:80");
     }
 
     #[test]

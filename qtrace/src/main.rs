@@ -1,33 +1,24 @@
 //! qtrace: attributes TCP listen-queue drops, SYN-ACK retransmits, syncookies and accept-queue
 //! waits to the listening socket, from eBPF programs in the kernel.
 
-mod btf;
+//!
+//! Layers, each importing only from those below it: [`cli`] (one module per command) →
+//! [`daemon`] (state and transports) → [`kernel`] (the eBPF side) and [`host`] (/proc,
+//! namespaces, sock_diag) → the common modules [`api`] (wire types), [`config`] and
+//! [`listener`].
+
+mod api;
+mod cli;
 mod config;
-mod doctor;
-mod events;
-mod events_cmd;
-mod heap;
-mod history;
-mod hub;
+mod daemon;
+mod host;
+mod kernel;
 mod listener;
-mod metrics;
-mod netns;
-mod owners;
-mod probe_report;
-mod probes;
-mod ring;
-mod run;
-mod scrape;
-mod server;
-mod snapshot;
-mod sockdiag;
-mod stats;
-mod top;
-mod tracer;
 
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use cli::{doctor, events, probes, run, top};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -43,9 +34,9 @@ enum Command {
     /// (with --print, also print events and a listener table). SIGHUP re-reads the config file.
     Run(run::RunOptions),
     /// Attach every probe, report the tier each got on this kernel (and why not better), detach.
-    Probes(probe_report::ProbesOptions),
+    Probes(probes::ProbesOptions),
     /// Live drop events from the running daemon (or --standalone), one per line.
-    Events(events_cmd::EventsOptions),
+    Events(events::EventsOptions),
     /// Kernel support, listen-queue sysctls, effective queue limits and advice.
     Doctor(doctor::DoctorOptions),
     /// A live per-listener table: queue fill, drops/s by reason, retransmits, accept wait.
@@ -54,7 +45,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    heap::limit_arenas();
+    host::heap::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             // aya warns when it cannot raise RLIMIT_MEMLOCK, which only happens without
@@ -73,8 +64,8 @@ fn main() -> ExitCode {
             rt.block_on(async {
                 match cli.command {
                     Command::Run(opts) => run::run(opts).await,
-                    Command::Probes(opts) => probe_report::probes(opts),
-                    Command::Events(opts) => events_cmd::events(opts).await,
+                    Command::Probes(opts) => probes::probes(opts),
+                    Command::Events(opts) => events::events(opts).await,
                     Command::Doctor(opts) => doctor::doctor(opts),
                     Command::Top(opts) => top::top(opts),
                 }

@@ -50,7 +50,7 @@ fn ack_drops_counted<'a>(
         o.overflows(),
         "{counters}"
     );
-    let events = out.events_of(ns, "ack_drop_accept_queue_full");
+    let events = out.events_of(ns, "drop_accept_queue_full_ack");
     assert_eq!(events.len() as u64, o.overflows(), "{events:?}");
     (counters, events)
 }

@@ -78,7 +78,7 @@ fn accept_queue_full_at_syn() {
     if let Some(sum) = drops(c) {
         assert_eq!(sum, delta(&before, &after, "ListenDrops"), "{c}");
     }
-    let events = out.events_of(&ns, "syn_drop_accept_queue_full");
+    let events = out.events_of(&ns, "drop_accept_queue_full_syn");
     assert_eq!(events.len() as u64, overflows);
     assert!(
         events
@@ -120,10 +120,7 @@ fn syn_queue_full_without_syncookies() {
     assert_eq!(c["syn_queued"], 20 - full, "{c}");
     assert_eq!(c["syncookies_sent"], 0, "{c}");
     assert_eq!(c["drop_accept_queue_full_syn"], 0, "{c}");
-    assert_eq!(
-        out.events_of(&ns, "syn_drop_syn_queue_full").len() as u64,
-        full
-    );
+    assert_eq!(out.events_of(&ns, "drop_syn_queue_full").len() as u64, full);
 }
 
 /// `tcp_syncookies=2`: every SYN is answered with a cookie (SyncookiesSent).

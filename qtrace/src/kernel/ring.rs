@@ -8,7 +8,7 @@ use aya::{
 use qtrace_common::{maps, Event};
 use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::events;
+use crate::kernel::decode;
 
 pub struct EventRing(AsyncFd<RingBuf<MapData>>);
 
@@ -48,6 +48,6 @@ impl EventRing {
 
 fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) {
     while let Some(item) = ring.next() {
-        out.extend(events::decode(&item));
+        out.extend(decode::decode(&item));
     }
 }

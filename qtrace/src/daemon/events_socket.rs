@@ -1,84 +1,56 @@
 //! The daemon's local events socket: live events to any number of readers, each with its own
 //! bounded backlog, plus a short history for `qtrace events --since`, and listener snapshots
-//! for `qtrace top`/`doctor`. Client addresses travel only here, never to /metrics.
+//! for `qtrace top`/`doctor`. Client addresses travel only here, never to /metrics. Each
+//! event gets its listener's owner from the daemon's [`State`] (never from HTTP).
 //!
 //! Protocol: the client writes one JSON line, `{"request":"events","since_ns":N}` or
 //! `{"request":"listeners"}`; the daemon answers with JSON lines (events, and `{"type":"gap",
 //! "missed":N}` where a slow reader lost some) or one snapshot line.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, RwLock,
-    },
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{broadcast, watch},
 };
 
-use crate::{events::Record, owners::Owner, scrape::ListenerId, server::AppState};
+use crate::{
+    api::{Event, Line, Listeners, Request},
+    daemon::state::State,
+};
 
 /// Events kept for `--since`.
 const HISTORY: usize = 4096;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "lowercase")]
-pub enum Request {
-    Events {
-        #[serde(default)]
-        since_ns: u64,
-    },
-    Listeners,
-}
-
-/// A line the daemon writes to an events reader.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Line {
-    Event(Record),
-    /// The reader fell behind and lost this many events.
-    Gap {
-        missed: u64,
-    },
-}
-
+/// Where events go: every reader's queue and the `--since` history.
 pub struct Hub {
-    live: broadcast::Sender<Arc<Record>>,
-    history: Mutex<VecDeque<Arc<Record>>>,
-    owners: RwLock<HashMap<ListenerId, Arc<Owner>>>,
-    /// An event named a listener whose owner is not known yet.
-    owners_stale: AtomicBool,
+    live: broadcast::Sender<Arc<Event>>,
+    history: Mutex<VecDeque<Arc<Event>>>,
+    state: Arc<State>,
 }
 
 impl Hub {
     /// `per_reader`: events queued for each reader before it is told it missed some.
-    pub fn new(per_reader: usize) -> Arc<Self> {
+    pub fn new(per_reader: usize, state: Arc<State>) -> Arc<Self> {
         Arc::new(Self {
             live: broadcast::channel(per_reader).0,
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
-            owners: RwLock::new(HashMap::new()),
-            // Unknown until the first refresh, which thereby runs at start: it also warms the
-            // scraper's owner cache, so the first /metrics scrape is not the slow one.
-            owners_stale: AtomicBool::new(true),
+            state,
         })
     }
 
     /// Hands an event to every reader, with its listener's owner when known.
-    pub fn publish(&self, id: ListenerId, mut record: Record) -> Arc<Record> {
-        record.owner = self.owners.read().unwrap().get(&id).cloned();
-        if record.owner.is_none() {
-            self.owners_stale.store(true, Ordering::Relaxed);
-        }
+    pub fn publish(&self, mut record: Event) -> Arc<Event> {
+        record.owner = self.state.owner_of(&record.listener());
         let record = Arc::new(record);
         let mut history = self.history.lock().unwrap();
         if history.len() == HISTORY {
@@ -89,17 +61,9 @@ impl Hub {
         record
     }
 
-    pub fn owners_stale(&self) -> bool {
-        self.owners_stale.swap(false, Ordering::Relaxed)
-    }
-
-    pub fn set_owners(&self, owners: HashMap<ListenerId, Arc<Owner>>) {
-        *self.owners.write().unwrap() = owners;
-    }
-
     /// History since `since_ns`, then live events: `publish` sends while holding the history
     /// lock, so no event is in neither or both.
-    fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Record>>, broadcast::Receiver<Arc<Record>>) {
+    fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
         let history = self.history.lock().unwrap();
         let rx = self.live.subscribe();
         let past = history
@@ -153,21 +117,16 @@ impl Drop for SocketFile {
     }
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    hub: Arc<Hub>,
-    state: Arc<AppState>,
-    stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: UnixListener, hub: Arc<Hub>, stop: watch::Receiver<bool>) {
     let mut stopped = stop.clone();
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     limit_send_buffer(&stream);
-                    let (hub, state, stop) = (hub.clone(), state.clone(), stop.clone());
+                    let (hub, stop) = (hub.clone(), stop.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = client(stream, hub, state, stop).await {
+                        if let Err(e) = client(stream, hub, stop).await {
                             tracing::debug!("events socket client: {e:#}");
                         }
                     });
@@ -179,19 +138,14 @@ pub async fn serve(
     }
 }
 
-async fn client(
-    stream: UnixStream,
-    hub: Arc<Hub>,
-    state: Arc<AppState>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
+async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let request: Request = serde_json::from_str(&line).context("bad request line")?;
     let since_ns = match request {
         Request::Listeners => {
-            let snapshot = crate::server::listeners_json(&state).await?;
+            let snapshot = serde_json::to_string(&hub.state.snapshot().await?)?;
             write.write_all(format!("{snapshot}\n").as_bytes()).await?;
             return Ok(());
         }
@@ -209,7 +163,8 @@ async fn client(
         let text = match r {
             Ok(r) => line_of(&r),
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                format!("{}\n", serde_json::json!({ "type": "gap", "missed": n }))
+                let gap = serde_json::to_string(&Line::Gap { missed: n }).expect("plain data");
+                format!("{gap}\n")
             }
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         };
@@ -232,7 +187,7 @@ fn limit_send_buffer(stream: &UnixStream) {
     };
 }
 
-fn line_of(r: &Record) -> String {
+fn line_of(r: &Event) -> String {
     let mut s = serde_json::to_string(r).expect("plain data");
     s.push('\n');
     s
@@ -254,8 +209,8 @@ pub fn request(socket: &Path, request: &Request) -> Result<std::os::unix::net::U
     Ok(stream)
 }
 
-/// The daemon's listener snapshot (the JSON of /api/listeners).
-pub fn listeners_snapshot(socket: &Path) -> Result<serde_json::Value> {
+/// The daemon's listener snapshot (what /api/listeners serves).
+pub fn listeners_snapshot(socket: &Path) -> Result<Listeners> {
     use std::io::BufRead;
     let stream = request(socket, &Request::Listeners)?;
     let mut line = String::new();

@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     time::Duration,
 };
@@ -13,12 +13,15 @@ use qtrace_common::{Event, EventKind};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
+    api::{self, Line, Request},
     config::{Settings, SourceArgs},
-    events::{self, Clock, Record},
-    hub::{self, Line, Request},
+    daemon::events_socket,
+    kernel::{
+        decode::{self, Clock},
+        ring::EventRing,
+        tracer::Tracer,
+    },
     listener::ip,
-    ring::EventRing,
-    tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -44,9 +47,9 @@ pub struct EventFilter {
     /// Listener address.
     #[arg(long)]
     pub addr: Option<IpAddr>,
-    /// Event kind (repeatable): syn_drop_syn_queue_full, syn_drop_accept_queue_full,
-    /// ack_drop_accept_queue_full, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
-    #[arg(long, value_parser = events::parse_kind)]
+    /// Event kind (repeatable): drop_syn_queue_full, drop_accept_queue_full_syn,
+    /// drop_accept_queue_full_ack, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
+    #[arg(long, value_parser = api::parse_kind)]
     pub kind: Vec<EventKind>,
     /// Network namespace inode.
     #[arg(long)]
@@ -64,11 +67,11 @@ impl EventFilter {
     /// record only for the events that pass (it refuses the owner filters).
     pub fn admits_event(&self, ev: &Event) -> bool {
         let l = &ev.listener;
-        self.admits_listener(l.netns, ip(l.family, l.addr), l.port, events::kind(ev))
+        self.admits_listener(l.netns, ip(l.family, l.addr), l.port, decode::kind(ev))
     }
 
     /// Every condition, the owner's too: a daemon's record.
-    pub fn admits(&self, r: &Record) -> bool {
+    pub fn admits(&self, r: &api::Event) -> bool {
         self.admits_listener(r.netns, r.laddr, r.lport, r.kind)
             && self
                 .pid
@@ -121,13 +124,13 @@ struct Output {
 }
 
 impl Output {
-    fn record(&mut self, r: &Record) -> Result<()> {
+    fn record(&mut self, r: &api::Event) -> Result<()> {
         let mut stdout = io::stdout().lock();
         if self.json {
             serde_json::to_writer(&mut stdout, r)?;
             writeln!(stdout)?;
         } else {
-            writeln!(stdout, "{}", events::to_human(r))?;
+            writeln!(stdout, "{}", to_human(r))?;
         }
         stdout.flush()?;
         Ok(())
@@ -136,11 +139,7 @@ impl Output {
     fn gap(&mut self, missed: u64) -> Result<()> {
         let mut stdout = io::stdout().lock();
         if self.json {
-            writeln!(
-                stdout,
-                "{}",
-                serde_json::json!({ "type": "gap", "missed": missed })
-            )?;
+            writeln!(stdout, "{}", serde_json::to_string(&Line::Gap { missed })?)?;
         } else {
             writeln!(
                 stdout,
@@ -157,7 +156,7 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let stream = hub::request(socket, &Request::Events { since_ns })?;
+    let stream = events_socket::request(socket, &Request::Events { since_ns })?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {
@@ -206,7 +205,7 @@ async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings)
         tokio::select! {
             batch = ring.wait() => {
                 for ev in batch?.iter().filter(|ev| opts.filter.admits_event(ev)) {
-                    out.record(&events::to_record(ev, &clock))?;
+                    out.record(&decode::to_record(ev, &clock))?;
                 }
             }
             _ = sigint.recv() => return Ok(()),
@@ -215,15 +214,56 @@ async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings)
     }
 }
 
+/// One line for an operator.
+pub fn to_human(r: &api::Event) -> String {
+    let what = match r.retransmit {
+        Some(n) => format!("{} #{n}", r.kind.describe()),
+        None => r.kind.describe().to_string(),
+    };
+    let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
+    format!(
+        "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
+        r.time,
+        SocketAddr::new(r.laddr, r.lport),
+        SocketAddr::new(r.raddr, r.rport),
+        r.acceptq_len,
+        r.acceptq_max,
+        r.synq_len,
+        r.synq_max,
+        r.netns,
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::{
+        api::Owner,
+        kernel::decode::{tests::retransmit, to_record},
+    };
+
+    #[test]
+    fn human_line_reads_like_the_kernel_state() {
+        let mut r = to_record(&retransmit(), &Clock::new());
+        r.owner = Some(Arc::new(Owner {
+            pid: 1234,
+            comm: "nginx".into(),
+            unit: "nginx.service".into(),
+        }));
+        let line = to_human(&r);
+        assert!(line.contains("SYN-ACK retransmit #2"), "{line}");
+        assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");
+        assert!(line.contains("acceptq 1/1 synq 3/1"), "{line}");
+        assert!(line.ends_with("nginx[1234]"), "{line}");
+    }
 
     /// Standalone filters the kernel's event, the daemon path its record: the same verdicts.
     #[test]
     fn events_and_their_records_pass_the_same_filters() {
-        let ev = events::tests::retransmit();
-        let r = events::to_record(&ev, &Clock::new());
+        let ev = retransmit();
+        let r = to_record(&ev, &Clock::new());
         let filters = [
             EventFilter::default(),
             EventFilter {

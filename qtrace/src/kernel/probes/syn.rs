@@ -3,7 +3,7 @@
 use qtrace_common::Counter;
 
 use super::{Area, Hook, Plan, Step, Tier};
-use crate::btf::KernelBtf;
+use crate::kernel::btf::KernelBtf;
 
 const FUNC: &str = "tcp_conn_request";
 

@@ -3,6 +3,7 @@
 //! Tiers, best first: fentry/fexit (BPF trampolines), kprobe/kretprobe, tracepoint. Support is
 //! decided by loading and attaching for real — feature probes lie on some kernels — and any
 //! error falls down one tier. What no tier can see is reported as unavailable, never as zero.
+//! One module per area, named as its kernel twin in `qtrace-ebpf/src/`.
 
 mod accept;
 mod ack;
@@ -17,42 +18,9 @@ use aya::{
     Btf, Ebpf,
 };
 use qtrace_common::Counter;
-use serde::Serialize;
 
-use crate::btf::KernelBtf;
-
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Fentry,
-    Kprobe,
-    Tracepoint,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Fentry, Tier::Kprobe, Tier::Tracepoint];
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tier::Fentry => "fentry",
-            Tier::Kprobe => "kprobe",
-            Tier::Tracepoint => "tracepoint",
-        })
-    }
-}
+pub use crate::api::{ProbeStatus, Tier};
+use crate::kernel::btf::KernelBtf;
 
 /// Where one program attaches.
 #[derive(Clone, Copy, Debug)]
@@ -101,17 +69,6 @@ pub struct Area {
 
 pub const AREAS: [&Area; 4] = [&syn::AREA, &ack::AREA, &synack::AREA, &accept::AREA];
 
-/// How one area ended up attached.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProbeStatus {
-    pub probe: &'static str,
-    /// None: unavailable on this kernel.
-    pub tier: Option<Tier>,
-    pub hooks: Vec<String>,
-    /// Why better tiers (or all tiers) failed.
-    pub fallbacks: Vec<String>,
-}
-
 /// Whether `counter` is complete: every area that feeds it is attached.
 pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {
     if counter == Counter::EventsRateLimited {
@@ -124,6 +81,50 @@ pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {
         .all(|(_, status)| status.tier.is_some())
 }
 
+/// Which counters the attached probes can see: what no attached probe sees is unavailable
+/// (`null` in JSON, `n/a` in tables, absent from /metrics), never 0.
+#[derive(Clone, Copy, Debug)]
+pub struct Visibility([bool; Counter::COUNT]);
+
+impl Visibility {
+    pub fn of(probes: &[ProbeStatus]) -> Self {
+        let mut v = [false; Counter::COUNT];
+        for c in Counter::ALL {
+            v[c as usize] = counter_available(probes, c);
+        }
+        Self(v)
+    }
+
+    pub fn sees(&self, c: Counter) -> bool {
+        self.0[c as usize]
+    }
+}
+
+/// The attach step of a plan, apart from the fallback logic so that logic can be tested
+/// without a kernel.
+pub trait Attach {
+    /// Loads and attaches every step of one tier's plan.
+    fn attach(&mut self, steps: &[Step]) -> Result<()>;
+    /// Detaches and unloads a program after a failed tier.
+    fn unload(&mut self, program: &str);
+}
+
+/// The eBPF object: programs load and attach for real.
+struct Kernel<'a> {
+    ebpf: &'a mut Ebpf,
+    btf: &'a Btf,
+}
+
+impl Attach for Kernel<'_> {
+    fn attach(&mut self, steps: &[Step]) -> Result<()> {
+        attach_plan(self.ebpf, self.btf, steps)
+    }
+
+    fn unload(&mut self, program: &str) {
+        unload(self.ebpf, program)
+    }
+}
+
 /// Attaches every area at the best tier not better than `best`.
 pub fn attach_all(
     ebpf: &mut Ebpf,
@@ -131,43 +132,54 @@ pub fn attach_all(
     kbtf: &KernelBtf,
     best: Tier,
 ) -> Result<Vec<ProbeStatus>> {
-    let mut statuses = Vec::new();
-    for area in AREAS {
-        let mut status = ProbeStatus {
-            probe: area.name,
-            tier: None,
-            hooks: Vec::new(),
-            fallbacks: Vec::new(),
+    let mut kernel = Kernel { ebpf, btf };
+    Ok(AREAS
+        .iter()
+        .map(|area| attach_area(area.name, |tier| (area.plan)(tier, kbtf), best, &mut kernel))
+        .collect())
+}
+
+/// One area: its plans tried in tier order from `best` down, the first that attaches kept;
+/// each failure is recorded, and what it loaded unloaded.
+pub fn attach_area(
+    name: &str,
+    plan: impl Fn(Tier) -> Option<Result<Plan, String>>,
+    best: Tier,
+    attach: &mut impl Attach,
+) -> ProbeStatus {
+    let mut status = ProbeStatus {
+        probe: name.to_string(),
+        tier: None,
+        hooks: Vec::new(),
+        fallbacks: Vec::new(),
+    };
+    for tier in Tier::ALL.into_iter().filter(|t| *t >= best) {
+        let plan = match plan(tier) {
+            None => continue,
+            Some(Ok(plan)) => plan,
+            Some(Err(why)) => {
+                status.fallbacks.push(format!("{tier}: {why}"));
+                continue;
+            }
         };
-        for tier in Tier::ALL.into_iter().filter(|t| *t >= best) {
-            let plan = match (area.plan)(tier, kbtf) {
-                None => continue,
-                Some(Ok(plan)) => plan,
-                Some(Err(why)) => {
-                    status.fallbacks.push(format!("{tier}: {why}"));
-                    continue;
-                }
-            };
-            match attach_plan(ebpf, btf, &plan.steps) {
-                Ok(()) => {
-                    status.tier = Some(tier);
-                    status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
-                    break;
-                }
-                Err(err) => {
-                    tracing::debug!("probe {}: {tier} failed: {err:?}", area.name);
-                    status
-                        .fallbacks
-                        .push(format!("{tier}: {}", first_line(&err)));
-                    for step in &plan.steps {
-                        unload(ebpf, step.program);
-                    }
+        match attach.attach(&plan.steps) {
+            Ok(()) => {
+                status.tier = Some(tier);
+                status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
+                break;
+            }
+            Err(err) => {
+                tracing::debug!("probe {name}: {tier} failed: {err:?}");
+                status
+                    .fallbacks
+                    .push(format!("{tier}: {}", first_line(&err)));
+                for step in &plan.steps {
+                    attach.unload(step.program);
                 }
             }
         }
-        statuses.push(status);
     }
-    Ok(statuses)
+    status
 }
 
 fn first_line(err: &anyhow::Error) -> String {

@@ -9,8 +9,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use btfparse::{Integer32Value, Integer64Value, Offset, Readable, TypeInformation, TypeVariant};
 use qtrace_common::{kernel::SOCK_KEY_HEAD, HookLayout, Offsets};
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-
 /// The BTF blob in memory: btfparse reads it in many small pieces, and each read of the sysfs
 /// file is a syscall (reading it piecemeal took seconds).
 struct BtfBytes<'a>(&'a [u8]);
@@ -51,7 +49,7 @@ pub struct LoadedBtf {
 }
 
 impl KernelBtf {
-    /// Reads and parses the kernel's BTF at `path` (normally [`VMLINUX_BTF`]).
+    /// Reads and parses the kernel's BTF at `path` (normally [`crate::config::VMLINUX_BTF`]).
     pub fn load(path: &Path) -> Result<LoadedBtf> {
         let bytes = std::fs::read(path).with_context(|| unusable(path))?;
         let types = TypeInformation::new(&BtfBytes(&bytes))
@@ -226,6 +224,7 @@ impl KernelBtf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::VMLINUX_BTF;
     use std::{process::Command, sync::OnceLock};
 
     fn kernel() -> &'static KernelBtf {

@@ -6,8 +6,9 @@ use std::io::{self, Write};
 use anyhow::Result;
 
 use crate::{
+    api::ProbesReport,
     config::{ConfigArg, DaemonArgs, TracerArgs},
-    tracer::Tracer,
+    kernel::tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -27,8 +28,11 @@ pub fn probes(opts: ProbesOptions) -> Result<()> {
     let kernel = kernel_release();
     let mut out = io::stdout().lock();
     if opts.json {
-        let v = serde_json::json!({ "kernel": kernel, "probes": tracer.probes });
-        writeln!(out, "{v}")?;
+        let report = ProbesReport {
+            kernel,
+            probes: tracer.probes.clone(),
+        };
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
     writeln!(out, "kernel {kernel}")?;

@@ -6,10 +6,12 @@ use qtrace_common::{globals, maps};
 
 pub use crate::config::TracerOptions;
 use crate::{
-    btf::{KernelBtf, LoadedBtf},
-    heap,
-    probes::{self, ProbeStatus},
-    stats::KernelCounters,
+    host::heap,
+    kernel::{
+        btf::{KernelBtf, LoadedBtf},
+        counters::KernelCounters,
+        probes::{self, ProbeStatus},
+    },
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qtrace"));

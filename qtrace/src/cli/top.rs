@@ -14,18 +14,13 @@ use crossterm::{
     execute, queue,
     terminal::{self, ClearType},
 };
-use qtrace_common::Counter;
-use serde_json::Value;
+use qtrace_common::{Counter, DropReason};
 
 use crate::{
+    api::{AcceptWait, Listeners},
     config::SourceArgs,
-    hub,
-    listener::endpoint_of,
-    owners::Owner,
-    scrape::{ListenerId, Scraper},
-    server::snapshot_json,
-    snapshot,
-    tracer::Tracer,
+    daemon::{collect::Collector, events_socket, state},
+    kernel::tracer::Tracer,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -73,14 +68,16 @@ impl SortBy {
 enum Source {
     Daemon(PathBuf),
     /// The tracer is held only to keep the probes attached.
-    Local(Box<Scraper>, #[allow(dead_code)] Tracer),
+    Local(Box<Collector>, #[allow(dead_code)] Tracer),
 }
 
 impl Source {
-    fn snapshot(&self) -> Result<Value> {
+    fn snapshot(&self) -> Result<Listeners> {
         match self {
-            Source::Daemon(socket) => hub::listeners_snapshot(socket),
-            Source::Local(scraper, _) => Ok(snapshot_json(scraper, &scraper.collect()?, None)),
+            Source::Daemon(socket) => events_socket::listeners_snapshot(socket),
+            Source::Local(collector, _) => {
+                Ok(state::snapshot(collector, &collector.collect()?, None))
+            }
         }
     }
 }
@@ -90,8 +87,8 @@ impl Source {
 pub struct Row {
     pub listener: String,
     pub owner: String,
-    pub acceptq: Option<(u64, u64)>,
-    pub synq: Option<u64>,
+    pub acceptq: Option<(u32, u32)>,
+    pub synq: Option<u32>,
     /// Per second, by reason; None where qtrace cannot see it.
     pub drops: [Option<f64>; 4],
     pub retransmits: Option<f64>,
@@ -128,52 +125,37 @@ impl Row {
 }
 
 /// Rows from two snapshots `secs` apart.
-pub fn rows(prev: &Value, cur: &Value, secs: f64) -> Vec<Row> {
-    let before = ListenerId::index(prev);
-    let empty = Value::Null;
-    cur["listeners"]
-        .as_array()
-        .into_iter()
-        .flatten()
+pub fn rows(prev: &Listeners, cur: &Listeners, secs: f64) -> Vec<Row> {
+    let before = prev.by_id();
+    cur.listeners
+        .iter()
         .map(|l| {
-            let p = ListenerId::of_json(l)
-                .and_then(|id| before.get(&id).copied())
-                .unwrap_or(&empty);
-            let rate = |name: &str| {
-                let now = l["counters"][name].as_u64()?;
-                let then = p["counters"][name].as_u64().unwrap_or(0);
+            let p = before.get(&l.id()).copied();
+            let rate = |c: Counter| {
+                let now = l.counters.get(c)?;
+                let then = p.and_then(|p| p.counters.get(c)).unwrap_or(0);
                 Some(now.saturating_sub(then) as f64 / secs)
             };
-            let (addr, port) = (
-                l["addr"].as_str().unwrap_or(""),
-                l["port"].as_u64().unwrap_or(0),
-            );
-            let q = &l["queues"];
             Row {
-                listener: endpoint_of(addr, port as u16),
-                owner: Owner::of_json(&l["owner"]).map_or(String::new(), |o| o.to_string()),
-                acceptq: q["accept_len"].as_u64().zip(q["accept_limit"].as_u64()),
-                synq: q["syn_len"].as_u64(),
-                drops: Counter::DROPS.map(|c| rate(c.name())),
-                retransmits: rate("synack_retransmits"),
-                cookies: rate("syncookies_sent"),
-                wait: wait_quantiles(&p["accept_wait"], &l["accept_wait"]),
+                listener: l.id().endpoint(),
+                owner: l.owner.as_ref().map_or(String::new(), |o| o.to_string()),
+                acceptq: l.queues.map(|q| (q.accept_len, q.accept_limit)),
+                synq: l.queues.map(|q| q.syn_len),
+                drops: DropReason::ALL.map(|r| rate(r.counter())),
+                retransmits: rate(Counter::SynackRetransmits),
+                cookies: rate(Counter::SyncookiesSent),
+                wait: wait_quantiles(
+                    p.and_then(|p| p.accept_wait.as_ref()),
+                    l.accept_wait.as_ref(),
+                ),
             }
         })
         .collect()
 }
 
 /// p50 and p99 of the waits observed between two cumulative histograms (upper bounds).
-fn wait_quantiles(prev: &Value, cur: &Value) -> Option<(f64, f64)> {
-    let buckets = |v: &Value| -> Vec<(f64, u64)> {
-        v["buckets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| Some((b[0].as_f64()?, b[1].as_u64()?)))
-            .collect()
-    };
-    let (c, p) = (buckets(cur), buckets(prev));
+fn wait_quantiles(prev: Option<&AcceptWait>, cur: Option<&AcceptWait>) -> Option<(f64, f64)> {
+    let (c, p) = (&cur?.buckets, prev.map_or(&[][..], |p| &p.buckets[..]));
     let delta: Vec<(f64, u64)> = c
         .iter()
         .enumerate()
@@ -208,8 +190,8 @@ fn seconds(s: f64) -> String {
 fn line(head: [&str; 5], drops: [&str; 4], tail: [&str; 4]) -> String {
     let [listener, owner, accq, fill, synq] = head;
     let mut s = format!("{listener:<26} {owner:<18} {accq:>11} {fill:>5} {synq:>6}");
-    for (c, v) in Counter::DROPS.iter().zip(drops) {
-        s += &format!(" {v:>w$}", w = snapshot::title(*c).len());
+    for (r, v) in DropReason::ALL.iter().zip(drops) {
+        s += &format!(" {v:>w$}", w = r.title().len());
     }
     let [rtx, cookies, p50, p99] = tail;
     s += &format!(" {rtx:>8} {cookies:>8} {p50:>9} {p99:>9}\n");
@@ -230,7 +212,7 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     }
     let mut s = line(
         ["LISTENER", "OWNER", "ACCEPTQ", "FILL%", "SYNQ"],
-        Counter::DROPS.map(snapshot::title),
+        DropReason::ALL.map(DropReason::title),
         ["RTX/s", "COOKIE/s", "WAIT-P50", "WAIT-P99"],
     );
     for r in rows {
@@ -255,13 +237,13 @@ pub fn top(opts: TopOptions) -> Result<()> {
     let settings = opts.source.client.settings()?;
     let source = if opts.source.standalone {
         let tracer = Tracer::start(&settings.tracer)?;
-        let scraper = Scraper::new(
+        let collector = Collector::new(
             tracer.counters.clone(),
             tracer.program_ids.clone(),
             tracer.probes.clone(),
             Default::default(),
         );
-        Source::Local(Box::new(scraper), tracer)
+        Source::Local(Box::new(collector), tracer)
     } else {
         Source::Daemon(settings.daemon.events_socket)
     };
@@ -292,7 +274,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
 }
 
 /// The refreshing view: alternate screen, raw mode for the keys, restored however it ends.
-fn live(source: &Source, mut prev: Value, opts: &TopOptions) -> Result<()> {
+fn live(source: &Source, mut prev: Listeners, opts: &TopOptions) -> Result<()> {
     let mut out = io::stdout();
     terminal::enable_raw_mode()?;
     execute!(out, terminal::EnterAlternateScreen, cursor::Hide)?;
@@ -349,16 +331,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn snap(drops: u64, len: u64) -> Value {
-        json!({ "listeners": [
-            { "netns": 1, "addr": "127.0.0.1", "port": 80, "owner": { "pid": 7, "comm": "nginx" },
+    /// A daemon's snapshot, as its JSON reaches `top`.
+    fn snap(drops: u64, len: u64) -> Listeners {
+        serde_json::from_value(json!({ "type": "listeners", "listeners": [
+            { "netns": 1, "family": "ipv4", "addr": "127.0.0.1", "port": 80,
+              "owner": { "pid": 7, "comm": "nginx" },
               "queues": { "accept_len": len, "accept_limit": 10, "syn_len": 0 },
               "counters": { "drop_accept_queue_full_syn": drops, "drop_syn_queue_full": null,
                             "drop_accept_queue_full_ack": 0, "drop_other": null, "synack_retransmits": 0,
                             "syncookies_sent": null },
-              "accept_wait": { "buckets": [[0.001, 0], [0.002, drops], [f64::MAX, drops]] } },
-            { "netns": 1, "addr": "::", "port": 22, "owner": null, "queues": null, "counters": {} }
-        ]})
+              "accept_wait": { "count": drops, "sum_seconds": 0.0,
+                               "buckets": [[0.001, 0], [0.002, drops], [f64::MAX, drops]] } },
+            { "netns": 1, "family": "ipv6", "addr": "::", "port": 22, "owner": null,
+              "queues": null, "counters": {} }
+        ]}))
+        .unwrap()
     }
 
     #[test]
@@ -372,9 +359,7 @@ mod tests {
         let table = render(rows, SortBy::Drops, false);
         let header = table.lines().next().unwrap();
         assert!(
-            Counter::DROPS
-                .iter()
-                .all(|c| header.contains(snapshot::title(*c))),
+            DropReason::ALL.iter().all(|r| header.contains(r.title())),
             "the drop columns are titled as in every table: {table}"
         );
         assert!(

@@ -4,7 +4,7 @@
 use qtrace_common::Counter;
 
 use super::{by_arity, Area, Hook, Plan, Step, Tier};
-use crate::btf::KernelBtf;
+use crate::kernel::btf::KernelBtf;
 
 const QUEUE_ADD: &str = "inet_csk_reqsk_queue_add";
 const HASHDANCE: &str = "inet_csk_complete_hashdance";

@@ -1,17 +1,12 @@
-//! Decoding ring-buffer records and rendering them for people and for machines.
+//! Decoding ring-buffer records into [`crate::api::Event`]s, with wall-clock time.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use qtrace_common::{Event, EventKind};
-use serde::{Deserialize, Serialize};
 
 use crate::{
+    api::{self, EventTag},
     listener::{ip, Family},
-    owners::Owner,
 };
 
 /// Decodes one ring-buffer record; None for a short or unknown record.
@@ -55,86 +50,17 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// An event as qtrace hands it on (JSON Lines, the events socket): a stable interface.
-/// `owner` is filled in by the daemon when it knows the listening socket's process.
-/// Only `time` and `owner` live on the heap; the rest are values that serialize to their text.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// `default`: read as a [`crate::hub::Line`], the tag is taken by the line's enum.
-    #[serde(rename = "type", default)]
-    pub record: RecordType,
-    pub time: String,
-    pub ts_ns: u64,
-    #[serde(with = "kind_name")]
-    pub kind: EventKind,
-    pub netns: u32,
-    pub family: Family,
-    pub laddr: IpAddr,
-    pub lport: u16,
-    pub raddr: IpAddr,
-    pub rport: u16,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub retransmit: Option<u8>,
-    pub acceptq_len: u32,
-    pub acceptq_max: u32,
-    pub synq_len: u32,
-    pub synq_max: u32,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    /// Shared with the daemon's owner map: an event does not copy its strings.
-    pub owner: Option<Arc<Owner>>,
-}
-
-/// `"type": "event"`, which sets events apart from the other lines of the events socket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RecordType {
-    #[default]
-    Event,
-}
-
 /// The kind of a decoded event (`decode` let no unknown kind through).
 pub fn kind(ev: &Event) -> EventKind {
     EventKind::from_u8(ev.kind).unwrap_or(EventKind::DropOther)
 }
 
-/// The kind whose stable name is `name` (`--kind`, JSON), or an error listing the names.
-pub fn parse_kind(name: &str) -> Result<EventKind, String> {
-    let kinds = (1..=u8::MAX).map_while(EventKind::from_u8);
-    kinds.clone().find(|k| k.name() == name).ok_or_else(|| {
-        let known: Vec<_> = kinds.map(EventKind::name).collect();
-        format!("unknown event kind; known: {}", known.join(", "))
-    })
-}
-
-/// An [`EventKind`] as its stable name in JSON.
-mod kind_name {
-    use qtrace_common::EventKind;
-    use serde::{de, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(kind: &EventKind, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(kind.name())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EventKind, D::Error> {
-        struct Name;
-        impl de::Visitor<'_> for Name {
-            type Value = EventKind;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an event kind name")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<EventKind, E> {
-                super::parse_kind(v).map_err(E::custom)
-            }
-        }
-        d.deserialize_str(Name)
-    }
-}
-
-pub fn to_record(ev: &Event, clock: &Clock) -> Record {
+/// The event as qtrace hands it on, without its owner (the daemon adds it).
+pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
     let l = &ev.listener;
     let kind = kind(ev);
-    Record {
-        record: RecordType::Event,
+    api::Event {
+        record: EventTag::Event,
         time: humantime::format_rfc3339_millis(clock.wall(ev.ts_ns)).to_string(),
         ts_ns: ev.ts_ns,
         kind,
@@ -153,32 +79,12 @@ pub fn to_record(ev: &Event, clock: &Clock) -> Record {
     }
 }
 
-/// One line for an operator.
-pub fn to_human(r: &Record) -> String {
-    let what = match r.retransmit {
-        Some(n) => format!("{} #{n}", r.kind.describe()),
-        None => r.kind.describe().to_string(),
-    };
-    let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
-    format!(
-        "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
-        r.time,
-        SocketAddr::new(r.laddr, r.lport),
-        SocketAddr::new(r.raddr, r.rport),
-        r.acceptq_len,
-        r.acceptq_max,
-        r.synq_len,
-        r.synq_max,
-        r.netns,
-    )
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use qtrace_common::{listener::AF_INET, ListenerKey};
 
     use super::*;
-    use crate::hub::Line;
+    use crate::api::{parse_kind, Line};
 
     /// A SYN-ACK retransmit at 127.0.0.1:8080 in netns 4026532000.
     pub(crate) fn retransmit() -> Event {
@@ -241,31 +147,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn human_line_reads_like_the_kernel_state() {
-        let mut r = to_record(&retransmit(), &Clock::new());
-        r.owner = Some(Arc::new(Owner {
-            pid: 1234,
-            comm: "nginx".into(),
-            unit: "nginx.service".into(),
-        }));
-        let line = to_human(&r);
-        assert!(line.contains("SYN-ACK retransmit #2"), "{line}");
-        assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");
-        assert!(line.contains("acceptq 1/1 synq 3/1"), "{line}");
-        assert!(line.ends_with("nginx[1234]"), "{line}");
-    }
-
-    #[test]
     fn records_round_trip_through_json() {
         let r = to_record(&retransmit(), &Clock::new());
-        let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        let back: api::Event = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(
+            parse_kind("drop_accept_queue_full_syn"),
+            Ok(EventKind::DropAcceptQueueFullSyn)
+        );
+        // The name before the vocabulary was unified is still understood.
+        assert_eq!(
             parse_kind("syn_drop_accept_queue_full"),
-            Ok(EventKind::SynDropAcceptQueueFull)
+            Ok(EventKind::DropAcceptQueueFullSyn)
         );
         let e = parse_kind("syn_drop").unwrap_err();
-        assert!(e.contains("known: syn_drop_syn_queue_full, "), "{e}");
+        assert!(e.contains("known: drop_syn_queue_full, "), "{e}");
     }
 
     #[test]

@@ -53,14 +53,55 @@ pub fn all() -> Vec<Namespace> {
     found.into_values().collect()
 }
 
-/// Runs `f` on a thread that has joined `ns` (needs CAP_SYS_ADMIN for other namespaces).
-pub fn run_in<T: Send>(ns: &Namespace, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| enter(ns).and_then(|()| f()))
-            .join()
-            .unwrap_or_else(|_| anyhow::bail!("thread for namespace {} panicked", ns.inode))
-    })
+/// Runs `f` in every network namespace `wanted` admits (by inode), a few at a time in
+/// parallel: in this process's own namespace directly, in the others on a thread that joins
+/// it (needs CAP_SYS_ADMIN). Returns what `f` found per namespace inode, and how many
+/// namespaces could not be entered or read (counted, never guessed).
+pub fn for_each<T: Send>(
+    wanted: impl Fn(u32) -> bool,
+    f: impl Fn() -> Result<T> + Sync,
+) -> (Vec<(u32, T)>, usize) {
+    let own = own().ok();
+    // A namespace `wanted` excludes is not entered at all.
+    let namespaces: Vec<_> = all().into_iter().filter(|ns| wanted(ns.inode)).collect();
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::new();
+    let mut unreadable = 0;
+    let f = &f;
+    for batch in namespaces.chunks(parallel) {
+        let found: Vec<Result<T>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = batch
+                .iter()
+                .map(|ns| {
+                    let mine = own.as_ref().is_some_and(|o| o.inode == ns.inode);
+                    scope.spawn(move || {
+                        if mine {
+                            f()
+                        } else {
+                            enter(ns).and_then(|()| f())
+                        }
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("namespace thread panicked")))
+                })
+                .collect()
+        });
+        for (ns, found) in batch.iter().zip(found) {
+            match found {
+                Ok(v) => out.push((ns.inode, v)),
+                Err(e) => {
+                    tracing::debug!("netns {}: {e:#}", ns.inode);
+                    unreadable += 1;
+                }
+            }
+        }
+    }
+    (out, unreadable)
 }
 
 /// Moves the calling thread into `ns`: only for a thread of its own, which then stays there.

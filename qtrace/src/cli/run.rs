@@ -4,7 +4,7 @@
 
 use std::{
     io::{self, Write},
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -16,17 +16,23 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, Ready, SelfStats},
+    cli::{events::to_human, table},
     config::{ConfigArg, DaemonArgs, Settings, TracerArgs},
-    events::{self, Clock},
-    history::History,
-    hub::{self, Hub},
-    ring::EventRing,
-    scrape::ListenerId,
-    scrape::Scraper,
-    server::{self, AppState},
-    snapshot::{self, Visibility},
-    stats::KernelCounters,
-    tracer::Tracer,
+    daemon::{
+        collect::Collector,
+        events_socket::{self, Hub},
+        history::History,
+        http,
+        state::{self, State},
+    },
+    kernel::{
+        counters::KernelCounters,
+        decode::{self, Clock},
+        probes::Visibility,
+        ring::EventRing,
+        tracer::Tracer,
+    },
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -68,7 +74,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let mut tracer = Tracer::start(&tracer_opts)?;
     let (events_listener, _socket_file) =
-        hub::bind(&daemon.events_socket, daemon.events_socket_group.as_deref())
+        events_socket::bind(&daemon.events_socket, daemon.events_socket_group.as_deref())
             .context("events socket (--events-socket)")?;
     for p in &tracer.probes {
         match p.tier {
@@ -81,31 +87,27 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     let vis = Visibility::of(&tracer.probes);
-    let state = Arc::new(AppState {
-        scraper: Scraper::new(
+    let state = State::new(
+        Collector::new(
             tracer.counters.clone(),
             tracer.program_ids.clone(),
             tracer.probes.clone(),
             daemon.filter.clone(),
         ),
-        max_series: daemon.max_listener_series.into(),
-        history: Mutex::new(History::new(
-            daemon.queue_sample_interval,
-            daemon.max_listener_series,
-        )),
-    });
+        daemon.max_listener_series,
+        History::new(daemon.queue_sample_interval, daemon.max_listener_series),
+    );
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let hub = Hub::new(daemon.events_reader_queue);
-    tokio::spawn(hub::serve(
+    let hub = Hub::new(daemon.events_reader_queue, state.clone());
+    tokio::spawn(events_socket::serve(
         events_listener,
         hub.clone(),
-        state.clone(),
         stop_rx.clone(),
     ));
-    tokio::spawn(refresh_owners(hub.clone(), state.clone(), stop_rx.clone()));
+    tokio::spawn(state::keep_owners(state.clone(), stop_rx.clone()));
     tokio::spawn(sample_queues(state.clone(), stop_rx.clone()));
     let server = {
-        let app = server::router(state.clone());
+        let app = http::router(state.clone());
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -118,13 +120,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let mut out = opts.print.then(|| io::stdout().lock());
     if let (Some(out), true) = (out.as_mut(), opts.json) {
-        let ready =
-            serde_json::json!({ "type": "ready", "listen": listen, "probes": tracer.probes });
-        writeln!(out, "{ready}")?;
+        let ready = Ready {
+            listen,
+            probes: tracer.probes.clone(),
+        };
+        writeln!(out, "{}", serde_json::to_string(&ready)?)?;
         out.flush()?;
     }
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
-    let printer = Printer {
+    let publisher = Publisher {
         json: opts.json,
         clock: Clock::new(),
         vis,
@@ -134,9 +138,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     loop {
         tokio::select! {
-            batch = ring.wait() => printer.events(batch?, &hub, out.as_mut())?,
+            batch = ring.wait() => publisher.events(batch?, &hub, out.as_mut())?,
             _ = tick.tick(), if out.is_some() => {
-                printer.table(&tracer.counters, false, out.as_mut())?;
+                publisher.table(&tracer.counters, false, out.as_mut())?;
             }
             _ = sighup.recv() => reload(&opts, &reread, &state),
             _ = sigint.recv() => break,
@@ -147,8 +151,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = stop_tx.send(true);
     // Scrapes in flight get a moment; exiting promptly matters more.
     let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
-    printer.events(ring.drain_now(), &hub, out.as_mut())?;
-    printer.table(&tracer.counters, true, out.as_mut())?;
+    publisher.events(ring.drain_now(), &hub, out.as_mut())?;
+    publisher.table(&tracer.counters, true, out.as_mut())?;
     tracing::info!("detaching");
     drop(ring);
     drop(state);
@@ -158,10 +162,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 /// SIGHUP: re-read the config file and apply what can change without reloading the
 /// programs (filters, label cap); other changes need a restart, and the log says so.
-fn reload(opts: &RunOptions, config: &ConfigArg, state: &AppState) {
+fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
     match config.settings(&opts.tracer, &opts.daemon) {
         Ok(Settings { daemon, .. }) => {
-            state.scraper.set_filter(daemon.filter);
+            state.collector.set_filter(daemon.filter);
             state
                 .max_series
                 .store(daemon.max_listener_series, Ordering::Relaxed);
@@ -174,33 +178,9 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &AppState) {
     }
 }
 
-/// Keeps the hub's listener → owner map fresh when events name listeners it does not know.
-async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        if !hub.owners_stale() {
-            continue;
-        }
-        match server::collect(&state).await {
-            Ok(scrape) => hub.set_owners(
-                scrape
-                    .listeners
-                    .into_iter()
-                    .filter_map(|v| Some((v.id, Arc::new(v.owner?))))
-                    .collect(),
-            ),
-            Err(e) => tracing::debug!("owner refresh: {e:#}"),
-        }
-    }
-}
-
 /// Every listener's queues at a fixed interval, for the last hour's history (fixed, so the
 /// share of samples is a share of time, whatever the scrape rate).
-async fn sample_queues(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+async fn sample_queues(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let every = state.history.lock().unwrap().interval();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,20 +189,22 @@ async fn sample_queues(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match server::collect(&state).await {
+        match state.collect().await {
             Ok(scrape) => state.history.lock().unwrap().record(&scrape),
             Err(e) => tracing::debug!("queue sample: {e:#}"),
         }
     }
 }
 
-struct Printer {
+/// Where the ring buffer's events go: to the hub (the events socket's readers) always, and
+/// with `--print` to stdout too, with the periodic listener table.
+struct Publisher {
     json: bool,
     clock: Clock,
     vis: Visibility,
 }
 
-impl Printer {
+impl Publisher {
     /// Hands events to the hub (the events socket's readers), printing them too when asked.
     fn events(
         &self,
@@ -231,10 +213,7 @@ impl Printer {
         mut out: Option<&mut io::StdoutLock>,
     ) -> Result<()> {
         for ev in batch {
-            let record = hub.publish(
-                ListenerId::from(&ev.listener),
-                events::to_record(&ev, &self.clock),
-            );
+            let record = hub.publish(decode::to_record(&ev, &self.clock));
             let Some(out) = out.as_deref_mut() else {
                 continue;
             };
@@ -242,7 +221,7 @@ impl Printer {
                 serde_json::to_writer(&mut *out, &*record)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "{}", events::to_human(&record))?;
+                writeln!(out, "{}", to_human(&record))?;
             }
         }
         if let Some(out) = out {
@@ -260,10 +239,15 @@ impl Printer {
         let Some(out) = out else { return Ok(()) };
         let listeners = counters.listeners()?;
         if self.json {
-            let v = snapshot::to_json(&listeners, &counters.self_stats()?, self.vis, last);
-            writeln!(out, "{v}")?;
+            let snapshot = api::Listeners {
+                last: Some(last),
+                listeners: listeners.iter().map(|s| s.to_api(self.vis)).collect(),
+                self_stats: Some(SelfStats(counters.self_stats()?)),
+                ..Default::default()
+            };
+            writeln!(out, "{}", serde_json::to_string(&snapshot)?)?;
         } else {
-            write!(out, "{}", snapshot::to_table(&listeners, self.vis))?;
+            write!(out, "{}", table::to_table(&listeners, self.vis))?;
         }
         out.flush()?;
         Ok(())

@@ -11,21 +11,17 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
-use qtrace_common::{Counter, SelfStat, WAIT_BUCKETS};
+use qtrace_common::{Counter, DropReason, SelfStat, WAIT_BUCKETS};
 
 use crate::{
-    probes::ProbeStatus,
-    scrape::{ListenerId, ListenerView, Scrape},
-    snapshot::Visibility,
-    sockdiag::ListenerQueues,
-    stats::{wait_bucket_le_seconds, ListenerStats},
+    daemon::collect::{ListenerView, Scrape},
+    host::sockdiag::ListenerQueues,
+    kernel::{
+        counters::{wait_bucket_le_seconds, ListenerStats},
+        probes::{ProbeStatus, Visibility},
+    },
+    listener::ListenerId,
 };
-
-/// The `reason` label of a drop counter: its name without `drop_` (`syn_queue_full`, …, `other`).
-fn drop_reason(c: Counter) -> &'static str {
-    let name = c.name();
-    name.strip_prefix("drop_").unwrap_or(name)
-}
 
 const LISTENER_COUNTERS: [(Counter, &str, &str); 5] = [
     (
@@ -304,13 +300,13 @@ fn families(
         samples: series
             .iter()
             .flat_map(|s| {
-                Counter::DROPS
+                DropReason::ALL
                     .into_iter()
-                    .filter(|&c| vis.sees(c))
-                    .map(|c| {
+                    .filter(|r| vis.sees(r.counter()))
+                    .map(|r| {
                         (
-                            s.labels.with("reason", drop_reason(c)),
-                            Value::Counter(s.stats.get(c)),
+                            s.labels.with("reason", r.name()),
+                            Value::Counter(s.stats.get(r.counter())),
                         )
                     })
             })

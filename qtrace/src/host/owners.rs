@@ -1,36 +1,28 @@
 //! Which process owns a listening socket (by socket inode), and its systemd unit or container.
+//! One cache, [`Owners`], answers by socket inode (scrapes, doctor) and, through its
+//! [`OwnerIndex`], by listener (events).
 
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
 use procfs::process::{all_processes, FDTarget, Process};
-use serde::Serialize;
 
-/// The process holding a socket. A socket shared by several processes (pre-forked servers)
-/// is attributed to the lowest pid, the parent in the usual case.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Owner {
-    pub pid: i32,
-    pub comm: String,
-    /// The last component of the process's cgroup: `nginx.service`, `docker-<id>.scope`, …
-    #[serde(default)]
-    pub unit: String,
-}
+pub use crate::api::Owner;
+use crate::listener::ListenerId;
 
-/// `comm[pid]`, as `ps` and the kernel's log name a process.
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}[{}]", self.comm, self.pid)
-    }
-}
+/// Who holds the listening sockets, by listener: what the last lookup of
+/// [`Owners::lookup_listeners`] found, shared with readers that must never wait for a scan
+/// (the events socket names each event's owner from it).
+#[derive(Clone, Default)]
+pub struct OwnerIndex(Arc<RwLock<HashMap<ListenerId, Arc<Owner>>>>);
 
-impl Owner {
-    /// The owner in a JSON snapshot, when there is one.
-    pub fn of_json(v: &serde_json::Value) -> Option<Self> {
-        serde_json::from_value(v.clone()).ok()
+impl OwnerIndex {
+    pub fn get(&self, id: &ListenerId) -> Option<Arc<Owner>> {
+        self.0.read().unwrap().get(id).cloned()
     }
 }
 
@@ -44,19 +36,20 @@ impl Owner {
 /// remembered as looked for, so they do not cause a rescan on every scrape.
 #[derive(Default)]
 pub struct Owners {
-    by_inode: HashMap<u32, Owner>,
+    by_inode: HashMap<u32, Arc<Owner>>,
     looked_for: HashSet<u32>,
     /// When the last scan ended, and how long it took.
     scanned: Option<(Instant, Duration)>,
     /// Full /proc walks so far.
     scans: u64,
+    index: OwnerIndex,
 }
 
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
 impl Owners {
     /// Owners of `inodes`; new sockets or exited owners trigger a rescan.
-    pub fn lookup(&mut self, inodes: impl IntoIterator<Item = u32>) -> &HashMap<u32, Owner> {
+    pub fn lookup(&mut self, inodes: impl IntoIterator<Item = u32>) -> &HashMap<u32, Arc<Owner>> {
         let wanted: HashSet<u32> = inodes.into_iter().collect();
         if wanted.is_subset(&self.looked_for) && !self.an_owner_exited(&wanted) {
             return &self.by_inode;
@@ -78,6 +71,26 @@ impl Owners {
         &self.by_inode
     }
 
+    /// Owners of these listening sockets (listener, socket inode), as [`Self::lookup`]; the
+    /// index answers with them from now on.
+    pub fn lookup_listeners(
+        &mut self,
+        sockets: &[(ListenerId, u32)],
+    ) -> HashMap<ListenerId, Arc<Owner>> {
+        let by_inode = self.lookup(sockets.iter().map(|s| s.1));
+        let found: HashMap<ListenerId, Arc<Owner>> = sockets
+            .iter()
+            .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
+            .collect();
+        *self.index.0.write().unwrap() = found.clone();
+        found
+    }
+
+    /// The owners by listener, as the last [`Self::lookup_listeners`] found them.
+    pub fn index(&self) -> OwnerIndex {
+        self.index.clone()
+    }
+
     fn an_owner_exited(&self, wanted: &HashSet<u32>) -> bool {
         let pids: HashSet<i32> = wanted
             .iter()
@@ -88,8 +101,8 @@ impl Owners {
     }
 }
 
-fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Owner> {
-    let mut out: HashMap<u32, Owner> = HashMap::new();
+fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
+    let mut out: HashMap<u32, Arc<Owner>> = HashMap::new();
     let Ok(procs) = all_processes() else {
         return out;
     };
@@ -108,11 +121,11 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Owner> {
             let (comm, unit) = who.get_or_insert_with(|| describe(&p)).clone();
             out.insert(
                 inode,
-                Owner {
+                Arc::new(Owner {
                     pid: p.pid,
                     comm,
                     unit,
-                },
+                }),
             );
         }
     }

@@ -8,9 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
-use crate::scrape::{ListenerId, Scrape};
+pub use crate::api::LastHour;
+use crate::{daemon::collect::Scrape, listener::ListenerId};
 
 const MINUTES: u32 = 60;
 
@@ -33,18 +32,6 @@ pub struct History {
     interval: Duration,
     cap: usize,
     listeners: HashMap<ListenerId, VecDeque<Minute>>,
-}
-
-/// What the last hour (or as much of it as the daemon has seen) says about one listener.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LastHour {
-    /// Time covered by the samples: samples × interval, at most an hour.
-    pub sampled_seconds: f64,
-    pub samples: u32,
-    /// Share of the samples in which the accept queue was at its limit.
-    pub accept_queue_at_limit: f64,
-    /// Drops of every reason the kernel programs counted in that time.
-    pub drops: u64,
 }
 
 impl History {
@@ -115,7 +102,10 @@ mod tests {
     use qtrace_common::Counter;
 
     use super::*;
-    use crate::{scrape::ListenerView, sockdiag::ListenerQueues, stats::ListenerStats};
+    use crate::{
+        daemon::collect::ListenerView, host::sockdiag::ListenerQueues,
+        kernel::counters::ListenerStats,
+    };
 
     fn view(port: u16, len: u32, drops: u64) -> ListenerView {
         let addr: IpAddr = "127.0.0.1".parse().unwrap();

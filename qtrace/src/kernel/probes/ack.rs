@@ -4,7 +4,7 @@
 use qtrace_common::Counter;
 
 use super::{by_arity, Area, Hook, Plan, Step, Tier};
-use crate::btf::KernelBtf;
+use crate::kernel::btf::KernelBtf;
 
 const V4: &str = "tcp_v4_syn_recv_sock";
 const V6: &str = "tcp_v6_syn_recv_sock";

@@ -1,11 +1,20 @@
-//! Reading the kernel's per-CPU counters and summing them per listener.
+//! The kernel's counters: the per-CPU listener and self-accounting maps, read and summed
+//! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
-use qtrace_common::{maps, Counter, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS};
+use qtrace_common::{
+    maps, Counter, DropReason, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS,
+};
+
+use crate::{
+    api::{self, AcceptWait, Counters, Family},
+    kernel::probes::Visibility,
+    listener::{ip, ListenerId},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerStats {
@@ -22,7 +31,7 @@ impl ListenerStats {
 
     /// Drops of every reason.
     pub fn drops(&self) -> u64 {
-        Counter::DROPS.iter().map(|&c| self.get(c)).sum()
+        DropReason::ALL.iter().map(|r| self.get(r.counter())).sum()
     }
 
     pub fn empty(key: ListenerKey) -> Self {
@@ -31,6 +40,48 @@ impl ListenerStats {
             counts: [0; Counter::COUNT],
             wait_buckets: [0; WAIT_BUCKETS],
             wait_sum_ns: 0,
+        }
+    }
+
+    /// Its counters by name: None for what no attached probe sees.
+    pub fn counters(&self, vis: Visibility) -> Counters {
+        Counters(Counter::ALL.map(|c| vis.sees(c).then(|| self.get(c))))
+    }
+
+    /// The accept-wait histogram, or None when the accept probe is not attached.
+    pub fn accept_wait(&self, vis: Visibility) -> Option<AcceptWait> {
+        vis.sees(Counter::Accepted).then(|| {
+            let mut cumulative = 0;
+            let buckets = self
+                .wait_buckets
+                .iter()
+                .enumerate()
+                .map(|(b, n)| {
+                    cumulative += n;
+                    (wait_bucket_le_seconds(b), cumulative)
+                })
+                .collect();
+            AcceptWait {
+                count: cumulative,
+                sum_seconds: self.wait_sum_ns as f64 / 1e9,
+                buckets,
+            }
+        })
+    }
+
+    /// The listener as the wire snapshot shows it from the kernel's counters alone.
+    pub fn to_api(&self, vis: Visibility) -> api::Listener {
+        let id = ListenerId::from(&self.key);
+        api::Listener {
+            netns: id.netns,
+            family: Family::of(self.key.family),
+            addr: ip(self.key.family, self.key.addr),
+            port: id.port,
+            counters: self.counters(vis),
+            accept_wait: self.accept_wait(vis),
+            queues: None,
+            owner: None,
+            last_hour: None,
         }
     }
 

@@ -3,7 +3,7 @@
 use qtrace_common::Counter;
 
 use super::{Area, Hook, Plan, Step, Tier};
-use crate::btf::KernelBtf;
+use crate::kernel::btf::KernelBtf;
 
 pub const AREA: Area = Area {
     name: "synack",

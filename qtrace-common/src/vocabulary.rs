@@ -1,0 +1,168 @@
+//! qtrace's one vocabulary for what happened at a listener, defined here once and used by the
+//! metrics, the events, the JSON API, `top`, `doctor` and the README.
+//!
+//! A handshake packet the listener dropped has a [`DropReason`]. Its name (`syn_queue_full`,
+//! …, `other`) is the `reason` label of `qtrace_listen_drops_total`; `drop_<reason>` is both
+//! the JSON key of its counter and the `kind` of its event. Other counters and events follow
+//! the same rule: the counter is the plural (`synack_retransmits`), the event the singular
+//! (`synack_retransmit`).
+
+use crate::{Counter, EventKind};
+
+/// Why a handshake packet was dropped at the listener. Together, the kernel's ListenDrops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// A SYN, because the SYN queue was full and syncookies were off (TcpExtTCPReqQFullDrop).
+    SynQueueFull,
+    /// A SYN, because the accept queue was full (TcpExtListenOverflows at SYN time).
+    AcceptQueueFullSyn,
+    /// The final ACK, because the accept queue was full (TcpExtListenOverflows at ACK time).
+    AcceptQueueFullAck,
+    /// Any other listen drop (TcpExtListenDrops not explained by the reasons above).
+    Other,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::SynQueueFull,
+        DropReason::AcceptQueueFullSyn,
+        DropReason::AcceptQueueFullAck,
+        DropReason::Other,
+    ];
+
+    /// The reason's name: the metric label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::SynQueueFull => "syn_queue_full",
+            DropReason::AcceptQueueFullSyn => "accept_queue_full_syn",
+            DropReason::AcceptQueueFullAck => "accept_queue_full_ack",
+            DropReason::Other => "other",
+        }
+    }
+
+    /// `drop_<name>`: the JSON key of its counter and the kind of its events.
+    pub const fn key(self) -> &'static str {
+        match self {
+            DropReason::SynQueueFull => "drop_syn_queue_full",
+            DropReason::AcceptQueueFullSyn => "drop_accept_queue_full_syn",
+            DropReason::AcceptQueueFullAck => "drop_accept_queue_full_ack",
+            DropReason::Other => "drop_other",
+        }
+    }
+
+    /// What an operator reads.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            DropReason::SynQueueFull => "SYN dropped: SYN queue full",
+            DropReason::AcceptQueueFullSyn => "SYN dropped: accept queue full",
+            DropReason::AcceptQueueFullAck => "ACK dropped: accept queue full",
+            DropReason::Other => "handshake packet dropped (other)",
+        }
+    }
+
+    /// The column title of its counter in every table.
+    pub const fn title(self) -> &'static str {
+        match self {
+            DropReason::SynQueueFull => "SYNQ-FULL",
+            DropReason::AcceptQueueFullSyn => "ACCQ-FULL@SYN",
+            DropReason::AcceptQueueFullAck => "ACCQ-FULL@ACK",
+            DropReason::Other => "DROP-OTHER",
+        }
+    }
+
+    pub const fn counter(self) -> Counter {
+        match self {
+            DropReason::SynQueueFull => Counter::DropSynQueueFull,
+            DropReason::AcceptQueueFullSyn => Counter::DropAcceptQueueFullSyn,
+            DropReason::AcceptQueueFullAck => Counter::DropAcceptQueueFullAck,
+            DropReason::Other => Counter::DropOther,
+        }
+    }
+
+    pub const fn event(self) -> EventKind {
+        match self {
+            DropReason::SynQueueFull => EventKind::DropSynQueueFull,
+            DropReason::AcceptQueueFullSyn => EventKind::DropAcceptQueueFullSyn,
+            DropReason::AcceptQueueFullAck => EventKind::DropAcceptQueueFullAck,
+            DropReason::Other => EventKind::DropOther,
+        }
+    }
+}
+
+impl Counter {
+    /// The drop reason this counter counts, if it counts drops.
+    pub const fn drop_reason(self) -> Option<DropReason> {
+        match self {
+            Counter::DropSynQueueFull => Some(DropReason::SynQueueFull),
+            Counter::DropAcceptQueueFullSyn => Some(DropReason::AcceptQueueFullSyn),
+            Counter::DropAcceptQueueFullAck => Some(DropReason::AcceptQueueFullAck),
+            Counter::DropOther => Some(DropReason::Other),
+            _ => None,
+        }
+    }
+
+    /// Stable name: the JSON key of the counter (and, for drops, of the metric's reason).
+    pub const fn name(self) -> &'static str {
+        if let Some(r) = self.drop_reason() {
+            return r.key();
+        }
+        match self {
+            Counter::SynQueued => "syn_queued",
+            Counter::SyncookiesSent => "syncookies_sent",
+            Counter::SynackRetransmits => "synack_retransmits",
+            Counter::OverflowResets => "overflow_resets",
+            Counter::Accepted => "accepted",
+            Counter::EventsRateLimited => "events_rate_limited",
+            _ => "",
+        }
+    }
+}
+
+impl EventKind {
+    /// The drop reason of a drop event.
+    pub const fn drop_reason(self) -> Option<DropReason> {
+        match self {
+            EventKind::DropSynQueueFull => Some(DropReason::SynQueueFull),
+            EventKind::DropAcceptQueueFullSyn => Some(DropReason::AcceptQueueFullSyn),
+            EventKind::DropAcceptQueueFullAck => Some(DropReason::AcceptQueueFullAck),
+            EventKind::DropOther => Some(DropReason::Other),
+            _ => None,
+        }
+    }
+
+    /// Stable name: the event's `kind` in JSON and for `qtrace events --kind`.
+    pub const fn name(self) -> &'static str {
+        if let Some(r) = self.drop_reason() {
+            return r.key();
+        }
+        match self {
+            EventKind::SynackRetransmit => "synack_retransmit",
+            EventKind::OverflowReset => "overflow_reset",
+            EventKind::SyncookieSent => "syncookie_sent",
+            _ => "",
+        }
+    }
+
+    /// The kind's name before the vocabulary was unified (accepted on input only).
+    pub const fn old_name(self) -> Option<&'static str> {
+        match self {
+            EventKind::DropSynQueueFull => Some("syn_drop_syn_queue_full"),
+            EventKind::DropAcceptQueueFullSyn => Some("syn_drop_accept_queue_full"),
+            EventKind::DropAcceptQueueFullAck => Some("ack_drop_accept_queue_full"),
+            _ => None,
+        }
+    }
+
+    /// What an operator reads.
+    pub const fn describe(self) -> &'static str {
+        if let Some(r) = self.drop_reason() {
+            return r.describe();
+        }
+        match self {
+            EventKind::SynackRetransmit => "SYN-ACK retransmit",
+            EventKind::OverflowReset => "reset (abort_on_overflow)",
+            EventKind::SyncookieSent => "syncookie sent",
+            _ => "",
+        }
+    }
+}

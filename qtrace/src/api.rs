@@ -1,0 +1,367 @@
+//! qtrace's wire types: everything it writes for machines (JSON Lines on stdout, the events
+//! socket, /api/listeners, the ready line) is one of these, with `Serialize` and `Deserialize`
+//! both, so the commands that read qtrace's own output (`top`, `doctor`, `events`) read it
+//! typed. Names of counters and event kinds come from [`qtrace_common::vocabulary`].
+//!
+//! Contract: plain data and its (de)serialization; imports `qtrace_common` and
+//! [`crate::listener`] only.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use qtrace_common::{Counter, EventKind, SelfStat};
+use serde::{de, ser::SerializeMap, Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::listener::{Family, ListenerId};
+
+/// An attach tier, best first.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Fentry, Tier::Kprobe, Tier::Tracepoint];
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Fentry => "fentry",
+            Tier::Kprobe => "kprobe",
+            Tier::Tracepoint => "tracepoint",
+        })
+    }
+}
+
+/// How one probe area ended up attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    pub probe: String,
+    /// None: unavailable on this kernel.
+    pub tier: Option<Tier>,
+    pub hooks: Vec<String>,
+    /// Why better tiers (or all tiers) failed.
+    pub fallbacks: Vec<String>,
+}
+
+/// The first line of `qtrace run --print --json`: where it serves, and each probe's tier.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "ready")]
+pub struct Ready {
+    pub listen: SocketAddr,
+    pub probes: Vec<ProbeStatus>,
+}
+
+/// `qtrace probes --json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbesReport {
+    pub kernel: String,
+    pub probes: Vec<ProbeStatus>,
+}
+
+/// The process holding a socket. A socket shared by several processes (pre-forked servers)
+/// is attributed to the lowest pid, the parent in the usual case.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: i32,
+    pub comm: String,
+    /// The last component of the process's cgroup: `nginx.service`, `docker-<id>.scope`, …
+    #[serde(default)]
+    pub unit: String,
+}
+
+/// `comm[pid]`, as `ps` and the kernel's log name a process.
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.comm, self.pid)
+    }
+}
+
+/// An event as qtrace hands it on (JSON Lines, the events socket): a stable interface.
+/// `owner` is filled in by the daemon when it knows the listening socket's process.
+/// Only `time` and `owner` live on the heap; the rest are values that serialize to their text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `default`: read as a [`Line`], the tag is taken by the line's enum.
+    #[serde(rename = "type", default)]
+    pub record: EventTag,
+    pub time: String,
+    pub ts_ns: u64,
+    #[serde(with = "kind_name")]
+    pub kind: EventKind,
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retransmit: Option<u8>,
+    pub acceptq_len: u32,
+    pub acceptq_max: u32,
+    pub synq_len: u32,
+    pub synq_max: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// Shared with the daemon's owner cache: an event does not copy its strings.
+    pub owner: Option<Arc<Owner>>,
+}
+
+impl Event {
+    /// The listener the event happened at.
+    pub fn listener(&self) -> ListenerId {
+        ListenerId {
+            netns: self.netns,
+            addr: self.laddr,
+            port: self.lport,
+        }
+    }
+}
+
+/// `"type": "event"`, which sets events apart from the other lines of the events socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventTag {
+    #[default]
+    Event,
+}
+
+/// The kind whose name is `name` (`--kind`, JSON), or an error listing the names. The names
+/// drop kinds had before the vocabulary was unified are accepted too.
+pub fn parse_kind(name: &str) -> Result<EventKind, String> {
+    let kinds = (1..=u8::MAX).map_while(EventKind::from_u8);
+    kinds
+        .clone()
+        .find(|k| k.name() == name || k.old_name() == Some(name))
+        .ok_or_else(|| {
+            let known: Vec<_> = kinds.map(EventKind::name).collect();
+            format!("unknown event kind; known: {}", known.join(", "))
+        })
+}
+
+/// An [`EventKind`] as its stable name in JSON.
+mod kind_name {
+    use qtrace_common::EventKind;
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &EventKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EventKind, D::Error> {
+        struct Name;
+        impl de::Visitor<'_> for Name {
+            type Value = EventKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event kind name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EventKind, E> {
+                super::parse_kind(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
+/// What a client asks the daemon's events socket, as one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "lowercase")]
+pub enum Request {
+    Events {
+        #[serde(default)]
+        since_ns: u64,
+    },
+    Listeners,
+}
+
+/// A line the daemon writes to an events reader.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Line {
+    Event(Event),
+    /// The reader fell behind and lost this many events.
+    Gap {
+        missed: u64,
+    },
+}
+
+/// A listener's counters by their [`Counter::name`]: `None` (JSON `null`) for what no
+/// attached probe sees, never 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [Option<u64>; Counter::COUNT]);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> Option<u64> {
+        self.0[c as usize]
+    }
+}
+
+impl Serialize for Counters {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(Counter::COUNT))?;
+        for c in Counter::ALL {
+            m.serialize_entry(c.name(), &self.get(c))?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Counters {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Keys this version does not know are skipped: a newer daemon may count more.
+        let map = BTreeMap::<String, Option<u64>>::deserialize(d)?;
+        let mut out = Counters::default();
+        for c in Counter::ALL {
+            out.0[c as usize] = map.get(c.name()).copied().flatten();
+        }
+        Ok(out)
+    }
+}
+
+/// The accept-queue wait histogram.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AcceptWait {
+    pub count: u64,
+    pub sum_seconds: f64,
+    /// Cumulative counts by upper bound in seconds, as Prometheus buckets.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// A listener's queues, sampled with sock_diag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queues {
+    pub accept_len: u32,
+    pub accept_limit: u32,
+    pub syn_len: u32,
+}
+
+/// What the last hour (or as much of it as the daemon has seen) says about one listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastHour {
+    /// Time covered by the samples: samples × interval, at most an hour.
+    pub sampled_seconds: f64,
+    pub samples: u32,
+    /// Share of the samples in which the accept queue was at its limit.
+    pub accept_queue_at_limit: f64,
+    /// Drops of every reason the kernel programs counted in that time.
+    pub drops: u64,
+}
+
+/// One listener in a [`Listeners`] snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Listener {
+    pub netns: u32,
+    pub family: Family,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub counters: Counters,
+    /// None when the accept probe is not attached.
+    pub accept_wait: Option<AcceptWait>,
+    /// None when the listener is closed or its namespace was not readable (and in the
+    /// `run --print` table, which reads only the kernel's counters).
+    #[serde(default)]
+    pub queues: Option<Queues>,
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    /// Only from a daemon that samples queues (not `--standalone`, not `run --print`).
+    #[serde(default)]
+    pub last_hour: Option<LastHour>,
+}
+
+impl Listener {
+    pub fn id(&self) -> ListenerId {
+        ListenerId {
+            netns: self.netns,
+            addr: self.addr,
+            port: self.port,
+        }
+    }
+}
+
+/// qtrace's own losses by [`SelfStat`] name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelfStats(pub [u64; SelfStat::COUNT]);
+
+impl Serialize for SelfStats {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(SelfStat::COUNT))?;
+        for st in SelfStat::ALL {
+            m.serialize_entry(st.name(), &self.0[st as usize])?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for SelfStats {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, u64>::deserialize(d)?;
+        let mut out = SelfStats::default();
+        for st in SelfStat::ALL {
+            out.0[st as usize] = map.get(st.name()).copied().unwrap_or(0);
+        }
+        Ok(out)
+    }
+}
+
+/// The one listener snapshot, `"type": "listeners"`: /api/listeners, the events socket's
+/// answer to `{"request":"listeners"}`, `top --standalone`, and the periodic table of
+/// `qtrace run --print --json`. Fields a producer does not have are absent (or null).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Listeners {
+    #[serde(rename = "type", default)]
+    pub tag: ListenersTag,
+    /// `run --print --json` only: the table written at exit.
+    #[serde(rename = "final", default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<bool>,
+    /// How often the daemon samples queues for `last_hour`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_sample_interval_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeStatus>,
+    pub listeners: Vec<Listener>,
+    /// Network namespaces whose queues could not be sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_unreadable: Option<usize>,
+    /// `run --print --json` only: qtrace's own losses.
+    #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
+    pub self_stats: Option<SelfStats>,
+}
+
+/// `"type": "listeners"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenersTag;
+
+impl Serialize for ListenersTag {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("listeners")
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenersTag {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let tag = String::deserialize(d)?;
+        if tag == "listeners" {
+            Ok(ListenersTag)
+        } else {
+            Err(de::Error::custom(format!(
+                "expected a listeners snapshot, got type {tag}"
+            )))
+        }
+    }
+}
+
+impl Listeners {
+    /// The snapshot's listeners by their id.
+    pub fn by_id(&self) -> BTreeMap<ListenerId, &Listener> {
+        self.listeners.iter().map(|l| (l.id(), l)).collect()
+    }
+}

@@ -1,0 +1,129 @@
+//! Advice from evidence: the queues now, the effective limits, and what the daemon counted
+//! (typed counters and last hour from its snapshot), never boilerplate.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use qtrace_common::Counter;
+use serde::{Deserialize, Serialize};
+
+use super::limits::{Backlog, Limits};
+use crate::{
+    api::{Counters, LastHour, Owner},
+    host::sockdiag::ListenerQueues,
+};
+
+/// One piece of advice for one listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advice {
+    pub listener: String,
+    pub advice: String,
+}
+
+/// How advice names a listener: `nginx[7] on 0.0.0.0:80 (netns 4026531840)`.
+pub fn listener_name(owner: Option<&Owner>, addr: &IpAddr, port: u16, netns: u32) -> String {
+    let at = SocketAddr::new(*addr, port);
+    match owner {
+        Some(o) => format!("{o} on {at} (netns {netns})"),
+        None => format!("{at} (netns {netns})"),
+    }
+}
+
+/// What the daemon knows of a listener, when one runs.
+pub struct Evidence<'a> {
+    /// Counts since the daemon started.
+    pub counters: Option<&'a Counters>,
+    pub last_hour: Option<&'a LastHour>,
+    pub sample_interval: f64,
+}
+
+impl Evidence<'_> {
+    /// "; at its limit in 37% of the last hour (sampled every 10 s), 1204 handshakes dropped
+    /// in that time", or nothing without a daemon.
+    fn accept_queue_history(&self) -> String {
+        let Some(h) = self.last_hour.filter(|h| h.samples > 0) else {
+            return String::new();
+        };
+        let span = match h.sampled_seconds {
+            s if s >= 3600.0 => "the last hour".to_string(),
+            s if s >= 120.0 => format!("the last {:.0} min", s / 60.0),
+            s => format!("the last {s:.1} s"),
+        };
+        format!(
+            "; at its limit in {:.0}% of {span} (sampled every {} s), {} handshakes dropped in that time",
+            h.accept_queue_at_limit * 100.0,
+            self.sample_interval,
+            h.drops
+        )
+    }
+}
+
+/// Advice from evidence: the queues now and what the daemon counted, never boilerplate.
+pub fn advise(
+    out: &mut Vec<Advice>,
+    who: &str,
+    l: &ListenerQueues,
+    lim: &Limits,
+    sysctl: &BTreeMap<String, String>,
+    evidence: &Evidence,
+) {
+    let counters = evidence.counters;
+    let n = |c: Counter| counters.and_then(|cs| cs.get(c)).unwrap_or(0);
+    let sys = |k: &str| sysctl.get(k).cloned().unwrap_or_default();
+    let accept_drops = n(Counter::DropAcceptQueueFullSyn) + n(Counter::DropAcceptQueueFullAck);
+    let mut say = |advice: String| {
+        out.push(Advice {
+            listener: who.to_string(),
+            advice,
+        })
+    };
+    let was_full = evidence
+        .last_hour
+        .is_some_and(|h| h.accept_queue_at_limit > 0.0);
+    if accept_drops > 0 || was_full || (lim.accept_limit > 0 && l.acceptq_len >= lim.accept_limit) {
+        let cap = match lim.backlog {
+            Backlog::AtLeast(_) => format!(
+                "raise net.core.somaxconn (now {} caps it) and the listen() backlog",
+                sys("net/core/somaxconn")
+            ),
+            Backlog::Exactly(b) => {
+                format!("raise the listen() backlog (now {b}; the application sets it)")
+            }
+        };
+        say(format!(
+            "accept queue {}/{} now{}; {accept_drops} connections dropped for a full accept queue \
+             since qtrace started: the application accepts too slowly for its load; {cap}",
+            l.acceptq_len,
+            lim.accept_limit,
+            evidence.accept_queue_history()
+        ));
+    }
+    if n(Counter::DropSynQueueFull) > 0 && sys("net/ipv4/tcp_syncookies") == "0" {
+        say(format!(
+            "{} SYNs dropped for a full SYN queue with tcp_syncookies=0: enable tcp_syncookies=1",
+            n(Counter::DropSynQueueFull)
+        ));
+    }
+    if n(Counter::SyncookiesSent) > 0 {
+        say(format!(
+            "{} syncookies sent: the SYN queue overflowed (a SYN flood, or a backlog too small for the connection rate); \
+             cookie connections lose TCP options such as window scaling",
+            n(Counter::SyncookiesSent)
+        ));
+    }
+    if sys("net/ipv4/tcp_abort_on_overflow") == "1" {
+        say(format!(
+            "tcp_abort_on_overflow=1 turns accept-queue overflows into resets ({} so far): clients see \
+             'connection reset' instead of a retry; set it to 0 unless resets are wanted",
+            n(Counter::OverflowResets)
+        ));
+    }
+    if n(Counter::SynackRetransmits) > 0 && n(Counter::DropAcceptQueueFullAck) == 0 {
+        say(format!(
+            "{} SYN-ACK retransmits without accept-queue drops: final ACKs are lost on the way (network loss or a firewall)",
+            n(Counter::SynackRetransmits)
+        ));
+    }
+}

@@ -1,0 +1,232 @@
+//! `qtrace doctor`: what this kernel lets qtrace see, the listen-queue sysctls of every network
+//! namespace, each listener's effective queue limits as the running kernel computes them, and
+//! advice drawn from what the daemon counted.
+//!
+//! Gathering is here: the daemon's typed snapshot (or probes of doctor's own), the namespaces
+//! and their listeners, into one [`Report`]. [`limits`] computes the effective limits,
+//! [`advice`] the advice, [`render`] the text form; `--json` writes the report itself.
+
+pub mod advice;
+pub mod limits;
+pub mod render;
+
+use std::{collections::BTreeMap, io::Write, net::IpAddr, path::PathBuf};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use self::{
+    advice::{advise, listener_name, Advice, Evidence},
+    limits::{limits, measure_synq_rule, read_sysctls, Backlog, SynqRule},
+};
+use crate::{
+    api::{Counters, LastHour, Owner, ProbeStatus},
+    cli::probes::kernel_release,
+    config::ClientArgs,
+    daemon::events_socket,
+    host::{
+        netns,
+        owners::Owners,
+        sockdiag::{self, ListenerQueues},
+    },
+    kernel::{btf::KernelBtf, tracer::Tracer},
+    listener::ListenerId,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DoctorOptions {
+    // The daemon is asked for what it has counted; without one, doctor attaches probes.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// One JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Doctor's report: `--json` writes it, [`render::human`] turns it into text.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub kernel: Kernel,
+    pub probes: Probes,
+    /// Whether a daemon answered (its probes and counts are then the ones shown).
+    pub daemon: bool,
+    pub namespaces: Vec<Namespace>,
+    pub namespaces_unreadable: usize,
+    pub listeners: Vec<Listener>,
+    pub advice: Vec<Advice>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kernel {
+    pub release: String,
+    pub btf: bool,
+    pub btf_file: PathBuf,
+    pub btf_error: Option<String>,
+    /// None when it could not be measured (it needs root).
+    pub synq_full_rule: Option<SynqRule>,
+}
+
+/// The probes' tiers, or why none could be attached.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Probes {
+    Attached(Vec<ProbeStatus>),
+    Failed { error: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Namespace {
+    pub netns: u32,
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Listener {
+    pub netns: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub owner: Option<Owner>,
+    pub accept_queue: AcceptQueue,
+    pub syn_queue: SynQueue,
+    /// What the daemon counted (None without a daemon).
+    pub counters: Option<Counters>,
+    pub last_hour: Option<LastHour>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AcceptQueue {
+    pub len: u32,
+    pub limit: u32,
+    pub backlog: Backlog,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SynQueue {
+    pub len: u32,
+    /// None with tcp_syncookies=2 (every SYN gets a cookie).
+    pub limit: Option<u32>,
+    pub rule: String,
+}
+
+pub fn doctor(opts: DoctorOptions) -> Result<()> {
+    let settings = opts.client.settings()?;
+    let daemon = events_socket::listeners_snapshot(&settings.daemon.events_socket).ok();
+    let sample_interval = daemon
+        .as_ref()
+        .and_then(|d| d.queue_sample_interval_seconds)
+        .unwrap_or_default();
+    let btf_file = &settings.tracer.btf;
+    // The BTF is parsed at most once, for doctor's own probes, which need it anyway. A running
+    // daemon's attached probes show its BTF parses: then the file need only be readable.
+    let (btf, probes) = match &daemon {
+        Some(d) => (
+            KernelBtf::check_readable(btf_file),
+            Probes::Attached(d.probes.clone()),
+        ),
+        None => match KernelBtf::load(btf_file) {
+            Ok(loaded) => match Tracer::start_with(&settings.tracer, loaded) {
+                Ok(tracer) => (Ok(()), Probes::Attached(tracer.probes.clone())),
+                Err(e) => (
+                    Ok(()),
+                    Probes::Failed {
+                        error: format!("{e:#}"),
+                    },
+                ),
+            },
+            Err(e) => {
+                let error = format!("{e:#}");
+                (Err(e), Probes::Failed { error })
+            }
+        },
+    };
+    let rule = measure_synq_rule().ok();
+    let (namespaces, unreadable) =
+        netns::for_each(|_| true, || Ok((read_sysctls(), sockdiag::listeners()?)));
+    let counted = daemon.as_ref().map(|d| d.by_id()).unwrap_or_default();
+    let mut owners = Owners::default();
+    let inodes: Vec<u32> = namespaces
+        .iter()
+        .flat_map(|(_, (_, ls))| ls.iter().map(|l| l.inode))
+        .collect();
+    let owners = owners.lookup(inodes).clone();
+    let mut listeners = Vec::new();
+    let mut advice = Vec::new();
+    for (netns, (sysctls, queues)) in &namespaces {
+        for l in queues {
+            let lim = limits(l.acceptq_max, sysctls, rule);
+            let owner = owners.get(&l.inode).map(|o| (**o).clone());
+            let id = ListenerId {
+                netns: *netns,
+                addr: l.addr,
+                port: l.port,
+            };
+            let seen = counted.get(&id).copied();
+            let counters = seen.map(|c| c.counters);
+            let last_hour = seen.and_then(|c| c.last_hour.clone());
+            let name = listener_name(owner.as_ref(), &l.addr, l.port, *netns);
+            let evidence = Evidence {
+                counters: counters.as_ref(),
+                last_hour: last_hour.as_ref(),
+                sample_interval,
+            };
+            advise(&mut advice, &name, l, &lim, sysctls, &evidence);
+            listeners.push(listener(*netns, l, owner, lim, counters, last_hour));
+        }
+    }
+    let report = Report {
+        kernel: Kernel {
+            release: kernel_release(),
+            btf: btf.is_ok(),
+            btf_file: btf_file.clone(),
+            btf_error: btf.err().map(|e| format!("{e:#}")),
+            synq_full_rule: rule,
+        },
+        probes,
+        daemon: daemon.is_some(),
+        namespaces: namespaces
+            .iter()
+            .map(|(netns, (sysctls, _))| Namespace {
+                netns: *netns,
+                sysctls: sysctls.clone(),
+            })
+            .collect(),
+        namespaces_unreadable: unreadable,
+        listeners,
+        advice,
+    };
+    let mut out = std::io::stdout().lock();
+    if opts.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        write!(out, "{}", render::human(&report))?;
+    }
+    Ok(())
+}
+
+fn listener(
+    netns: u32,
+    l: &ListenerQueues,
+    owner: Option<Owner>,
+    lim: limits::Limits,
+    counters: Option<Counters>,
+    last_hour: Option<LastHour>,
+) -> Listener {
+    Listener {
+        netns,
+        addr: l.addr,
+        port: l.port,
+        owner,
+        accept_queue: AcceptQueue {
+            len: l.acceptq_len,
+            limit: lim.accept_limit,
+            backlog: lim.backlog,
+        },
+        syn_queue: SynQueue {
+            len: l.synq_len,
+            limit: lim.syn_limit,
+            rule: lim.syn_rule,
+        },
+        counters,
+        last_hour,
+    }
+}

@@ -1,0 +1,69 @@
+//! Doctor's text form, rendered from the typed [`Report`] (`--json` writes the same report).
+
+use std::net::SocketAddr;
+
+use super::{limits::Backlog, Probes, Report};
+
+pub fn human(r: &Report) -> String {
+    let mut s = String::new();
+    let k = &r.kernel;
+    s += &format!(
+        "kernel {}  BTF {}\n",
+        k.release,
+        match &k.btf_error {
+            Some(why) => format!("NO: {why}"),
+            None => "yes".into(),
+        }
+    );
+    s += &format!(
+        "SYN queue full rule: {}\n",
+        k.synq_full_rule
+            .map_or("not measured (needs root)", |r| r.name())
+    );
+    match &r.probes {
+        Probes::Attached(ps) => {
+            for p in ps {
+                let tier = p.tier.map_or("unavailable".to_string(), |t| t.to_string());
+                s += &format!("probe {:<7} {tier}", p.probe);
+                if p.tier.is_none() {
+                    s += &format!("  ({})", p.fallbacks.join("; "));
+                }
+                s.push('\n');
+            }
+        }
+        Probes::Failed { error } => s += &format!("probes: cannot attach: {error}\n"),
+    }
+    for n in &r.namespaces {
+        s += &format!("\nnetns {}\n", n.netns);
+        for (k, v) in &n.sysctls {
+            s += &format!("  {:<32} {v}\n", k.replace('/', "."));
+        }
+    }
+    s += "\nLISTENER                                  ACCEPT Q (len/limit, backlog)     SYN Q (len/limit)\n";
+    for l in &r.listeners {
+        let at = SocketAddr::new(l.addr, l.port);
+        let owner = l.owner.as_ref().map_or(String::new(), |o| format!(" {o}"));
+        let a = &l.accept_queue;
+        let backlog = match a.backlog {
+            Backlog::Exactly(n) => format!("backlog {n}"),
+            Backlog::AtLeast(n) => format!("backlog >= {n}, capped by somaxconn"),
+        };
+        let q = &l.syn_queue;
+        let syn_limit = q.limit.map_or("cookies".into(), |v| v.to_string());
+        s += &format!(
+            "{:<41} {:>5}/{:<5} {backlog:<24} {}/{}\n",
+            format!("{at}{owner}"),
+            a.len,
+            a.limit,
+            q.len,
+            syn_limit
+        );
+    }
+    if !r.advice.is_empty() {
+        s += "\nADVICE\n";
+        for a in &r.advice {
+            s += &format!("- {}: {}\n", a.listener, a.advice);
+        }
+    }
+    s
+}

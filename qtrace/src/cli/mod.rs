@@ -1,0 +1,14 @@
+//! The commands, one module (or folder) per verb: [`run`] (the service), [`probes`],
+//! [`events`], [`top`], [`doctor`]; [`table`] is the listener table `run --print` and `top`
+//! share.
+//!
+//! Contract: the top of the import order. May import [`crate::daemon`], [`crate::kernel`],
+//! [`crate::host`] and the common modules; nothing imports from here but `main.rs` and other
+//! commands.
+
+pub mod doctor;
+pub mod events;
+pub mod probes;
+pub mod run;
+pub mod table;
+pub mod top;

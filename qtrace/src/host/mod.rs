@@ -1,0 +1,12 @@
+//! What qtrace reads about the host outside its eBPF programs: network namespaces and running
+//! code inside one ([`netns`]), every listener's queues from sock_diag ([`sockdiag`]), the
+//! process owning each listening socket ([`owners`]), and the process heap ([`heap`]).
+//!
+//! Contract: owns /proc, setns and netlink access. May import `qtrace_common`,
+//! [`crate::api`] and [`crate::listener`]; never `crate::kernel`, `crate::daemon` or
+//! `crate::cli`.
+
+pub mod heap;
+pub mod netns;
+pub mod owners;
+pub mod sockdiag;
