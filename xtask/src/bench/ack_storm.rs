@@ -25,7 +25,9 @@ use anyhow::Result;
 
 use qtrace_testkit::{BpfStats, Netns};
 
-use super::{prog_runtimes, sockaddr, sum_samples, Daemon, Sizes, StormCost};
+use qtrace_testkit::scrape;
+
+use super::{prog_runtimes, sockaddr, Daemon, Sizes, StormCost};
 
 /// Where the held handshakes' clients connect from: the rule drops only their ACKs.
 const HELD_FROM: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -125,12 +127,12 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         overflows > 0,
         "the final-ACK storm overflowed nothing: the listener's accept queue was not full"
     );
-    let port = format!("port=\"{port}\"");
-    let counted = sum_samples(
+    let port = port.to_string();
+    let counted = scrape::sum(
         &metrics,
         "qtrace_listen_drops_total",
-        &[&port, "reason=\"accept_queue_full_ack\""],
-    );
+        &[("port", &port), ("reason", "accept_queue_full_ack")],
+    ) as u64;
 
     let mut s = format!("## 3b. Final-ACK overflow storm (ack probe: {tier})\n\n");
     let _ = writeln!(

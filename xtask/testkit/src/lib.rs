@@ -1,7 +1,9 @@
 //! What qtrace's integration tests and its benchmarks both need: network namespaces of their
 //! own (with their own TcpExt counters, the ground truth qtrace is held to) and the BPF
-//! run-time statistics switch, each undone when dropped; and the reading of qtrace's ready
-//! line.
+//! run-time statistics switch, each undone when dropped; the reading of qtrace's ready
+//! line; and its HTTP endpoints and Prometheus exposition ([`scrape`]).
+
+pub mod scrape;
 
 use std::{
     collections::HashMap,
