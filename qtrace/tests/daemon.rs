@@ -556,13 +556,12 @@ fn bpf_program_run_time_follows_the_kernel_switch() {
     ns.wait_for(&before, "TCPSynRetrans", 1, Duration::from_secs(10));
     let on = http_get(&q.web(), "/metrics", None).1;
     // The kernel's own figure for the program, read after the scrape: at least as large.
-    let bpftool = sh(Command::new("bpftool").args(["-j", "prog", "show", "name", "qt_synack_tp"]));
+    let kernel = qtrace_testkit::bpf_programs_named("qt_synack_tp").unwrap();
     stats.set(false).unwrap();
     let off = http_get(&q.web(), "/metrics", None).1;
     drop(server);
     q.stop(libc::SIGTERM);
     // One entry per qtrace loaded now (tests run in parallel): ours is among them.
-    let kernel: Vec<serde_json::Value> = serde_json::from_str(&bpftool).unwrap();
     let prog = [("program", "qt_synack_tp")];
     families_are_known(&on);
     let runs = sample(&on, "qtrace_bpf_program_runs_total", &prog).unwrap_or(0.0);
@@ -573,7 +572,7 @@ fn bpf_program_run_time_follows_the_kernel_switch() {
             p["run_cnt"].as_f64().unwrap_or(0.0) >= runs
                 && p["run_time_ns"].as_f64().unwrap_or(0.0) / 1e9 >= secs
         }),
-        "runs {runs}, {secs} s: not what the kernel counted: {bpftool}"
+        "runs {runs}, {secs} s: not what the kernel counted: {kernel:?}"
     );
     assert!(!off.contains("qtrace_bpf_program_runs_total"), "{off}");
 }

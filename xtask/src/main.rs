@@ -1,11 +1,12 @@
 //! Developer tasks: `cargo xtask setup | test | run`.
 mod bench;
+mod fresh;
 mod matrix;
 mod setup;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use std::process::Command;
+use std::{path::PathBuf, process::Command, sync::OnceLock};
 
 #[derive(Parser)]
 #[command(about = "qtrace developer tasks")]
@@ -19,10 +20,18 @@ enum Task {
     /// Install the eBPF toolchain (rust-src, bpf-linker) and the packages the tests use.
     Setup,
     /// Run every test: unit and integration tests on this machine's kernel, the benchmark
-    /// harness's smoke run, and the kernel matrix (Debian 5.10, 6.1, 6.12 in QEMU).
+    /// harness's smoke run, and the kernel matrix (Debian 5.10, 6.1, 6.12 and
+    /// unstable's 7.x in QEMU).
     Test {
         /// Arguments for every test binary, on this kernel and in the matrix (e.g. a test
         /// name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// `test` as a new user runs it: from a fresh clone of HEAD under /tmp with a new, empty
+    /// CARGO_TARGET_DIR (run it before resolving build or harness changes).
+    FreshTest {
+        /// Arguments for every test binary, as for `test`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -74,15 +83,16 @@ fn dispatch(task: Task) -> Result<()> {
             // The benchmark harness works (tiny sizes; no timing is asserted).
             bench::bench(bench::Options {
                 smoke: true,
-                out: "target/BENCHMARKS.smoke.md".into(),
+                out: target_dir()?.join("BENCHMARKS.smoke.md"),
             })?;
-            // The kernel-facing suites on 5.10, 6.1, 6.12 in QEMU and natively.
+            // The kernel-facing suites on Debian's kernels in QEMU and natively.
             matrix::vm_test(matrix::Options {
                 kernel: vec!["all".into()],
                 attach: vec![],
                 filter: args,
             })
         }
+        Task::FreshTest { args } => fresh::fresh_test(&args),
         Task::VmTest(opts) => {
             setup::setup()?;
             matrix::vm_test(opts)
@@ -110,9 +120,31 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Builds qtrace in release mode; its absolute path.
-pub fn build_release() -> Result<std::path::PathBuf> {
+pub fn build_release() -> Result<PathBuf> {
     run(Command::new("cargo").args(["build", "--quiet", "--release", "--package", "qtrace"]))?;
-    Ok(std::fs::canonicalize("target/release/qtrace")?)
+    Ok(std::fs::canonicalize(target_dir()?.join("release/qtrace"))?)
+}
+
+/// Cargo's target directory, absolute, as cargo itself resolves it (`CARGO_TARGET_DIR`,
+/// `build.target-dir`, or `target/` in the workspace): builds, kernels and images live there.
+pub fn target_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(dir) = DIR.get() {
+        return Ok(dir.clone());
+    }
+    let out = Command::new("cargo")
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    anyhow::ensure!(out.status.success(), "cargo metadata failed");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dir = PathBuf::from(
+        meta["target_directory"]
+            .as_str()
+            .context("cargo metadata names no target_directory")?,
+    );
+    Ok(DIR.get_or_init(|| dir).clone())
 }
 
 fn install(prefix: &str) -> Result<()> {

@@ -5,7 +5,8 @@ use std::{path::Path, process::Command};
 
 use crate::run;
 
-/// bpf-linker must match the kernel programs' LLVM: it is built against nightly's own libLLVM.
+/// bpf-linker must match the kernel programs' LLVM: it is built against the pinned nightly's
+/// own libLLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the kernel matrix use (command or file they provide, package).
@@ -44,32 +45,58 @@ pub fn setup() -> Result<()> {
 /// What building and running qtrace needs, and nothing more: `run` and `install` must not
 /// put test servers (nginx, Prometheus) on a production host.
 pub fn toolchain() -> Result<()> {
-    rust_src()?;
+    ebpf_rust()?;
     bpf_linker()?;
     tracefs()
 }
 
-fn rust_src() -> Result<()> {
-    let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
-        .output()
-        .context("running rustup: is rustup installed?")?;
-    if String::from_utf8_lossy(&installed.stdout).contains("rust-src") {
-        return Ok(());
-    }
-    eprintln!("setup: installing rust-src for the nightly toolchain");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+/// The kernel programs' pinned toolchain: `channel` in qtrace-ebpf/rust-toolchain.toml (the
+/// one place it is written; qtrace/build.rs reads it too).
+pub fn ebpf_toolchain() -> &'static str {
+    include_str!("../../qtrace-ebpf/rust-toolchain.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = "))
+        .map(|c| c.trim().trim_matches('"'))
+        .expect("qtrace-ebpf/rust-toolchain.toml names a channel")
 }
 
-fn bpf_linker() -> Result<()> {
-    if let Ok(out) = Command::new("bpf-linker").arg("--version").output() {
-        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+/// The pinned nightly with rust-src, installed by rustup if absent (a dated toolchain never
+/// moves, so a fresh machine gets the same LLVM as the last one).
+fn ebpf_rust() -> Result<()> {
+    let toolchain = ebpf_toolchain();
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
+        .output()
+        .context("running rustup: is rustup installed?")?;
+    if installed.status.success() && String::from_utf8_lossy(&installed.stdout).contains("rust-src")
+    {
+        return Ok(());
     }
-    let sysroot = Command::new("rustc")
-        .args(["+nightly", "--print", "sysroot"])
-        .output()?;
+    eprintln!("setup: installing the {toolchain} toolchain with rust-src (the kernel programs')");
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        toolchain,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+/// The pinned toolchain's `lib` directory and the name of the libLLVM in it, e.g.
+/// `LLVM-22-rust-1.97.0-nightly`.
+fn ebpf_llvm() -> Result<(std::path::PathBuf, String)> {
+    let toolchain = ebpf_toolchain();
+    let sysroot = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
+        .output()
+        .context("running rustup")?;
+    anyhow::ensure!(
+        sysroot.status.success(),
+        "rustup run {toolchain} rustc failed: {}",
+        String::from_utf8_lossy(&sysroot.stderr).trim()
+    );
     let lib_dir = Path::new(String::from_utf8(sysroot.stdout)?.trim()).join("lib");
     let llvm = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("reading {}", lib_dir.display()))?
@@ -80,16 +107,46 @@ fn bpf_linker() -> Result<()> {
         })
         .with_context(|| {
             format!(
-                "no libLLVM*.so in {}: is the nightly toolchain complete?",
+                "no libLLVM*.so in {}: is the {toolchain} toolchain complete?",
                 lib_dir.display()
             )
         })?;
+    Ok((lib_dir, llvm))
+}
+
+/// Whether the installed bpf-linker is `BPF_LINKER_VERSION` and loads its LLVM from `lib_dir`
+/// (one built against another toolchain's LLVM would mis-link the kernel programs, or fail to
+/// start once that toolchain is gone).
+fn bpf_linker_matches(lib_dir: &Path) -> bool {
+    let Ok(linker) = crate::matrix::which("bpf-linker") else {
+        return false;
+    };
+    let version = Command::new(&linker).arg("--version").output();
+    if !version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        return false;
+    }
+    let Ok(ldd) = Command::new("ldd").arg(&linker).output() else {
+        return false;
+    };
+    String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter(|l| l.contains("libLLVM"))
+        .any(|l| l.contains(&*lib_dir.to_string_lossy()))
+}
+
+fn bpf_linker() -> Result<()> {
+    let (lib_dir, llvm) = ebpf_llvm()?;
+    if bpf_linker_matches(&lib_dir) {
+        return Ok(());
+    }
+    // bpf-linker's cargo feature names the LLVM major version: derived, never hard-coded.
     let major = llvm
         .strip_prefix("LLVM-")
         .and_then(|v| v.split(['-', '.']).next())
         .with_context(|| format!("cannot read the LLVM version from {llvm}"))?;
     eprintln!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's {llvm} (about a minute)"
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {}'s {llvm} (about a minute)",
+        ebpf_toolchain()
     );
     let dir = lib_dir.display();
     run(Command::new("cargo")
@@ -97,6 +154,7 @@ fn bpf_linker() -> Result<()> {
             "install",
             "bpf-linker",
             "--locked",
+            "--force",
             "--version",
             BPF_LINKER_VERSION,
         ])

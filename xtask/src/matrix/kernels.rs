@@ -12,12 +12,21 @@ use anyhow::{Context, Result};
 
 use crate::run;
 
-/// Matrix label, Debian suite.
-pub const SUITES: [(&str, &str); 3] = [
+/// Matrix label, Debian suite. A new suite is one line here.
+pub const SUITES: [(&str, &str); 4] = [
     ("5.10", "bullseye"),
     ("6.1", "bookworm"),
     ("6.12", "trixie"),
+    // Unstable: the newest kernel Debian builds (7.x in late 2026); its label stays while
+    // its version moves.
+    ("sid", "sid"),
 ];
+
+/// Suites that have no `-updates` or `-security` companions.
+const ROLLING: [&str; 2] = ["sid", "unstable"];
+
+/// The package every suite's cloud kernel is reached from.
+const META: &str = "linux-image-cloud-amd64";
 
 pub struct Kernel {
     /// `uname -r` of the kernel, e.g. 6.12.117+deb13-cloud-amd64.
@@ -43,7 +52,9 @@ fn apt_options(dir: &Path) -> Vec<String> {
     ]
 }
 
-/// Writes the private sources: the system's own deb822 file with its suite names replaced.
+/// Writes the private sources: the system's own deb822 file with its suite names replaced
+/// (`bookworm-updates` → `trixie-updates`); for a rolling suite, which has no companions, the
+/// companion suites are left out, and a stanza left with no suite goes.
 fn private_sources(dir: &Path, suite: &str) -> Result<()> {
     let system = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
         .context("this harness needs the system's deb822 apt sources (/etc/apt/sources.list.d/debian.sources)")?;
@@ -53,19 +64,48 @@ fn private_sources(dir: &Path, suite: &str) -> Result<()> {
         .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
         .context("no VERSION_CODENAME in /etc/os-release")?
         .trim_matches('"');
-    let rewritten: String = system
-        .lines()
-        .map(|l| match l.strip_prefix("Suites:") {
-            Some(suites) => format!("Suites:{}\n", suites.replace(codename, suite)),
-            None => format!("{l}\n"),
-        })
-        .collect();
     for d in ["sources", "lists/partial", "cache/archives/partial"] {
         fs::create_dir_all(dir.join(d))?;
     }
     fs::write(dir.join("none.list"), "")?;
-    fs::write(dir.join("sources/debian.sources"), rewritten)?;
+    fs::write(
+        dir.join("sources/debian.sources"),
+        rewrite_sources(&system, codename, suite),
+    )?;
     Ok(())
+}
+
+/// `sources` (deb822) with the suites of `codename` renamed to those of `suite`.
+fn rewrite_sources(sources: &str, codename: &str, suite: &str) -> String {
+    let rolling = ROLLING.contains(&suite);
+    let mut out = String::new();
+    for stanza in sources.split("\n\n") {
+        let mut kept = true;
+        let stanza: String = stanza
+            .lines()
+            .map(|l| match l.strip_prefix("Suites:") {
+                Some(suites) => {
+                    let renamed: Vec<String> = suites
+                        .split_whitespace()
+                        .filter_map(|s| match s.strip_prefix(codename) {
+                            Some("") => Some(suite.to_string()),
+                            Some(companion) if !rolling => Some(format!("{suite}{companion}")),
+                            Some(_) => None,
+                            None => Some(s.to_string()),
+                        })
+                        .collect();
+                    kept = !renamed.is_empty();
+                    format!("Suites: {}\n", renamed.join(" "))
+                }
+                None => format!("{l}\n"),
+            })
+            .collect();
+        if kept && !stanza.trim().is_empty() {
+            out += &stanza;
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn fresh(path: &Path, max_age: Duration) -> bool {
@@ -74,13 +114,15 @@ fn fresh(path: &Path, max_age: Duration) -> bool {
         .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < max_age)
 }
 
-/// The suite's current cloud kernel, downloaded and prepared once.
-/// The current cloud kernel of the Debian suite whose matrix label is `label` (5.10, 6.1, 6.12).
+/// The current cloud kernel of the Debian suite whose matrix label is `label` (see `SUITES`).
 pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
-    let (_, suite) = SUITES
-        .iter()
-        .find(|(l, _)| *l == label)
-        .with_context(|| format!("unknown kernel {label}: use 5.10, 6.1, 6.12, native or all"))?;
+    let (_, suite) = SUITES.iter().find(|(l, _)| *l == label).with_context(|| {
+        let labels: Vec<&str> = SUITES.iter().map(|(l, _)| *l).collect();
+        format!(
+            "unknown kernel {label}: use {}, native or all",
+            labels.join(", ")
+        )
+    })?;
     let apt = cache.join("apt").join(suite);
     private_sources(&apt, suite)?;
     let stamp = apt.join("updated");
@@ -91,48 +133,41 @@ pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
             .arg("update"))?;
         fs::write(&stamp, "")?;
     }
-    let depends = Command::new("apt-cache")
+    let version = Command::new("apt-cache")
         .args(apt_options(&apt))
-        .args(["depends", "linux-image-cloud-amd64"])
+        .args(["show", "--no-all-versions", META])
         .output()?;
-    let package = String::from_utf8_lossy(&depends.stdout)
+    let version = String::from_utf8_lossy(&version.stdout)
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
-        .with_context(|| format!("{suite} has no linux-image-cloud-amd64"))?;
-    let root = cache.join("kernels").join(&package);
+        .find_map(|l| l.strip_prefix("Version: ").map(str::to_string))
+        .with_context(|| format!("{suite} has no {META}"))?;
+    let root = cache.join("kernels").join(format!("{suite}_{version}"));
     if !root.join(".done").exists() {
-        eprintln!("vm-test: downloading {package}");
-        let debs = cache.join("debs");
+        let packages = kernel_packages(&apt)?;
+        eprintln!("vm-test: downloading {}", packages.join(" "));
+        let debs = cache.join("debs").join(suite);
+        let _ = fs::remove_dir_all(&debs);
         fs::create_dir_all(&debs)?;
         run(Command::new("apt-get")
             .args(apt_options(&apt))
-            .args(["download", &package])
+            .arg("download")
+            .args(&packages)
             .current_dir(&debs))?;
-        let deb = fs::read_dir(&debs)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
-            })
-            .context("downloaded package not found")?;
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-        let vmlinuz = fs::read_dir(root.join("boot"))?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-            .context("no vmlinuz in the package")?;
+        for deb in fs::read_dir(&debs)?.flatten() {
+            run(Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb.path())
+                .arg(&root))?;
+        }
+        let vmlinuz = find_vmlinuz(&root).context("no vmlinuz in the kernel's packages")?;
         fs::write(
             root.join("vmlinux"),
             decompress_kernel(&fs::read(&vmlinuz)?)?,
         )?;
         fs::write(root.join(".done"), "")?;
-        let _ = fs::remove_file(&deb);
+        let _ = fs::remove_dir_all(&debs);
     }
     let modules = ["lib/modules", "usr/lib/modules"]
         .iter()
@@ -153,6 +188,56 @@ pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
         vmlinux: root.join("vmlinux"),
         modules,
     })
+}
+
+/// The packages that make up the suite's cloud kernel: the `linux-*` packages reachable from
+/// `META` by `Depends` (the kernel image, and since 7.x its separate binary and modules
+/// packages), whichever of them holds the vmlinuz.
+fn kernel_packages(apt: &Path) -> Result<Vec<String>> {
+    let mut seen = vec![META.to_string()];
+    let mut next = 0;
+    while let Some(package) = seen.get(next).cloned() {
+        next += 1;
+        let depends = Command::new("apt-cache")
+            .args(apt_options(apt))
+            .args(["depends", &package])
+            .output()?;
+        anyhow::ensure!(
+            depends.status.success(),
+            "apt-cache depends {package}: {}",
+            String::from_utf8_lossy(&depends.stderr).trim()
+        );
+        for dep in String::from_utf8_lossy(&depends.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("  Depends: "))
+        {
+            if dep.starts_with("linux-") && !seen.iter().any(|p| p == dep) {
+                seen.push(dep.to_string());
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// The compressed kernel in an extracted package tree: `boot/vmlinuz-<release>` up to Debian
+/// 13, `usr/lib/modules/<release>/vmlinuz` since.
+fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
+    let in_boot = fs::read_dir(root.join("boot"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    let in_modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .flat_map(|d| fs::read_dir(root.join(d)).into_iter().flatten().flatten())
+        .map(|release| release.path().join("vmlinuz"));
+    in_boot
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .chain(in_modules.filter(|p| p.is_file()))
+        .next()
 }
 
 /// The ELF kernel inside a bzImage: its payload (located by the boot header's
@@ -288,4 +373,27 @@ fn modinfo_depends(ko: &[u8]) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrite_sources;
+
+    const BOOKWORM: &str = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n";
+
+    #[test]
+    fn a_stable_suite_keeps_its_companions() {
+        let out = rewrite_sources(BOOKWORM, "bookworm", "trixie");
+        assert!(out.contains("Suites: trixie trixie-updates\n"), "{out}");
+        assert!(out.contains("Suites: trixie-security\n"), "{out}");
+    }
+
+    #[test]
+    fn a_rolling_suite_has_no_companions() {
+        let out = rewrite_sources(BOOKWORM, "bookworm", "sid");
+        assert!(out.contains("Suites: sid\n"), "{out}");
+        assert!(!out.contains("security"), "{out}");
+        assert!(!out.contains("updates"), "{out}");
+        assert_eq!(out.matches("Types:").count(), 1, "{out}");
+    }
 }

@@ -31,7 +31,8 @@ const SUITES: [&str; 7] = [
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernels to test: 5.10, 6.1, 6.12, native (this machine), or all.
+    /// Kernels to test: 5.10, 6.1, 6.12, sid (Debian unstable's, 7.x), native (this machine),
+    /// or all.
     #[arg(long, default_value = "all")]
     pub kernel: Vec<String>,
     /// Attach modes: best (each probe's best tier), kprobe, tracepoint (forced caps). Default:
@@ -59,7 +60,10 @@ pub fn vm_test(opts: Options) -> Result<()> {
     let cache = cache_dir()?;
     let binaries = build_test_binaries()?;
     let wanted: Vec<String> = if opts.kernel.iter().any(|k| k == "all") {
-        ["native", "5.10", "6.1", "6.12"].map(String::from).to_vec()
+        std::iter::once("native")
+            .chain(kernels::SUITES.iter().map(|(label, _)| *label))
+            .map(String::from)
+            .collect()
     } else {
         opts.kernel.clone()
     };
@@ -121,8 +125,9 @@ pub fn vm_test(opts: Options) -> Result<()> {
         .collect();
     if !bad.is_empty() {
         bail!(
-            "the kernel matrix failed on {}; logs in target/vm-cache/logs",
-            bad.join(", ")
+            "the kernel matrix failed on {}; logs in {}",
+            bad.join(", "),
+            cache.join("logs").display()
         );
     }
     Ok(())
@@ -131,8 +136,9 @@ pub fn vm_test(opts: Options) -> Result<()> {
 /// Where kernels, images and guest logs are kept (`logs/` inside), created if absent;
 /// absolute, as apt resolves relative paths against /etc/apt.
 pub fn cache_dir() -> Result<PathBuf> {
-    fs::create_dir_all("target/vm-cache/logs")?;
-    Ok(fs::canonicalize("target/vm-cache")?)
+    let cache = crate::target_dir()?.join("vm-cache");
+    fs::create_dir_all(cache.join("logs"))?;
+    Ok(cache)
 }
 
 /// A kernel to boot and the initramfs made for it.
@@ -142,7 +148,7 @@ pub struct GuestImage {
     pub initrd: PathBuf,
 }
 
-/// Debian's kernel `k` (5.10, 6.1, 6.12) from the cache, and an initramfs (named with `tag`)
+/// Debian's kernel `k` (a label of `kernels::SUITES`) from the cache, and an initramfs (named with `tag`)
 /// holding `binaries` with their libraries, `files` as they are, the modules the tests need
 /// and `init`.
 pub fn guest_image(
@@ -171,9 +177,12 @@ pub fn guest_image(
 }
 
 /// The start of every guest's /init: filesystems, /run/netns, loopback, the modules.
+/// /tmp stays on the initramfs (itself a writable tmpfs): the binaries are packed at their host
+/// paths, which lie under /tmp when the checkout or CARGO_TARGET_DIR does, and a tmpfs mounted
+/// there would hide them.
 pub const INIT_PROLOGUE: &str = "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
      mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
-     mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns\n\
+     mount -t tmpfs run /run; mkdir -p /run/netns\n\
      mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug\n\
      mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
      ip link set lo up\n\
@@ -221,7 +230,7 @@ fn build_test_binaries() -> Result<Binaries> {
         }
     }
     suites.sort_by_key(|(n, _)| SUITES.iter().position(|s| s == n));
-    let qtrace = fs::canonicalize("target/release/qtrace")?;
+    let qtrace = fs::canonicalize(crate::target_dir()?.join("release/qtrace"))?;
     Ok(Binaries { qtrace, suites })
 }
 

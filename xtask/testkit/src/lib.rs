@@ -203,3 +203,25 @@ pub fn probe_tier(ready: &serde_json::Value, probe: &str) -> Result<Option<Strin
         .with_context(|| format!("qtrace's ready line lists no probe {probe}: {ready}"))?;
     Ok(p["tier"].as_str().map(str::to_string))
 }
+
+/// The BPF programs loaded now whose name is `name`, as `bpftool -j prog show name` describes
+/// them. bpftool prints one JSON object when one program matches and an array when several do
+/// (e.g. two qtraces loaded at once): both read as a list.
+pub fn bpf_programs_named(name: &str) -> Result<Vec<serde_json::Value>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "name", name])
+        .output()
+        .context("bpftool (`cargo xtask setup` installs it)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool prog show name {name}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(
+        match serde_json::from_slice(&out.stdout).context("bpftool's JSON")? {
+            serde_json::Value::Array(progs) => progs,
+            serde_json::Value::Null => Vec::new(),
+            one => vec![one],
+        },
+    )
+}
