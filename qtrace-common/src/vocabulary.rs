@@ -89,6 +89,26 @@ impl DropReason {
     }
 }
 
+/// How the vocabulary names a kind of drop: the metric's `reason`, the JSON key, the column
+/// title, and what an operator reads.
+pub struct DropTerm {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub title: &'static str,
+    pub describe: &'static str,
+}
+
+/// Drops the listener itself counted (`sk_drops`, read with sock_diag) that no attached probe
+/// classified: they exist only where a probe that classifies drops cannot attach (the `syn`
+/// probe needs fentry or kprobes). No kernel program counts them, so they have no
+/// [`Counter`] and no event.
+pub const UNCLASSIFIED: DropTerm = DropTerm {
+    name: "unclassified",
+    key: "drop_unclassified",
+    title: "DROP-UNCLASS",
+    describe: "dropped at the listener, reason not visible on this kernel",
+};
+
 impl Counter {
     /// The drop reason this counter counts, if it counts drops.
     pub const fn drop_reason(self) -> Option<DropReason> {

@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use qtrace_common::{Counter, EventKind, SelfStat};
+use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, EventKind, SelfStat};
 use serde::{de, ser::SerializeMap, Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::listener::{Family, ListenerId};
@@ -195,21 +195,28 @@ pub enum Line {
 }
 
 /// A listener's counters by their [`Counter::name`]: `None` (JSON `null`) for what no
-/// attached probe sees, never 0.
+/// attached probe sees, never 0; and, only where a probe that classifies drops is missing,
+/// `drop_unclassified` ([`UNCLASSIFIED`]): drops the listener counted that no probe classified.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters(pub [Option<u64>; Counter::COUNT]);
+pub struct Counters {
+    pub kernel: [Option<u64>; Counter::COUNT],
+    pub unclassified: Option<u64>,
+}
 
 impl Counters {
     pub fn get(&self, c: Counter) -> Option<u64> {
-        self.0[c as usize]
+        self.kernel[c as usize]
     }
 }
 
 impl Serialize for Counters {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(Counter::COUNT))?;
+        let mut m = s.serialize_map(None)?;
         for c in Counter::ALL {
             m.serialize_entry(c.name(), &self.get(c))?;
+        }
+        if let Some(n) = self.unclassified {
+            m.serialize_entry(UNCLASSIFIED.key, &n)?;
         }
         m.end()
     }
@@ -221,8 +228,9 @@ impl<'de> Deserialize<'de> for Counters {
         let map = BTreeMap::<String, Option<u64>>::deserialize(d)?;
         let mut out = Counters::default();
         for c in Counter::ALL {
-            out.0[c as usize] = map.get(c.name()).copied().flatten();
+            out.kernel[c as usize] = map.get(c.name()).copied().flatten();
         }
+        out.unclassified = map.get(UNCLASSIFIED.key).copied().flatten();
         Ok(out)
     }
 }

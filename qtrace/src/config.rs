@@ -115,6 +115,17 @@ pub struct TracerArgs {
     /// /sys/kernel/btf/vmlinux].
     #[arg(long, env = "QTRACE_BTF", value_name = "FILE")]
     pub btf: Option<PathBuf>,
+    /// Probes to leave off, each as -NAME (syn, ack, synack, accept; comma-separated, e.g.
+    /// `--probes=-syn`): what they feed is then unavailable, as on a kernel where they cannot
+    /// attach [default: none].
+    #[arg(
+        long,
+        env = "QTRACE_PROBES",
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        value_name = "-PROBE"
+    )]
+    pub probes: Option<Vec<String>>,
 }
 
 /// The resolved tracer settings.
@@ -125,6 +136,8 @@ pub struct TracerOptions {
     pub max_listeners: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
+    /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
+    pub probes_off: Vec<String>,
 }
 
 /// The service's endpoints and what it exports.
@@ -309,7 +322,21 @@ impl TracerArgs {
                 format!("{ringbuf_kib}: must be a power of two from 4 to 1048576"),
             ));
         }
+        let mut probes_off = Vec::new();
+        for p in self.probes.as_ref().or(file.probes.as_ref()).into_iter().flatten() {
+            match p.strip_prefix('-') {
+                Some(name) if !name.is_empty() => probes_off.push(name.to_string()),
+                _ => {
+                    return Err(invalid(
+                        "probes",
+                        "probes",
+                        format!("{p:?}: write -NAME to turn a probe off (e.g. -syn)"),
+                    ))
+                }
+            }
+        }
         Ok(TracerOptions {
+            probes_off,
             best_tier: self.attach.or(file.attach).unwrap_or(Tier::Fentry),
             event_rate,
             max_listeners,

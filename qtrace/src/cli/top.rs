@@ -14,10 +14,10 @@ use crossterm::{
     execute, queue,
     terminal::{self, ClearType},
 };
-use qtrace_common::{Counter, DropReason};
+use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason};
 
 use crate::{
-    api::{AcceptWait, Listeners},
+    api::{AcceptWait, Counters, Listeners},
     config::SourceArgs,
     daemon::{collect::Collector, events_socket, state},
     kernel::tracer::Tracer,
@@ -91,6 +91,8 @@ pub struct Row {
     pub synq: Option<u32>,
     /// Per second, by reason; None where qtrace cannot see it.
     pub drops: [Option<f64>; 4],
+    /// Per second, drops no probe classified; None where every reason has a probe.
+    pub unclassified: Option<f64>,
     pub retransmits: Option<f64>,
     pub cookies: Option<f64>,
     /// Accept-queue wait quantiles over the interval, seconds.
@@ -99,7 +101,7 @@ pub struct Row {
 
 impl Row {
     fn drops_total(&self) -> f64 {
-        self.drops.iter().flatten().sum()
+        self.drops.iter().flatten().sum::<f64>() + self.unclassified.unwrap_or(0.0)
     }
 
     fn fill(&self) -> f64 {
@@ -131,17 +133,19 @@ pub fn rows(prev: &Listeners, cur: &Listeners, secs: f64) -> Vec<Row> {
         .iter()
         .map(|l| {
             let p = before.get(&l.id()).copied();
-            let rate = |c: Counter| {
-                let now = l.counters.get(c)?;
-                let then = p.and_then(|p| p.counters.get(c)).unwrap_or(0);
+            let per_second = |get: &dyn Fn(&Counters) -> Option<u64>| {
+                let now = get(&l.counters)?;
+                let then = p.and_then(|p| get(&p.counters)).unwrap_or(0);
                 Some(now.saturating_sub(then) as f64 / secs)
             };
+            let rate = |c: Counter| per_second(&|cs| cs.get(c));
             Row {
                 listener: l.id().endpoint(),
                 owner: l.owner.as_ref().map_or(String::new(), |o| o.to_string()),
                 acceptq: l.queues.map(|q| (q.accept_len, q.accept_limit)),
                 synq: l.queues.map(|q| q.syn_len),
                 drops: DropReason::ALL.map(|r| rate(r.counter())),
+                unclassified: per_second(&|cs| cs.unclassified),
                 retransmits: rate(Counter::SynackRetransmits),
                 cookies: rate(Counter::SyncookiesSent),
                 wait: wait_quantiles(
@@ -186,12 +190,21 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// The drop columns' titles: one per reason, and unclassified drops where a probe is missing.
+fn drop_titles(with_unclassified: bool) -> Vec<&'static str> {
+    let mut titles: Vec<_> = DropReason::ALL.map(DropReason::title).to_vec();
+    if with_unclassified {
+        titles.push(UNCLASSIFIED.title);
+    }
+    titles
+}
+
 /// One line of the table; a drop column is as wide as its title.
-fn line(head: [&str; 5], drops: [&str; 4], tail: [&str; 4]) -> String {
+fn line(head: [&str; 5], drops: &[(&str, &str)], tail: [&str; 4]) -> String {
     let [listener, owner, accq, fill, synq] = head;
     let mut s = format!("{listener:<26} {owner:<18} {accq:>11} {fill:>5} {synq:>6}");
-    for (r, v) in DropReason::ALL.iter().zip(drops) {
-        s += &format!(" {v:>w$}", w = r.title().len());
+    for (title, v) in drops {
+        s += &format!(" {v:>w$}", w = title.len());
     }
     let [rtx, cookies, p50, p99] = tail;
     s += &format!(" {rtx:>8} {cookies:>8} {p50:>9} {p99:>9}\n");
@@ -210,9 +223,12 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     if reverse {
         rows.reverse();
     }
+    // The unclassified column exists where the daemon reports such drops (a probe missing).
+    let titles = drop_titles(rows.iter().any(|r| r.unclassified.is_some()));
+    let header: Vec<_> = titles.iter().map(|t| (*t, *t)).collect();
     let mut s = line(
         ["LISTENER", "OWNER", "ACCEPTQ", "FILL%", "SYNQ"],
-        DropReason::ALL.map(DropReason::title),
+        &header,
         ["RTX/s", "COOKIE/s", "WAIT-P50", "WAIT-P99"],
     );
     for r in rows {
@@ -224,9 +240,20 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
         let (p50, p99) = r
             .wait
             .map_or(("-".into(), "-".into()), |(a, b)| (seconds(a), seconds(b)));
+        let values: Vec<String> = r
+            .drops
+            .iter()
+            .chain([&r.unclassified])
+            .map(|v| rate(*v))
+            .collect();
+        let drops: Vec<_> = titles
+            .iter()
+            .zip(&values)
+            .map(|(t, v)| (*t, v.as_str()))
+            .collect();
         s += &line(
             [&r.listener, &r.owner, &accq, &fill, &synq],
-            r.drops.map(rate).each_ref().map(String::as_str),
+            &drops,
             [&rate(r.retransmits), &rate(r.cookies), &p50, &p99],
         );
     }

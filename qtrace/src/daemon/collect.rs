@@ -1,17 +1,23 @@
 //! One consistent view of every listener, a [`Scrape`], assembled on demand (for /metrics,
 //! /api/listeners, the queue history, `top --standalone`): the kernel's counters (per listener
-//! key), the queues sampled now with sock_diag in every network namespace qtrace can enter,
-//! and each socket's owner from the one owner cache.
+//! key), the queues and the sockets' own drop counts sampled now with sock_diag in every
+//! network namespace qtrace can enter (before the counters are read: see [`super::drops`]),
+//! the drops no probe classified, and each socket's owner from the one owner cache.
 
-use std::{collections::BTreeMap, sync::Arc, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use anyhow::Result;
 use qtrace_common::SelfStat;
 
 use crate::{
     config::Filter,
+    daemon::drops::{DropLedger, Sample, SocketDrops},
     host::{
-        netns,
+        netns, netstat,
         owners::{Owner, OwnerIndex, Owners},
         sockdiag::{self, ListenerQueues},
     },
@@ -31,12 +37,25 @@ pub struct ListenerView {
     /// Queues now; None when the listener is closed or its namespace was not readable.
     pub queues: Option<ListenerQueues>,
     pub owner: Option<Arc<Owner>>,
+    /// Drops no attached probe classified; None where every drop reason has a probe (then
+    /// there are none), or while sock_diag has not seen the listener.
+    pub unclassified: Option<u64>,
 }
 
 impl ListenerView {
-    /// Drops of every reason so far (0 when nothing was counted).
+    fn new(id: ListenerId) -> Self {
+        Self {
+            id,
+            stats: None,
+            queues: None,
+            owner: None,
+            unclassified: None,
+        }
+    }
+
+    /// Drops of every reason so far, unclassified ones included (0 when nothing was counted).
     pub fn drops(&self) -> u64 {
-        self.stats.as_ref().map_or(0, ListenerStats::drops)
+        self.stats.as_ref().map_or(0, ListenerStats::drops) + self.unclassified.unwrap_or(0)
     }
 }
 
@@ -54,6 +73,9 @@ pub struct Scrape {
     pub self_stats: [u64; SelfStat::COUNT],
     /// Network namespaces whose queues could not be sampled (no CAP_SYS_ADMIN, or gone).
     pub netns_unreadable: usize,
+    /// Per namespace sampled: its ListenDrops growth minus the drops qtrace attributed to its
+    /// listeners (see [`super::drops`]).
+    pub netns_unattributed: Vec<(u32, i64)>,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -64,6 +86,7 @@ pub struct Collector {
     pub vis: Visibility,
     owners: Mutex<Owners>,
     filter: Mutex<Filter>,
+    drops: Mutex<DropLedger>,
 }
 
 impl Collector {
@@ -80,6 +103,7 @@ impl Collector {
             probes,
             owners: Mutex::new(Owners::default()),
             filter: Mutex::new(filter),
+            drops: Mutex::new(DropLedger::default()),
         }
     }
 
@@ -94,34 +118,64 @@ impl Collector {
 
     pub fn collect(&self) -> Result<Scrape> {
         let filter = self.filter.lock().unwrap().clone();
+        // The sockets first, the probes' counts after (see `super::drops`).
+        let sampled = sample_all_namespaces(&filter);
+        let counted = self.counters.listeners()?;
         let mut rows: BTreeMap<ListenerId, ListenerView> = BTreeMap::new();
-        for stats in self.counters.listeners()? {
+        for stats in counted {
             let id = ListenerId::from(&stats.key);
-            rows.insert(
-                id,
-                ListenerView {
-                    id,
-                    stats: Some(stats),
-                    queues: None,
-                    owner: None,
-                },
-            );
+            rows.entry(id).or_insert_with(|| ListenerView::new(id)).stats = Some(stats);
         }
-        let (sampled, netns_unreadable) = sample_all_namespaces(&filter);
-        for (netns, queues) in sampled {
+        let mut sockets = Vec::new();
+        for (netns, queues) in sampled.listeners {
             let id = ListenerId {
                 netns,
                 addr: queues.addr,
                 port: queues.port,
             };
-            rows.entry(id)
-                .or_insert(ListenerView {
-                    id,
-                    stats: None,
-                    queues: None,
-                    owner: None,
-                })
-                .queues = Some(queues);
+            sockets.push(SocketDrops {
+                id,
+                inode: queues.inode,
+                drops: queues.drops.into(),
+            });
+            let row = rows.entry(id).or_insert_with(|| ListenerView::new(id));
+            // Sockets sharing an address and port (SO_REUSEPORT) are one listener here: their
+            // queues add up, and the owner is that of the first.
+            match &mut row.queues {
+                Some(q) => {
+                    q.acceptq_len += queues.acceptq_len;
+                    q.acceptq_max += queues.acceptq_max;
+                    q.synq_len += queues.synq_len;
+                    q.drops += queues.drops;
+                }
+                None => row.queues = Some(queues),
+            }
+        }
+        let vis = self.vis;
+        let classified = |id: &ListenerId| {
+            rows.get(id)
+                .and_then(|r| r.stats.as_ref())
+                .map_or(0, ListenerStats::drops)
+        };
+        let with_ids: HashSet<ListenerId> = rows
+            .values()
+            .filter(|r| r.stats.is_some())
+            .map(|r| r.id)
+            .collect();
+        let reckoning = self.drops.lock().unwrap_or_else(PoisonError::into_inner).update(
+            &Sample {
+                sockets: &sockets,
+                listen_drops: &sampled.listen_drops,
+                unreadable: &sampled.unreadable,
+            },
+            classified,
+            &with_ids,
+            !vis.classifies_every_drop(),
+        );
+        for (id, n) in reckoning.unclassified {
+            if let Some(r) = rows.get_mut(&id) {
+                r.unclassified = Some(n);
+            }
         }
         rows.retain(|id, _| filter.admits(id.netns, id.port));
         let sockets: Vec<(ListenerId, u32)> = rows
@@ -136,7 +190,12 @@ impl Collector {
             listeners: rows.into_values().collect(),
             programs: self.program_runtimes(),
             self_stats: self.counters.self_stats()?,
-            netns_unreadable,
+            netns_unreadable: sampled.unreadable.len(),
+            netns_unattributed: reckoning
+                .unattributed
+                .into_iter()
+                .filter(|(ns, _)| filter.admits_netns(*ns))
+                .collect(),
         })
     }
 }
@@ -159,15 +218,33 @@ impl Collector {
     }
 }
 
-/// Listeners of every namespace the filter admits; entering other namespaces needs
-/// CAP_SYS_ADMIN, and those that cannot be entered are counted, not guessed. Each dump walks
-/// the kernel's listening hash, which all namespaces share, so namespaces are sampled a few
-/// at a time in parallel.
-fn sample_all_namespaces(filter: &Filter) -> (Vec<(u32, ListenerQueues)>, usize) {
-    let (found, unreadable) = netns::for_each(|ns| filter.admits_netns(ns), sockdiag::listeners);
-    let sampled = found
-        .into_iter()
-        .flat_map(|(ns, ls)| ls.into_iter().map(move |l| (ns, l)))
-        .collect();
-    (sampled, unreadable)
+/// What one pass over the namespaces found.
+struct Sampled {
+    listeners: Vec<(u32, ListenerQueues)>,
+    /// Each sampled namespace's TcpExt ListenDrops.
+    listen_drops: Vec<(u32, u64)>,
+    unreadable: Vec<u32>,
+}
+
+/// Listeners and ListenDrops of every namespace the filter admits; entering other namespaces
+/// needs CAP_SYS_ADMIN, and those that cannot be entered are counted, not guessed. Each dump
+/// walks the kernel's listening hash, which all namespaces share, so namespaces are sampled a
+/// few at a time in parallel.
+fn sample_all_namespaces(filter: &Filter) -> Sampled {
+    let (found, unreadable) = netns::for_each(
+        |ns| filter.admits_netns(ns),
+        || Ok((sockdiag::listeners()?, netstat::listen_drops()?)),
+    );
+    let mut sampled = Sampled {
+        listeners: Vec::new(),
+        listen_drops: Vec::new(),
+        unreadable,
+    };
+    for (ns, (listeners, listen_drops)) in found {
+        sampled.listen_drops.push((ns, listen_drops));
+        sampled
+            .listeners
+            .extend(listeners.into_iter().map(|l| (ns, l)));
+    }
+    sampled
 }

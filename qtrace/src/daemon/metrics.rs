@@ -11,7 +11,7 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
-use qtrace_common::{Counter, DropReason, SelfStat, WAIT_BUCKETS};
+use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAIT_BUCKETS};
 
 use crate::{
     daemon::collect::{ListenerView, Scrape},
@@ -157,6 +157,8 @@ const QUEUE_GAUGES: [QueueGauge; 4] = [
 struct Series {
     labels: Labels,
     stats: ListenerStats,
+    /// Drops no probe classified (see `daemon::drops`); None where every reason has a probe.
+    unclassified: Option<u64>,
 }
 
 /// Renders the scrape as OpenMetrics text, or the classic Prometheus text format.
@@ -266,41 +268,48 @@ fn families(
     let mut views: Vec<&ListenerView> = scrape.listeners.iter().collect();
     views.sort_by_key(|v| (v.stats.is_none(), v.id));
     let folded = views.len().saturating_sub(max_series);
+    // Every listener sock_diag sees has its counters from the first scrape, at 0 until
+    // something happens, so rate() and increase() see its first burst.
+    let zero = ListenerStats::empty(Default::default());
+    let counted = |v: &ListenerView| v.stats.clone().unwrap_or_else(|| zero.clone());
     let mut series: Vec<Series> = views
         .iter()
         .take(max_series)
-        .filter_map(|v| {
-            v.stats.clone().map(|stats| Series {
-                labels: listener_labels(v),
-                stats,
-            })
+        .map(|v| Series {
+            labels: listener_labels(v),
+            stats: counted(v),
+            unclassified: v.unclassified,
         })
         .collect();
-    let over: Vec<&ListenerStats> = views
-        .iter()
-        .skip(max_series)
-        .filter_map(|v| v.stats.as_ref())
-        .collect();
-    if let Some(first) = over.first() {
-        let mut sum = (*first).clone();
-        for s in &over[1..] {
-            sum.add(s);
-        }
-        series.push(Series {
+    let over = &views[views.len().min(max_series)..];
+    if let Some((first, rest)) = over.split_first() {
+        let mut sum = Series {
             labels: Labels::of(Listener::Other),
-            stats: sum,
-        });
+            stats: counted(first),
+            unclassified: first.unclassified,
+        };
+        for v in rest {
+            if let Some(stats) = &v.stats {
+                sum.stats.add(stats);
+            }
+            if let Some(n) = v.unclassified {
+                sum.unclassified = Some(sum.unclassified.unwrap_or(0) + n);
+            }
+        }
+        series.push(sum);
     }
 
     let mut out = Vec::new();
     out.push(Family {
         name: "qtrace_listen_drops",
-        help: "Handshake packets the listener dropped, by reason (TcpExt ListenDrops, split).",
+        help: "Handshake packets the listener dropped, by reason (TcpExt ListenDrops, split). \
+               Where a probe is missing, reason=\"unclassified\" holds the drops of the \
+               listener's own count (sk_drops, from sock_diag) that no probe classified.",
         kind: MetricType::Counter,
         samples: series
             .iter()
             .flat_map(|s| {
-                DropReason::ALL
+                let classified = DropReason::ALL
                     .into_iter()
                     .filter(|r| vis.sees(r.counter()))
                     .map(|r| {
@@ -308,7 +317,32 @@ fn families(
                             s.labels.with("reason", r.name()),
                             Value::Counter(s.stats.get(r.counter())),
                         )
-                    })
+                    });
+                let unclassified = s.unclassified.filter(|_| !vis.classifies_every_drop());
+                classified.chain(unclassified.map(|n| {
+                    (
+                        s.labels.with("reason", UNCLASSIFIED.name),
+                        Value::Counter(n),
+                    )
+                }))
+            })
+            .collect(),
+    });
+    out.push(Family {
+        name: "qtrace_netns_listen_drops_unattributed",
+        help: "Cross-check: the network namespace's TcpExt ListenDrops since qtrace first saw \
+               it, minus the drops qtrace attributed to its listeners (every reason). 0 when \
+               every drop is accounted for; a listener that closed between two scrapes takes \
+               the drops since the last one with it, which is one cause of a difference.",
+        kind: MetricType::Gauge,
+        samples: scrape
+            .netns_unattributed
+            .iter()
+            .map(|(ns, gap)| {
+                (
+                    Labels::plain(vec![("netns", ns.to_string().into())]),
+                    Value::Gauge(*gap),
+                )
             })
             .collect(),
     });

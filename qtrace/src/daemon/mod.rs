@@ -1,5 +1,6 @@
 //! The daemon's state and transports. [`collect`] joins the kernel's counters, the queues
-//! sampled now in every namespace and each socket's owner into one view; [`state`] holds what
+//! sampled now in every namespace and each socket's owner into one view, with [`drops`]
+//! reconciling the probes' drop counts with the sockets' and namespaces' own; [`state`] holds what
 //! the daemon keeps (the collector, the owner cache, the last hour in [`history`]) and makes
 //! the typed listener snapshot of [`crate::api`]; [`metrics`] renders the Prometheus
 //! exposition; [`http`] serves /metrics, /healthz and /api/listeners; [`events_socket`] hands
@@ -10,6 +11,7 @@
 //! not import each other: the events socket and HTTP both go through [`state`].
 
 pub mod collect;
+pub mod drops;
 pub mod events_socket;
 pub mod history;
 pub mod http;

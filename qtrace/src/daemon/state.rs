@@ -16,7 +16,7 @@ use anyhow::Result;
 use tokio::sync::{watch, Notify};
 
 use crate::{
-    api::{self, Owner, Queues},
+    api::{self, Counters, Owner, Queues},
     daemon::{
         collect::{Collector, Scrape},
         history::History,
@@ -114,7 +114,10 @@ pub fn snapshot(
                 family: Family::of_addr(&v.id.addr),
                 addr: v.id.addr,
                 port: v.id.port,
-                counters: stats.counters(vis),
+                counters: Counters {
+                    unclassified: v.unclassified,
+                    ..stats.counters(vis)
+                },
                 accept_wait: stats.accept_wait(vis),
                 queues: v.queues.as_ref().map(|q| Queues {
                     accept_len: q.acceptq_len,

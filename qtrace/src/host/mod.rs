@@ -1,6 +1,7 @@
 //! What qtrace reads about the host outside its eBPF programs: network namespaces and running
-//! code inside one ([`netns`]), every listener's queues from sock_diag ([`sockdiag`]), the
-//! process owning each listening socket ([`owners`]), and the process heap ([`heap`]).
+//! code inside one ([`netns`]), every listener's queues and own drop count from sock_diag
+//! ([`sockdiag`]), each namespace's ListenDrops ([`netstat`]), the process owning each
+//! listening socket ([`owners`]), and the process heap ([`heap`]).
 //!
 //! Contract: owns /proc, setns and netlink access. May import `qtrace_common`,
 //! [`crate::api`] and [`crate::listener`]; never `crate::kernel`, `crate::daemon` or
@@ -8,5 +9,6 @@
 
 pub mod heap;
 pub mod netns;
+pub mod netstat;
 pub mod owners;
 pub mod sockdiag;

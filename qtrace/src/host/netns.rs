@@ -55,18 +55,18 @@ pub fn all() -> Vec<Namespace> {
 
 /// Runs `f` in every network namespace `wanted` admits (by inode), a few at a time in
 /// parallel: in this process's own namespace directly, in the others on a thread that joins
-/// it (needs CAP_SYS_ADMIN). Returns what `f` found per namespace inode, and how many
-/// namespaces could not be entered or read (counted, never guessed).
+/// it (needs CAP_SYS_ADMIN). Returns what `f` found per namespace inode, and the namespaces
+/// that could not be entered or read (counted, never guessed).
 pub fn for_each<T: Send>(
     wanted: impl Fn(u32) -> bool,
     f: impl Fn() -> Result<T> + Sync,
-) -> (Vec<(u32, T)>, usize) {
+) -> (Vec<(u32, T)>, Vec<u32>) {
     let own = own().ok();
     // A namespace `wanted` excludes is not entered at all.
     let namespaces: Vec<_> = all().into_iter().filter(|ns| wanted(ns.inode)).collect();
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::new();
-    let mut unreadable = 0;
+    let mut unreadable = Vec::new();
     let f = &f;
     for batch in namespaces.chunks(parallel) {
         let found: Vec<Result<T>> = std::thread::scope(|scope| {
@@ -96,7 +96,7 @@ pub fn for_each<T: Send>(
                 Ok(v) => out.push((ns.inode, v)),
                 Err(e) => {
                     tracing::debug!("netns {}: {e:#}", ns.inode);
-                    unreadable += 1;
+                    unreadable.push(ns.inode);
                 }
             }
         }

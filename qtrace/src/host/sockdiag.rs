@@ -1,6 +1,8 @@
 //! Queue gauges of every listener in the current network namespace, from sock_diag
 //! (`ss -lnt` uses the same interface): the accept queue's length and limit from the
-//! listener itself, the SYN queue's length by counting its request sockets.
+//! listener itself, the SYN queue's length by counting its request sockets, and the
+//! listener's own drop counter (`sk_drops`, `ss -ltm`'s `d<N>`), which the kernel keeps on
+//! every kernel with no BPF at all.
 
 use std::{collections::HashMap, net::IpAddr};
 
@@ -10,7 +12,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN},
-    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
@@ -28,6 +30,9 @@ pub struct ListenerQueues {
     pub synq_len: u32,
     /// Socket inode, to find the owning process.
     pub inode: u32,
+    /// The socket's own drop count (`sk_drops`: `tcp_listendrop()` bumps it for every
+    /// handshake packet the listener drops), since the socket was created.
+    pub drops: u32,
 }
 
 /// Every TCP listener of this thread's network namespace, both families.
@@ -36,7 +41,7 @@ pub fn listeners() -> Result<Vec<ListenerQueues>> {
     let mut listeners = Vec::new();
     let mut requests = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        for r in dump(&socket, family)? {
+        for (r, drops) in dump(&socket, family)? {
             let id = &r.socket_id;
             if r.state == TCP_LISTEN {
                 listeners.push(ListenerQueues {
@@ -46,6 +51,7 @@ pub fn listeners() -> Result<Vec<ListenerQueues>> {
                     acceptq_max: r.send_queue,
                     synq_len: 0,
                     inode: r.inode,
+                    drops: drops.unwrap_or(0),
                 });
             } else {
                 requests.push((id.source_address, id.source_port));
@@ -109,13 +115,15 @@ fn connect() -> Result<Socket> {
     Ok(socket)
 }
 
-fn dump(socket: &Socket, family: u8) -> Result<Vec<InetResponseHeader>> {
+/// Every listener and request socket of `family`, with the listener's drop count
+/// (`INET_DIAG_SKMEMINFO`; request sockets carry no extensions).
+fn dump(socket: &Socket, family: u8) -> Result<Vec<(InetResponseHeader, Option<u32>)>> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let request = SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::empty(),
+        extensions: ExtensionFlags::SKMEMINFO,
         // The kernel adds request sockets (TCP_NEW_SYN_RECV) when SYN_RECV is asked for.
         states: StateFlags::LISTEN | StateFlags::SYN_RECV,
         socket_id: if family == AF_INET {
@@ -140,7 +148,11 @@ fn dump(socket: &Socket, family: u8) -> Result<Vec<InetResponseHeader>> {
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    out.push(r.header)
+                    let drops = r.nlas.iter().find_map(|nla| match nla {
+                        Nla::MemInfo(m) => Some(m.drops),
+                        _ => None,
+                    });
+                    out.push((r.header, drops))
                 }
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::Error(e) => bail!("sock_diag dump failed: {e}"),
@@ -180,6 +192,7 @@ mod tests {
             acceptq_max: 1,
             synq_len: 0,
             inode: 0,
+            drops: 0,
         };
         let ls = vec![
             l("0.0.0.0", 80),

@@ -45,7 +45,10 @@ impl ListenerStats {
 
     /// Its counters by name: None for what no attached probe sees.
     pub fn counters(&self, vis: Visibility) -> Counters {
-        Counters(Counter::ALL.map(|c| vis.sees(c).then(|| self.get(c))))
+        Counters {
+            kernel: Counter::ALL.map(|c| vis.sees(c).then(|| self.get(c))),
+            unclassified: None,
+        }
     }
 
     /// The accept-wait histogram, or None when the accept probe is not attached.

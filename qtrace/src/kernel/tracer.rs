@@ -70,7 +70,7 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
         .map_err(|e| {
             permission_hint(anyhow::Error::from(e).context("load qtrace's eBPF object"))
         })?;
-    let probes = probes::attach_all(&mut ebpf, &btf, &kbtf, opts.best_tier)?;
+    let probes = probes::attach_all(&mut ebpf, &btf, &kbtf, opts.best_tier, &opts.probes_off)?;
     if probes.iter().all(|p| p.tier.is_none()) {
         let why: Vec<_> = probes.iter().flat_map(|p| p.fallbacks.clone()).collect();
         let err = anyhow::anyhow!("no probe could be attached: {}", why.join("; "));

@@ -60,6 +60,39 @@ impl Evidence<'_> {
     }
 }
 
+/// What the daemon counted of drops for a full accept queue, saying what it could not see
+/// rather than printing 0 for it.
+fn accept_queue_drops(counters: Option<&Counters>) -> String {
+    let Some(cs) = counters else {
+        return "drops not counted: no qtrace daemon is running".into();
+    };
+    let mut s = match (
+        cs.get(Counter::DropAcceptQueueFullSyn),
+        cs.get(Counter::DropAcceptQueueFullAck),
+    ) {
+        (Some(syn), Some(ack)) => format!(
+            "{} connections dropped for a full accept queue since qtrace started",
+            syn + ack
+        ),
+        (None, Some(ack)) => format!(
+            "{ack} connections dropped for a full accept queue at the final ACK since qtrace \
+             started (drops at SYN time cannot be classified on this kernel)"
+        ),
+        (Some(syn), None) => format!(
+            "{syn} SYNs dropped for a full accept queue since qtrace started (drops at the \
+             final ACK cannot be classified on this kernel)"
+        ),
+        (None, None) => "accept-queue drops cannot be classified on this kernel".into(),
+    };
+    if let Some(u) = cs.unclassified.filter(|u| *u > 0) {
+        s += &format!(
+            ", and {u} handshake packets dropped at this listener whose reason this kernel does not \
+             show (the listener's own drop count; a full accept queue is the usual cause)"
+        );
+    }
+    s
+}
+
 /// Advice from evidence: the queues now and what the daemon counted, never boilerplate.
 pub fn advise(
     out: &mut Vec<Advice>,
@@ -73,6 +106,7 @@ pub fn advise(
     let n = |c: Counter| counters.and_then(|cs| cs.get(c)).unwrap_or(0);
     let sys = |k: &str| sysctl.get(k).cloned().unwrap_or_default();
     let accept_drops = n(Counter::DropAcceptQueueFullSyn) + n(Counter::DropAcceptQueueFullAck);
+    let unclassified = counters.and_then(|c| c.unclassified).unwrap_or(0);
     let mut say = |advice: String| {
         out.push(Advice {
             listener: who.to_string(),
@@ -82,7 +116,11 @@ pub fn advise(
     let was_full = evidence
         .last_hour
         .is_some_and(|h| h.accept_queue_at_limit > 0.0);
-    if accept_drops > 0 || was_full || (lim.accept_limit > 0 && l.acceptq_len >= lim.accept_limit) {
+    if accept_drops > 0
+        || unclassified > 0
+        || was_full
+        || (lim.accept_limit > 0 && l.acceptq_len >= lim.accept_limit)
+    {
         let cap = match lim.backlog {
             Backlog::AtLeast(_) => format!(
                 "raise net.core.somaxconn (now {} caps it) and the listen() backlog",
@@ -93,11 +131,11 @@ pub fn advise(
             }
         };
         say(format!(
-            "accept queue {}/{} now{}; {accept_drops} connections dropped for a full accept queue \
-             since qtrace started: the application accepts too slowly for its load; {cap}",
+            "accept queue {}/{} now{}; {}: the application accepts too slowly for its load; {cap}",
             l.acceptq_len,
             lim.accept_limit,
-            evidence.accept_queue_history()
+            evidence.accept_queue_history(),
+            accept_queue_drops(counters)
         ));
     }
     if n(Counter::DropSynQueueFull) > 0 && sys("net/ipv4/tcp_syncookies") == "0" {

@@ -190,7 +190,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
                 sysctls: sysctls.clone(),
             })
             .collect(),
-        namespaces_unreadable: unreadable,
+        namespaces_unreadable: unreadable.len(),
         listeners,
         advice,
     };

@@ -17,7 +17,7 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Program},
     Btf, Ebpf,
 };
-use qtrace_common::Counter;
+use qtrace_common::{Counter, DropReason};
 
 pub use crate::api::{ProbeStatus, Tier};
 use crate::kernel::btf::KernelBtf;
@@ -98,6 +98,12 @@ impl Visibility {
     pub fn sees(&self, c: Counter) -> bool {
         self.0[c as usize]
     }
+
+    /// Whether every drop reason has its probe attached: only where one is missing are there
+    /// drops no probe classifies (`unclassified`, from the sockets' own drop counts).
+    pub fn classifies_every_drop(&self) -> bool {
+        DropReason::ALL.iter().all(|r| self.sees(r.counter()))
+    }
 }
 
 /// The attach step of a plan, apart from the fallback logic so that logic can be tested
@@ -125,18 +131,50 @@ impl Attach for Kernel<'_> {
     }
 }
 
-/// Attaches every area at the best tier not better than `best`.
+/// Attaches every area at the best tier not better than `best`, except the areas named in
+/// `off`, which are left unavailable.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
     kbtf: &KernelBtf,
     best: Tier,
+    off: &[String],
 ) -> Result<Vec<ProbeStatus>> {
+    check_names(off)?;
     let mut kernel = Kernel { ebpf, btf };
     Ok(AREAS
         .iter()
-        .map(|area| attach_area(area.name, |tier| (area.plan)(tier, kbtf), best, &mut kernel))
+        .map(|area| {
+            if off.iter().any(|o| o == area.name) {
+                return turned_off(area.name);
+            }
+            attach_area(area.name, |tier| (area.plan)(tier, kbtf), best, &mut kernel)
+        })
         .collect())
+}
+
+/// Every name in `names` is a probe area's.
+fn check_names(names: &[String]) -> Result<()> {
+    match names.iter().find(|n| AREAS.iter().all(|a| a.name != n.as_str())) {
+        None => Ok(()),
+        Some(unknown) => {
+            let known: Vec<_> = AREAS.iter().map(|a| a.name).collect();
+            anyhow::bail!(
+                "unknown probe {unknown:?} in --probes; the probes are {}",
+                known.join(", ")
+            )
+        }
+    }
+}
+
+/// An area left off by `--probes -NAME`: unavailable, and saying why.
+fn turned_off(name: &str) -> ProbeStatus {
+    ProbeStatus {
+        probe: name.to_string(),
+        tier: None,
+        hooks: Vec::new(),
+        fallbacks: vec!["turned off by --probes".into()],
+    }
 }
 
 /// One area: its plans tried in tier order from `best` down, the first that attaches kept;

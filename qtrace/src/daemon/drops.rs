@@ -1,0 +1,283 @@
+//! Drops no probe classified, and the cross-check of every drop against the kernel.
+//!
+//! The kernel counts each handshake packet a listener drops twice: in the listener's own
+//! `sk_drops` (read with sock_diag, on every kernel, no BPF) and in its namespace's TcpExt
+//! ListenDrops. The probes classify drops by reason where they attach; where one cannot attach
+//! (no fentry and no kprobes: the syn probe on hardened and micro-VM kernels), the socket's
+//! own count still tells how many there were. This ledger keeps, per listener:
+//!
+//! - `unclassified` = the listener's sockets' drops since qtrace first saw them, minus the
+//!   drops the probes classified in that time; monotonic (a Prometheus counter), because a
+//!   socket that closes takes its drop count with it, while the probes' counts stay;
+//! - per namespace, `unattributed` = ListenDrops growth since qtrace first saw the namespace,
+//!   minus every drop attributed to its listeners (0 when all is accounted for).
+//!
+//! "Since first seen": what a socket or namespace held at qtrace's first collect predates it
+//! (and is the base subtracted); one that appears later was created while qtrace ran, so its
+//! whole count is new. The queues are sampled before the kernel's counters are read, so a drop
+//! in between is seen by the probes first and never shows as unclassified.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::listener::ListenerId;
+
+/// One listening socket as sock_diag saw it in a collect.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketDrops {
+    pub id: ListenerId,
+    pub inode: u32,
+    /// `sk_drops` now.
+    pub drops: u64,
+}
+
+/// What one collect saw: every socket and the ListenDrops of every namespace sampled, and
+/// the namespaces that exist but could not be read (their sockets are not taken for closed).
+pub struct Sample<'a> {
+    pub sockets: &'a [SocketDrops],
+    pub listen_drops: &'a [(u32, u64)],
+    pub unreadable: &'a [u32],
+}
+
+/// The ledger's answer for one collect.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reckoning {
+    /// Per listener seen by sock_diag: drops no probe classified.
+    pub unclassified: HashMap<ListenerId, u64>,
+    /// Per namespace sampled: ListenDrops growth minus the drops attributed to its listeners.
+    pub unattributed: Vec<(u32, i64)>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    id: ListenerId,
+    base: u64,
+    last: u64,
+}
+
+#[derive(Debug, Default)]
+struct Listener {
+    /// Drops of its sockets that have closed, each up to its last sample.
+    closed: u64,
+    /// The probes' classified count when qtrace first saw the listener (see the module doc).
+    classified_base: u64,
+    unclassified: u64,
+}
+
+/// Bounded by what is alive: sockets leave when sock_diag stops listing them (in a namespace
+/// that was sampled), listeners when they have neither a socket nor kernel counters, and
+/// namespaces when they are no longer sampled.
+#[derive(Debug, Default)]
+pub struct DropLedger {
+    started: bool,
+    sockets: HashMap<u32, Socket>,
+    listeners: HashMap<ListenerId, Listener>,
+    namespaces: HashMap<u32, u64>,
+}
+
+impl DropLedger {
+    /// Accounts for one collect. `classified` is a listener's drops as the probes counted them
+    /// (0 for one they never counted); `counted` lists the listeners the kernel has counters
+    /// for; `with_unclassified` is false where every drop reason has a probe attached, and
+    /// then unclassified drops are not attributed to anyone.
+    pub fn update(
+        &mut self,
+        sample: &Sample,
+        classified: impl Fn(&ListenerId) -> u64,
+        counted: &HashSet<ListenerId>,
+        with_unclassified: bool,
+    ) -> Reckoning {
+        let first = !std::mem::replace(&mut self.started, true);
+        let sampled_netns: HashSet<u32> = sample.listen_drops.iter().map(|(ns, _)| *ns).collect();
+        let new_listener = |id: &ListenerId| Listener {
+            classified_base: if first { classified(id) } else { 0 },
+            ..Default::default()
+        };
+        let mut seen = HashSet::new();
+        for s in sample.sockets {
+            seen.insert(s.inode);
+            let socket = self.sockets.entry(s.inode).or_insert(Socket {
+                id: s.id,
+                base: if first { s.drops } else { 0 },
+                last: s.drops,
+            });
+            socket.last = s.drops;
+            if !self.listeners.contains_key(&s.id) {
+                self.listeners.insert(s.id, new_listener(&s.id));
+            }
+        }
+        for id in counted {
+            if !self.listeners.contains_key(id) {
+                self.listeners.insert(*id, new_listener(id));
+            }
+        }
+        // A socket sock_diag no longer lists has closed, unless its namespace could not be
+        // read this time.
+        let listeners = &mut self.listeners;
+        self.sockets.retain(|inode, s| {
+            let alive = seen.contains(inode) || sample.unreadable.contains(&s.id.netns);
+            if !alive {
+                if let Some(l) = listeners.get_mut(&s.id) {
+                    l.closed += s.last.saturating_sub(s.base);
+                }
+            }
+            alive
+        });
+        let mut open: HashMap<ListenerId, u64> = HashMap::new();
+        for s in self.sockets.values() {
+            *open.entry(s.id).or_default() += s.last.saturating_sub(s.base);
+        }
+        self.listeners
+            .retain(|id, _| open.contains_key(id) || counted.contains(id));
+        let mut reckoning = Reckoning::default();
+        let mut attributed: HashMap<u32, u64> = HashMap::new();
+        for (id, l) in &mut self.listeners {
+            let own = l.closed + open.get(id).copied().unwrap_or(0);
+            let classified = classified(id).saturating_sub(l.classified_base);
+            l.unclassified = l.unclassified.max(own.saturating_sub(classified));
+            let mut total = classified;
+            if with_unclassified {
+                total += l.unclassified;
+                if open.contains_key(id) {
+                    reckoning.unclassified.insert(*id, l.unclassified);
+                }
+            }
+            *attributed.entry(id.netns).or_default() += total;
+        }
+        self.namespaces
+            .retain(|ns, _| sampled_netns.contains(ns) || sample.unreadable.contains(ns));
+        for &(ns, listen_drops) in sample.listen_drops {
+            let base = *self
+                .namespaces
+                .entry(ns)
+                .or_insert(if first { listen_drops } else { 0 });
+            let growth = listen_drops.saturating_sub(base) as i64;
+            let gap = growth - attributed.get(&ns).copied().unwrap_or(0) as i64;
+            reckoning.unattributed.push((ns, gap));
+        }
+        reckoning.unattributed.sort();
+        reckoning
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(netns: u32, port: u16) -> ListenerId {
+        ListenerId {
+            netns,
+            addr: "127.0.0.1".parse().unwrap(),
+            port,
+        }
+    }
+
+    fn sock(netns: u32, port: u16, inode: u32, drops: u64) -> SocketDrops {
+        SocketDrops {
+            id: id(netns, port),
+            inode,
+            drops,
+        }
+    }
+
+    /// One collect: sockets, namespaces' ListenDrops, classified counts by port.
+    fn collect(
+        ledger: &mut DropLedger,
+        sockets: &[SocketDrops],
+        listen_drops: &[(u32, u64)],
+        classified: &[(u16, u64)],
+        with_unclassified: bool,
+    ) -> Reckoning {
+        let counted: HashSet<ListenerId> = classified.iter().map(|(p, _)| id(1, *p)).collect();
+        let classified = |l: &ListenerId| {
+            classified
+                .iter()
+                .find(|(p, _)| *p == l.port)
+                .map_or(0, |(_, n)| *n)
+        };
+        ledger.update(
+            &Sample {
+                sockets,
+                listen_drops,
+                unreadable: &[],
+            },
+            classified,
+            &counted,
+            with_unclassified,
+        )
+    }
+
+    #[test]
+    fn what_predates_qtrace_is_the_base() {
+        let mut l = DropLedger::default();
+        let r = collect(&mut l, &[sock(1, 80, 10, 5)], &[(1, 100)], &[(80, 2)], true);
+        assert_eq!(r.unclassified[&id(1, 80)], 0);
+        assert_eq!(r.unattributed, vec![(1, 0)]);
+        // 4 more drops, 1 of them classified: 3 unclassified, and all 4 attributed.
+        let r = collect(&mut l, &[sock(1, 80, 10, 9)], &[(1, 104)], &[(80, 3)], true);
+        assert_eq!(r.unclassified[&id(1, 80)], 3);
+        assert_eq!(r.unattributed, vec![(1, 0)]);
+    }
+
+    #[test]
+    fn with_every_probe_attached_nothing_is_unclassified() {
+        let mut l = DropLedger::default();
+        collect(&mut l, &[sock(1, 80, 10, 0)], &[(1, 0)], &[], false);
+        let r = collect(&mut l, &[sock(1, 80, 10, 4)], &[(1, 4)], &[(80, 4)], false);
+        assert!(r.unclassified.is_empty());
+        assert_eq!(r.unattributed, vec![(1, 0)]);
+        // A drop the probes missed shows in the namespace's cross-check.
+        let r = collect(&mut l, &[sock(1, 80, 10, 5)], &[(1, 5)], &[(80, 4)], false);
+        assert_eq!(r.unattributed, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn a_socket_born_after_the_start_counts_from_zero() {
+        let mut l = DropLedger::default();
+        collect(&mut l, &[], &[(1, 0)], &[], true);
+        let r = collect(&mut l, &[sock(1, 81, 11, 7)], &[(1, 7)], &[(81, 2)], true);
+        assert_eq!(r.unclassified[&id(1, 81)], 5);
+        assert_eq!(r.unattributed, vec![(1, 0)]);
+    }
+
+    #[test]
+    fn a_closed_sockets_drops_stay_and_the_counter_never_falls() {
+        let mut l = DropLedger::default();
+        collect(&mut l, &[], &[(1, 0)], &[], true);
+        // Two sockets of one reuseport group: 3 + 4 drops, none classified.
+        let both = [sock(1, 80, 10, 3), sock(1, 80, 11, 4)];
+        let r = collect(&mut l, &both, &[(1, 7)], &[], true);
+        assert_eq!(r.unclassified[&id(1, 80)], 7);
+        let r = collect(&mut l, &[sock(1, 80, 11, 4)], &[(1, 7)], &[], true);
+        assert_eq!(r.unclassified[&id(1, 80)], 7);
+        assert_eq!(r.unattributed, vec![(1, 0)]);
+        // Counted late by the probes (they raced the sample): still never less.
+        let r = collect(&mut l, &[sock(1, 80, 11, 4)], &[(1, 7)], &[(80, 2)], true);
+        assert_eq!(r.unclassified[&id(1, 80)], 7);
+    }
+
+    #[test]
+    fn an_unreadable_namespace_keeps_its_sockets() {
+        let mut l = DropLedger::default();
+        collect(&mut l, &[], &[(1, 0), (2, 0)], &[], true);
+        collect(&mut l, &[sock(2, 80, 20, 3)], &[(1, 0), (2, 3)], &[], true);
+        // Namespace 2 unreadable this time: its socket is not taken for closed.
+        let unreadable = Sample {
+            sockets: &[],
+            listen_drops: &[(1, 0)],
+            unreadable: &[2],
+        };
+        l.update(&unreadable, |_| 0, &HashSet::new(), true);
+        let r = collect(&mut l, &[sock(2, 80, 20, 3)], &[(1, 0), (2, 3)], &[], true);
+        assert_eq!(r.unclassified[&id(2, 80)], 3);
+        assert_eq!(r.unattributed, vec![(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn what_is_gone_is_forgotten() {
+        let mut l = DropLedger::default();
+        collect(&mut l, &[], &[(1, 0)], &[], true);
+        collect(&mut l, &[sock(1, 80, 10, 3)], &[(1, 3)], &[], true);
+        collect(&mut l, &[], &[], &[], true);
+        assert!(l.sockets.is_empty() && l.listeners.is_empty() && l.namespaces.is_empty());
+    }
+}
