@@ -15,8 +15,9 @@ use aya_ebpf::{
 use qtrace_common::{Counter, SelfStat};
 
 use crate::{
-    account::{count, observe_wait, self_stat},
+    account::{count, observe_wait},
     kernel::{listener, Mem, Typed, Untyped},
+    self_stats::self_stat,
 };
 
 /// child socket → when it joined the accept queue. LRU: children closed before accept() age out.

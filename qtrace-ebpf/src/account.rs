@@ -12,6 +12,7 @@ use qtrace_common::{
 };
 
 use crate::kernel::{Queues, Remote};
+use crate::self_stats::self_stat;
 
 /// Sized by user space (`--max-listeners`) before load.
 #[map]
@@ -22,22 +23,12 @@ static QT_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
 #[map]
 static QT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-#[map]
-static QT_SELF_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SelfStat::COUNT as u32, 0);
-
 /// A zeroed value to insert new listeners from (too large for the BPF stack).
 #[map]
 static QT_ZERO: PerCpuArray<ListenerCounters> = PerCpuArray::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static QT_EVENT_RATE: Global<u32> = Global::new(100);
-
-#[inline(always)]
-pub fn self_stat(stat: SelfStat) {
-    if let Some(v) = QT_SELF_STATS.get_ptr_mut(stat as u32) {
-        unsafe { *v += 1 };
-    }
-}
 
 /// This CPU's counters of `key`, created on first use.
 #[inline(always)]

@@ -7,7 +7,7 @@ use qtrace_common::{
     HookLayout, ListenerKey, Offsets, SelfStat,
 };
 
-use crate::account::self_stat;
+use crate::self_stats::self_stat;
 
 #[unsafe(no_mangle)]
 pub(crate) static QT_OFFSETS: Global<Offsets> = Global::new(unsafe { core::mem::zeroed() });

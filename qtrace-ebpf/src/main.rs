@@ -1,6 +1,8 @@
 //! qtrace's kernel programs. Each probe area is one module, named like its loader in
-//! `qtrace/src/probes/`. Struct offsets and prototype facts arrive as globals from user space
-//! (see `qtrace_common::kernel`), so nothing here depends on one kernel's layout.
+//! `qtrace/src/kernel/probes/`. Struct offsets and prototype facts arrive as globals from user
+//! space (see `qtrace_common::kernel`), so nothing here depends on one kernel's layout.
+//! `account` counts and emits events, `kernel` reads kernel memory, and both record qtrace's
+//! own losses in the leaf module `self_stats`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys and values go by reference: passed by value, a map value (the listener counters)
@@ -15,6 +17,8 @@ mod account;
 mod ack;
 #[cfg(target_arch = "bpf")]
 mod kernel;
+#[cfg(target_arch = "bpf")]
+mod self_stats;
 #[cfg(target_arch = "bpf")]
 mod syn;
 #[cfg(target_arch = "bpf")]

@@ -373,3 +373,58 @@ impl Listeners {
         self.listeners.iter().map(|l| (l.id(), l)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_round_trips_with_unavailable_counters_as_null() {
+        let mut counters = Counters::default();
+        counters.0[Counter::DropAcceptQueueFullAck as usize] = Some(7);
+        let snapshot = Listeners {
+            netns_unreadable: Some(0),
+            listeners: vec![Listener {
+                netns: 1,
+                family: Family::Ipv6,
+                addr: "::".parse().unwrap(),
+                port: 22,
+                counters,
+                accept_wait: None,
+                queues: Some(Queues {
+                    accept_len: 1,
+                    accept_limit: 4,
+                    syn_len: 0,
+                }),
+                owner: None,
+                last_hour: None,
+            }],
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(v["type"], "listeners");
+        let l = &v["listeners"][0];
+        assert_eq!(l["counters"]["drop_accept_queue_full_ack"], 7);
+        assert!(l["counters"]["drop_syn_queue_full"].is_null(), "{l}");
+        assert!(v.get("final").is_none() && v.get("self").is_none(), "{v}");
+        let back: Listeners = serde_json::from_value(v).unwrap();
+        assert_eq!(back, snapshot);
+        assert_eq!(back.by_id().len(), 1);
+        // Another line type is not a snapshot.
+        assert!(serde_json::from_str::<Listeners>(r#"{"type":"ready","listeners":[]}"#).is_err());
+    }
+
+    #[test]
+    fn gaps_and_ready_lines_have_their_type() {
+        let gap = serde_json::to_string(&Line::Gap { missed: 7 }).unwrap();
+        assert_eq!(gap, r#"{"type":"gap","missed":7}"#);
+        let ready = Ready {
+            listen: "127.0.0.1:9860".parse().unwrap(),
+            probes: vec![],
+        };
+        assert_eq!(
+            serde_json::to_string(&ready).unwrap(),
+            r#"{"type":"ready","listen":"127.0.0.1:9860","probes":[]}"#
+        );
+    }
+}

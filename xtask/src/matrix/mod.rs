@@ -15,10 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-/// The suites that exercise the kernel side (the daemon/CLI suites need more of a userland).
+/// The suites that exercise the kernel side: qtrace's unit tests (the binary `qtrace`) and
+/// these modules of the one integration binary ([`INTEGRATION`]), run by module path. The
+/// `daemon`, `top` and `deploy` modules need more of a userland (Prometheus, nginx, tmux) and
+/// run on this machine only, with the host tests.
 const SUITES: [&str; 7] = [
     "qtrace",
     "handshake",
@@ -28,6 +31,9 @@ const SUITES: [&str; 7] = [
     "doctor",
     "events",
 ];
+
+/// The integration test binary (`qtrace/tests/it/`).
+const INTEGRATION: &str = "it";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -40,7 +46,8 @@ pub struct Options {
     #[arg(long)]
     pub attach: Vec<String>,
     /// Arguments for every test binary, e.g. test-name filters (a test runs if its name
-    /// contains any of them) or `--exact`.
+    /// contains any of them; integration tests are named by module path, `handshake::…`) or
+    /// `--exact`.
     #[arg(last = true)]
     pub filter: Vec<String>,
 }
@@ -58,7 +65,7 @@ struct Outcome {
 
 pub fn vm_test(opts: Options) -> Result<()> {
     let cache = cache_dir()?;
-    let binaries = build_test_binaries()?;
+    let binaries = build_test_binaries(&opts.filter)?;
     let wanted: Vec<String> = if opts.kernel.iter().any(|k| k == "all") {
         std::iter::once("native")
             .chain(kernels::SUITES.iter().map(|(label, _)| *label))
@@ -67,7 +74,6 @@ pub fn vm_test(opts: Options) -> Result<()> {
     } else {
         opts.kernel.clone()
     };
-    let filter = opts.filter.clone();
     let mut jobs = Vec::new();
     for k in &wanted {
         let modes: Vec<String> = match (opts.attach.is_empty(), k.as_str()) {
@@ -84,14 +90,7 @@ pub fn vm_test(opts: Options) -> Result<()> {
         if k == "native" || images.contains_key(k) {
             continue;
         }
-        let image = guest_image(
-            &cache,
-            k,
-            "",
-            &binaries.all(),
-            &[],
-            &init_script(&binaries, &filter),
-        )?;
+        let image = guest_image(&cache, k, "", &binaries.all(), &[], &init_script(&binaries))?;
         images.insert(k.clone(), image);
     }
     // Two VMs at a time: two cores, and `-M pc` guests share them well.
@@ -105,9 +104,8 @@ pub fn vm_test(opts: Options) -> Result<()> {
                     .get(&k)
                     .map(|i: &GuestImage| (i.vmlinux.clone(), i.initrd.clone()));
                 let binaries = binaries.clone();
-                let filter = filter.clone();
                 let logs = cache.join("logs");
-                std::thread::spawn(move || run_one(&k, &m, image, &binaries, &filter, &logs))
+                std::thread::spawn(move || run_one(&k, &m, image, &binaries, &logs))
             })
             .collect();
         for h in handles {
@@ -191,19 +189,31 @@ pub const INIT_PROLOGUE: &str = "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/loc
 #[derive(Clone)]
 struct Binaries {
     qtrace: PathBuf,
-    suites: Vec<(String, PathBuf)>,
+    /// Each suite: its name, the test binary, and the arguments that run just that suite.
+    suites: Vec<Suite>,
+}
+
+#[derive(Clone)]
+struct Suite {
+    name: String,
+    exe: PathBuf,
+    args: Vec<String>,
 }
 
 impl Binaries {
     fn all(&self) -> Vec<PathBuf> {
-        std::iter::once(self.qtrace.clone())
-            .chain(self.suites.iter().map(|s| s.1.clone()))
-            .collect()
+        let mut all = vec![self.qtrace.clone()];
+        for s in &self.suites {
+            if !all.contains(&s.exe) {
+                all.push(s.exe.clone());
+            }
+        }
+        all
     }
 }
 
 /// Release builds: the guests emulate the CPU, and qtrace's BTF parsing is slow unoptimised.
-fn build_test_binaries() -> Result<Binaries> {
+fn build_test_binaries(filter: &[String]) -> Result<Binaries> {
     let out = Command::new("cargo")
         .args([
             "test",
@@ -216,7 +226,7 @@ fn build_test_binaries() -> Result<Binaries> {
         .stderr(std::process::Stdio::inherit())
         .output()?;
     anyhow::ensure!(out.status.success(), "building the test binaries failed");
-    let mut suites = Vec::new();
+    let mut exes = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -225,29 +235,95 @@ fn build_test_binaries() -> Result<Binaries> {
         else {
             continue;
         };
-        if v["profile"]["test"] == true && SUITES.contains(&name) {
-            suites.push((name.to_string(), PathBuf::from(exe)));
+        if v["profile"]["test"] == true && (name == SUITES[0] || name == INTEGRATION) {
+            exes.insert(name.to_string(), PathBuf::from(exe));
         }
     }
-    suites.sort_by_key(|(n, _)| SUITES.iter().position(|s| s == n));
+    let exe = |name: &str| {
+        exes.get(name)
+            .cloned()
+            .with_context(|| format!("no test binary {name} was built"))
+    };
+    let mut suites = vec![Suite {
+        name: SUITES[0].to_string(),
+        exe: exe(SUITES[0])?,
+        args: filter.to_vec(),
+    }];
+    let it = exe(INTEGRATION)?;
+    let tests = list_tests(&it, filter)?;
+    for name in &SUITES[1..] {
+        suites.push(Suite {
+            name: name.to_string(),
+            exe: it.clone(),
+            args: suite_args(name, &tests, filter),
+        });
+    }
     let qtrace = fs::canonicalize(crate::target_dir()?.join("release/qtrace"))?;
     Ok(Binaries { qtrace, suites })
 }
 
+/// The tests of a test binary that `filter` selects (listing needs no privileges).
+fn list_tests(exe: &Path, filter: &[String]) -> Result<Vec<String>> {
+    let out = Command::new(exe)
+        .args(["--list", "--format", "terse"])
+        .args(filter)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "listing the tests of {}",
+        exe.display()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The arguments that run exactly `suite`'s tests among `tests` (module `suite::`): their
+/// full names with `--exact`, and the options of `filter` (its name filters already chose
+/// `tests`). None selected: a filter matching nothing, as `--exact` with no name would run all.
+fn suite_args(suite: &str, tests: &[String], filter: &[String]) -> Vec<String> {
+    let prefix = format!("{suite}::");
+    let mine: Vec<String> = tests
+        .iter()
+        .filter(|t| t.starts_with(&prefix))
+        .cloned()
+        .collect();
+    if mine.is_empty() {
+        return vec!["--exact".into(), format!("{prefix}(no test selected)")];
+    }
+    let mut args = vec!["--exact".to_string()];
+    let mut options = filter.iter();
+    while let Some(a) = options.next() {
+        match a.as_str() {
+            "--exact" => {}
+            "--skip" => {
+                args.push(a.clone());
+                args.extend(options.next().cloned());
+            }
+            o if o.starts_with("--") => args.push(a.clone()),
+            _ => {}
+        }
+    }
+    args.extend(mine);
+    args
+}
+
 /// The guest's /init: mounts, modules, the probe report, each suite, power off.
-fn init_script(b: &Binaries, filter: &[String]) -> String {
+fn init_script(b: &Binaries) -> String {
     let mut s = String::from(INIT_PROLOGUE);
     s += "ATTACH=$(sed -n 's/.*qtrace.attach=\\([a-z]*\\).*/\\1/p' /proc/cmdline)\n\
           export QTRACE_TEST_ATTACH=$ATTACH RUST_BACKTRACE=1\n";
-    let filter: Vec<String> = filter.iter().map(|a| sh_quote(a)).collect();
-    let filter = filter.join(" ");
     let _ = writeln!(
         s,
         "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"",
         b.qtrace.display()
     );
-    for (name, exe) in &b.suites {
-        let _ = writeln!(s, "echo '@@QTRACE begin {name}'\n{} --test-threads=1 {filter} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
+    for Suite { name, exe, args } in &b.suites {
+        let args: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
+        let args = args.join(" ");
+        let _ = writeln!(s, "echo '@@QTRACE begin {name}'\n{} --test-threads=1 {args} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
     }
     s += "echo '@@QTRACE done'\npoweroff -f\n";
     s
@@ -272,12 +348,11 @@ fn run_one(
     mode: &str,
     image: Option<(PathBuf, PathBuf)>,
     b: &Binaries,
-    filter: &[String],
     logs: &Path,
 ) -> Result<Outcome> {
     let t = Instant::now();
     let (console, problem) = match image {
-        None => native(b, mode, filter)?,
+        None => native(b, mode)?,
         Some((vmlinux, initrd)) => {
             let (console, finished) = qemu::boot(
                 &vmlinux,
@@ -311,7 +386,7 @@ fn run_one(
 }
 
 /// The same suites on this machine's kernel, with the same markers as in a guest.
-fn native(b: &Binaries, mode: &str, filter: &[String]) -> Result<(String, Option<String>)> {
+fn native(b: &Binaries, mode: &str) -> Result<(String, Option<String>)> {
     let attach = attach_tier(mode);
     let probes = Command::new(&b.qtrace)
         .args(["probes", "--json", "--attach", attach])
@@ -320,10 +395,10 @@ fn native(b: &Binaries, mode: &str, filter: &[String]) -> Result<(String, Option
         "@@QTRACE probes {}\n",
         String::from_utf8_lossy(&probes.stdout).trim()
     );
-    for (name, exe) in &b.suites {
+    for Suite { name, exe, args } in &b.suites {
         let out = Command::new(exe)
             .arg("--test-threads=1")
-            .args(filter)
+            .args(args)
             .env("QTRACE_TEST_ATTACH", attach)
             .output()?;
         let _ = write!(
@@ -369,7 +444,12 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
             suite = name.to_string();
         } else if let Some(rest) = line.strip_prefix("test ") {
             if let Some((name, result)) = rest.rsplit_once(" ... ") {
-                let name = format!("{suite}::{name}");
+                // Integration tests are named by their module path already.
+                let name = if name.starts_with(&format!("{suite}::")) {
+                    name.to_string()
+                } else {
+                    format!("{suite}::{name}")
+                };
                 match result {
                     "ok" => o.passed.push(name),
                     "FAILED" => o.failed.push((name, String::new())),
@@ -391,7 +471,10 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
     // qtrace's log, is in it) up to the backtrace note, bounded.
     for (name, why) in &mut o.failed {
         let test = name.split("::").skip(1).collect::<Vec<_>>().join("::");
-        if let Some(at) = console.find(&format!("---- {test} stdout ----")) {
+        let at = console
+            .find(&format!("---- {name} stdout ----"))
+            .or_else(|| console.find(&format!("---- {test} stdout ----")));
+        if let Some(at) = at {
             *why = console[at..]
                 .lines()
                 .skip(1)

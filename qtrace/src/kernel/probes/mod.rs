@@ -300,3 +300,144 @@ fn by_arity(
         })
         .ok_or_else(|| format!("{func} takes {n} arguments, which qtrace does not know"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attaches only programs of the tiers it is told work; records what happened.
+    #[derive(Default)]
+    struct Fake {
+        works: Vec<&'static str>,
+        attached: Vec<&'static str>,
+        unloaded: Vec<String>,
+    }
+
+    impl Attach for Fake {
+        fn attach(&mut self, steps: &[Step]) -> Result<()> {
+            for s in steps {
+                if !self.works.contains(&s.program) {
+                    anyhow::bail!(
+                        "{} at {}: load failed. Verifier output: …",
+                        s.program,
+                        s.hook
+                    );
+                }
+                self.attached.push(s.program);
+            }
+            Ok(())
+        }
+
+        fn unload(&mut self, program: &str) {
+            self.unloaded.push(program.to_string());
+        }
+    }
+
+    /// An area with two programs at fentry, one at kprobe (whose plan may be refused) and,
+    /// unless `tp` is false, one tracepoint.
+    fn plan(kprobe_refused: bool, tp: bool) -> impl Fn(Tier) -> Option<Result<Plan, String>> {
+        move |tier| match tier {
+            Tier::Fentry => Some(Ok(Plan {
+                steps: vec![
+                    Step {
+                        program: "fe",
+                        hook: Hook::Fentry("f"),
+                    },
+                    Step {
+                        program: "fx",
+                        hook: Hook::Fexit("f"),
+                    },
+                ],
+            })),
+            Tier::Kprobe if kprobe_refused => Some(Err("f takes 9 arguments".into())),
+            Tier::Kprobe => Some(Ok(Plan {
+                steps: vec![Step {
+                    program: "kp",
+                    hook: Hook::Kprobe("f"),
+                }],
+            })),
+            Tier::Tracepoint => tp.then(|| {
+                Ok(Plan {
+                    steps: vec![Step {
+                        program: "tp",
+                        hook: Hook::Tracepoint("t"),
+                    }],
+                })
+            }),
+        }
+    }
+
+    #[test]
+    fn the_best_tier_that_attaches_is_kept() {
+        let mut k = Fake {
+            works: vec!["fe", "fx", "kp", "tp"],
+            ..Default::default()
+        };
+        let s = attach_area("x", plan(false, true), Tier::Fentry, &mut k);
+        assert_eq!(s.tier, Some(Tier::Fentry));
+        assert_eq!(s.hooks, ["fentry:f", "fexit:f"]);
+        assert!(s.fallbacks.is_empty());
+        assert_eq!(k.attached, ["fe", "fx"], "lower tiers are not tried");
+    }
+
+    #[test]
+    fn a_failed_tier_is_unloaded_and_the_next_tried_in_order() {
+        // fexit fails after fentry loaded: both are unloaded; kprobe's plan is refused.
+        let mut k = Fake {
+            works: vec!["fe", "tp"],
+            ..Default::default()
+        };
+        let s = attach_area("x", plan(true, true), Tier::Fentry, &mut k);
+        assert_eq!(s.tier, Some(Tier::Tracepoint));
+        assert_eq!(s.hooks, ["tp_btf:t"]);
+        assert_eq!(
+            s.fallbacks,
+            [
+                "fentry: fx at fexit:f: load failed",
+                "kprobe: f takes 9 arguments"
+            ]
+        );
+        assert_eq!(k.unloaded, ["fe", "fx"]);
+    }
+
+    #[test]
+    fn a_cap_skips_better_tiers_and_nothing_attached_is_unavailable() {
+        let mut k = Fake {
+            works: vec!["fe", "fx"],
+            ..Default::default()
+        };
+        // Capped at kprobe: fentry, which would work, is never tried; no tracepoint plan.
+        let s = attach_area("x", plan(false, false), Tier::Kprobe, &mut k);
+        assert_eq!(s.tier, None);
+        assert!(s.hooks.is_empty());
+        assert_eq!(s.fallbacks.len(), 1, "{:?}", s.fallbacks);
+        assert!(s.fallbacks[0].starts_with("kprobe: "), "{:?}", s.fallbacks);
+        assert!(k.attached.is_empty());
+    }
+
+    #[test]
+    fn a_counter_is_visible_only_when_every_area_feeding_it_attached() {
+        let status = |probe: &str, tier| ProbeStatus {
+            probe: probe.into(),
+            tier,
+            hooks: Vec::new(),
+            fallbacks: Vec::new(),
+        };
+        let mut probes: Vec<ProbeStatus> = AREAS
+            .iter()
+            .map(|a| status(a.name, Some(Tier::Fentry)))
+            .collect();
+        assert!(Counter::ALL
+            .iter()
+            .all(|&c| Visibility::of(&probes).sees(c)));
+        probes[0].tier = None; // syn
+        let vis = Visibility::of(&probes);
+        assert!(
+            !vis.sees(Counter::DropOther),
+            "ack feeds it too, syn is missing"
+        );
+        assert!(!vis.sees(Counter::DropSynQueueFull));
+        assert!(vis.sees(Counter::DropAcceptQueueFullAck));
+        assert!(vis.sees(Counter::EventsRateLimited));
+    }
+}

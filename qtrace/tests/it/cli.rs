@@ -1,10 +1,9 @@
 //! Bad input and missing privileges: one line saying what is wrong and what to do, a non-zero
 //! exit, and nothing left attached.
-mod common;
 
 use std::process::{Command, Output};
 
-use common::{require_root, TempDir};
+use crate::common::{require_root, TempDir};
 
 fn qtrace(prefix: &[&str], args: &[&str]) -> Output {
     let (cmd, rest) = match prefix.split_first() {

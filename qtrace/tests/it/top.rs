@@ -1,9 +1,8 @@
 //! `qtrace top` driven in a real terminal (tmux): the overflowing listener is at the top.
-mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{connect, listener, listener_on, require_root, sh, wait_until, Netns, Qtrace};
+use crate::common::{connect, listener, listener_on, require_root, sh, wait_until, Netns, Qtrace};
 
 /// This namespace's two rows in the order the pane shows them (other namespaces may
 /// interleave).

@@ -2,7 +2,6 @@
 //! (checked and unit-tested with promtool), the example Prometheus config, the Grafana dashboard
 //! (its PromQL compiled by promtool and its metric names checked against what qtrace exports)
 //! and the Kubernetes DaemonSet. No kernel programs are loaded here.
-mod common;
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TempDir, EXPORTED_METRICS};
+use crate::common::{TempDir, EXPORTED_METRICS};
 use serde_json::Value;
 
 /// The capabilities the unit and the DaemonSet grant, and no others.

@@ -1,7 +1,6 @@
 //! The daemon end to end: /metrics over HTTP against the kernel's own counters, a real
 //! Prometheus server scraping it, nginx as a real victim, the label cap, config reload and
 //! signals.
-mod common;
 
 use std::{
     io::Write,
@@ -10,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     connect, delta, http_get, listener, require_root, sample, sh, wait_until, AckOverflow, Netns,
     Qtrace, TempDir, EXPORTED_METRICS,
 };
@@ -21,7 +20,7 @@ fn families_are_known(text: &str) {
         let name = family.split_whitespace().next().unwrap_or("");
         assert!(
             EXPORTED_METRICS.contains(&name),
-            "{name} is exported but missing from EXPORTED_METRICS (tests/common)"
+            "{name} is exported but missing from EXPORTED_METRICS (tests/it/common.rs)"
         );
     }
 }

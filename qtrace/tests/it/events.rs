@@ -1,6 +1,5 @@
 //! `qtrace events` against a live daemon: what it prints, its filters, `| head -1`, and a
 //! reader that stops reading.
-mod common;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -11,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::{
+use crate::common::{
     connect, delta, http_get, listener, listener_on, local_ports, require_root, wait_until, Netns,
     Qtrace,
 };

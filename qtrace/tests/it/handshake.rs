@@ -1,10 +1,9 @@
 //! qtrace against the kernel's own counters: real listeners and clients in a network namespace
 //! each test creates, where `/proc/net/netstat` counts only what the test did.
-mod common;
 
 use std::{io::Read, time::Duration};
 
-use common::{
+use crate::common::{
     connect, delta, listener, local_ports, require_root, AckOverflow, Netns, Output, Qtrace,
 };
 use serde_json::Value;

@@ -1,11 +1,12 @@
 //! `qtrace doctor`: effective queue limits as the running kernel computes them, checked
 //! against the kernel itself — the accept limit it enforces, and how many handshakes its SYN
 //! queue really holds.
-mod common;
 
 use std::{os::fd::AsRawFd, process::Command, time::Duration};
 
-use common::{connect_nonblocking, delta, listener, require_root, wait_until, Netns, Qtrace};
+use crate::common::{
+    connect_nonblocking, delta, listener, require_root, wait_until, Netns, Qtrace,
+};
 use serde_json::Value;
 use socket2::Socket;
 
@@ -125,7 +126,7 @@ fn advice_names_the_full_accept_queue_and_abort_on_overflow() {
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_abort_on_overflow", "1");
     let (_server, port) = listener(&ns, "127.0.0.1", 2);
-    let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: the queue is full
+    let _clients = crate::common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: the queue is full
     let report = doctor();
     let l = find(&report, &ns, port);
     assert_eq!(l["accept_queue"]["len"], 3, "{l}");
@@ -167,7 +168,7 @@ fn advice_reports_the_share_of_time_the_accept_queue_was_full() {
     let qtrace = Qtrace::start(&["--queue-sample-interval", "100ms"]);
     let ns = Netns::new();
     let (_server, port) = listener(&ns, "127.0.0.1", 2);
-    let _clients = common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: full from now on
+    let _clients = crate::common::connect(&ns, "127.0.0.1", port, 3); // 3 > 2: full from now on
     let mut report = doctor_of(&qtrace.events_socket());
     wait_until(Duration::from_secs(15), || {
         report = doctor_of(&qtrace.events_socket());

@@ -2,11 +2,10 @@
 //! kernel's own counters inside them as ground truth, nftables rules, and a running qtrace.
 //!
 //! These tests load real BPF programs and create namespaces, so they need root.
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
     sync::{
@@ -506,37 +505,12 @@ impl Output {
     }
 }
 
+pub use qtrace_testkit::scrape::sample;
+
 /// A plain HTTP/1.0 GET (the tests need no client library): status and body.
 pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String) {
-    use std::io::Read;
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
-/// The value of the sample `name{labels…}` in a Prometheus text exposition, where every
-/// `k="v"` of `labels` must match (other labels may be present).
-pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if metric != name {
-                return None;
-            }
-            let have = rest.trim_end_matches('}');
-            labels
-                .iter()
-                .all(|(k, v)| have.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
-                .then(|| value.parse().unwrap())
-        })
+    qtrace_testkit::scrape::http_get(addr, path, accept)
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e:#}"))
 }
 
 impl Qtrace {

@@ -2,11 +2,10 @@
 //! network namespace, qtrace's per-listener counts checked against that namespace's own
 //! TcpExt counters. Where this kernel gives a probe no tier, qtrace must say "unavailable"
 //! (JSON null), never 0 — that is what these tests check there instead.
-mod common;
 
 use std::{thread, time::Duration};
 
-use common::{
+use crate::common::{
     connect, connect_nonblocking, delta, listener, local_ports, require_root, Netns, Output, Qtrace,
 };
 use serde_json::Value;

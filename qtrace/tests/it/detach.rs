@@ -1,6 +1,5 @@
 //! After qtrace exits — on SIGINT, on SIGTERM, or on a startup error — none of its BPF
 //! programs, links or maps remain in the kernel (`bpftool` is the witness).
-mod common;
 
 use std::{
     collections::BTreeSet,
@@ -10,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{require_root, sh, Qtrace};
+use crate::common::{require_root, sh, Qtrace};
 
 /// The tests compare kernel-wide object sets, so they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -1,0 +1,17 @@
+//! qtrace's integration tests: one binary, one module per suite. Most need root: they load
+//! qtrace's probes into this machine's kernel and provoke real drops in network namespaces of
+//! their own. The kernel matrix (`cargo xtask vm-test`) runs the kernel-facing suites by
+//! module path (`handshake::`, `queues::`, …); `daemon::`, `top::` and `deploy::` need
+//! outside servers and tools and run on this machine only.
+
+mod common;
+
+mod cli;
+mod daemon;
+mod deploy;
+mod detach;
+mod doctor;
+mod events;
+mod handshake;
+mod queues;
+mod top;
