@@ -381,7 +381,8 @@ mod tests {
     #[test]
     fn a_snapshot_round_trips_with_unavailable_counters_as_null() {
         let mut counters = Counters::default();
-        counters.0[Counter::DropAcceptQueueFullAck as usize] = Some(7);
+        counters.kernel[Counter::DropAcceptQueueFullAck as usize] = Some(7);
+        counters.unclassified = Some(3);
         let snapshot = Listeners {
             netns_unreadable: Some(0),
             listeners: vec![Listener {

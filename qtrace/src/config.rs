@@ -323,7 +323,13 @@ impl TracerArgs {
             ));
         }
         let mut probes_off = Vec::new();
-        for p in self.probes.as_ref().or(file.probes.as_ref()).into_iter().flatten() {
+        for p in self
+            .probes
+            .as_ref()
+            .or(file.probes.as_ref())
+            .into_iter()
+            .flatten()
+        {
             match p.strip_prefix('-') {
                 Some(name) if !name.is_empty() => probes_off.push(name.to_string()),
                 _ => {

@@ -97,6 +97,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         daemon.max_listener_series,
         History::new(daemon.queue_sample_interval, daemon.max_listener_series),
     );
+    // The first collect, before anything is served, sets the drop ledger's bases: what each
+    // listener and namespace had dropped before qtrace was there (see daemon::drops).
+    if let Err(e) = state.collect().await {
+        tracing::warn!("first collect: {e:#}");
+    }
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let hub = Hub::new(daemon.events_reader_queue, state.clone());
     tokio::spawn(events_socket::serve(

@@ -124,7 +124,9 @@ impl Collector {
         let mut rows: BTreeMap<ListenerId, ListenerView> = BTreeMap::new();
         for stats in counted {
             let id = ListenerId::from(&stats.key);
-            rows.entry(id).or_insert_with(|| ListenerView::new(id)).stats = Some(stats);
+            rows.entry(id)
+                .or_insert_with(|| ListenerView::new(id))
+                .stats = Some(stats);
         }
         let mut sockets = Vec::new();
         for (netns, queues) in sampled.listeners {
@@ -162,16 +164,20 @@ impl Collector {
             .filter(|r| r.stats.is_some())
             .map(|r| r.id)
             .collect();
-        let reckoning = self.drops.lock().unwrap_or_else(PoisonError::into_inner).update(
-            &Sample {
-                sockets: &sockets,
-                listen_drops: &sampled.listen_drops,
-                unreadable: &sampled.unreadable,
-            },
-            classified,
-            &with_ids,
-            !vis.classifies_every_drop(),
-        );
+        let reckoning = self
+            .drops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update(
+                &Sample {
+                    sockets: &sockets,
+                    listen_drops: &sampled.listen_drops,
+                    unreadable: &sampled.unreadable,
+                },
+                classified,
+                &with_ids,
+                !vis.classifies_every_drop(),
+            );
         for (id, n) in reckoning.unclassified {
             if let Some(r) = rows.get_mut(&id) {
                 r.unclassified = Some(n);

@@ -101,14 +101,14 @@ impl DropLedger {
                 last: s.drops,
             });
             socket.last = s.drops;
-            if !self.listeners.contains_key(&s.id) {
-                self.listeners.insert(s.id, new_listener(&s.id));
-            }
+            self.listeners
+                .entry(s.id)
+                .or_insert_with(|| new_listener(&s.id));
         }
         for id in counted {
-            if !self.listeners.contains_key(id) {
-                self.listeners.insert(*id, new_listener(id));
-            }
+            self.listeners
+                .entry(*id)
+                .or_insert_with(|| new_listener(id));
         }
         // A socket sock_diag no longer lists has closed, unless its namespace could not be
         // read this time.

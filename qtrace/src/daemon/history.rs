@@ -125,8 +125,10 @@ mod tests {
                 acceptq_max: 4,
                 synq_len: 0,
                 inode: 0,
+                drops: 0,
             }),
             owner: None,
+            unclassified: None,
         }
     }
 
@@ -136,6 +138,7 @@ mod tests {
             programs: None,
             self_stats: Default::default(),
             netns_unreadable: 0,
+            netns_unattributed: Vec::new(),
         }
     }
 

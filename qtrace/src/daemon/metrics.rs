@@ -599,19 +599,23 @@ mod tests {
 
     /// The probes of a kernel without fentry and kprobes (this project's CI machine): the
     /// SYN-side and accept counters are unavailable, so absent from the exposition.
+    /// This machine's kernel: tracepoints only.
     fn probes() -> Vec<ProbeStatus> {
-        let status = |probe: &str, tier: Option<Tier>| ProbeStatus {
-            probe: probe.into(),
-            tier,
-            hooks: Vec::new(),
-            fallbacks: Vec::new(),
-        };
-        vec![
-            status("syn", None),
-            status("ack", Some(Tier::Tracepoint)),
-            status("synack", Some(Tier::Tracepoint)),
-            status("accept", None),
-        ]
+        probes_at([None, Some(Tier::Tracepoint), Some(Tier::Tracepoint), None])
+    }
+
+    /// syn, ack, synack, accept at these tiers.
+    fn probes_at(tiers: [Option<Tier>; 4]) -> Vec<ProbeStatus> {
+        ["syn", "ack", "synack", "accept"]
+            .into_iter()
+            .zip(tiers)
+            .map(|(probe, tier)| ProbeStatus {
+                probe: probe.into(),
+                tier,
+                hooks: Vec::new(),
+                fallbacks: Vec::new(),
+            })
+            .collect()
     }
 
     fn view(
@@ -650,12 +654,14 @@ mod tests {
                 acceptq_max: 128,
                 synq_len: 1,
                 inode: 0,
+                drops: 0,
             }),
             owner: Some(Arc::new(Owner {
                 pid: 4242,
                 comm: "nginx".into(),
                 unit: "nginx.service".into(),
             })),
+            unclassified: None,
         }
     }
 
@@ -694,6 +700,7 @@ mod tests {
             }]),
             self_stats,
             netns_unreadable: 1,
+            netns_unattributed: vec![(4026531840, 0), (4026532000, 0)],
         }
     }
 
@@ -732,6 +739,32 @@ mod tests {
             include_str!("testdata/metrics.openmetrics"),
             &render_fixed(1000, true),
         );
+    }
+
+    #[test]
+    fn unclassified_drops_exist_only_where_a_probe_is_missing() {
+        let mut fixed = scrape();
+        fixed.listeners[2].unclassified = Some(4);
+        let exposition =
+            |probes: &[ProbeStatus]| render(&fixed, probes, Visibility::of(probes), 1000, false);
+        let blind = exposition(&probes());
+        assert!(
+            blind.contains(
+                "qtrace_listen_drops_total{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",reason=\"unclassified\"} 4\n"
+            ),
+            "{blind}"
+        );
+        let fentry = Some(Tier::Fentry);
+        let every = exposition(&probes_at([fentry; 4]));
+        assert!(!every.contains("reason=\"unclassified\"}"), "{every}");
+        // Every reason has its series, at 0 for the listener nothing was counted for.
+        for r in DropReason::ALL {
+            let sample = format!(
+                "qtrace_listen_drops_total{{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",reason=\"{}\"}} 0\n",
+                r.name()
+            );
+            assert!(every.contains(&sample), "{sample} in {every}");
+        }
     }
 
     #[test]

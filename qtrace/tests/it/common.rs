@@ -558,6 +558,7 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_kernel_map_full_total",
     "qtrace_kernel_read_errors_total",
     "qtrace_netns_unreadable",
+    "qtrace_netns_listen_drops_unattributed",
     "qtrace_probe_info",
     "qtrace_build_info",
     "qtrace_listener_series_overflow",

@@ -11,6 +11,7 @@ mod daemon;
 mod deploy;
 mod detach;
 mod doctor;
+mod drops;
 mod events;
 mod handshake;
 mod queues;

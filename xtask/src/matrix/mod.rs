@@ -22,10 +22,11 @@ use serde_json::Value;
 /// these modules of the one integration binary ([`INTEGRATION`]), run by module path. The
 /// `daemon`, `top` and `deploy` modules need more of a userland (Prometheus, nginx, tmux) and
 /// run on this machine only, with the host tests.
-const SUITES: [&str; 7] = [
+const SUITES: [&str; 8] = [
     "qtrace",
     "handshake",
     "queues",
+    "drops",
     "detach",
     "cli",
     "doctor",

@@ -155,7 +155,10 @@ pub fn attach_all(
 
 /// Every name in `names` is a probe area's.
 fn check_names(names: &[String]) -> Result<()> {
-    match names.iter().find(|n| AREAS.iter().all(|a| a.name != n.as_str())) {
+    match names
+        .iter()
+        .find(|n| AREAS.iter().all(|a| a.name != n.as_str()))
+    {
         None => Ok(()),
         Some(unknown) => {
             let known: Vec<_> = AREAS.iter().map(|a| a.name).collect();
