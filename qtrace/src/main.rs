@@ -4,10 +4,11 @@
 //!
 //! Layers, each importing only from those below it: [`cli`] (one module per command) →
 //! [`daemon`] (state and transports) → [`kernel`] (the eBPF side) and [`host`] (/proc,
-//! namespaces, sock_diag) → the common modules [`api`] (wire types), [`config`] and
-//! [`listener`].
+//! namespaces, sock_diag) → the common modules [`api`] (wire types), [`config`],
+//! [`listener`] and [`build_info`].
 
 mod api;
+mod build_info;
 mod cli;
 mod config;
 mod daemon;
@@ -22,7 +23,7 @@ use cli::{doctor, events, probes, run, top};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, long_version = build_info::LONG_VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

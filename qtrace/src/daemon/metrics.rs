@@ -14,6 +14,7 @@ use prometheus_client::{
 use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAIT_BUCKETS};
 
 use crate::{
+    build_info,
     daemon::collect::{ListenerView, Scrape},
     host::sockdiag::ListenerQueues,
     kernel::{
@@ -542,10 +543,15 @@ fn self_families(out: &mut Vec<Family>, scrape: &Scrape, probes: &[ProbeStatus],
     });
     out.push(Family {
         name: "qtrace_build",
-        help: "qtrace's version.",
+        help: "qtrace's version, the git revision and date it was built from, and its compiler.",
         kind: MetricType::Info,
         samples: vec![(
-            Labels::plain(vec![("version", env!("CARGO_PKG_VERSION").into())]),
+            Labels::plain(vec![
+                ("version", build_info::VERSION.into()),
+                ("revision", build_info::REVISION.into()),
+                ("build_date", build_info::BUILD_DATE.into()),
+                ("rustc_version", build_info::RUSTC_VERSION.into()),
+            ]),
             Value::Info,
         )],
     });
@@ -708,7 +714,11 @@ mod tests {
         let probes = probes();
         let vis = Visibility::of(&probes);
         render(&scrape(), &probes, vis, max_series, openmetrics)
-            .replace(env!("CARGO_PKG_VERSION"), "VERSION")
+            // Longest first: the version is a part of none of the others.
+            .replace(build_info::RUSTC_VERSION, "RUSTC_VERSION")
+            .replace(build_info::BUILD_DATE, "BUILD_DATE")
+            .replace(build_info::REVISION, "REVISION")
+            .replace(build_info::VERSION, "VERSION")
     }
 
     /// Compares with a checked-in exposition, compiled in (the kernel matrix runs this test in

@@ -222,3 +222,42 @@ fn a_taken_listen_address_fails_before_attaching() {
         "{err}"
     );
 }
+
+/// `--version` says what the binary is, as node_exporter's does: version, git revision, build
+/// date, compiler.
+#[test]
+fn version_names_revision_build_date_and_compiler() {
+    let out = qtrace(&[], &["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("qtrace {} (revision: ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let revision = text
+        .split("revision: ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    assert!(
+        revision.len() == 12 && revision.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a git revision: {text}"
+    );
+    assert!(text.contains("build date:       20"), "{text}");
+    assert!(text.contains("rustc version:    rustc 1."), "{text}");
+}
+
+/// A probe name `--probes` does not know is refused before anything attaches.
+#[test]
+fn an_unknown_probe_is_refused_in_one_line() {
+    require_root();
+    let out = qtrace(&[], &["probes", "--probes=-sin"]);
+    let err = one_line_error(&out, 1);
+    assert!(err.contains("unknown probe \"sin\""), "{err}");
+    assert!(err.contains("syn, ack, synack, accept"), "{err}");
+    let out = qtrace(&[], &["probes", "--probes=syn"]);
+    let err = one_line_error(&out, 1);
+    assert!(err.contains("write -NAME"), "{err}");
+}
