@@ -355,19 +355,9 @@ impl Qtrace {
     pub fn start(args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
         let socket = unique_path("sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
-            .args([
-                "run",
-                "--print",
-                "--json",
-                "--interval",
-                "1s",
-                "--attach",
-                &tier,
-            ])
-            .args(["--web.listen-address", "127.0.0.1:0"])
-            .arg("--events-socket")
-            .arg(&socket)
+        let qtrace = std::path::Path::new(env!("CARGO_BIN_EXE_qtrace"));
+        let mut child = qtrace_testkit::daemon_command(qtrace, "1s", &socket)
+            .args(["--attach", &tier])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -406,6 +396,7 @@ impl Qtrace {
             }
         };
         assert_eq!(ready["type"], "ready", "first line: {ready}");
+        qtrace_testkit::ready_listen(&ready).unwrap();
         Self {
             child,
             lines,
@@ -516,10 +507,7 @@ pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String) {
 impl Qtrace {
     /// The daemon's HTTP address (`host:port`), from its ready line.
     pub fn web(&self) -> String {
-        self.ready["listen"]
-            .as_str()
-            .expect("ready line names the listen address")
-            .to_string()
+        qtrace_testkit::ready_listen(&self.ready).unwrap()
     }
 
     /// The daemon's events socket.

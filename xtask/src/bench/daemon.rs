@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -27,18 +27,7 @@ impl Daemon {
     pub(super) fn start(qtrace: &Path, extra: &[&str]) -> Result<Self> {
         let socket = std::env::temp_dir().join(format!("qtrace-bench-{}.sock", std::process::id()));
         let t = Instant::now();
-        let mut child = Command::new(qtrace)
-            .args([
-                "run",
-                "--print",
-                "--json",
-                "--interval",
-                "1h",
-                "--web.listen-address",
-                "127.0.0.1:0",
-            ])
-            .arg("--events-socket")
-            .arg(&socket)
+        let mut child = qtrace_testkit::daemon_command(qtrace, "1h", &socket)
             .args(extra)
             .stdout(Stdio::piped())
             // Its errors (why it did not start) reach the benchmark's stderr.
@@ -51,11 +40,8 @@ impl Daemon {
         // Keep reading: a closed pipe would end the daemon at its next printed event.
         thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         let startup = t.elapsed();
-        let ready: Value = serde_json::from_str(&first).context("daemon ready line")?;
-        let web = ready["listen"]
-            .as_str()
-            .context("no listen address")?
-            .to_string();
+        let ready = qtrace_testkit::ready_line(&first)?;
+        let web = qtrace_testkit::ready_listen(&ready)?;
         Ok(Self {
             child,
             web,

@@ -192,6 +192,42 @@ impl Drop for BpfStats {
     }
 }
 
+/// `qtrace run` as the tests and the benchmarks start it: JSON Lines on stdout (the ready line
+/// first, then events and a listener table every `interval`), HTTP on an ephemeral loopback
+/// port, and an events socket of its own at `socket`. The caller adds its own arguments.
+pub fn daemon_command(
+    qtrace: &std::path::Path,
+    interval: &str,
+    socket: &std::path::Path,
+) -> Command {
+    let mut cmd = Command::new(qtrace);
+    cmd.args(["run", "--print", "--json", "--interval", interval])
+        .args(["--web.listen-address", "127.0.0.1:0"])
+        .arg("--events-socket")
+        .arg(socket);
+    cmd
+}
+
+/// qtrace's ready line (`{"type":"ready","listen":…,"probes":[…]}`), checked.
+pub fn ready_line(line: &str) -> Result<serde_json::Value> {
+    let ready: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("qtrace's ready line: {line}"))?;
+    ensure!(ready["type"] == "ready", "not qtrace's ready line: {line}");
+    ensure!(
+        ready["listen"].is_string(),
+        "the ready line names no address: {line}"
+    );
+    Ok(ready)
+}
+
+/// The HTTP address (`host:port`) a ready line names.
+pub fn ready_listen(ready: &serde_json::Value) -> Result<String> {
+    ready["listen"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("the ready line names no address: {ready}"))
+}
+
 /// The tier `probe` got by qtrace's `ready` line (`run --json`): `None` when it got none
 /// (unavailable on this kernel). A probe the line does not list is an error, not "none".
 pub fn probe_tier(ready: &serde_json::Value, probe: &str) -> Result<Option<String>> {
