@@ -14,6 +14,9 @@ pub enum EventKind {
     SynackRetransmit = 5,
     OverflowReset = 6,
     SyncookieSent = 7,
+    /// Never on the ring buffer: the daemon's periodic account of the drops at a listener that
+    /// no probe classified (where one cannot attach), from the listener's own drop count.
+    DropUnclassified = 8,
 }
 
 impl EventKind {
@@ -26,6 +29,7 @@ impl EventKind {
             5 => Self::SynackRetransmit,
             6 => Self::OverflowReset,
             7 => Self::SyncookieSent,
+            8 => Self::DropUnclassified,
             _ => return None,
         })
     }

@@ -159,6 +159,7 @@ impl EventKind {
             EventKind::SynackRetransmit => "synack_retransmit",
             EventKind::OverflowReset => "overflow_reset",
             EventKind::SyncookieSent => "syncookie_sent",
+            EventKind::DropUnclassified => UNCLASSIFIED.key,
             _ => "",
         }
     }
@@ -182,6 +183,7 @@ impl EventKind {
             EventKind::SynackRetransmit => "SYN-ACK retransmit",
             EventKind::OverflowReset => "reset (abort_on_overflow)",
             EventKind::SyncookieSent => "syncookie sent",
+            EventKind::DropUnclassified => UNCLASSIFIED.describe,
             _ => "",
         }
     }

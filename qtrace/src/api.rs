@@ -103,8 +103,14 @@ pub struct Event {
     pub family: Family,
     pub laddr: IpAddr,
     pub lport: u16,
-    pub raddr: IpAddr,
-    pub rport: u16,
+    /// The client; absent from `drop_unclassified` events, which stand for many drops.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub raddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rport: Option<u16>,
+    /// `drop_unclassified` only: how many drops since the last such event of the listener.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub drops: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retransmit: Option<u8>,
     pub acceptq_len: u32,

@@ -221,11 +221,16 @@ pub fn to_human(r: &api::Event) -> String {
         None => r.kind.describe().to_string(),
     };
     let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
+    // A client, or for unclassified drops how many there were.
+    let from = match (r.raddr, r.rport, r.drops) {
+        (Some(a), Some(p), _) => format!("<- {}", SocketAddr::new(a, p)),
+        (_, _, Some(n)) => format!("x{n}"),
+        _ => "<- ?".into(),
+    };
     format!(
-        "{} {what:<31} {} <- {}  acceptq {}/{} synq {}/{}  netns {}{owner}",
+        "{} {what:<31} {} {from}  acceptq {}/{} synq {}/{}  netns {}{owner}",
         r.time,
         SocketAddr::new(r.laddr, r.lport),
-        SocketAddr::new(r.raddr, r.rport),
         r.acceptq_len,
         r.acceptq_max,
         r.synq_len,

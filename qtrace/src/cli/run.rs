@@ -21,6 +21,7 @@ use crate::{
     config::{ConfigArg, DaemonArgs, Settings, TracerArgs},
     daemon::{
         collect::Collector,
+        drops::Announced,
         events_socket::{self, Hub},
         history::History,
         http,
@@ -110,7 +111,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         stop_rx.clone(),
     ));
     tokio::spawn(state::keep_owners(state.clone(), stop_rx.clone()));
-    tokio::spawn(sample_queues(state.clone(), stop_rx.clone()));
+    tokio::spawn(sample_queues(state.clone(), hub.clone(), stop_rx.clone()));
     let server = {
         let app = http::router(state.clone());
         tokio::spawn(async move {
@@ -184,9 +185,12 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
 }
 
 /// Every listener's queues at a fixed interval, for the last hour's history (fixed, so the
-/// share of samples is a share of time, whatever the scrape rate).
-async fn sample_queues(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+/// share of samples is a share of time, whatever the scrape rate); and, where a probe is
+/// missing, each listener's new unclassified drops as one event to the events socket.
+async fn sample_queues(state: Arc<State>, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
     let every = state.history.lock().unwrap().interval();
+    let clock = Clock::new();
+    let mut announced = Announced::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -195,7 +199,14 @@ async fn sample_queues(state: Arc<State>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         match state.collect().await {
-            Ok(scrape) => state.history.lock().unwrap().record(&scrape),
+            Ok(scrape) => {
+                state.history.lock().unwrap().record(&scrape);
+                let ts_ns = clock.monotonic_ns();
+                let time = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
+                for event in announced.events(&scrape, ts_ns, &time) {
+                    hub.publish(event);
+                }
+            }
             Err(e) => tracing::debug!("queue sample: {e:#}"),
         }
     }

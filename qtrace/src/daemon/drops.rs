@@ -19,7 +19,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::listener::ListenerId;
+use qtrace_common::EventKind;
+
+use crate::{
+    api::{Event, EventTag, Family},
+    daemon::collect::Scrape,
+    listener::ListenerId,
+};
 
 /// One listening socket as sock_diag saw it in a collect.
 #[derive(Clone, Copy, Debug)]
@@ -159,6 +165,52 @@ impl DropLedger {
     }
 }
 
+/// What the events socket was last told of each listener's unclassified drops.
+#[derive(Default)]
+pub struct Announced(HashMap<ListenerId, u64>);
+
+impl Announced {
+    /// One `drop_unclassified` event per listener whose unclassified drops grew since the last
+    /// call: there is no probe to make one per drop, so readers of `qtrace events` learn of
+    /// them every queue sample, counted. `ts_ns` is CLOCK_MONOTONIC (as the kernel's events),
+    /// `time` its wall-clock form.
+    pub fn events(&mut self, scrape: &Scrape, ts_ns: u64, time: &str) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut now = HashMap::new();
+        for v in &scrape.listeners {
+            let Some(n) = v.unclassified else { continue };
+            now.insert(v.id, n);
+            let before = self.0.get(&v.id).copied().unwrap_or(0);
+            if n <= before {
+                continue;
+            }
+            let q = v.queues.as_ref();
+            out.push(Event {
+                record: EventTag::Event,
+                time: time.to_string(),
+                ts_ns,
+                kind: EventKind::DropUnclassified,
+                netns: v.id.netns,
+                family: Family::of_addr(&v.id.addr),
+                laddr: v.id.addr,
+                lport: v.id.port,
+                raddr: None,
+                rport: None,
+                drops: Some(n - before),
+                retransmit: None,
+                acceptq_len: q.map_or(0, |q| q.acceptq_len),
+                acceptq_max: q.map_or(0, |q| q.acceptq_max),
+                synq_len: q.map_or(0, |q| q.synq_len),
+                synq_max: q.map_or(0, |q| q.acceptq_max),
+                owner: None,
+            });
+        }
+        // Listeners gone from the scrape are forgotten: bounded by what is alive.
+        self.0 = now;
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +331,34 @@ mod tests {
         collect(&mut l, &[sock(1, 80, 10, 3)], &[(1, 3)], &[], true);
         collect(&mut l, &[], &[], &[], true);
         assert!(l.sockets.is_empty() && l.listeners.is_empty() && l.namespaces.is_empty());
+    }
+
+    #[test]
+    fn readers_hear_of_each_growth_once() {
+        use crate::daemon::collect::ListenerView;
+        let scrape = |n: Option<u64>| Scrape {
+            listeners: vec![ListenerView {
+                id: id(1, 80),
+                stats: None,
+                queues: None,
+                owner: None,
+                unclassified: n,
+            }],
+            programs: None,
+            self_stats: Default::default(),
+            netns_unreadable: 0,
+            netns_unattributed: Vec::new(),
+        };
+        let mut a = Announced::default();
+        assert!(a.events(&scrape(Some(0)), 1, "t").is_empty());
+        let grown = a.events(&scrape(Some(5)), 2, "t");
+        assert_eq!(grown.len(), 1);
+        assert_eq!((grown[0].drops, grown[0].raddr), (Some(5), None));
+        assert_eq!(grown[0].kind, EventKind::DropUnclassified);
+        assert!(a.events(&scrape(Some(5)), 3, "t").is_empty());
+        assert_eq!(a.events(&scrape(Some(7)), 4, "t")[0].drops, Some(2));
+        // Where every probe is attached there is nothing to tell.
+        assert!(a.events(&scrape(None), 5, "t").is_empty());
+        assert!(a.0.is_empty());
     }
 }

@@ -16,8 +16,11 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     }
     // SAFETY: length checked; Event is plain old data and read unaligned.
     let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
-    EventKind::from_u8(ev.kind)?;
-    Some(ev)
+    // Unclassified drops are the daemon's own account, never a kernel record.
+    match EventKind::from_u8(ev.kind)? {
+        EventKind::DropUnclassified => None,
+        _ => Some(ev),
+    }
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
@@ -33,6 +36,11 @@ impl Clock {
         Self {
             realtime_minus_monotonic: real.saturating_sub(mono),
         }
+    }
+
+    /// CLOCK_MONOTONIC now, in the kernel events' `ts_ns` terms.
+    pub fn monotonic_ns(&self) -> u64 {
+        clock(libc::CLOCK_MONOTONIC).as_nanos() as u64
     }
 
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
@@ -68,8 +76,9 @@ pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
         family: Family::of(l.family),
         laddr: ip(l.family, l.addr),
         lport: l.port,
-        raddr: ip(l.family, ev.raddr),
-        rport: ev.rport,
+        raddr: Some(ip(l.family, ev.raddr)),
+        rport: Some(ev.rport),
+        drops: None,
         retransmit: (kind == EventKind::SynackRetransmit).then_some(ev.retrans),
         acceptq_len: ev.acceptq_len,
         acceptq_max: ev.acceptq_max,

@@ -223,6 +223,24 @@ pub fn connect_nonblocking(ns: &Netns, ip: &'static str, port: u16, n: usize) ->
     })
 }
 
+/// `listen(fd, 1)`, never accepting: 2 connections fill the accept queue, 18 more SYNs are
+/// dropped at SYN time ("accept queue full"). Returns the listener (kept open: sock_diag must
+/// still see it) and the namespace's ListenDrops growth.
+pub fn overflow_at_syn(ns: &Netns) -> (Socket, u16, u64) {
+    let (server, port) = listener(ns, "127.0.0.1", 1);
+    let before = ns.tcp_ext();
+    let full = connect(ns, "127.0.0.1", port, 2);
+    let clients = connect_nonblocking(ns, "127.0.0.1", port, 18);
+    ns.wait_for(&before, "ListenOverflows", 18, Duration::from_secs(10));
+    // Closing the clients stops their SYN retries: no drop after the reading below.
+    drop(clients);
+    let after = ns.tcp_ext();
+    drop(full);
+    let drops = delta(&before, &after, "ListenDrops");
+    assert!(drops >= 18, "the setup dropped only {drops} SYNs");
+    (server, port, drops)
+}
+
 /// A backlog-1 listener whose final ACKs hit a full accept queue: two handshakes wait on
 /// their final ACK (dropped by nftables) while two more fill the queue; when the held ACKs
 /// come, after the first SYN-ACK retransmit, the kernel drops them. The listener closes as

@@ -8,8 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{
-    connect, connect_nonblocking, delta, http_get, listener, require_root, sample, wait_until,
-    Netns, Qtrace,
+    http_get, listener, overflow_at_syn, require_root, sample, wait_until, Netns, Qtrace,
 };
 
 const REASONS: [&str; 4] = [
@@ -39,24 +38,6 @@ fn attributed(counters: &Value) -> u64 {
         .chain(["drop_unclassified"].iter())
         .filter_map(|r| counters[*r].as_u64())
         .sum()
-}
-
-/// `listen(fd, 1)`, never accepting: 2 connections fill the accept queue, 18 more SYNs are
-/// dropped at SYN time ("accept queue full"). Returns the listener (kept open: sock_diag must
-/// still see it) and the namespace's ListenDrops growth.
-fn overflow_at_syn(ns: &Netns) -> (socket2::Socket, u16, u64) {
-    let (server, port) = listener(ns, "127.0.0.1", 1);
-    let before = ns.tcp_ext();
-    let full = connect(ns, "127.0.0.1", port, 2);
-    let clients = connect_nonblocking(ns, "127.0.0.1", port, 18);
-    ns.wait_for(&before, "ListenOverflows", 18, Duration::from_secs(10));
-    // Closing the clients stops their SYN retries: no drop after the reading below.
-    drop(clients);
-    let after = ns.tcp_ext();
-    drop(full);
-    let drops = delta(&before, &after, "ListenDrops");
-    assert!(drops >= 18, "the setup dropped only {drops} SYNs");
-    (server, port, drops)
 }
 
 /// Waits until qtrace attributes `want` drops to the listener (its next collects see the

@@ -11,8 +11,8 @@ use std::{
 };
 
 use crate::common::{
-    connect, delta, http_get, listener, listener_on, local_ports, require_root, wait_until, Netns,
-    Qtrace,
+    connect, delta, http_get, listener, listener_on, local_ports, overflow_at_syn, require_root,
+    wait_until, Netns, Qtrace,
 };
 
 /// `qtrace events ARGS` on the daemon's socket, its output read as it comes.
@@ -257,4 +257,35 @@ fn standalone_refuses_owner_filters() {
         err.contains("need the daemon (it knows each listener's owner): drop --standalone,"),
         "{err}"
     );
+}
+
+/// Where a probe is missing (here, turned off), the drops no probe classifies reach `qtrace
+/// events` too: one `drop_unclassified` line per listener and queue sample, with the count,
+/// adding up to the namespace's ListenDrops.
+#[test]
+fn unclassified_drops_reach_readers_counted() {
+    require_root();
+    let q = Qtrace::start(&["--probes=-syn", "--queue-sample-interval", "200ms"]);
+    let reader = Reader::start(&q, &["--json", "--kind", "drop_unclassified"]);
+    let ns = Netns::new();
+    let (server, port, drops) = overflow_at_syn(&ns);
+    let counted = || counted_in(&reader.lines.lock().unwrap().join("\n"), ns.inode, port);
+    wait_until(Duration::from_secs(10), || counted() >= drops);
+    drop(server);
+    let out = reader.stop();
+    assert_eq!(counted_in(&out, ns.inode, port), drops, "{out}");
+    for line in out.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(e["kind"], "drop_unclassified", "{e}");
+        assert!(e.get("raddr").is_none(), "no client for many drops: {e}");
+    }
+}
+
+/// The `drops` of the `drop_unclassified` lines of one listener.
+fn counted_in(out: &str, netns: u32, port: u16) -> u64 {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["netns"] == netns && e["lport"] == port)
+        .map(|e| e["drops"].as_u64().unwrap())
+        .sum()
 }
