@@ -5,7 +5,7 @@
 use std::{os::fd::AsRawFd, process::Command, time::Duration};
 
 use crate::common::{
-    connect_nonblocking, delta, listener, require_root, wait_until, Netns, Qtrace,
+    connect_nonblocking, delta, listener, overflow_at_syn, require_root, wait_until, Netns, Qtrace,
 };
 use serde_json::Value;
 use socket2::Socket;
@@ -194,6 +194,33 @@ fn advice_reports_the_share_of_time_the_accept_queue_was_full() {
     assert!(
         report["advice"].to_string().contains(&advice),
         "{advice} not in {report}"
+    );
+    qtrace.stop(libc::SIGTERM);
+}
+
+/// Where no probe can classify SYN-time drops (here the syn probe is off), doctor still counts
+/// them from the listener's own drop count and never says 0 for them.
+#[test]
+fn advice_counts_drops_no_probe_classified() {
+    require_root();
+    let qtrace = Qtrace::start(&["--probes=-syn"]);
+    let ns = Netns::new();
+    let (_server, port, drops) = overflow_at_syn(&ns);
+    let want = format!("{drops} handshake packets dropped at this listener whose reason");
+    let mut report = doctor_of(&qtrace.events_socket());
+    wait_until(Duration::from_secs(10), || {
+        report = doctor_of(&qtrace.events_socket());
+        report["advice"].to_string().contains(&want)
+    });
+    let advice = report["advice"].to_string();
+    assert!(advice.contains(&want), "{want} not in {report}");
+    assert!(
+        advice.contains("drops at SYN time cannot be classified on this kernel"),
+        "{advice}"
+    );
+    assert_eq!(
+        find(&report, &ns, port)["counters"]["drop_unclassified"],
+        drops
     );
     qtrace.stop(libc::SIGTERM);
 }
