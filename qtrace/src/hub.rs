@@ -9,7 +9,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, RwLock,
@@ -17,9 +17,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{broadcast, watch},
 };
@@ -31,15 +31,7 @@ const HISTORY: usize = 4096;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "lowercase")]
-pub enum Request {
-    Events {
-        #[serde(default)]
-        since_ns: u64,
-    },
-    Listeners,
-}
+pub use crate::events_request::Request;
 
 /// A line the daemon writes to an events reader.
 #[derive(Debug, Deserialize)]
@@ -75,12 +67,12 @@ impl Hub {
 
     /// Hands an event to every reader, with its listener's owner when known.
     pub fn publish(&self, id: ListenerId, mut record: Record) -> Arc<Record> {
-        record.owner = self.owners.read().unwrap().get(&id).cloned();
+        record.owner = crate::recover::read(&self.owners).get(&id).cloned();
         if record.owner.is_none() {
             self.owners_stale.store(true, Ordering::Relaxed);
         }
         let record = Arc::new(record);
-        let mut history = self.history.lock().unwrap();
+        let mut history = crate::recover::lock(&self.history);
         if history.len() == HISTORY {
             history.pop_front();
         }
@@ -94,13 +86,13 @@ impl Hub {
     }
 
     pub fn set_owners(&self, owners: HashMap<ListenerId, Arc<Owner>>) {
-        *self.owners.write().unwrap() = owners;
+        *crate::recover::write(&self.owners) = owners;
     }
 
     /// History since `since_ns`, then live events: `publish` sends while holding the history
     /// lock, so no event is in neither or both.
     fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Record>>, broadcast::Receiver<Arc<Record>>) {
-        let history = self.history.lock().unwrap();
+        let history = crate::recover::lock(&self.history);
         let rx = self.live.subscribe();
         let past = history
             .iter()
@@ -117,14 +109,10 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFil
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => anyhow::bail!("{} is in use: is another qtrace running?", path.display()),
-        Err(_) => {
-            let _ = std::fs::remove_file(path); // stale, from a qtrace that was killed
-        }
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    let guard = SocketFile(path.to_path_buf());
+    // Refuses a non-socket file and a live daemon's socket; replaces a dead one's.
+    let (listener, guard) = crate::socket_file::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(group) = group {
         let gid = gid_of(group)?;
@@ -140,18 +128,13 @@ fn gid_of(group: &str) -> Result<u32> {
     let entry = unsafe { libc::getgrnam(name.as_ptr()) };
     anyhow::ensure!(
         !entry.is_null(),
-        "no group named {group} (events_socket_group)"
+        "no group named {} (events_socket_group)",
+        crate::inputs::clip(group)
     );
     Ok(unsafe { (*entry).gr_gid })
 }
 
-pub struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+pub use crate::socket_file::SocketFile;
 
 pub async fn serve(
     listener: UnixListener,
@@ -186,9 +169,9 @@ async fn client(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let request: Request = serde_json::from_str(&line).context("bad request line")?;
+    // Bounded in size and time; then the read side only watches for the client going away.
+    let mut read = BufReader::new(read);
+    let request = crate::events_request::read_request(&mut read).await?;
     let since_ns = match request {
         Request::Listeners => {
             let snapshot = crate::server::listeners_json(&state).await?;
@@ -204,6 +187,7 @@ async fn client(
     loop {
         let r = tokio::select! {
             r = live.recv() => r,
+            () = crate::events_request::closed(&mut read) => return Ok(()),
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         let text = match r {

@@ -6,21 +6,27 @@ mod config;
 mod doctor;
 mod events;
 mod events_cmd;
+mod events_request;
 mod heap;
 mod history;
+mod http_limits;
 mod hub;
+mod inputs;
 mod listener;
 mod metrics;
 mod netns;
 mod owners;
 mod probe_report;
 mod probes;
+mod recover;
 mod ring;
 mod run;
 mod scrape;
 mod server;
+mod single_flight;
 mod snapshot;
 mod sockdiag;
+mod socket_file;
 mod stats;
 mod top;
 mod tracer;
@@ -67,6 +73,8 @@ fn main() -> ExitCode {
         .init();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Blocking work (collections, rendering) on a few threads: TasksMax counts them all.
+        .max_blocking_threads(8)
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
@@ -84,13 +92,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, whatever the causes' messages look like (TOML errors span lines).
-            let text = format!("{err:#}");
-            let line: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            eprintln!("qtrace: error: {}", line.join(" "));
+            eprintln!("qtrace: error: {}", inputs::one_line(&err));
             ExitCode::FAILURE
         }
     }

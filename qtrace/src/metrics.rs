@@ -457,6 +457,21 @@ fn self_families(out: &mut Vec<Family>, scrape: &Scrape, probes: &[ProbeStatus],
         "Listeners past --max-listener-series, summed into the series labelled `other`.",
         folded,
     ));
+    let http = crate::http_limits::stats();
+    out.push(counter(
+        "qtrace_http_connections_dropped",
+        "HTTP connections closed or refused by qtrace: at the connection limit (the longest \
+         idle first), or for a request header not sent in time or a connection idle too long.",
+        vec![
+            (vec![("reason", "over_limit".into())], http.over_limit),
+            (vec![("reason", "timeout".into())], http.timed_out),
+        ],
+    ));
+    out.push(gauge(
+        "qtrace_http_connections",
+        "HTTP connections open now.",
+        http.open,
+    ));
     out.push(gauge(
         "qtrace_netns_unreadable",
         "Network namespaces whose queues could not be sampled (entering them needs CAP_SYS_ADMIN).",

@@ -5,15 +5,18 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
 
-/// A network namespace and a path that names it.
+/// A network namespace, held open: the fd found by a scan is the one entered, so a process
+/// that exits and whose PID is reused before then cannot swap in another namespace.
 #[derive(Clone, Debug)]
 pub struct Namespace {
     pub inode: u32,
     pub path: PathBuf,
+    file: Arc<File>,
 }
 
 /// The inode of this process's own network namespace.
@@ -22,9 +25,11 @@ pub fn own() -> Result<Namespace> {
 }
 
 fn namespace(path: &Path) -> Result<Namespace> {
+    let file = File::open(path)?;
     Ok(Namespace {
-        inode: std::fs::metadata(path)?.ino() as u32,
+        inode: file.metadata()?.ino() as u32,
         path: path.to_path_buf(),
+        file: Arc::new(file),
     })
 }
 
@@ -46,6 +51,14 @@ pub fn all() -> Vec<Namespace> {
             .map(|e| e.path().join("ns/net")),
     );
     for path in paths {
+        // A stat per path to skip known namespaces; the first path of a new one is opened, and
+        // its fd (whose inode is read again from it) is what names it from then on.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if found.contains_key(&(meta.ino() as u32)) {
+            continue;
+        }
         if let Ok(ns) = namespace(&path) {
             found.entry(ns.inode).or_insert(ns);
         }
@@ -56,8 +69,9 @@ pub fn all() -> Vec<Namespace> {
 /// Runs `f` on a thread that has joined `ns` (needs CAP_SYS_ADMIN for other namespaces).
 pub fn run_in<T: Send>(ns: &Namespace, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| enter(ns).and_then(|()| f()))
+        std::thread::Builder::new()
+            .spawn_scoped(scope, || enter(ns).and_then(|()| f()))
+            .context("start a thread to enter a network namespace")?
             .join()
             .unwrap_or_else(|_| anyhow::bail!("thread for namespace {} panicked", ns.inode))
     })
@@ -65,11 +79,15 @@ pub fn run_in<T: Send>(ns: &Namespace, f: impl FnOnce() -> Result<T> + Send) -> 
 
 /// Moves the calling thread into `ns`: only for a thread of its own, which then stays there.
 pub fn enter(ns: &Namespace) -> Result<()> {
-    let file = File::open(&ns.path).with_context(|| format!("open {}", ns.path.display()))?;
-    // SAFETY: a namespace fd we own; the caller's thread is the only one that moves.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("enter network namespace {}", ns.inode));
+    // SAFETY: a namespace fd we hold; the caller's thread is the only one that moves.
+    if unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "enter network namespace {} ({})",
+                ns.inode,
+                ns.path.display()
+            )
+        });
     }
     Ok(())
 }

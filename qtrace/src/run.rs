@@ -44,7 +44,7 @@ pub struct RunOptions {
     #[arg(long, requires = "print")]
     pub json: bool,
     /// With --print: how often to print the listener table.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::inputs::positive_duration)]
     pub interval: Duration,
 }
 
@@ -93,8 +93,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             daemon.queue_sample_interval,
             daemon.max_listener_series,
         )),
+        scrapes: Default::default(),
     });
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let hub = Hub::new(daemon.events_reader_queue);
     tokio::spawn(hub::serve(
         events_listener,
@@ -106,13 +107,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::spawn(sample_queues(state.clone(), stop_rx.clone()));
     let server = {
         let app = server::router(state.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+        // Connection limit and timeouts: see http_limits.
+        tokio::spawn(crate::http_limits::serve(listener, app, stop_rx))
     };
     tracing::info!("serving /metrics on {listen}");
 
@@ -170,7 +166,10 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &AppState) {
                  queue_sample_interval and tracer settings take effect at restart"
             );
         }
-        Err(e) => tracing::error!("config reload failed, keeping the running settings: {e:#}"),
+        Err(e) => tracing::error!(
+            "config reload failed, keeping the running settings: {}",
+            crate::inputs::one_line(&e)
+        ),
     }
 }
 
@@ -189,8 +188,8 @@ async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Re
             Ok(scrape) => hub.set_owners(
                 scrape
                     .listeners
-                    .into_iter()
-                    .filter_map(|v| Some((v.id, Arc::new(v.owner?))))
+                    .iter()
+                    .filter_map(|v| Some((v.id, Arc::new(v.owner.clone()?))))
                     .collect(),
             ),
             Err(e) => tracing::debug!("owner refresh: {e:#}"),
@@ -201,7 +200,7 @@ async fn refresh_owners(hub: Arc<Hub>, state: Arc<AppState>, mut stop: watch::Re
 /// Every listener's queues at a fixed interval, for the last hour's history (fixed, so the
 /// share of samples is a share of time, whatever the scrape rate).
 async fn sample_queues(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let every = state.history.lock().unwrap().interval();
+    let every = crate::recover::lock(&state.history).interval();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -210,7 +209,7 @@ async fn sample_queues(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         match server::collect(&state).await {
-            Ok(scrape) => state.history.lock().unwrap().record(&scrape),
+            Ok(scrape) => crate::recover::lock(&state.history).record(&scrape),
             Err(e) => tracing::debug!("queue sample: {e:#}"),
         }
     }

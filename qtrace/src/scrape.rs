@@ -124,11 +124,11 @@ impl Scraper {
     }
 
     pub fn set_filter(&self, filter: Filter) {
-        *self.filter.lock().unwrap() = filter;
+        *crate::recover::lock(&self.filter) = filter;
     }
 
     pub fn collect(&self) -> Result<Scrape> {
-        let filter = self.filter.lock().unwrap().clone();
+        let filter = crate::recover::lock(&self.filter).clone();
         let mut rows: BTreeMap<ListenerId, ListenerView> = BTreeMap::new();
         for stats in self.counters.listeners()? {
             let id = ListenerId::from(&stats.key);
@@ -162,7 +162,7 @@ impl Scraper {
         let inodes = rows
             .values()
             .filter_map(|r| r.queues.as_ref().map(|q| q.inode));
-        let mut owners = self.owners.lock().unwrap();
+        let mut owners = crate::recover::lock(&self.owners);
         let owners = owners.lookup(inodes.collect::<Vec<_>>());
         for r in rows.values_mut() {
             r.owner = r
@@ -207,7 +207,8 @@ fn sample_all_namespaces(filter: &Filter) -> (Vec<(u32, ListenerQueues)>, usize)
         .into_iter()
         .filter(|ns| filter.admits_netns(ns.inode))
         .collect();
-    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // At most 4 threads: the service's TasksMax counts each one, whatever the host's size.
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut out = Vec::new();
     let mut unreadable = 0;
     for batch in namespaces.chunks(parallel) {
@@ -216,7 +217,9 @@ fn sample_all_namespaces(filter: &Filter) -> (Vec<(u32, ListenerQueues)>, usize)
                 .iter()
                 .map(|ns| {
                     let mine = own.as_ref().is_some_and(|o| o.inode == ns.inode);
-                    scope.spawn(move || {
+                    // A thread that cannot be started (TasksMax) is an error for that
+                    // namespace, not a panic of the scrape.
+                    std::thread::Builder::new().spawn_scoped(scope, move || {
                         if mine {
                             sockdiag::listeners()
                         } else {
@@ -227,9 +230,11 @@ fn sample_all_namespaces(filter: &Filter) -> (Vec<(u32, ListenerQueues)>, usize)
                 .collect();
             threads
                 .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or_else(|_| Err(anyhow!("sampling panicked")))
+                .map(|t| match t {
+                    Ok(t) => t
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow!("sampling panicked"))),
+                    Err(e) => Err(anyhow!("start a sampling thread: {e}")),
                 })
                 .collect()
         });

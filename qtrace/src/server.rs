@@ -30,6 +30,8 @@ pub struct AppState {
     /// Reloadable with SIGHUP.
     pub max_series: AtomicUsize,
     pub history: Mutex<History>,
+    /// Concurrent scrapes share one collection.
+    pub scrapes: crate::single_flight::SingleFlight<Scrape>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -44,10 +46,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Scraping walks /proc and enters namespaces: blocking work, off the event loop.
-pub async fn collect(state: &Arc<AppState>) -> anyhow::Result<Scrape> {
+/// Scraping walks /proc and enters namespaces: blocking work, off the event loop, one
+/// collection at a time shared by the callers waiting for it.
+pub async fn collect(state: &Arc<AppState>) -> anyhow::Result<Arc<Scrape>> {
     let s = state.clone();
-    tokio::task::spawn_blocking(move || s.scraper.collect()).await?
+    state.scrapes.run(move || s.scraper.collect()).await
 }
 
 fn failed(e: anyhow::Error) -> Response {
@@ -68,11 +71,14 @@ async fn metrics_handler(State(state): State<Arc<AppState>>, headers: HeaderMap)
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
     // Rendering thousands of listeners takes milliseconds: off the event loop, like collecting.
+    let t = Instant::now();
+    let scrape = match collect(&state).await {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let collected = t.elapsed();
     let s = state.clone();
     let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let t = Instant::now();
-        let scrape = s.scraper.collect()?;
-        let collected = t.elapsed();
         let sc = &s.scraper;
         let max_series = s.max_series.load(Ordering::Relaxed);
         let body = metrics::render(&scrape, &sc.probes, sc.vis, max_series, openmetrics);
@@ -112,7 +118,7 @@ async fn listeners_handler(State(state): State<Arc<AppState>>) -> Response {
 /// Every listener with its counters, queues and owner: /api/listeners and the events socket.
 pub async fn listeners_json(state: &Arc<AppState>) -> anyhow::Result<serde_json::Value> {
     let scrape = collect(state).await?;
-    let history = state.history.lock().unwrap();
+    let history = crate::recover::lock(&state.history);
     Ok(snapshot_json(&state.scraper, &scrape, Some(&history)))
 }
 

@@ -584,6 +584,8 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_kernel_map_full_total",
     "qtrace_kernel_read_errors_total",
     "qtrace_netns_unreadable",
+    "qtrace_http_connections",
+    "qtrace_http_connections_dropped_total",
     "qtrace_probe_info",
     "qtrace_build_info",
     "qtrace_listener_series_overflow",
