@@ -4,7 +4,10 @@
 //! answered is closed. At the limit a new connection closes the one that has waited longest
 //! without a request being answered (idle keep-alive, slowloris), so a scraper still gets in
 //! while thousands of idle connections are held; only when every connection is inside a
-//! request is the new one refused. Each closing is counted (`qtrace_http_connections_dropped`)
+//! request is the new one refused. The limit is also at most half the open-files limit, so
+//! HTTP clients never take the fds the rest of qtrace needs. An open connection costs about
+//! 7 KiB, so the limit is generous: a new connection's request is read long before as many
+//! newer ones could push it out. Each closing is counted (`qtrace_http_connections_dropped`)
 //! and logged at most once per [`LOG_EVERY`].
 
 use std::{
@@ -30,10 +33,13 @@ use tokio::{
     sync::{watch, Notify},
 };
 
-pub const MAX_CONNECTIONS: usize = 512;
+pub const MAX_CONNECTIONS: usize = 4096;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most bytes buffered for one connection's request (hyper's least): /metrics requests are
+/// small, and MAX_CONNECTIONS of these stay far below the unit's MemoryMax.
+const MAX_REQUEST_BUFFER: usize = 8192;
 
 static OVER_LIMIT: AtomicU64 = AtomicU64::new(0);
 static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
@@ -153,11 +159,28 @@ impl Table {
 
 /// Serves `app` on `listener` until `stop` turns true, then lets requests in flight finish.
 pub async fn serve(listener: TcpListener, app: Router, stop: watch::Receiver<bool>) {
-    serve_with(listener, app, stop, MAX_CONNECTIONS).await
+    serve_with(listener, app, stop, limit()).await
+}
+
+/// [`MAX_CONNECTIONS`], or half the open-files limit when that is lower.
+pub fn limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit.
+    let files = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => lim.rlim_cur as usize,
+        _ => 1024,
+    };
+    MAX_CONNECTIONS.min(files / 2).max(16)
 }
 
 async fn serve_with(listener: TcpListener, app: Router, stop: watch::Receiver<bool>, max: usize) {
     let table = Arc::new(Table::default());
+    // Held by each connection's task until it has ended: a closed connection's memory is
+    // freed before another is taken on, so the tasks alive are bounded too, not just the table.
+    let tasks_alive = Arc::new(tokio::sync::Semaphore::new(max));
     let mut tasks = tokio::task::JoinSet::new();
     let mut stopped = stop.clone();
     loop {
@@ -180,10 +203,14 @@ async fn serve_with(listener: TcpListener, app: Router, stop: watch::Receiver<bo
         let Some((id, conn)) = table.admit(max) else {
             continue; // dropped: every connection is inside a request
         };
+        let Ok(alive) = tasks_alive.clone().acquire_owned().await else {
+            break;
+        };
         let (app, table, stop) = (app.clone(), table.clone(), stop.clone());
         tasks.spawn(async move {
             serve_one(stream, app, &conn, stop).await;
             table.remove(id);
+            drop(alive);
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -215,6 +242,7 @@ async fn serve_one(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BUFFER)
         .keep_alive(true);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);

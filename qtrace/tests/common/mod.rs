@@ -354,9 +354,24 @@ impl Qtrace {
     /// Starts qtrace and waits until its probes are attached. `QTRACE_TEST_ATTACH` (fentry,
     /// kprobe, tracepoint) caps the tier, so the kernel matrix can test lower tiers too.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// Started through `wrapper` (a command that ends by exec'ing its arguments, e.g.
+    /// `systemd-run --scope …`), which then keeps qtrace's pid.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
         let socket = unique_path("sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        let bin = env!("CARGO_BIN_EXE_qtrace");
+        let mut command = match wrapper {
+            [] => Command::new(bin),
+            [program, rest @ ..] => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
+        let mut child = command
             .args([
                 "run",
                 "--print",
@@ -415,6 +430,11 @@ impl Qtrace {
             socket,
             ready,
         }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// Waits until qtrace has logged a line containing `text`; whether it did within `limit`.
