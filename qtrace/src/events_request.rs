@@ -30,10 +30,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request> {
     }
     let text = std::str::from_utf8(line).context("request is not UTF-8")?;
     serde_json::from_str(text.trim_end()).map_err(|e| {
-        // serde's message quotes an unknown variant whole: clipped too.
-        let shown: String = text.chars().take(60).collect();
-        let why: String = e.to_string().chars().take(200).collect();
-        anyhow::anyhow!("bad request line {shown:?}: {why}")
+        // serde's message quotes an unknown variant whole: clipped too (after escaping, which
+        // can make one character ten).
+        let shown = crate::inputs::clip_to(&format!("{text:?}"), 80);
+        let why = crate::inputs::clip_to(&e.to_string(), 200);
+        anyhow::anyhow!("bad request line {shown}: {why}")
     })
 }
 
@@ -90,7 +91,7 @@ mod tests {
         );
         let junk = format!("{{\"request\":\"{}\"}}", "x".repeat(4000));
         let e = format!("{:#}", parse_request(junk.as_bytes()).unwrap_err());
-        assert!(e.len() < 300, "{e}");
+        assert!(e.len() < 400, "{e}");
         assert!(parse_request(&[b'{'; MAX_REQUEST + 1]).is_err());
         assert!(parse_request(&[0xff, 0xfe]).is_err());
     }

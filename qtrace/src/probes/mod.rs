@@ -8,6 +8,9 @@ mod accept;
 mod ack;
 mod syn;
 mod synack;
+mod tier;
+
+pub use tier::Tier;
 
 use std::{collections::HashSet, fmt};
 
@@ -20,39 +23,6 @@ use qtrace_common::Counter;
 use serde::Serialize;
 
 use crate::btf::KernelBtf;
-
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Fentry,
-    Kprobe,
-    Tracepoint,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Fentry, Tier::Kprobe, Tier::Tracepoint];
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tier::Fentry => "fentry",
-            Tier::Kprobe => "kprobe",
-            Tier::Tracepoint => "tracepoint",
-        })
-    }
-}
 
 /// Where one program attaches.
 #[derive(Clone, Copy, Debug)]
