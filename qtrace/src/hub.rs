@@ -143,21 +143,39 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut stopped = stop.clone();
+    // Clients at once: past it a new one is closed at once (see client_slots).
+    let slots = Arc::new(tokio::sync::Semaphore::new(client_slots()));
+    static REFUSED: crate::http_limits::Throttled = crate::http_limits::Throttled::new();
+    static FAILED: crate::http_limits::Throttled = crate::http_limits::Throttled::new();
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if let Some(n) = REFUSED.due() {
+                            tracing::warn!("events socket: {n} client(s) refused at the limit of \
+                                            {} since the last report", client_slots());
+                        }
+                        continue;
+                    };
                     limit_send_buffer(&stream);
                     let (hub, state, stop) = (hub.clone(), state.clone(), stop.clone());
                     tokio::spawn(async move {
                         if let Err(e) = client(stream, hub, state, stop).await {
                             tracing::debug!("events socket client: {e:#}");
                         }
+                        drop(slot);
                     });
                 }
-                Err(e) => tracing::warn!("events socket: {e}"),
+                Err(e) => {
+                    if let Some(n) = FAILED.due() {
+                        tracing::warn!("events socket: accept failed {n} time(s): {e}");
+                    }
+                    // Out of fds or memory: a pause, not a busy loop.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
             },
-            _ = stopped.wait_for(|s| *s) => return,
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => return,
         }
     }
 }
@@ -199,6 +217,12 @@ async fn client(
         };
         write.write_all(text.as_bytes()).await?;
     }
+}
+
+/// Events socket clients served at once: 1,024, or a quarter of the open-files limit when that
+/// is lower (the HTTP server may take half), so neither can take every fd.
+fn client_slots() -> usize {
+    (crate::http_limits::limit() / 2).clamp(16, 1024)
 }
 
 fn limit_send_buffer(stream: &UnixStream) {

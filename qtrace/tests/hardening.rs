@@ -303,6 +303,7 @@ fn events_connections(socket: &str) -> usize {
 #[test]
 fn events_socket_cuts_oversized_and_silent_clients_and_releases_gone_readers() {
     require_root();
+    raise_nofile(NOFILE);
     let q = Qtrace::start(&[]);
     let socket = q.events_socket();
     let rss = status_kib(q.pid(), "VmRSS:");
@@ -322,20 +323,37 @@ fn events_socket_cuts_oversized_and_silent_clients_and_releases_gone_readers() {
     let grown = status_kib(q.pid(), "VmRSS:").saturating_sub(rss);
     assert!(grown < 8 << 10, "RSS grew {grown} KiB");
 
-    // Clients that never send a request: cut after the request timeout (5 s).
-    let silent: Vec<_> = (0..300)
+    // 3,000 clients that never send a request: past 1,024 (a quarter of LimitNOFILE) refused at
+    // once, the others cut after the request timeout (5 s); the endpoints answer meanwhile.
+    let silent: Vec<_> = (0..3000)
         .map(|_| UnixStream::connect(&socket).unwrap())
         .collect();
-    assert!(wait_until(Duration::from_secs(2), || events_connections(
-        &socket
-    ) >= 300));
     let t = Instant::now();
+    // What the daemon holds: its fds (the kernel's table also lists those not accepted yet).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", q.pid()))
+            .unwrap()
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(2), || fds() >= 1000));
+    thread::sleep(Duration::from_millis(500));
+    let held = fds();
+    assert!(
+        held <= 1024 + 64,
+        "{held} fds held with 3,000 silent clients"
+    );
+    let (health, _, _) = get(q.web().parse().unwrap(), "/healthz");
+    assert_eq!(health, 200);
     assert!(
         wait_until(Duration::from_secs(10), || events_connections(&socket) == 0),
         "{} silent connections still held",
         events_connections(&socket)
     );
     let silent_cut = t.elapsed();
+    assert!(
+        silent_cut > Duration::from_secs(3),
+        "cut after {silent_cut:?}"
+    );
     drop(silent);
 
     // Readers that go away on a quiet host: released within a second.
@@ -357,7 +375,8 @@ fn events_socket_cuts_oversized_and_silent_clients_and_releases_gone_readers() {
     let released = wait_until(Duration::from_secs(1), || events_connections(&socket) == 0);
     eprintln!(
         "RELIABILITY events socket: 16 MiB request cut in {oversized_cut:?} (RSS +{grown} KiB); \
-         300 silent clients cut after {silent_cut:?}; 50 gone readers released in {:?}",
+         3000 silent clients: daemon at {held} fds, the rest refused, all cut after {silent_cut:?}; 50 \
+         gone readers released in {:?}",
         t.elapsed()
     );
     assert!(
