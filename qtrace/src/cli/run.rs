@@ -23,7 +23,7 @@ use crate::{
         collect::Collector,
         events_socket::{self, Hub},
         history::History,
-        http,
+        http, http_limits,
         state::{self, State},
     },
     kernel::{
@@ -50,7 +50,7 @@ pub struct RunOptions {
     #[arg(long, requires = "print")]
     pub json: bool,
     /// With --print: how often to print the listener table.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::inputs::positive_duration)]
     pub interval: Duration,
 }
 
@@ -102,7 +102,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Err(e) = state.collect().await {
         tracing::warn!("first collect: {e:#}");
     }
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let hub = Hub::new(daemon.events_reader_queue, state.clone());
     tokio::spawn(events_socket::serve(
         events_listener,
@@ -113,13 +113,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::spawn(sample_queues(state.clone(), stop_rx.clone()));
     let server = {
         let app = http::router(state.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+        // Connection limit and timeouts: see http_limits.
+        tokio::spawn(http_limits::serve(listener, app, stop_rx))
     };
     tracing::info!("serving /metrics on {listen}");
 
@@ -179,14 +174,17 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
                  queue_sample_interval and tracer settings take effect at restart"
             );
         }
-        Err(e) => tracing::error!("config reload failed, keeping the running settings: {e:#}"),
+        Err(e) => tracing::error!(
+            "config reload failed, keeping the running settings: {}",
+            crate::inputs::one_line(&e)
+        ),
     }
 }
 
 /// Every listener's queues at a fixed interval, for the last hour's history (fixed, so the
 /// share of samples is a share of time, whatever the scrape rate).
 async fn sample_queues(state: Arc<State>, mut stop: watch::Receiver<bool>) {
-    let every = state.history.lock().unwrap().interval();
+    let every = crate::recover::lock(&state.history).interval();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -195,7 +193,7 @@ async fn sample_queues(state: Arc<State>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         match state.collect().await {
-            Ok(scrape) => state.history.lock().unwrap().record(&scrape),
+            Ok(scrape) => crate::recover::lock(&state.history).record(&scrape),
             Err(e) => tracing::debug!("queue sample: {e:#}"),
         }
     }
