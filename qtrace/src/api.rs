@@ -179,7 +179,7 @@ mod kind_name {
 }
 
 /// What a client asks the daemon's events socket, as one JSON line.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "lowercase")]
 pub enum Request {
     Events {

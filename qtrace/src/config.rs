@@ -256,27 +256,45 @@ impl FileConfig {
             None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
             None => return Ok((Self::default(), None)),
         };
-        let text = std::fs::read_to_string(&path)
+        let text = crate::inputs::read_regular(&path, crate::inputs::MAX_CONFIG_BYTES)
+            .and_then(|b| String::from_utf8(b).context("not UTF-8 text"))
             .with_context(|| format!("read config file {}", path.display()))?;
         let cfg = Self::parse(&text).with_context(|| format!("config file {}", path.display()))?;
         Ok((cfg, Some(path)))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let table: toml::Table = toml::from_str(text)?;
+        // A TOML error quotes the line it is on: a huge line must not be echoed whole.
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!(clip_lines(&e.to_string())))?;
         let known = keys_of(&TracerArgs::default()).chain(keys_of(&DaemonArgs::default()));
         let known: BTreeSet<String> = known.collect();
         if let Some(key) = table.keys().find(|k| !known.contains(*k)) {
             bail!(
-                "unknown key `{key}`; known keys: {}",
+                "unknown key `{}`; known keys: {}",
+                crate::inputs::clip(key),
                 known.into_iter().collect::<Vec<_>>().join(", ")
             );
         }
         Ok(Self {
-            tracer: table.clone().try_into()?,
-            daemon: table.try_into()?,
+            tracer: table
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| anyhow::anyhow!(clip_lines(&e.to_string())))?,
+            daemon: table
+                .try_into()
+                .map_err(|e: toml::de::Error| anyhow::anyhow!(clip_lines(&e.to_string())))?,
         })
     }
+}
+
+/// Each line of a parser's message clipped (a TOML error quotes the offending line).
+fn clip_lines(text: &str) -> String {
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| crate::inputs::clip_to(l, 300))
+        .collect();
+    lines.join("\n")
 }
 
 /// Field names of an argument set: the file keys it accepts.
@@ -367,7 +385,7 @@ impl DaemonArgs {
             invalid(
                 "web_listen_address",
                 "web.listen-address",
-                format!("{addr:?}: {why}"),
+                format!("{}: {why}", crate::inputs::clip(&format!("{addr:?}"))),
             )
         })?;
         let max_listener_series = self
@@ -416,14 +434,14 @@ impl DaemonArgs {
                         return Err(invalid(
                             "queue_sample_interval",
                             "queue-sample-interval",
-                            format!("{text}: must be 100ms to 10m"),
+                            format!("{}: must be 100ms to 10m", crate::inputs::clip(text)),
                         ))
                     }
                     Err(e) => {
                         return Err(invalid(
                             "queue_sample_interval",
                             "queue-sample-interval",
-                            format!("{text}: {e} (write e.g. 10s)"),
+                            format!("{}: {e} (write e.g. 10s)", crate::inputs::clip(text)),
                         ))
                     }
                 },
@@ -480,6 +498,26 @@ mod tests {
         assert_eq!(d.max_listener_series, 5);
         assert_eq!(d.listen, "[::]:9860".parse().unwrap());
         assert!(!d.filter.admits(1, 22) && d.filter.admits(1, 80));
+    }
+
+    #[test]
+    fn huge_keys_and_values_are_not_echoed_whole() {
+        let key = "k".repeat(20 << 20);
+        for text in [
+            format!("{key} = 1"),
+            format!("event_rate = \"{key}\""),
+            format!("web_listen_address = \"{key}\""),
+            format!("x = [{key}"),
+        ] {
+            let e = match FileConfig::parse(&text) {
+                Err(e) => format!("{e:#}"),
+                Ok(f) => format!(
+                    "{:#}",
+                    DaemonArgs::default().resolve(&f.daemon).unwrap_err()
+                ),
+            };
+            assert!(e.len() < 2000, "{} bytes: {}", e.len(), &e[..200]);
+        }
     }
 
     #[test]

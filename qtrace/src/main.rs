@@ -5,7 +5,8 @@
 //! Layers, each importing only from those below it: [`cli`] (one module per command) →
 //! [`daemon`] (state and transports) → [`kernel`] (the eBPF side) and [`host`] (/proc,
 //! namespaces, sock_diag) → the common modules [`api`] (wire types), [`config`],
-//! [`listener`] and [`build_info`].
+//! [`listener`], [`build_info`], [`inputs`] (bounds on what qtrace reads from files and
+//! people) and [`recover`] (locks a panic cannot poison for good).
 
 mod api;
 mod build_info;
@@ -13,8 +14,10 @@ mod cli;
 mod config;
 mod daemon;
 mod host;
+mod inputs;
 mod kernel;
 mod listener;
+mod recover;
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -59,6 +62,8 @@ fn main() -> ExitCode {
         .init();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Blocking work (collections, rendering) on a few threads: TasksMax counts them all.
+        .max_blocking_threads(8)
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
@@ -76,13 +81,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, whatever the causes' messages look like (TOML errors span lines).
-            let text = format!("{err:#}");
-            let line: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            eprintln!("qtrace: error: {}", line.join(" "));
+            eprintln!("qtrace: error: {}", inputs::one_line(&err));
             ExitCode::FAILURE
         }
     }

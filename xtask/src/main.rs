@@ -3,6 +3,7 @@ mod bench;
 mod fresh;
 mod matrix;
 mod setup;
+mod stress;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Task {
     },
     /// Run the kernel-facing suites on stock Debian kernels in QEMU and natively.
     VmTest(matrix::Options),
+    /// qtrace under hostile load and bad inputs (as root), then its parsers under a fuzzer.
+    Stress(stress::Options),
     /// Measure qtrace's cost (writes BENCHMARKS.md); --smoke checks the harness only.
     Bench(bench::Options),
     /// Inside the benchmark's guest kernel: the interleaved churn rounds (see `bench`).
@@ -80,6 +83,12 @@ fn dispatch(task: Task) -> Result<()> {
             run(Command::new("cargo")
                 .args(["test", "--workspace", "--exclude", "qtrace-ebpf", "--"])
                 .args(&args))?;
+            // Hostile clients, bad inputs, fuzzing: a few minutes (see stress.rs).
+            stress::stress(&stress::Options {
+                fuzz_seconds: 20,
+                fuzz_only: false,
+                after_host_tests: true,
+            })?;
             // The benchmark harness works (tiny sizes; no timing is asserted).
             bench::bench(bench::Options {
                 smoke: true,
@@ -96,6 +105,10 @@ fn dispatch(task: Task) -> Result<()> {
         Task::VmTest(opts) => {
             setup::setup()?;
             matrix::vm_test(opts)
+        }
+        Task::Stress(opts) => {
+            setup::setup()?;
+            stress::stress(&opts)
         }
         Task::Install { prefix } => install(&prefix),
         Task::Bench(opts) => {

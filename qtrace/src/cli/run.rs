@@ -24,7 +24,7 @@ use crate::{
         drops::Announced,
         events_socket::{self, Hub},
         history::History,
-        http,
+        http, http_limits,
         state::{self, State},
     },
     kernel::{
@@ -51,7 +51,7 @@ pub struct RunOptions {
     #[arg(long, requires = "print")]
     pub json: bool,
     /// With --print: how often to print the listener table.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::inputs::positive_duration)]
     pub interval: Duration,
 }
 
@@ -103,7 +103,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Err(e) = state.collect().await {
         tracing::warn!("first collect: {e:#}");
     }
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let hub = Hub::new(daemon.events_reader_queue, state.clone());
     tokio::spawn(events_socket::serve(
         events_listener,
@@ -114,13 +114,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::spawn(sample_queues(state.clone(), hub.clone(), stop_rx.clone()));
     let server = {
         let app = http::router(state.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                })
-                .await
-        })
+        // Connection limit and timeouts: see http_limits.
+        tokio::spawn(http_limits::serve(listener, app, stop_rx))
     };
     tracing::info!("serving /metrics on {listen}");
 
@@ -180,7 +175,10 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
                  queue_sample_interval and tracer settings take effect at restart"
             );
         }
-        Err(e) => tracing::error!("config reload failed, keeping the running settings: {e:#}"),
+        Err(e) => tracing::error!(
+            "config reload failed, keeping the running settings: {}",
+            crate::inputs::one_line(&e)
+        ),
     }
 }
 
@@ -188,7 +186,7 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
 /// share of samples is a share of time, whatever the scrape rate); and, where a probe is
 /// missing, each listener's new unclassified drops as one event to the events socket.
 async fn sample_queues(state: Arc<State>, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
-    let every = state.history.lock().unwrap().interval();
+    let every = crate::recover::lock(&state.history).interval();
     let clock = Clock::new();
     let mut announced = Announced::default();
     let mut tick = tokio::time::interval(every);
@@ -200,7 +198,7 @@ async fn sample_queues(state: Arc<State>, hub: Arc<Hub>, mut stop: watch::Receiv
         }
         match state.collect().await {
             Ok(scrape) => {
-                state.history.lock().unwrap().record(&scrape);
+                crate::recover::lock(&state.history).record(&scrape);
                 let ts_ns = clock.monotonic_ns();
                 let time = humantime::format_rfc3339_millis(clock.wall(ts_ns)).to_string();
                 for event in announced.events(&scrape, ts_ns, &time) {

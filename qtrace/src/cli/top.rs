@@ -31,7 +31,7 @@ pub struct TopOptions {
     #[arg(long)]
     pub once: bool,
     /// Refresh interval, and the window rates are measured over.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = crate::inputs::positive_duration)]
     pub interval: Duration,
     /// Column to sort by, highest first (keys in the live view: `s` next column, `r` reverse).
     #[arg(long, value_enum, default_value = "drops")]

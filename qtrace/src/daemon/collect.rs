@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -109,15 +109,15 @@ impl Collector {
 
     /// The owners by listener, as the last collect found them.
     pub fn owner_index(&self) -> OwnerIndex {
-        self.owners.lock().unwrap().index()
+        crate::recover::lock(&self.owners).index()
     }
 
     pub fn set_filter(&self, filter: Filter) {
-        *self.filter.lock().unwrap() = filter;
+        *crate::recover::lock(&self.filter) = filter;
     }
 
     pub fn collect(&self) -> Result<Scrape> {
-        let filter = self.filter.lock().unwrap().clone();
+        let filter = crate::recover::lock(&self.filter).clone();
         // The sockets first, the probes' counts after (see `super::drops`).
         let sampled = sample_all_namespaces(&filter);
         let counted = self.counters.listeners()?;
@@ -164,20 +164,16 @@ impl Collector {
             .filter(|r| r.stats.is_some())
             .map(|r| r.id)
             .collect();
-        let reckoning = self
-            .drops
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update(
-                &Sample {
-                    sockets: &sockets,
-                    listen_drops: &sampled.listen_drops,
-                    unreadable: &sampled.unreadable,
-                },
-                classified,
-                &with_ids,
-                !vis.classifies_every_drop(),
-            );
+        let reckoning = crate::recover::lock(&self.drops).update(
+            &Sample {
+                sockets: &sockets,
+                listen_drops: &sampled.listen_drops,
+                unreadable: &sampled.unreadable,
+            },
+            classified,
+            &with_ids,
+            !vis.classifies_every_drop(),
+        );
         for (id, n) in reckoning.unclassified {
             if let Some(r) = rows.get_mut(&id) {
                 r.unclassified = Some(n);
@@ -188,7 +184,7 @@ impl Collector {
             .values()
             .filter_map(|r| Some((r.id, r.queues.as_ref()?.inode)))
             .collect();
-        let mut owners = self.owners.lock().unwrap().lookup_listeners(&sockets);
+        let mut owners = crate::recover::lock(&self.owners).lookup_listeners(&sockets);
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }

@@ -10,13 +10,13 @@
 use std::{
     collections::VecDeque,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{broadcast, watch},
 };
@@ -52,7 +52,7 @@ impl Hub {
     pub fn publish(&self, mut record: Event) -> Arc<Event> {
         record.owner = self.state.owner_of(&record.listener());
         let record = Arc::new(record);
-        let mut history = self.history.lock().unwrap();
+        let mut history = crate::recover::lock(&self.history);
         if history.len() == HISTORY {
             history.pop_front();
         }
@@ -64,7 +64,7 @@ impl Hub {
     /// History since `since_ns`, then live events: `publish` sends while holding the history
     /// lock, so no event is in neither or both.
     fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
-        let history = self.history.lock().unwrap();
+        let history = crate::recover::lock(&self.history);
         let rx = self.live.subscribe();
         let past = history
             .iter()
@@ -81,14 +81,10 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, SocketFil
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => anyhow::bail!("{} is in use: is another qtrace running?", path.display()),
-        Err(_) => {
-            let _ = std::fs::remove_file(path); // stale, from a qtrace that was killed
-        }
-    }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    let guard = SocketFile(path.to_path_buf());
+    // Refuses a non-socket file and a live daemon's socket; replaces a dead one's.
+    let (listener, guard) = crate::daemon::socket_file::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     if let Some(group) = group {
         let gid = gid_of(group)?;
@@ -104,45 +100,58 @@ fn gid_of(group: &str) -> Result<u32> {
     let entry = unsafe { libc::getgrnam(name.as_ptr()) };
     anyhow::ensure!(
         !entry.is_null(),
-        "no group named {group} (events_socket_group)"
+        "no group named {} (events_socket_group)",
+        crate::inputs::clip(group)
     );
     Ok(unsafe { (*entry).gr_gid })
 }
 
-pub struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+pub use crate::daemon::socket_file::SocketFile;
 
 pub async fn serve(listener: UnixListener, hub: Arc<Hub>, stop: watch::Receiver<bool>) {
     let mut stopped = stop.clone();
+    // Clients at once: past it a new one is closed at once (see client_slots).
+    let slots = Arc::new(tokio::sync::Semaphore::new(client_slots()));
+    static REFUSED: crate::daemon::limits::Throttled = crate::daemon::limits::Throttled::new();
+    static FAILED: crate::daemon::limits::Throttled = crate::daemon::limits::Throttled::new();
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if let Some(n) = REFUSED.due() {
+                            tracing::warn!("events socket: {n} client(s) refused at the limit of \
+                                            {} since the last report", client_slots());
+                        }
+                        continue;
+                    };
                     limit_send_buffer(&stream);
                     let (hub, stop) = (hub.clone(), stop.clone());
                     tokio::spawn(async move {
                         if let Err(e) = client(stream, hub, stop).await {
                             tracing::debug!("events socket client: {e:#}");
                         }
+                        drop(slot);
                     });
                 }
-                Err(e) => tracing::warn!("events socket: {e}"),
+                Err(e) => {
+                    if let Some(n) = FAILED.due() {
+                        tracing::warn!("events socket: accept failed {n} time(s): {e}");
+                    }
+                    // Out of fds or memory: a pause, not a busy loop.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
             },
-            _ = stopped.wait_for(|s| *s) => return,
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => return,
         }
     }
 }
 
 async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let request: Request = serde_json::from_str(&line).context("bad request line")?;
+    // Bounded in size and time; then the read side only watches for the client going away.
+    let mut read = BufReader::new(read);
+    let request = crate::daemon::events_request::read_request(&mut read).await?;
     let since_ns = match request {
         Request::Listeners => {
             let snapshot = serde_json::to_string(&hub.state.snapshot().await?)?;
@@ -158,6 +167,7 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     loop {
         let r = tokio::select! {
             r = live.recv() => r,
+            () = crate::daemon::events_request::closed(&mut read) => return Ok(()),
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         let text = match r {
@@ -170,6 +180,12 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
         };
         write.write_all(text.as_bytes()).await?;
     }
+}
+
+/// Events socket clients served at once: 1,024, or a quarter of the open-files limit when that
+/// is lower (the HTTP server may take half), so neither can take every fd.
+fn client_slots() -> usize {
+    (crate::daemon::limits::open_files() / 4).clamp(16, 1024)
 }
 
 fn limit_send_buffer(stream: &UnixStream) {

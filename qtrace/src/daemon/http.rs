@@ -14,7 +14,7 @@ use axum::{
 };
 
 use crate::{
-    daemon::{metrics, state::State},
+    daemon::{http_limits, metrics, state::State},
     host::heap,
 };
 
@@ -50,15 +50,19 @@ async fn metrics_handler(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
+    let t = Instant::now();
+    let scrape = match state.collect().await {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let collected = t.elapsed();
     // Rendering thousands of listeners takes milliseconds: off the event loop, like collecting.
     let s = state.clone();
     let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let t = Instant::now();
-        let scrape = s.collector.collect()?;
-        let collected = t.elapsed();
         let sc = &s.collector;
         let max_series = s.max_series.load(Ordering::Relaxed);
-        let body = metrics::render(&scrape, &sc.probes, sc.vis, max_series, openmetrics);
+        let http = http_limits::stats();
+        let body = metrics::render(&scrape, &sc.probes, sc.vis, max_series, openmetrics, &http);
         tracing::debug!(
             listeners = scrape.listeners.len(),
             ?collected,

@@ -15,7 +15,10 @@ use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAI
 
 use crate::{
     build_info,
-    daemon::collect::{ListenerView, Scrape},
+    daemon::{
+        collect::{ListenerView, Scrape},
+        http_limits::Stats as HttpStats,
+    },
     host::sockdiag::ListenerQueues,
     kernel::{
         counters::{wait_bucket_le_seconds, ListenerStats},
@@ -169,10 +172,11 @@ pub fn render(
     vis: Visibility,
     max_series: usize,
     openmetrics: bool,
+    http: &HttpStats,
 ) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Families {
-        body: families(scrape, probes, vis, max_series),
+        body: families(scrape, probes, vis, max_series, http),
     }));
     let mut out = String::new();
     text::encode(&mut out, &registry).expect("writing to a String");
@@ -263,6 +267,7 @@ fn families(
     probes: &[ProbeStatus],
     vis: Visibility,
     max_series: usize,
+    http: &HttpStats,
 ) -> Vec<Family> {
     // Listeners the kernel counted for come first, so a burst of idle listeners cannot push
     // the ones with drops into `other`; within each group the order is stable (by key).
@@ -407,7 +412,7 @@ fn families(
             })
             .collect(),
     });
-    self_families(&mut out, scrape, probes, folded);
+    self_families(&mut out, scrape, probes, folded, http);
     out
 }
 
@@ -433,7 +438,13 @@ fn wait_histogram(s: &ListenerStats) -> Value {
     }
 }
 
-fn self_families(out: &mut Vec<Family>, scrape: &Scrape, probes: &[ProbeStatus], folded: usize) {
+fn self_families(
+    out: &mut Vec<Family>,
+    scrape: &Scrape,
+    probes: &[ProbeStatus],
+    folded: usize,
+    http: &HttpStats,
+) {
     let st = |s: SelfStat| scrape.self_stats[s as usize];
     let counter = |name, help, samples: Vec<(Extra, u64)>| Family {
         name,
@@ -487,6 +498,20 @@ fn self_families(out: &mut Vec<Family>, scrape: &Scrape, probes: &[ProbeStatus],
         "qtrace_listener_series_overflow",
         "Listeners past --max-listener-series, summed into the series labelled `other`.",
         folded,
+    ));
+    out.push(counter(
+        "qtrace_http_connections_dropped",
+        "HTTP connections closed or refused by qtrace: at the connection limit (the longest \
+         idle first), or for a request header not sent in time or a connection idle too long.",
+        vec![
+            (vec![("reason", "over_limit".into())], http.over_limit),
+            (vec![("reason", "timeout".into())], http.timed_out),
+        ],
+    ));
+    out.push(gauge(
+        "qtrace_http_connections",
+        "HTTP connections open now.",
+        http.open,
     ));
     out.push(gauge(
         "qtrace_netns_unreadable",
@@ -710,15 +735,30 @@ mod tests {
         }
     }
 
+    fn http_stats() -> HttpStats {
+        HttpStats {
+            open: 3,
+            over_limit: 5,
+            timed_out: 2,
+        }
+    }
+
     fn render_fixed(max_series: usize, openmetrics: bool) -> String {
         let probes = probes();
         let vis = Visibility::of(&probes);
-        render(&scrape(), &probes, vis, max_series, openmetrics)
-            // Longest first: the version is a part of none of the others.
-            .replace(build_info::RUSTC_VERSION, "RUSTC_VERSION")
-            .replace(build_info::BUILD_DATE, "BUILD_DATE")
-            .replace(build_info::REVISION, "REVISION")
-            .replace(build_info::VERSION, "VERSION")
+        render(
+            &scrape(),
+            &probes,
+            vis,
+            max_series,
+            openmetrics,
+            &http_stats(),
+        )
+        // Longest first: the version is a part of none of the others.
+        .replace(build_info::RUSTC_VERSION, "RUSTC_VERSION")
+        .replace(build_info::BUILD_DATE, "BUILD_DATE")
+        .replace(build_info::REVISION, "REVISION")
+        .replace(build_info::VERSION, "VERSION")
     }
 
     /// Compares with a checked-in exposition, compiled in (the kernel matrix runs this test in
@@ -755,8 +795,16 @@ mod tests {
     fn unclassified_drops_exist_only_where_a_probe_is_missing() {
         let mut fixed = scrape();
         fixed.listeners[2].unclassified = Some(4);
-        let exposition =
-            |probes: &[ProbeStatus]| render(&fixed, probes, Visibility::of(probes), 1000, false);
+        let exposition = |probes: &[ProbeStatus]| {
+            render(
+                &fixed,
+                probes,
+                Visibility::of(probes),
+                1000,
+                false,
+                &http_stats(),
+            )
+        };
         let blind = exposition(&probes());
         assert!(
             blind.contains(

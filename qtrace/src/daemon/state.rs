@@ -20,6 +20,7 @@ use crate::{
     daemon::{
         collect::{Collector, Scrape},
         history::History,
+        single_flight::SingleFlight,
     },
     host::owners::OwnerIndex,
     kernel::counters::ListenerStats,
@@ -33,6 +34,8 @@ pub struct State {
     pub history: Mutex<History>,
     owners: OwnerIndex,
     owners_wanted: Notify,
+    /// Concurrent collects share one collection.
+    scrapes: SingleFlight<Scrape>,
 }
 
 impl State {
@@ -43,6 +46,7 @@ impl State {
             max_series: max_series.into(),
             history: Mutex::new(history),
             owners_wanted: Notify::new(),
+            scrapes: SingleFlight::default(),
         });
         // The first collect runs at start: it warms the owner cache, so the first /metrics
         // scrape is not the slow one.
@@ -50,17 +54,18 @@ impl State {
         state
     }
 
-    /// Collecting walks /proc and enters namespaces: blocking work, off the event loop.
-    pub async fn collect(self: &Arc<Self>) -> Result<Scrape> {
+    /// Collecting walks /proc and enters namespaces: blocking work, off the event loop, one
+    /// collection at a time shared by the callers waiting for it.
+    pub async fn collect(self: &Arc<Self>) -> Result<Arc<Scrape>> {
         let s = self.clone();
-        tokio::task::spawn_blocking(move || s.collector.collect()).await?
+        self.scrapes.run(move || s.collector.collect()).await
     }
 
     /// Every listener with its counters, queues, owner and last hour: /api/listeners and the
     /// events socket's snapshot.
     pub async fn snapshot(self: &Arc<Self>) -> Result<api::Listeners> {
         let scrape = self.collect().await?;
-        let history = self.history.lock().unwrap();
+        let history = crate::recover::lock(&self.history);
         Ok(snapshot(&self.collector, &scrape, Some(&history)))
     }
 

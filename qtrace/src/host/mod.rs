@@ -4,7 +4,7 @@
 //! listening socket ([`owners`]), and the process heap ([`heap`]).
 //!
 //! Contract: owns /proc, setns and netlink access. May import `qtrace_common`,
-//! [`crate::api`] and [`crate::listener`]; never `crate::kernel`, `crate::daemon` or
+//! [`crate::api`], [`crate::listener`] and [`crate::recover`]; never `crate::kernel`, `crate::daemon` or
 //! `crate::cli`.
 
 pub mod heap;

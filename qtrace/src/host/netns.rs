@@ -5,15 +5,18 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
 
-/// A network namespace and a path that names it.
+/// A network namespace, held open: the fd found by a scan is the one entered, so a process
+/// that exits and whose PID is reused before then cannot swap in another namespace.
 #[derive(Clone, Debug)]
 pub struct Namespace {
     pub inode: u32,
     pub path: PathBuf,
+    file: Arc<File>,
 }
 
 /// The inode of this process's own network namespace.
@@ -22,9 +25,11 @@ pub fn own() -> Result<Namespace> {
 }
 
 fn namespace(path: &Path) -> Result<Namespace> {
+    let file = File::open(path)?;
     Ok(Namespace {
-        inode: std::fs::metadata(path)?.ino() as u32,
+        inode: file.metadata()?.ino() as u32,
         path: path.to_path_buf(),
+        file: Arc::new(file),
     })
 }
 
@@ -46,6 +51,14 @@ pub fn all() -> Vec<Namespace> {
             .map(|e| e.path().join("ns/net")),
     );
     for path in paths {
+        // A stat per path to skip known namespaces; the first path of a new one is opened, and
+        // its fd (whose inode is read again from it) is what names it from then on.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if found.contains_key(&(meta.ino() as u32)) {
+            continue;
+        }
         if let Ok(ns) = namespace(&path) {
             found.entry(ns.inode).or_insert(ns);
         }
@@ -64,7 +77,8 @@ pub fn for_each<T: Send>(
     let own = own().ok();
     // A namespace `wanted` excludes is not entered at all.
     let namespaces: Vec<_> = all().into_iter().filter(|ns| wanted(ns.inode)).collect();
-    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // At most 4 threads: the service's TasksMax counts each one, whatever the host's size.
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut out = Vec::new();
     let mut unreadable = Vec::new();
     let f = &f;
@@ -74,7 +88,9 @@ pub fn for_each<T: Send>(
                 .iter()
                 .map(|ns| {
                     let mine = own.as_ref().is_some_and(|o| o.inode == ns.inode);
-                    scope.spawn(move || {
+                    // A thread that cannot be started (TasksMax) is an error for that
+                    // namespace, not a panic of the scrape.
+                    std::thread::Builder::new().spawn_scoped(scope, move || {
                         if mine {
                             f()
                         } else {
@@ -85,9 +101,11 @@ pub fn for_each<T: Send>(
                 .collect();
             threads
                 .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("namespace thread panicked")))
+                .map(|t| match t {
+                    Ok(t) => t
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("namespace thread panicked"))),
+                    Err(e) => Err(anyhow::anyhow!("start a namespace thread: {e}")),
                 })
                 .collect()
         });
@@ -106,11 +124,15 @@ pub fn for_each<T: Send>(
 
 /// Moves the calling thread into `ns`: only for a thread of its own, which then stays there.
 pub fn enter(ns: &Namespace) -> Result<()> {
-    let file = File::open(&ns.path).with_context(|| format!("open {}", ns.path.display()))?;
-    // SAFETY: a namespace fd we own; the caller's thread is the only one that moves.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("enter network namespace {}", ns.inode));
+    // SAFETY: a namespace fd we hold; the caller's thread is the only one that moves.
+    if unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "enter network namespace {} ({})",
+                ns.inode,
+                ns.path.display()
+            )
+        });
     }
     Ok(())
 }

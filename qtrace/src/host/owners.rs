@@ -22,7 +22,7 @@ pub struct OwnerIndex(Arc<RwLock<HashMap<ListenerId, Arc<Owner>>>>);
 
 impl OwnerIndex {
     pub fn get(&self, id: &ListenerId) -> Option<Arc<Owner>> {
-        self.0.read().unwrap().get(id).cloned()
+        crate::recover::read(&self.0).get(id).cloned()
     }
 }
 
@@ -82,7 +82,7 @@ impl Owners {
             .iter()
             .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
             .collect();
-        *self.index.0.write().unwrap() = found.clone();
+        *crate::recover::write(&self.index.0) = found.clone();
         found
     }
 

@@ -51,7 +51,8 @@ pub struct LoadedBtf {
 impl KernelBtf {
     /// Reads and parses the kernel's BTF at `path` (normally [`crate::config::VMLINUX_BTF`]).
     pub fn load(path: &Path) -> Result<LoadedBtf> {
-        let bytes = std::fs::read(path).with_context(|| unusable(path))?;
+        let bytes = crate::inputs::read_regular(path, crate::inputs::MAX_BTF_BYTES)
+            .with_context(|| unusable(path))?;
         let types = TypeInformation::new(&BtfBytes(&bytes))
             .map_err(|e| anyhow!("parse {}: {e:?}", path.display()))
             .with_context(|| unusable(path))?;

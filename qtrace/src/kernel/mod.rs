@@ -5,8 +5,8 @@
 //! records ([`decode`]).
 //!
 //! Contract: owns everything that touches the eBPF object and its maps. May import
-//! `qtrace_common`, [`crate::api`], [`crate::config`], [`crate::listener`] and [`crate::host`]
-//! (the heap); never `crate::daemon` or `crate::cli`.
+//! `qtrace_common`, [`crate::api`], [`crate::config`], [`crate::listener`], [`crate::inputs`]
+//! and [`crate::host`] (the heap); never `crate::daemon` or `crate::cli`.
 
 pub mod btf;
 pub mod counters;

@@ -371,10 +371,27 @@ impl Qtrace {
     /// Starts qtrace and waits until its probes are attached. `QTRACE_TEST_ATTACH` (fentry,
     /// kprobe, tracepoint) caps the tier, so the kernel matrix can test lower tiers too.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// Started through `wrapper` (a command that ends by exec'ing its arguments, e.g.
+    /// `systemd-run --scope …`), which then keeps qtrace's pid.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
         let tier = std::env::var("QTRACE_TEST_ATTACH").unwrap_or_else(|_| "fentry".into());
         let socket = unique_path("sock");
         let qtrace = std::path::Path::new(env!("CARGO_BIN_EXE_qtrace"));
-        let mut child = qtrace_testkit::daemon_command(qtrace, "1s", &socket)
+        let direct = qtrace_testkit::daemon_command(qtrace, "1s", &socket);
+        let mut command = match wrapper {
+            [] => direct,
+            [program, rest @ ..] => {
+                let mut c = Command::new(program);
+                c.args(rest)
+                    .arg(direct.get_program())
+                    .args(direct.get_args());
+                c
+            }
+        };
+        let mut child = command
             .args(["--attach", &tier])
             .args(args)
             .stdout(Stdio::piped())
@@ -423,6 +440,11 @@ impl Qtrace {
             socket,
             ready,
         }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// Waits until qtrace has logged a line containing `text`; whether it did within `limit`.
@@ -565,6 +587,8 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_kernel_read_errors_total",
     "qtrace_netns_unreadable",
     "qtrace_netns_listen_drops_unattributed",
+    "qtrace_http_connections",
+    "qtrace_http_connections_dropped_total",
     "qtrace_probe_info",
     "qtrace_build_info",
     "qtrace_listener_series_overflow",

@@ -2,7 +2,8 @@
 //! qtrace's probes into this machine's kernel and provoke real drops in network namespaces of
 //! their own. The kernel matrix (`cargo xtask vm-test`) runs the kernel-facing suites by
 //! module path (`handshake::`, `queues::`, …); `daemon::`, `top::` and `deploy::` need
-//! outside servers and tools and run on this machine only.
+//! outside servers and tools and run on this machine only, as does `hardening::` (hostile
+//! clients and bad inputs; its ignored load test is `cargo xtask stress`'s).
 
 mod common;
 
@@ -14,5 +15,6 @@ mod doctor;
 mod drops;
 mod events;
 mod handshake;
+mod hardening;
 mod queues;
 mod top;

@@ -21,7 +21,8 @@ use serde_json::Value;
 /// The suites that exercise the kernel side: qtrace's unit tests (the binary `qtrace`) and
 /// these modules of the one integration binary ([`INTEGRATION`]), run by module path. The
 /// `daemon`, `top` and `deploy` modules need more of a userland (Prometheus, nginx, tmux) and
-/// run on this machine only, with the host tests.
+/// run on this machine only, with the host tests; so does `hardening` (cgroups, thousands of
+/// connections; `cargo xtask stress`).
 const SUITES: [&str; 8] = [
     "qtrace",
     "handshake",
