@@ -151,6 +151,13 @@ pub struct DaemonArgs {
         value_name = "ADDR"
     )]
     pub web_listen_address: Option<String>,
+    /// Path of the metrics endpoint [default: /metrics].
+    #[arg(
+        long = "web.telemetry-path",
+        env = "QTRACE_WEB_TELEMETRY_PATH",
+        value_name = "PATH"
+    )]
+    pub web_telemetry_path: Option<String>,
     /// Most listeners exported with their own labels; the rest are summed into one series
     /// labelled `other` [default: 1000].
     #[arg(long, env = "QTRACE_MAX_LISTENER_SERIES")]
@@ -206,6 +213,8 @@ pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
 #[derive(Clone, Debug, PartialEq)]
 pub struct DaemonOptions {
     pub listen: SocketAddr,
+    /// Where /metrics is served (`--web.telemetry-path`).
+    pub telemetry_path: String,
     pub max_listener_series: usize,
     pub filter: Filter,
     pub events_socket: PathBuf,
@@ -401,7 +410,27 @@ impl DaemonArgs {
         }
         let set = |a: &Option<Vec<u16>>, b: &Option<Vec<u16>>| a.clone().or_else(|| b.clone());
         let nset = |a: &Option<Vec<u32>>, b: &Option<Vec<u32>>| a.clone().or_else(|| b.clone());
+        let telemetry_path = self
+            .web_telemetry_path
+            .clone()
+            .or_else(|| file.web_telemetry_path.clone())
+            .unwrap_or_else(|| "/metrics".into());
+        let bad_path = !telemetry_path.starts_with('/')
+            || telemetry_path.len() < 2
+            || telemetry_path.contains(['?', '#', '{', '}', '*', ' '])
+            || ["/healthz", "/api/listeners"].contains(&telemetry_path.as_str());
+        if bad_path {
+            return Err(invalid(
+                "web_telemetry_path",
+                "web.telemetry-path",
+                format!(
+                    "{}: must be a path such as /metrics, other than / and the other endpoints",
+                    crate::inputs::clip(&format!("{telemetry_path:?}"))
+                ),
+            ));
+        }
         Ok(DaemonOptions {
+            telemetry_path,
             events_socket: self
                 .events_socket
                 .clone()

@@ -19,17 +19,18 @@ mod kernel;
 mod listener;
 mod recover;
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cli::{doctor, events, probes, run, top};
-use tracing_subscriber::EnvFilter;
+use cli::{doctor, events, logging, probes, run, top};
 
 #[derive(Parser)]
 #[command(version, long_version = build_info::LONG_VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: logging::LogOptions,
 }
 
 #[derive(Subcommand)]
@@ -50,16 +51,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     host::heap::limit_arenas();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // aya warns when it cannot raise RLIMIT_MEMLOCK, which only happens without
-            // privileges; the capability error that follows says what to do.
-            EnvFilter::try_from_env("QTRACE_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,aya::sys::bpf=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init(&cli.log);
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // Blocking work (collections, rendering) on a few threads: TasksMax counts them all.

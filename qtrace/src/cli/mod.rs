@@ -1,6 +1,6 @@
 //! The commands, one module (or folder) per verb: [`run`] (the service), [`probes`],
 //! [`events`], [`top`], [`doctor`]; [`table`] is the listener table `run --print` and `top`
-//! share.
+//! share; [`logging`] sets up the log (`--log.level`, `--log.format`).
 //!
 //! Contract: the top of the import order. May import [`crate::daemon`], [`crate::kernel`],
 //! [`crate::host`] and the common modules; nothing imports from here but `main.rs` and other
@@ -8,6 +8,7 @@
 
 pub mod doctor;
 pub mod events;
+pub mod logging;
 pub mod probes;
 pub mod run;
 pub mod table;

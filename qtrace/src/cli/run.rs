@@ -113,11 +113,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::spawn(state::keep_owners(state.clone(), stop_rx.clone()));
     tokio::spawn(sample_queues(state.clone(), hub.clone(), stop_rx.clone()));
     let server = {
-        let app = http::router(state.clone());
+        let app = http::router(state.clone(), &daemon.telemetry_path);
         // Connection limit and timeouts: see http_limits.
         tokio::spawn(http_limits::serve(listener, app, stop_rx))
     };
-    tracing::info!("serving /metrics on {listen}");
+    tracing::info!("serving {} on {listen}", daemon.telemetry_path);
 
     let mut out = opts.print.then(|| io::stdout().lock());
     if let (Some(out), true) = (out.as_mut(), opts.json) {

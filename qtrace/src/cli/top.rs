@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use crossterm::{
     cursor,
-    event::{self, Event, KeyCode, KeyEvent},
+    event::{self, Event, KeyCode, KeyEvent, KeyModifiers},
     execute, queue,
     terminal::{self, ClearType},
 };
@@ -330,9 +330,16 @@ fn live(source: &Source, mut prev: Listeners, opts: &TopOptions) -> Result<()> {
             out.flush()?;
             let wait = opts.interval.saturating_sub(last.elapsed());
             if event::poll(wait)? {
-                if let Event::Key(KeyEvent { code, .. }) = event::read()? {
+                if let Event::Key(KeyEvent {
+                    code, modifiers, ..
+                }) = event::read()?
+                {
                     match code {
                         KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                        // In raw mode Ctrl-C is a key, not SIGINT: it quits like everywhere.
+                        KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => {
+                            return Ok(())
+                        }
                         KeyCode::Char('s') => by = by.next(),
                         KeyCode::Char('r') => reverse = !reverse,
                         _ => {}

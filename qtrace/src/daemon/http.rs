@@ -18,16 +18,44 @@ use crate::{
     host::heap,
 };
 
-pub fn router(state: Arc<State>) -> Router {
+/// The endpoints, with /metrics at `telemetry_path` (`--web.telemetry-path`).
+pub fn router(state: Arc<State>, telemetry_path: &str) -> Router {
+    let index = format!("qtrace: {telemetry_path} /healthz /api/listeners\n");
     Router::new()
-        .route("/metrics", get(metrics_handler))
+        .route(telemetry_path, get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/listeners", get(listeners_handler))
-        .route(
-            "/",
-            get(|| async { "qtrace: /metrics /healthz /api/listeners\n" }),
-        )
+        .route("/", get(move || async move { index }))
         .with_state(state)
+}
+
+/// Whether the client takes a gzip body (`Accept-Encoding: gzip`, not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+fn gzip(body: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 8),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body.as_bytes())?;
+    enc.finish()
 }
 
 fn failed(e: anyhow::Error) -> Response {
@@ -36,6 +64,11 @@ fn failed(e: anyhow::Error) -> Response {
         format!("scrape failed: {e:#}\n"),
     )
         .into_response()
+}
+
+enum Body {
+    Plain(String),
+    Gzip(Vec<u8>),
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -50,6 +83,7 @@ async fn metrics_handler(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
+    let compress = accepts_gzip(&headers);
     let t = Instant::now();
     let scrape = match state.collect().await {
         Ok(s) => s,
@@ -58,7 +92,7 @@ async fn metrics_handler(
     let collected = t.elapsed();
     // Rendering thousands of listeners takes milliseconds: off the event loop, like collecting.
     let s = state.clone();
-    let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+    let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<Body> {
         let sc = &s.collector;
         let max_series = s.max_series.load(Ordering::Relaxed);
         let http = http_limits::stats();
@@ -69,7 +103,10 @@ async fn metrics_handler(
             rendered = ?(t.elapsed() - collected),
             "scrape"
         );
-        Ok(body)
+        Ok(match compress {
+            true => Body::Gzip(gzip(&body)?),
+            false => Body::Plain(body),
+        })
     })
     .await
     .map_err(anyhow::Error::from)
@@ -79,7 +116,18 @@ async fn metrics_handler(
         Err(e) => return failed(e),
     };
     let kind = if openmetrics { OPENMETRICS } else { CLASSIC };
-    let response = ([(header::CONTENT_TYPE, kind)], body).into_response();
+    let response = match body {
+        Body::Plain(text) => ([(header::CONTENT_TYPE, kind)], text).into_response(),
+        Body::Gzip(bytes) => (
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CONTENT_ENCODING, "gzip"),
+                (header::VARY, "Accept-Encoding"),
+            ],
+            bytes,
+        )
+            .into_response(),
+    };
     // A scrape of many listeners allocated megabytes that are free again now.
     heap::trim();
     response
@@ -93,5 +141,25 @@ async fn listeners_handler(extract::State(state): extract::State<Arc<State>>) ->
             response
         }
         Err(e) => failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_used_only_when_accepted() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        assert!(with("gzip"));
+        assert!(with("deflate, GZIP;q=0.5"));
+        assert!(with("*"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("identity, br"));
     }
 }

@@ -575,3 +575,50 @@ fn bpf_program_run_time_follows_the_kernel_switch() {
     );
     assert!(!off.contains("qtrace_bpf_program_runs_total"), "{off}");
 }
+
+/// `GET path` with `Accept-Encoding: gzip`: the response head and the raw body bytes.
+fn get_gzip(addr: &str, path: &str) -> (String, Vec<u8>) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept-Encoding: gzip\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    (head, raw[split + 4..].to_vec())
+}
+
+/// The families of an exposition, with their help (the series and values move between two
+/// scrapes while other tests run).
+fn families(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.starts_with('#')).collect()
+}
+
+/// `--web.telemetry-path` moves /metrics; a scraper that accepts gzip gets the same
+/// exposition gzip-compressed, one that does not gets plain text.
+#[test]
+fn telemetry_path_and_gzip() {
+    require_root();
+    let q = Qtrace::start(&["--web.telemetry-path", "/qtrace/metrics"]);
+    let web = q.web();
+    let (status, plain) = http_get(&web, "/qtrace/metrics", None);
+    assert_eq!(status, 200, "{plain}");
+    assert!(plain.contains("# TYPE qtrace_build_info"), "{plain}");
+    assert_eq!(http_get(&web, "/metrics", None).0, 404);
+    let (head, body) = get_gzip(&web, "/qtrace/metrics");
+    q.stop(libc::SIGTERM);
+    assert!(
+        head.to_ascii_lowercase().contains("content-encoding: gzip"),
+        "{head}"
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+        .expect("a gzip body");
+    assert_eq!(families(&text), families(&plain));
+    assert!(text.contains("\nqtrace_build_info{"), "{text}");
+}

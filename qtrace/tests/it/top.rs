@@ -66,11 +66,25 @@ fn the_overflowing_listener_is_on_top() {
         reversed = capture(&session);
         reversed.contains("(reversed)")
     });
+    // Ctrl-C quits (in raw mode it arrives as a key, not as SIGINT): the session ends with it.
+    sh(Command::new("tmux").args(["send-keys", "-t", &session, "C-c"]));
+    let quit = wait_until(Duration::from_secs(3), || {
+        !Command::new("tmux")
+            .args(["has-session", "-t", &session])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let after_ctrl_c = if quit {
+        String::new()
+    } else {
+        capture(&session)
+    };
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &session])
         .status();
     q.stop(libc::SIGTERM);
     println!("--- qtrace top, captured from tmux ---\n{pane}\n--- after `r` ---\n{reversed}");
+    assert!(quit, "top still runs 3 s after Ctrl-C:\n{after_ctrl_c}");
     let rows = rows_of(&pane);
     assert_eq!(rows.len(), 2, "{pane}");
     assert!(
@@ -92,6 +106,19 @@ fn the_overflowing_listener_is_on_top() {
                 .is_some_and(|r| r.starts_with("127.0.0.1:40001 ")),
         "reversed at once:\n{reversed}"
     );
+}
+
+/// A zero interval would make every rate a division by zero (NaN): it is refused up front.
+#[test]
+fn a_zero_interval_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["top", "--once", "--interval", "0s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must be more than 0"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
 }
 
 #[test]
