@@ -5,10 +5,11 @@ use std::{process::Command, time::Duration};
 use crate::common::{connect, listener, listener_on, require_root, sh, wait_until, Netns, Qtrace};
 
 /// This namespace's two rows in the order the pane shows them (other namespaces may
-/// interleave).
+/// interleave). The ports lie below the ephemeral range (32768–60999), so no other test's
+/// listener on an ephemeral port shares them: top shows no namespace column.
 fn rows_of(pane: &str) -> Vec<&str> {
     pane.lines()
-        .filter(|l| l.starts_with("127.0.0.1:40001 ") || l.starts_with("127.0.0.1:40002 "))
+        .filter(|l| l.starts_with("127.0.0.1:20001 ") || l.starts_with("127.0.0.1:20002 "))
         .collect()
 }
 
@@ -23,8 +24,8 @@ fn the_overflowing_listener_is_on_top() {
     let ns = Netns::new();
     // Both accept queues end up full (2/1), so only the drops can put the busy one first; the
     // quiet listener has the lower port, so plain key order would list it first.
-    let _quiet = listener_on(&ns, "127.0.0.1", 40001, 1);
-    let _busy = listener_on(&ns, "127.0.0.1", 40002, 1);
+    let _quiet = listener_on(&ns, "127.0.0.1", 20001, 1);
+    let _busy = listener_on(&ns, "127.0.0.1", 20002, 1);
     let session = format!("qtrace-top-{}", std::process::id());
     let top = format!(
         "{} top --socket {} --interval 5s",
@@ -44,11 +45,11 @@ fn the_overflowing_listener_is_on_top() {
     ]));
     // Two handshakes held back, the accept queue filled, then their ACKs overflow it.
     let before = ns.tcp_ext();
-    ns.drop_final_acks(&[40002]);
-    let _held = connect(&ns, "127.0.0.1", 40002, 2);
+    ns.drop_final_acks(&[20002]);
+    let _held = connect(&ns, "127.0.0.1", 20002, 2);
     ns.allow_acks();
-    let _fill = connect(&ns, "127.0.0.1", 40002, 2);
-    let _quiet_fill = connect(&ns, "127.0.0.1", 40001, 2);
+    let _fill = connect(&ns, "127.0.0.1", 20002, 2);
+    let _quiet_fill = connect(&ns, "127.0.0.1", 20001, 2);
     ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
     // The first table that counts the drops.
     let mut pane = capture(&session);
@@ -56,7 +57,7 @@ fn the_overflowing_listener_is_on_top() {
         pane = capture(&session);
         rows_of(&pane)
             .first()
-            .is_some_and(|r| r.starts_with("127.0.0.1:40002 "))
+            .is_some_and(|r| r.starts_with("127.0.0.1:20002 "))
     });
     // `r` reverses the table at once, not at the next refresh 5 s later.
     sh(Command::new("tmux").args(["send-keys", "-t", &session, "r"]));
@@ -88,7 +89,7 @@ fn the_overflowing_listener_is_on_top() {
     let rows = rows_of(&pane);
     assert_eq!(rows.len(), 2, "{pane}");
     assert!(
-        rows[0].starts_with("127.0.0.1:40002 "),
+        rows[0].starts_with("127.0.0.1:20002 "),
         "the listener with drops first:\n{pane}"
     );
     for row in &rows {
@@ -103,7 +104,7 @@ fn the_overflowing_listener_is_on_top() {
         reversed.contains("(reversed)")
             && rows
                 .first()
-                .is_some_and(|r| r.starts_with("127.0.0.1:40001 ")),
+                .is_some_and(|r| r.starts_with("127.0.0.1:20001 ")),
         "reversed at once:\n{reversed}"
     );
 }
