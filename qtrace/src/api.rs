@@ -75,9 +75,14 @@ pub struct ProbesReport {
 pub struct Owner {
     pub pid: i32,
     pub comm: String,
-    /// The last component of the process's cgroup: `nginx.service`, `docker-<id>.scope`, …
+    /// The innermost systemd unit of the process's cgroup (`nginx.service`,
+    /// `docker-<id>.scope`); empty outside systemd's tree.
     #[serde(default)]
     pub unit: String,
+    /// The container, as Kubernetes writes it: `<runtime>://<id>` (`containerd://…`,
+    /// `docker://…`, `cri-o://…`, `podman://…`); empty outside a container.
+    #[serde(default)]
+    pub container_id: String,
 }
 
 /// `comm[pid]`, as `ps` and the kernel's log name a process.

@@ -256,6 +256,7 @@ mod tests {
             pid: 1234,
             comm: "nginx".into(),
             unit: "nginx.service".into(),
+            container_id: String::new(),
         }));
         let line = to_human(&r);
         assert!(line.contains("SYN-ACK retransmit #2"), "{line}");

@@ -394,7 +394,8 @@ fn families(
     }
     out.push(Family {
         name: "qtrace_listener",
-        help: "The process owning each listening socket, and its systemd unit or container.",
+        help: "The process owning each listening socket, its innermost systemd unit, and its \
+               container as <runtime>://<id> (empty outside one).",
         kind: MetricType::Info,
         samples: shown
             .iter()
@@ -406,6 +407,7 @@ fn families(
                         ("pid", o.pid.to_string().into()),
                         ("comm", o.comm.clone().into()),
                         ("unit", o.unit.clone().into()),
+                        ("container_id", o.container_id.clone().into()),
                     ],
                 };
                 Some((l, Value::Info))
@@ -690,7 +692,8 @@ mod tests {
             owner: Some(Arc::new(Owner {
                 pid: 4242,
                 comm: "nginx".into(),
-                unit: "nginx.service".into(),
+                unit: "cri-containerd-4f1c0b1e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678.scope".into(),
+                container_id: "containerd://4f1c0b1e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678".into(),
             })),
             unclassified: None,
         }

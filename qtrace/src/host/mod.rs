@@ -1,7 +1,8 @@
 //! What qtrace reads about the host outside its eBPF programs: network namespaces and running
 //! code inside one ([`netns`]), every listener's queues and own drop count from sock_diag
 //! ([`sockdiag`]), each namespace's ListenDrops ([`netstat`]), the process owning each
-//! listening socket ([`owners`]), and the process heap ([`heap`]).
+//! listening socket ([`owners`]) and the service or container it belongs to ([`workload`]),
+//! and the process heap ([`heap`]).
 //!
 //! Contract: owns /proc, setns and netlink access. May import `qtrace_common`,
 //! [`crate::api`], [`crate::listener`] and [`crate::recover`]; never `crate::kernel`, `crate::daemon` or
@@ -12,3 +13,4 @@ pub mod netns;
 pub mod netstat;
 pub mod owners;
 pub mod sockdiag;
+pub mod workload;

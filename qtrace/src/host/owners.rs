@@ -12,7 +12,10 @@ use std::{
 use procfs::process::{all_processes, FDTarget, Process};
 
 pub use crate::api::Owner;
-use crate::listener::ListenerId;
+use crate::{
+    host::workload::{self, Workload},
+    listener::ListenerId,
+};
 
 /// Who holds the listening sockets, by listener: what the last lookup of
 /// [`Owners::lookup_listeners`] found, shared with readers that must never wait for a scan
@@ -109,7 +112,7 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
     for p in procs.flatten() {
         let Ok(fds) = p.fd() else { continue };
         // Read once per process, and only for one holding a wanted socket.
-        let mut who: Option<(String, String)> = None;
+        let mut who: Option<(String, Workload)> = None;
         for fd in fds.flatten() {
             let FDTarget::Socket(inode) = fd.target else {
                 continue;
@@ -118,13 +121,16 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
             if !wanted.contains(&inode) || out.get(&inode).is_some_and(|o| o.pid < p.pid) {
                 continue;
             }
-            let (comm, unit) = who.get_or_insert_with(|| describe(&p)).clone();
+            let (comm, workload) = who.get_or_insert_with(|| describe(&p)).clone();
             out.insert(
                 inode,
                 Arc::new(Owner {
                     pid: p.pid,
                     comm,
-                    unit,
+                    unit: workload.unit,
+                    container_id: workload
+                        .container
+                        .map_or(String::new(), |c| format!("{}://{}", c.runtime, c.id)),
                 }),
             );
         }
@@ -132,24 +138,24 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
     out
 }
 
-/// A process's command name and unit.
-fn describe(p: &Process) -> (String, String) {
+/// A process's command name and workload.
+fn describe(p: &Process) -> (String, Workload) {
     let comm = p.stat().map(|s| s.comm).unwrap_or_default();
-    let unit = p.cgroups().map_or_else(
+    let path = p.cgroups().map_or_else(
         |_| String::new(),
         |cgs| {
-            unit_of(
+            cgroup_path(
                 cgs.into_iter()
                     .map(|c| (c.hierarchy, c.controllers, c.pathname)),
             )
         },
     );
-    (comm, unit)
+    (comm, workload::of_path(&path))
 }
 
-/// The unit or container a process runs in: the last component of its cgroup path, from the
-/// unified hierarchy, else systemd's named one, else the first controller not at the root.
-fn unit_of(cgroups: impl Iterator<Item = (u32, Vec<String>, String)>) -> String {
+/// The cgroup path that says most about a process's workload: the unified hierarchy's, else
+/// systemd's named one (cgroup v1), else the first controller's not at the root.
+fn cgroup_path(cgroups: impl Iterator<Item = (u32, Vec<String>, String)>) -> String {
     let mut best: Option<(u8, String)> = None;
     for (hierarchy, controllers, path) in cgroups {
         if path == "/" {
@@ -166,8 +172,7 @@ fn unit_of(cgroups: impl Iterator<Item = (u32, Vec<String>, String)>) -> String 
             best = Some((rank, path));
         }
     }
-    best.and_then(|(_, path)| path.rsplit('/').next().map(str::to_string))
-        .unwrap_or_default()
+    best.map(|(_, path)| path).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -216,21 +221,27 @@ mod tests {
     }
 
     #[test]
-    fn unit_prefers_the_unified_then_the_systemd_hierarchy() {
+    fn the_path_of_the_unified_then_the_systemd_hierarchy() {
         let cg = |h: u32, c: &str, p: &str| (h, vec![c.to_string()], p.to_string());
         let v1 = [
             cg(9, "name=systemd", "/"),
-            cg(4, "memory", "/x/abc"),
+            cg(4, "memory", "/docker/abc"),
             cg(0, "", "/"),
         ];
-        assert_eq!(unit_of(v1.into_iter()), "abc");
+        assert_eq!(cgroup_path(v1.into_iter()), "/docker/abc");
         let hybrid = [
             cg(4, "memory", "/x/abc"),
             cg(1, "name=systemd", "/system.slice/nginx.service"),
         ];
-        assert_eq!(unit_of(hybrid.into_iter()), "nginx.service");
+        assert_eq!(
+            cgroup_path(hybrid.into_iter()),
+            "/system.slice/nginx.service"
+        );
         let v2 = [cg(0, "", "/system.slice/docker-1f2e.scope")];
-        assert_eq!(unit_of(v2.into_iter()), "docker-1f2e.scope");
-        assert_eq!(unit_of([cg(0, "", "/")].into_iter()), "");
+        assert_eq!(
+            cgroup_path(v2.into_iter()),
+            "/system.slice/docker-1f2e.scope"
+        );
+        assert_eq!(cgroup_path([cg(0, "", "/")].into_iter()), "");
     }
 }
