@@ -256,15 +256,29 @@ fn http_load_under_the_units_limits() {
         peak,
     );
     assert!(alive(pid), "qtrace died under load: {}", q.log());
-    assert_eq!(ok, 200, "concurrent scrapes failed: {:?}", {
-        let mut failed: Vec<_> = results
-            .iter()
-            .filter(|r| r.0 != 200)
-            .map(|r| (r.1, r.2.chars().take(200).collect::<String>()))
-            .collect();
-        failed.truncate(3);
-        failed
-    });
+    // The concurrent scrapes are load, not the claim: past the connection limit some are
+    // refused (and counted); none may fail otherwise or hang. The claim is the scrape after.
+    let refused: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    for r in &refused {
+        assert!(
+            r.0 == 0 && (r.2.contains("reset") || r.2.contains("refused")),
+            "a concurrent scrape failed other than by refusal: {} {:?} {}",
+            r.0,
+            r.1,
+            r.2.chars().take(200).collect::<String>()
+        );
+    }
+    assert!(
+        slowest < Duration::from_secs(10),
+        "a scrape hung {slowest:?}"
+    );
+    assert!(
+        dropped("over_limit") >= refused.len() as f64,
+        "{} scrapes refused, {} counted: {body}",
+        refused.len(),
+        dropped("over_limit")
+    );
+    assert!(ok > 0, "no concurrent scrape answered");
     assert_eq!(status, 200, "a scrape under load failed: {}", q.log());
     assert!(
         took < Duration::from_secs(1),
