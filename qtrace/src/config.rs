@@ -144,7 +144,8 @@ pub struct TracerOptions {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct DaemonArgs {
-    /// Address of the HTTP endpoints (/metrics, /healthz, /api/listeners) [default: :9860].
+    /// Address of the HTTP endpoints (/metrics, /healthz, /api/listeners); `:9860` for every
+    /// address [default: 127.0.0.1:9860].
     #[arg(
         long = "web.listen-address",
         env = "QTRACE_WEB_LISTEN_ADDRESS",
@@ -158,6 +159,14 @@ pub struct DaemonArgs {
         value_name = "PATH"
     )]
     pub web_telemetry_path: Option<String>,
+    /// TLS and basic auth for the endpoints, in the exporter-toolkit format (as
+    /// node_exporter's --web.config.file) [default: none: plain HTTP, no authentication].
+    #[arg(
+        long = "web.config.file",
+        env = "QTRACE_WEB_CONFIG_FILE",
+        value_name = "FILE"
+    )]
+    pub web_config_file: Option<PathBuf>,
     /// Most listeners exported with their own labels; the rest are summed into one series
     /// labelled `other` [default: 1000].
     #[arg(long, env = "QTRACE_MAX_LISTENER_SERIES")]
@@ -209,12 +218,17 @@ pub struct DaemonArgs {
 
 pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
 
+/// Loopback only: /api/listeners names processes, so exposing it is a choice (README, "Metrics").
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9860";
+
 /// The resolved daemon settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DaemonOptions {
     pub listen: SocketAddr,
     /// Where /metrics is served (`--web.telemetry-path`).
     pub telemetry_path: String,
+    /// TLS and basic auth (`--web.config.file`), read by `daemon::web_config`.
+    pub web_config_file: Option<PathBuf>,
     pub max_listener_series: usize,
     pub filter: Filter,
     pub events_socket: PathBuf,
@@ -389,7 +403,7 @@ impl DaemonArgs {
             .web_listen_address
             .clone()
             .or_else(|| file.web_listen_address.clone())
-            .unwrap_or_else(|| ":9860".into());
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen = parse_listen_address(&addr).map_err(|why| {
             invalid(
                 "web_listen_address",
@@ -431,6 +445,10 @@ impl DaemonArgs {
         }
         Ok(DaemonOptions {
             telemetry_path,
+            web_config_file: self
+                .web_config_file
+                .clone()
+                .or_else(|| file.web_config_file.clone()),
             events_socket: self
                 .events_socket
                 .clone()
@@ -525,7 +543,7 @@ mod tests {
         );
         let d = DaemonArgs::default().resolve(&file.daemon).unwrap();
         assert_eq!(d.max_listener_series, 5);
-        assert_eq!(d.listen, "[::]:9860".parse().unwrap());
+        assert_eq!(d.listen, "127.0.0.1:9860".parse().unwrap());
         assert!(!d.filter.admits(1, 22) && d.filter.admits(1, 80));
     }
 

@@ -29,6 +29,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bash", "bash"),
     ("strip", "binutils"),
     ("systemd-analyze", "systemd"),
+    // web:: makes a self-signed certificate and speaks TLS with basic auth to the daemon.
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+    // ring (the TLS crypto) compiles C for x86_64-unknown-linux-musl with musl-gcc.
+    ("musl-gcc", "musl-tools"),
     // The benchmark's peers, and the C headers their scripts include, run in the 6.12 guest.
     ("bpftrace", "bpftrace"),
     ("/usr/include/x86_64-linux-gnu/sys/socket.h", "libc6-dev"),

@@ -26,6 +26,7 @@ use crate::{
         history::History,
         http, http_limits,
         state::{self, State},
+        web_config::Web,
     },
     kernel::{
         counters::KernelCounters,
@@ -67,6 +68,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     } = opts.config.settings(&opts.tracer, &opts.daemon)?;
     // SIGHUP re-reads the file read now (without --config, the default path if it exists now).
     let reread = ConfigArg { path: file };
+    // TLS and basic auth: a bad file is refused here, before anything is bound or attached.
+    let web = Arc::new(Web::load(daemon.web_config_file.as_deref())?);
     // Bound before loading anything, so a taken port fails fast and attaches nothing.
     let listener = tokio::net::TcpListener::bind(daemon.listen)
         .await
@@ -113,11 +116,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::spawn(state::keep_owners(state.clone(), stop_rx.clone()));
     tokio::spawn(sample_queues(state.clone(), hub.clone(), stop_rx.clone()));
     let server = {
-        let app = http::router(state.clone(), &daemon.telemetry_path);
+        let app = http::router(state.clone(), &daemon.telemetry_path, web.clone());
         // Connection limit and timeouts: see http_limits.
-        tokio::spawn(http_limits::serve(listener, app, stop_rx))
+        tokio::spawn(http_limits::serve(listener, app, web.clone(), stop_rx))
     };
-    tracing::info!("serving {} on {listen}", daemon.telemetry_path);
+    tracing::info!(
+        "serving {} on {listen} ({})",
+        daemon.telemetry_path,
+        web.summary()
+    );
 
     let mut out = opts.print.then(|| io::stdout().lock());
     if let (Some(out), true) = (out.as_mut(), opts.json) {
@@ -143,7 +150,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = tick.tick(), if out.is_some() => {
                 publisher.table(&tracer.counters, false, out.as_mut())?;
             }
-            _ = sighup.recv() => reload(&opts, &reread, &state),
+            _ = sighup.recv() => reload(&opts, &reread, &state, &web),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -163,7 +170,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 /// SIGHUP: re-read the config file and apply what can change without reloading the
 /// programs (filters, label cap); other changes need a restart, and the log says so.
-fn reload(opts: &RunOptions, config: &ConfigArg, state: &State) {
+fn reload(opts: &RunOptions, config: &ConfigArg, state: &State, web: &Web) {
+    // The web config file named at start is read again (a new path takes effect at restart).
+    match web.reload() {
+        Ok(true) => tracing::info!("reloaded the web config file ({})", web.summary()),
+        Ok(false) => {}
+        Err(e) => tracing::error!(
+            "web config reload failed, keeping the running TLS and users: {}",
+            crate::inputs::one_line(&e)
+        ),
+    }
     match config.settings(&opts.tracer, &opts.daemon) {
         Ok(Settings { daemon, .. }) => {
             state.collector.set_filter(daemon.filter);

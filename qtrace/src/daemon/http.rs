@@ -7,26 +7,46 @@ use std::{
 
 use axum::{
     extract,
-    http::{header, HeaderMap, StatusCode},
+    http::{header, HeaderMap, Request, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 
 use crate::{
-    daemon::{http_limits, metrics, state::State},
+    daemon::{http_limits, metrics, state::State, web_config::Web},
     host::heap,
 };
 
-/// The endpoints, with /metrics at `telemetry_path` (`--web.telemetry-path`).
-pub fn router(state: Arc<State>, telemetry_path: &str) -> Router {
+/// The endpoints, with /metrics at `telemetry_path` (`--web.telemetry-path`). With basic auth
+/// in the web config file every endpoint but /healthz asks for it: /healthz says only "ok",
+/// and a liveness probe that needs credentials is awkward (README, "Metrics").
+pub fn router(state: Arc<State>, telemetry_path: &str, web: Arc<Web>) -> Router {
     let index = format!("qtrace: {telemetry_path} /healthz /api/listeners\n");
     Router::new()
         .route(telemetry_path, get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/listeners", get(listeners_handler))
         .route("/", get(move || async move { index }))
+        .route_layer(middleware::from_fn_with_state(web, authenticate))
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+async fn authenticate(
+    extract::State(web): extract::State<Arc<Web>>,
+    request: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    if web.authorized(request.headers()).await {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"qtrace\"")],
+        "Unauthorized\n",
+    )
+        .into_response()
 }
 
 /// Whether the client takes a gzip body (`Accept-Encoding: gzip`, not with `q=0`).

@@ -8,7 +8,10 @@
 //! HTTP clients never take the fds the rest of qtrace needs. An open connection costs about
 //! 7 KiB, so the limit is generous: a new connection's request is read long before as many
 //! newer ones could push it out. Each closing is counted (`qtrace_http_connections_dropped`)
-//! and logged at most once per [`LOG_EVERY`](crate::daemon::limits::LOG_EVERY).
+//! and logged at most once per [`LOG_EVERY`](crate::daemon::limits::LOG_EVERY). With TLS
+//! (`--web.config.file`) the handshake happens inside the same connection loop, under the
+//! same cap and within [`HEADER_TIMEOUT`]: a client that never sends its ClientHello is cut
+//! like a slow header.
 
 use std::{
     collections::HashMap,
@@ -33,7 +36,10 @@ use tokio::{
     sync::{watch, Notify},
 };
 
-use crate::daemon::limits::{now_ms, open_files, Throttled};
+use crate::daemon::{
+    limits::{now_ms, open_files, Throttled},
+    web_config::Web,
+};
 
 pub const MAX_CONNECTIONS: usize = 4096;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +72,7 @@ pub fn stats() -> Stats {
 
 static LIMIT_LOG: Throttled = Throttled::new();
 static ACCEPT_LOG: Throttled = Throttled::new();
+static HANDSHAKE_LOG: Throttled = Throttled::new();
 
 /// One open connection, as the limit sees it.
 struct Conn {
@@ -125,9 +132,10 @@ impl Table {
     }
 }
 
-/// Serves `app` on `listener` until `stop` turns true, then lets requests in flight finish.
-pub async fn serve(listener: TcpListener, app: Router, stop: watch::Receiver<bool>) {
-    serve_with(listener, app, stop, limit()).await
+/// Serves `app` on `listener` until `stop` turns true, then lets requests in flight finish;
+/// over TLS when `web` says so at the time a connection is accepted.
+pub async fn serve(listener: TcpListener, app: Router, web: Arc<Web>, stop: watch::Receiver<bool>) {
+    serve_with(listener, app, web, stop, limit()).await
 }
 
 /// [`MAX_CONNECTIONS`], or half the open-files limit when that is lower.
@@ -135,7 +143,13 @@ pub fn limit() -> usize {
     MAX_CONNECTIONS.min(open_files() / 2).max(16)
 }
 
-async fn serve_with(listener: TcpListener, app: Router, stop: watch::Receiver<bool>, max: usize) {
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    web: Arc<Web>,
+    stop: watch::Receiver<bool>,
+    max: usize,
+) {
     let table = Arc::new(Table::default());
     // Held by each connection's task until it has ended: a closed connection's memory is
     // freed before another is taken on, so the tasks alive are bounded too, not just the table.
@@ -165,9 +179,9 @@ async fn serve_with(listener: TcpListener, app: Router, stop: watch::Receiver<bo
         let Ok(alive) = tasks_alive.clone().acquire_owned().await else {
             break;
         };
-        let (app, table, stop) = (app.clone(), table.clone(), stop.clone());
+        let (app, table, stop, tls) = (app.clone(), table.clone(), stop.clone(), web.tls());
         tasks.spawn(async move {
-            serve_one(stream, app, &conn, stop).await;
+            serve_one(stream, tls, app, &conn, stop).await;
             table.remove(id);
             drop(alive);
         });
@@ -177,15 +191,45 @@ async fn serve_with(listener: TcpListener, app: Router, stop: watch::Receiver<bo
 
 async fn serve_one(
     stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     app: Router,
     conn: &Arc<Conn>,
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         inner: stream,
         conn: conn.clone(),
-    });
+    };
+    let Some(tls) = tls else {
+        return serve_http(TokioIo::new(watched), app, conn, stop).await;
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(watched)) => r,
+        _ = conn.close.notified() => return,
+        () = stopping(&mut stop) => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => serve_http(TokioIo::new(stream), app, conn, stop).await,
+        Ok(Err(e)) => {
+            if let Some(n) = HANDSHAKE_LOG.due() {
+                tracing::debug!("TLS handshake failed {n} time(s) since the last report: {e}");
+            }
+        }
+        Err(_) => {
+            TIMED_OUT.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    app: Router,
+    conn: &Arc<Conn>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let tower = TowerToHyperService::new(app);
     let tracked = conn.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -329,7 +373,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", get(|| async { "ok" }));
         let (stop_tx, stop) = watch::channel(false);
-        let server = tokio::spawn(serve_with(listener, app, stop, 8));
+        let web = Arc::new(Web::load(None).unwrap());
+        let server = tokio::spawn(serve_with(listener, app, web, stop, 8));
         let before = stats().over_limit;
         let held = tokio::task::spawn_blocking(move || {
             // Twice the limit of idle connections, then a real request still gets in.

@@ -4,7 +4,8 @@
 //! the daemon keeps (the collector, the owner cache, the last hour in [`history`]) and makes
 //! the typed listener snapshot of [`crate::api`]; [`metrics`] renders the Prometheus
 //! exposition; [`http`] serves /metrics, /healthz and /api/listeners over the connections
-//! [`http_limits`] accepts (a cap, timeouts); [`events_socket`] hands events and snapshots to
+//! [`http_limits`] accepts (a cap, timeouts), with the TLS and basic auth of [`web_config`]
+//! (`--web.config.file`); [`events_socket`] hands events and snapshots to
 //! local readers, reading each request through [`events_request`] and binding its file with
 //! [`socket_file`]. [`single_flight`] lets concurrent collects share one; [`limits`] holds what
 //! both transports share (the open-files budget, throttled warnings).
@@ -26,3 +27,4 @@ pub mod metrics;
 pub mod single_flight;
 pub mod socket_file;
 pub mod state;
+pub mod web_config;

@@ -197,7 +197,8 @@ fn prometheus_example_config_is_valid() {
             .arg(deploy("prometheus/prometheus.yml")),
     );
     println!("{out}");
-    assert!(read("prometheus/prometheus.yml").contains("localhost:9860"));
+    // qtrace's default address: loopback only.
+    assert!(read("prometheus/prometheus.yml").contains("\"127.0.0.1:9860\""));
 }
 
 // --- Grafana ------------------------------------------------------------------------------------
@@ -366,6 +367,11 @@ assert sc["capabilities"]["drop"] == ["ALL"]
 assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
 assert sc.get("privileged", False) is False
 assert c["args"][0] == "run"
+# The node's own address (hostNetwork: the pod's address), where Prometheus scrapes it;
+# qtrace's default is loopback only.
+assert "--web.listen-address=$(NODE_IP):9860" in c["args"], c["args"]
+env = {e["name"]: e for e in c["env"]}
+assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP", env
 assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
 assert c["resources"]["requests"] and c["resources"]["limits"]
 ann = ds["spec"]["template"]["metadata"]["annotations"]
@@ -396,6 +402,8 @@ fn kubernetes_daemonset_is_well_formed() {
         "mountPath: /sys/fs/cgroup",
         "mountPath: /run/qtrace",
         "prometheus.io/scrape",
+        "--web.listen-address=$(NODE_IP):9860",
+        "fieldPath: status.hostIP",
     ] {
         assert!(text.contains(needle), "daemonset.yaml lacks {needle:?}");
     }
