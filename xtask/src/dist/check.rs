@@ -78,13 +78,14 @@ pub fn dist_test() -> Result<()> {
         failures.push("the guest stopped before its test ended".into());
     }
     eprintln!(
-        "dist-test: {} in {:.0}s; guest log target/vm-cache/logs/dist-6.12.log",
+        "dist-test: {} in {:.0}s; guest log {}",
         if failures.is_empty() {
             "passed"
         } else {
             "FAILED"
         },
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        cache.join("logs/dist-6.12.log").display()
     );
     if !failures.is_empty() {
         bail!("the dist test failed: {}", failures.join("; "));
@@ -119,14 +120,14 @@ fn lintian(deb: &Path) -> Result<()> {
 /// Unpacked as a user would, the binary tells its version and finds its probes on this kernel;
 /// every file the README names is there.
 fn tarball(tarball: &Path) -> Result<()> {
-    let dir = Path::new("target/dist/unpacked");
-    let _ = fs::remove_dir_all(dir);
-    fs::create_dir_all(dir)?;
+    let dir = super::dist_dir()?.join("unpacked");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
     run(Command::new("tar")
         .arg("-xzf")
         .arg(tarball)
         .arg("-C")
-        .arg(dir))?;
+        .arg(&dir))?;
     let top = dir.join(format!("qtrace-{VERSION}-{TARGET}"));
     for f in [
         "qtrace",
@@ -162,7 +163,7 @@ fn tarball(tarball: &Path) -> Result<()> {
 
 /// `podman load` into private storage: the image is named as the DaemonSet names it.
 fn podman_load(image: &Path) -> Result<()> {
-    let store = fs::canonicalize("target/dist")?.join("podman");
+    let store = super::dist_dir()?.join("podman");
     let podman = |args: &[&str]| {
         Command::new("podman")
             .arg("--root")
@@ -198,7 +199,7 @@ fn podman_load(image: &Path) -> Result<()> {
 /// `ctr import` into a private containerd: named docker.io/library/qtrace:0.1.0, which is what
 /// Kubernetes resolves the DaemonSet's `image: qtrace:0.1.0` to, and unpacked.
 fn ctr_import(image: &Path) -> Result<()> {
-    let dir = fs::canonicalize("target/dist")?.join("containerd");
+    let dir = super::dist_dir()?.join("containerd");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let socket = dir.join("containerd.sock");

@@ -129,8 +129,9 @@ pub fn boot(cache: &Path, rootfs: &Path, files: &[(&str, PathBuf)]) -> Result<St
         .arg(format!("{}M", du_mib(&data)? + 32)))?;
     eprintln!(
         "dist-test: booting Debian {SUITE} with systemd on {} (about 10 minutes: the alert's \
-         `for: 5m`); console in target/vm-cache/logs/dist-6.12.log",
-        kernel.release
+         `for: 5m`); console in {}",
+        kernel.release,
+        cache.join("logs/dist-6.12.log").display()
     );
     let drive =
         |file: &Path, opts: &str| format!("file={},if=virtio,format=raw,{opts}", file.display());

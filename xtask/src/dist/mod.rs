@@ -37,10 +37,9 @@ pub struct Artifacts {
 /// Builds everything into `target/dist/`.
 pub fn dist() -> Result<Artifacts> {
     let binary = build_static()?;
-    let out = Path::new("target/dist");
-    let _ = fs::remove_dir_all(out);
-    fs::create_dir_all(out)?;
-    let out = fs::canonicalize(out)?;
+    let out = dist_dir()?;
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
     let epoch = source_date_epoch()?;
     let generated = out.join("generated");
     generate(&binary, &generated)?;
@@ -58,6 +57,11 @@ pub fn dist() -> Result<Artifacts> {
     })
 }
 
+/// `target/dist` (under CARGO_TARGET_DIR when set).
+pub fn dist_dir() -> Result<PathBuf> {
+    Ok(crate::target_dir()?.join("dist"))
+}
+
 /// The static release build of qtrace (eBPF object embedded), stripped: its path.
 pub fn build_static() -> Result<PathBuf> {
     crate::setup::musl()?;
@@ -70,7 +74,7 @@ pub fn build_static() -> Result<PathBuf> {
         "--target",
         TARGET,
     ]))?;
-    let built = fs::canonicalize(format!("target/{TARGET}/release/qtrace"))?;
+    let built = crate::target_dir()?.join(TARGET).join("release/qtrace");
     let stripped = built.with_file_name("qtrace-stripped");
     run(Command::new("strip")
         // As dh_strip: no symbols, no .comment/.note sections.
