@@ -21,8 +21,8 @@ mod recover;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use cli::{doctor, events, logging, probes, run, top};
+use clap::{CommandFactory, Parser, Subcommand};
+use cli::{doctor, events, generate, logging, probes, run, top};
 
 #[derive(Parser)]
 #[command(version, long_version = build_info::LONG_VERSION, about)]
@@ -46,6 +46,9 @@ enum Command {
     Doctor(doctor::DoctorOptions),
     /// A live per-listener table: queue fill, drops/s by reason, retransmits, accept wait.
     Top(top::TopOptions),
+    /// Shell completions and the man pages, from this command line (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateOptions),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
                     Command::Events(opts) => events::events(opts).await,
                     Command::Doctor(opts) => doctor::doctor(opts),
                     Command::Top(opts) => top::top(opts),
+                    Command::Generate(opts) => generate::generate(opts, Cli::command()),
                 }
             })
         });

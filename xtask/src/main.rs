@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | test | run`.
+//! Developer tasks: `cargo xtask setup | test | run | dist`.
 mod bench;
+mod dist;
 mod fresh;
 mod matrix;
 mod setup;
@@ -50,6 +51,12 @@ enum Task {
         #[arg(long, default_value = "/usr/local")]
         prefix: String,
     },
+    /// Build what users install into target/dist/: the static binary's tarball, the Debian
+    /// package, the OCI image.
+    Dist,
+    /// Build them and install each as a user would (lintian, podman load, ctr import; the
+    /// package under systemd with Prometheus and the image under Podman in a Debian guest).
+    DistTest,
     /// Build qtrace (release) and run it with these arguments, e.g. `cargo xtask run -- run`.
     Run {
         #[arg(last = true)]
@@ -99,7 +106,9 @@ fn dispatch(task: Task) -> Result<()> {
                 kernel: vec!["all".into()],
                 attach: vec![],
                 filter: args,
-            })
+            })?;
+            // The artifacts users install, installed as they would.
+            dist::dist_test()
         }
         Task::FreshTest { args } => fresh::fresh_test(&args),
         Task::VmTest(opts) => {
@@ -116,6 +125,14 @@ fn dispatch(task: Task) -> Result<()> {
             bench::bench(opts)
         }
         Task::BenchGuest(opts) => bench::guest(opts),
+        Task::Dist => {
+            setup::toolchain()?;
+            dist::dist().map(|_| ())
+        }
+        Task::DistTest => {
+            setup::setup()?;
+            dist::dist_test()
+        }
         Task::Run { args } => {
             setup::toolchain()?;
             run(Command::new(build_release()?).args(args))

@@ -39,12 +39,34 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/x86_64-linux-gnu/sys/socket.h", "libc6-dev"),
     // The benchmark's profile of the fentry tier, taken in the guest.
     ("perf", "linux-perf"),
+    // `cargo xtask dist`: mimalloc's C for the static build (musl-gcc), and the dist test:
+    // lintian, the guest's root file system (mmdebstrap, mkfs.ext4), loading the image.
+    ("musl-gcc", "musl-tools"),
+    ("lintian", "lintian"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("podman", "podman"),
+    ("ctr", "containerd"),
 ];
 
 /// Everything: the toolchain and the packages the tests, the matrix and the benchmarks use.
 pub fn setup() -> Result<()> {
     toolchain()?;
-    apt_packages()
+    musl()?;
+    apt_packages(APT_PACKAGES)
+}
+
+/// The static build's target (`cargo xtask dist`): Rust's musl target and musl-gcc.
+pub fn musl() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup: is rustup installed?")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains(crate::dist::TARGET) {
+        eprintln!("setup: adding the Rust target {}", crate::dist::TARGET);
+        run(Command::new("rustup").args(["target", "add", crate::dist::TARGET]))?;
+    }
+    apt_packages(&[("musl-gcc", "musl-tools")])
 }
 
 /// What building and running qtrace needs, and nothing more: `run` and `install` must not
@@ -171,8 +193,8 @@ fn bpf_linker() -> Result<()> {
         ))
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn apt_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(cmd, _)| {
             !if cmd.starts_with('/') {

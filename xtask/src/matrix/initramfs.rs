@@ -74,17 +74,34 @@ pub fn build(
     fs::write(root.join("modules/order"), order)?;
     fs::write(root.join("init"), init)?;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
+    cpio(&root, ">", out)
+}
+
+/// Archives `root` (newc, as the kernel reads it) into `out` (`>`) or after it (`>>`), and
+/// removes `root`.
+fn cpio(root: &Path, redirect: &str, out: &Path) -> Result<()> {
     let cpio = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "find . | cpio -o -H newc --quiet > '{}'",
+            "find . | cpio -o -H newc --quiet {redirect} '{}'",
             out.display()
         ))
-        .current_dir(&root)
+        .current_dir(root)
         .status()?;
     anyhow::ensure!(cpio.success(), "cpio failed");
-    fs::remove_dir_all(&root)?;
+    fs::remove_dir_all(root)?;
     Ok(())
+}
+
+/// Appends to the initramfs `cpio` an archive holding `file` at `path`: the kernel unpacks
+/// concatenated archives in order, so it replaces what the first one had there.
+pub fn overlay(cpio_path: &Path, path: &Path, file: &Path) -> Result<()> {
+    let root = cpio_path.with_extension("overlay.d");
+    let _ = fs::remove_dir_all(&root);
+    let dest = under(&root, path);
+    fs::create_dir_all(dest.parent().unwrap())?;
+    fs::copy(file, &dest)?;
+    cpio(&root, ">>", cpio_path)
 }
 
 fn under(root: &Path, abs: &Path) -> PathBuf {

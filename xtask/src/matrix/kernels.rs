@@ -38,7 +38,7 @@ pub struct Kernel {
 }
 
 /// apt-get/apt-cache options that point apt at private state for `suite`.
-fn apt_options(dir: &Path) -> Vec<String> {
+pub(crate) fn apt_options(dir: &Path) -> Vec<String> {
     let p = |s: &str| dir.join(s).display().to_string();
     vec![
         format!("-oDir::Etc::sourcelist={}", p("none.list")),
@@ -55,7 +55,7 @@ fn apt_options(dir: &Path) -> Vec<String> {
 /// Writes the private sources: the system's own deb822 file with its suite names replaced
 /// (`bookworm-updates` → `trixie-updates`); for a rolling suite, which has no companions, the
 /// companion suites are left out, and a stanza left with no suite goes.
-fn private_sources(dir: &Path, suite: &str) -> Result<()> {
+pub(crate) fn private_sources(dir: &Path, suite: &str) -> Result<()> {
     let system = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
         .context("this harness needs the system's deb822 apt sources (/etc/apt/sources.list.d/debian.sources)")?;
     let os = fs::read_to_string("/etc/os-release")?;

@@ -1,9 +1,9 @@
 //! `cargo xtask vm-test`: qtrace's kernel-facing test suites on stock Debian kernels under
 //! QEMU and natively, and a table of kernel × attach mode → tier per probe, tests passed.
 
-mod initramfs;
+pub(crate) mod initramfs;
 pub use initramfs::which;
-mod kernels;
+pub(crate) mod kernels;
 pub mod qemu;
 
 use std::{
@@ -87,12 +87,22 @@ pub fn vm_test(opts: Options) -> Result<()> {
             jobs.push((k.clone(), m));
         }
     }
+    // The guests run the static build users install (`cargo xtask dist`) where the tests run
+    // qtrace; this machine's kernel runs the glibc build.
+    let static_qtrace = jobs
+        .iter()
+        .any(|(k, _)| k != "native")
+        .then(crate::dist::build_static)
+        .transpose()?;
     let mut images = BTreeMap::new();
     for (k, _) in &jobs {
         if k == "native" || images.contains_key(k) {
             continue;
         }
         let image = guest_image(&cache, k, "", &binaries.all(), &[], &init_script(&binaries))?;
+        if let Some(static_qtrace) = &static_qtrace {
+            initramfs::overlay(&image.initrd, &binaries.qtrace, static_qtrace)?;
+        }
         images.insert(k.clone(), image);
     }
     // Two VMs at a time: two cores, and `-M pc` guests share them well.

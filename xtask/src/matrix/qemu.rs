@@ -29,14 +29,43 @@ pub fn boot(
     clock: Clock,
     timeout: Duration,
 ) -> Result<(String, bool)> {
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let mut extra = Vec::new();
     if clock == Clock::Instructions {
         // sleep=off: an idle guest skips ahead to its next timer instead of waiting for it.
-        qemu.args(["-icount", "shift=0,sleep=off"]);
+        extra = vec!["-icount".into(), "shift=0,sleep=off".into()];
     }
-    let mut child = qemu
-        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1"])
-        .args(["-m", &memory_mib.to_string()])
+    let machine = Machine {
+        memory_mib,
+        cpus: 1,
+        extra,
+        console_log: None,
+    };
+    boot_with(kernel, initrd, cmdline, machine, timeout)
+}
+
+/// The guest's size, more QEMU arguments (disks, clock), and a file to copy the console into
+/// as it comes (to follow a long boot).
+pub struct Machine {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub extra: Vec<String>,
+    pub console_log: Option<std::path::PathBuf>,
+}
+
+/// [`boot`] with a [`Machine`]: the console output, and whether the VM stopped by itself
+/// before `timeout`.
+pub fn boot_with(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    machine: Machine,
+    timeout: Duration,
+) -> Result<(String, bool)> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&machine.extra)
+        .args(["-M", "pc", "-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &machine.cpus.to_string()])
+        .args(["-m", &machine.memory_mib.to_string()])
         .args([
             "-nodefaults",
             "-nographic",
@@ -57,9 +86,19 @@ pub fn boot(
         .spawn()
         .context("qemu-system-x86_64 (apt package qemu-system-x86)")?;
     let mut stdout = child.stdout.take().unwrap();
+    let mut live = match &machine.console_log {
+        Some(path) => Some(std::fs::File::create(path)?),
+        None => None,
+    };
     let reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(f) = &mut live {
+                let _ = std::io::Write::write_all(f, &chunk[..n]);
+            }
+        }
         String::from_utf8_lossy(&buf).into_owned()
     });
     let start = Instant::now();
