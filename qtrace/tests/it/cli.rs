@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use crate::common::{require_root, TempDir};
 
-fn qtrace(prefix: &[&str], args: &[&str]) -> Output {
+pub fn qtrace(prefix: &[&str], args: &[&str]) -> Output {
     let (cmd, rest) = match prefix.split_first() {
         Some((cmd, rest)) => (*cmd, [rest, &[env!("CARGO_BIN_EXE_qtrace")]].concat()),
         None => (env!("CARGO_BIN_EXE_qtrace"), vec![]),
@@ -14,7 +14,7 @@ fn qtrace(prefix: &[&str], args: &[&str]) -> Output {
 }
 
 /// The error line, after checking there is exactly one and the exit code.
-fn one_line_error(out: &Output, code: i32) -> String {
+pub fn one_line_error(out: &Output, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(code), "{stderr}");
     assert_eq!(
@@ -260,68 +260,4 @@ fn an_unknown_probe_is_refused_in_one_line() {
     let out = qtrace(&[], &["probes", "--probes=syn"]);
     let err = one_line_error(&out, 1);
     assert!(err.contains("write -NAME"), "{err}");
-}
-
-/// `--web.config.file` (and its file key): a missing or bad file, an unknown key, a hash that
-/// is not bcrypt, an unreadable certificate: one line naming the file and the key, refused
-/// before anything is attached.
-#[test]
-fn bad_web_config_files_name_the_file_and_the_key() {
-    let dir = TempDir::new();
-    crate::web::self_signed(&dir);
-    let hash = crate::web::bcrypt_hash("pw");
-    let missing = dir.join("missing.yml");
-    let missing = missing.to_str().unwrap();
-    let err = one_line_error(&qtrace(&[], &["run", "--web.config.file", missing]), 1);
-    assert!(err.contains(&format!("web config file {missing}")), "{err}");
-    for (name, text, what) in [
-        (
-            "unknown.yml",
-            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_ca_file: ca.pem\n"
-                .to_string(),
-            "unknown field `client_ca_file`",
-        ),
-        (
-            "plain.yml",
-            "basic_auth_users:\n  alice: secret\n".to_string(),
-            "basic_auth_users.alice: not a bcrypt hash",
-        ),
-        (
-            "nocert.yml",
-            format!("tls_server_config:\n  cert_file: nope.pem\n  key_file: key.pem\nbasic_auth_users:\n  alice: {hash}\n"),
-            "tls_server_config.cert_file: ",
-        ),
-        (
-            "notpem.yml",
-            "tls_server_config:\n  cert_file: unknown.yml\n  key_file: key.pem\n".to_string(),
-            "tls_server_config.cert_file: ",
-        ),
-        (
-            "version.yml",
-            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  min_version: TLS10\n"
-                .to_string(),
-            "tls_server_config.min_version: TLS10",
-        ),
-        ("yaml.yml", "tls_server_config: [\n".to_string(), "yaml.yml: "),
-    ] {
-        let path = dir.file(name, &text);
-        let path = path.to_str().unwrap();
-        let err = one_line_error(&qtrace(&[], &["run", "--web.config.file", path]), 1);
-        assert!(
-            err.contains(&format!("web config file {path}: ")) && err.contains(what),
-            "{name}: {err}"
-        );
-        assert!(!err.contains("pw"), "{err}");
-    }
-    // The same from the config file's key.
-    let web = dir.join("plain.yml");
-    let config = dir.file(
-        "qtrace.toml",
-        &format!("web_config_file = {:?}\n", web.to_str().unwrap()),
-    );
-    let err = one_line_error(
-        &qtrace(&[], &["run", "--config", config.to_str().unwrap()]),
-        1,
-    );
-    assert!(err.contains("basic_auth_users.alice"), "{err}");
 }

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{require_root, sh, Qtrace, TempDir};
+use crate::{
+    cli::{one_line_error, qtrace},
+    common::{require_root, sh, Qtrace, TempDir},
+};
 
 /// The bcrypt hash of `password`, at a low cost to keep the debug build's checks quick.
 pub fn bcrypt_hash(password: &str) -> String {
@@ -126,4 +129,69 @@ fn tls_and_basic_auth_guard_the_endpoints() {
     assert_eq!(curl(d, &addr, "/metrics", Some("prometheus:right")).0, 401);
     assert_eq!(curl(d, &addr, "/metrics", Some("prometheus:new")).0, 200);
     qtrace.stop(libc::SIGTERM);
+}
+
+/// `--web.config.file` (and its file key): a missing or bad file, an unknown key, a hash that
+/// is not bcrypt, an unreadable certificate: one line naming the file and the key, refused
+/// before anything is attached. Here rather than in `cli::` because it needs `openssl`, which
+/// the kernel matrix's guests (where `cli::` runs too) do not carry.
+#[test]
+fn bad_web_config_files_name_the_file_and_the_key() {
+    let dir = TempDir::new();
+    self_signed(&dir);
+    let hash = bcrypt_hash("pw");
+    let missing = dir.join("missing.yml");
+    let missing = missing.to_str().unwrap();
+    let err = one_line_error(&qtrace(&[], &["run", "--web.config.file", missing]), 1);
+    assert!(err.contains(&format!("web config file {missing}")), "{err}");
+    for (name, text, what) in [
+        (
+            "unknown.yml",
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_ca_file: ca.pem\n"
+                .to_string(),
+            "unknown field `client_ca_file`",
+        ),
+        (
+            "plain.yml",
+            "basic_auth_users:\n  alice: secret\n".to_string(),
+            "basic_auth_users.alice: not a bcrypt hash",
+        ),
+        (
+            "nocert.yml",
+            format!("tls_server_config:\n  cert_file: nope.pem\n  key_file: key.pem\nbasic_auth_users:\n  alice: {hash}\n"),
+            "tls_server_config.cert_file: ",
+        ),
+        (
+            "notpem.yml",
+            "tls_server_config:\n  cert_file: unknown.yml\n  key_file: key.pem\n".to_string(),
+            "tls_server_config.cert_file: ",
+        ),
+        (
+            "version.yml",
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  min_version: TLS10\n"
+                .to_string(),
+            "tls_server_config.min_version: TLS10",
+        ),
+        ("yaml.yml", "tls_server_config: [\n".to_string(), "yaml.yml: "),
+    ] {
+        let path = dir.file(name, &text);
+        let path = path.to_str().unwrap();
+        let err = one_line_error(&qtrace(&[], &["run", "--web.config.file", path]), 1);
+        assert!(
+            err.contains(&format!("web config file {path}: ")) && err.contains(what),
+            "{name}: {err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+    }
+    // The same from the config file's key.
+    let web = dir.join("plain.yml");
+    let config = dir.file(
+        "qtrace.toml",
+        &format!("web_config_file = {:?}\n", web.to_str().unwrap()),
+    );
+    let err = one_line_error(
+        &qtrace(&[], &["run", "--config", config.to_str().unwrap()]),
+        1,
+    );
+    assert!(err.contains("basic_auth_users.alice"), "{err}");
 }
