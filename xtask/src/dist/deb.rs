@@ -199,12 +199,18 @@ fn changelog(epoch: u64) -> Result<String> {
     ))
 }
 
-/// One, for what Debian's tools misread: a static-pie executable (ET_DYN, no interpreter, for
-/// address-space layout randomisation) looks to lintian like a shared library.
+/// Two, each for what Debian's tools misread in a static Rust binary: a static-pie executable
+/// (ET_DYN, no interpreter, for address-space layout randomisation) looks to lintian like a
+/// shared library; and the YAML parser of `--web.config.file` (serde_yaml_ng on unsafe-libyaml,
+/// a Rust translation of libyaml compiled into the binary like every other crate) carries
+/// libyaml's strings, which lintian takes for an embedded copy of the C library.
 const LINTIAN_OVERRIDES: &str = "\
 # /usr/bin/qtrace is a static-pie executable (x86_64-unknown-linux-musl): position-independent
 # for ASLR, with no program interpreter and no shared libraries to depend on.
 qtrace: shared-library-lacks-prerequisites [usr/bin/qtrace]
+# The web config's YAML parser is unsafe-libyaml, a Rust translation of libyaml built into the
+# static binary as all its Rust dependencies are; there is no C libyaml to link instead.
+qtrace: embedded-library libyaml [usr/bin/qtrace]
 ";
 
 // The maintainer scripts debhelper (dh_installsysusers, dh_installsystemd) would write.
