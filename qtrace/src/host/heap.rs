@@ -19,11 +19,18 @@ pub fn limit_arenas() {
     };
 }
 
-/// Hands free heap pages back to the system after a burst of allocation.
+/// Hands free heap pages back to the system after a burst of allocation. mimalloc, too, keeps
+/// the freed pages of the BTF parse for a while unless told (measured: 89–104 MiB resident
+/// after start and 100 scrapes of 5,000 listeners, against glibc's 20–24 MiB).
 pub fn trim() {
     // SAFETY: malloc_trim only releases free heap memory.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0)
+    };
+    // SAFETY: mi_collect frees this thread's and abandoned free pages; `force` decommits now.
+    #[cfg(target_env = "musl")]
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
     };
 }
