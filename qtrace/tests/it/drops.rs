@@ -69,6 +69,17 @@ fn listener_sample(
     sample(text, name, &labels)
 }
 
+/// `qtrace_listen_drops_total` of that listener for one `reason`.
+fn drops_sample(text: &str, ns: &Netns, port: u16, reason: &str) -> Option<f64> {
+    listener_sample(
+        text,
+        "qtrace_listen_drops_total",
+        ns,
+        port,
+        &[("reason", reason)],
+    )
+}
+
 /// The cross-check of `ns`: its ListenDrops growth minus what qtrace attributed.
 fn unattributed(q: &Qtrace, ns: &Netns) -> f64 {
     let text = http_get(&q.web(), "/metrics", None).1;
@@ -98,13 +109,7 @@ fn syn_time_drops_without_the_syn_probe_are_unclassified() {
     assert_eq!(unattributed(&q, &ns), 0.0);
     let text = http_get(&q.web(), "/metrics", None).1;
     assert_eq!(
-        listener_sample(
-            &text,
-            "qtrace_listen_drops_total",
-            &ns,
-            port,
-            &[("reason", "unclassified")]
-        ),
+        drops_sample(&text, &ns, port, "unclassified"),
         Some(drops as f64),
         "{text}"
     );
@@ -159,17 +164,7 @@ fn a_new_listener_has_its_counters_at_zero_in_the_first_scrape() {
     .collect();
     assert!(!reasons.is_empty());
     for r in reasons {
-        assert_eq!(
-            listener_sample(
-                &text,
-                "qtrace_listen_drops_total",
-                &ns,
-                port,
-                &[("reason", r)]
-            ),
-            Some(0.0),
-            "{r}: {text}"
-        );
+        assert_eq!(drops_sample(&text, &ns, port, r), Some(0.0), "{r}: {text}");
     }
     let counters = [
         ("synack", "qtrace_synack_retransmits_total"),
