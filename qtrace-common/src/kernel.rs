@@ -20,6 +20,7 @@ pub struct Offsets {
     pub skc_net: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    pub skc_cookie: u32,
     // struct net
     pub net_ns_inum: u32,
     pub net_syncookies: u32,
@@ -28,6 +29,11 @@ pub struct Offsets {
     pub sk_drops: u32,
     pub sk_ack_backlog: u32,
     pub sk_max_ack_backlog: u32,
+    pub sk_socket: u32,
+    pub sk_uid: u32,
+    /// From a `struct socket *` to its inode's `i_ino` (`struct socket_alloc` puts the two
+    /// side by side); 0 when this kernel's BTF does not describe it.
+    pub socket_ino: u32,
     // struct inet_connection_sock: icsk_accept_queue.qlen
     pub icsk_synq_len: u32,
     // struct request_sock

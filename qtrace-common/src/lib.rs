@@ -18,8 +18,12 @@ pub use vocabulary::DropReason;
 
 /// Names of the maps in the eBPF object, used by both sides.
 pub mod maps {
-    /// Per-CPU hash: [`crate::ListenerKey`] → [`crate::ListenerCounters`].
+    /// Per-CPU hash: [`crate::ListenerKey`] → [`crate::ListenerCounters`], for listening
+    /// sockets of system users (`sk_uid` below [`crate::globals::FIRST_USER_UID`]).
     pub const LISTENERS: &str = "QT_LISTENERS";
+    /// The same for every other user's listening sockets: a user who opens thousands of
+    /// listeners fills this one, never the system's.
+    pub const USER_LISTENERS: &str = "QT_USER_LISTENERS";
     /// Ring buffer of [`crate::Event`] records.
     pub const EVENTS: &str = "QT_EVENTS";
     /// Per-CPU array of u64 indexed by [`crate::SelfStat`].
@@ -34,4 +38,6 @@ pub mod globals {
     pub const HOOKS: &str = "QT_HOOKS";
     /// u32: events each listener may emit per second on each CPU before they are suppressed.
     pub const EVENT_RATE: &str = "QT_EVENT_RATE";
+    /// u32: the first uid whose listeners go to [`crate::maps::USER_LISTENERS`].
+    pub const FIRST_USER_UID: &str = "QT_FIRST_USER_UID";
 }

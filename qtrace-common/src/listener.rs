@@ -4,7 +4,10 @@
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// Identifies a listening socket: network namespace, family, local address and port.
+/// Identifies a listening socket: network namespace, family, local address and port, and the
+/// socket itself ([`ListenerKey::sock`]), so the sockets of one SO_REUSEPORT group are counted
+/// apart and a socket that closes leaves nothing a later one could inherit (namespace inode
+/// numbers and ports are reused; socket cookies never are).
 ///
 /// IPv4 addresses occupy the first four bytes of `addr`, the rest stays zero, so two keys of
 /// the same listener always compare equal byte for byte (it is a BPF hash-map key).
@@ -19,7 +22,16 @@ pub struct ListenerKey {
     pub port: u16,
     /// Local address, network byte order.
     pub addr: [u8; 16],
+    /// The socket: its cookie (`SO_COOKIE`, `ss -e`'s `sk:`), or, while the kernel has not
+    /// assigned one yet (cookies are made on first request: sock_diag's dump makes them for
+    /// every socket it lists), [`SOCK_INODE`] | its inode number. 0 when neither could be read
+    /// (a closing socket no longer has an inode).
+    pub sock: u64,
 }
+
+/// Marks [`ListenerKey::sock`] as an inode number rather than a cookie (cookies count up from
+/// 1 and never reach it).
+pub const SOCK_INODE: u64 = 1 << 63;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ListenerKey {}

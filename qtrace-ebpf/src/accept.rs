@@ -46,7 +46,7 @@ fn accepted<M: Mem>(m: M, sk: *const u8, child: *const u8) -> Result<(), ()> {
     if child.is_null() {
         return Ok(());
     }
-    let c = count(&listener(m, sk)?.key, Counter::Accepted).ok_or(())?;
+    let c = count(&listener(m, sk)?, Counter::Accepted).ok_or(())?;
     let id = child as u64;
     if let Some(t) = QT_ACCEPT_QUEUED.get_ptr(&id) {
         let wait = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *t });

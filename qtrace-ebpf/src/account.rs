@@ -11,13 +11,23 @@ use qtrace_common::{
     Counter, Event, EventKind, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS,
 };
 
-use crate::kernel::{Queues, Remote};
+use crate::kernel::{Listener, Mem, Queues, Remote};
 use crate::self_stats::self_stat;
 
-/// Sized by user space (`--max-listeners`) before load.
+/// Listeners of system users (uid below `QT_FIRST_USER_UID`). Sized by user space
+/// (`--max-listeners`) before load; entries of closed sockets are deleted by user space.
 #[map]
 static QT_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
     PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Every other user's listeners, sized like `QT_LISTENERS`: a user who opens thousands of
+/// listening sockets fills this one and can never push a service's listeners out.
+#[map]
+static QT_USER_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+#[unsafe(no_mangle)]
+static QT_FIRST_USER_UID: Global<u32> = Global::new(1000);
 
 /// Sized by user space before load.
 #[map]
@@ -30,16 +40,25 @@ static QT_ZERO: PerCpuArray<ListenerCounters> = PerCpuArray::with_max_entries(1,
 #[unsafe(no_mangle)]
 static QT_EVENT_RATE: Global<u32> = Global::new(100);
 
-/// This CPU's counters of `key`, created on first use.
+/// This CPU's counters of listener `l`, created on first use in its owner's partition.
 #[inline(always)]
-pub fn counters(key: &ListenerKey) -> Option<*mut ListenerCounters> {
+pub fn counters<M: Mem>(l: &Listener<M>) -> Option<*mut ListenerCounters> {
+    let key = &l.key;
     if let Some(c) = QT_LISTENERS.get_ptr_mut(key) {
         return Some(c);
     }
+    if let Some(c) = QT_USER_LISTENERS.get_ptr_mut(key) {
+        return Some(c);
+    }
+    let map = if l.uid().ok()? < QT_FIRST_USER_UID.load() {
+        &QT_LISTENERS
+    } else {
+        &QT_USER_LISTENERS
+    };
     let zero = QT_ZERO.get_ptr(0)?;
     // EEXIST from a racing CPU is fine: the lookup below finds its entry.
-    let _ = QT_LISTENERS.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
-    let c = QT_LISTENERS.get_ptr_mut(key);
+    let _ = map.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
+    let c = map.get_ptr_mut(key);
     if c.is_none() {
         self_stat(SelfStat::ListenerMapFull);
     }
@@ -51,10 +70,10 @@ pub fn bump(c: *mut ListenerCounters, counter: Counter) {
     unsafe { (*c).counts[counter as usize] += 1 };
 }
 
-/// Counts `counter` for `key`; returns the counters so an event can follow.
+/// Counts `counter` for listener `l`; returns the counters so an event can follow.
 #[inline(always)]
-pub fn count(key: &ListenerKey, counter: Counter) -> Option<*mut ListenerCounters> {
-    let c = counters(key)?;
+pub fn count<M: Mem>(l: &Listener<M>, counter: Counter) -> Option<*mut ListenerCounters> {
+    let c = counters(l)?;
     bump(c, counter);
     Some(c)
 }

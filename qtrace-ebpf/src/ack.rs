@@ -72,7 +72,7 @@ fn dropped<M: Mem>(
     } else {
         (Counter::DropOther, EventKind::DropOther)
     };
-    let c = count(&l.key, counter).ok_or(())?;
+    let c = count(l, counter).ok_or(())?;
     let details = || Details {
         remote: remote(),
         queues: acceptq.with_synq(sk),

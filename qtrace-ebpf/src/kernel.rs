@@ -3,7 +3,7 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel, Global};
 use qtrace_common::{
     kernel::SOCK_KEY_HEAD,
-    listener::{AF_INET, AF_INET6},
+    listener::{AF_INET, AF_INET6, SOCK_INODE},
     HookLayout, ListenerKey, Offsets, SelfStat,
 };
 
@@ -102,6 +102,7 @@ pub fn probe_read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
 /// socket again).
 pub struct Listener<M: Mem> {
     pub key: ListenerKey,
+    sk: *const u8,
     net: *const u8,
     /// How the listener was read, for what is read of it next.
     pub m: M,
@@ -112,6 +113,13 @@ impl<M: Mem> Listener<M> {
     #[inline(always)]
     pub fn sysctl_u8(&self, off: u32) -> Result<u8, ()> {
         self.m.read(self.net, off)
+    }
+
+    /// The uid that created the socket (`sk_uid`): read only when its counters are first
+    /// made, to pick the map partition.
+    #[inline(always)]
+    pub fn uid(&self) -> Result<u32, ()> {
+        self.m.read(self.sk, offset!(sk_uid))
     }
 }
 
@@ -197,16 +205,41 @@ fn listener_with_port_of<M: Mem>(
     } else {
         words_to_addr([fields.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
     };
+    let cookie: u64 = fields.get(offset!(skc_cookie))?;
+    let sock = if cookie != 0 {
+        cookie
+    } else {
+        sock_inode(m, sk).unwrap_or(0)
+    };
     Ok(Listener {
         key: ListenerKey {
             netns,
             family,
             port,
             addr,
+            sock,
         },
+        sk,
         net,
         m,
     })
+}
+
+/// [`SOCK_INODE`] | the socket's inode number, for a socket the kernel has not given a cookie
+/// yet: only a listener's first events before qtrace's next sock_diag dump (which makes
+/// cookies) take this path. The inode lies beyond `struct socket`, so the helper reads it.
+#[inline(always)]
+fn sock_inode<M: Mem>(m: M, sk: *const u8) -> Result<u64, ()> {
+    let off = offset!(socket_ino);
+    if off == 0 {
+        return Err(());
+    }
+    let socket: *const u8 = m.read(sk, offset!(sk_socket))?;
+    if socket.is_null() {
+        return Err(());
+    }
+    let ino: u64 = probe_read(socket, off)?;
+    Ok(SOCK_INODE | ino)
 }
 
 /// An address assembled from 32-bit words: zeroing part of a byte array instead compiles to

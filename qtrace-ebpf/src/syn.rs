@@ -90,7 +90,7 @@ fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Re
         e.syncookies == 2 || (e.syncookies == 1 && e.queues.synq_full())
     };
     if !dropped && !cookie {
-        count(&listener(m, sk)?.key, Counter::SynQueued);
+        count(&listener(m, sk)?, Counter::SynQueued);
         return Ok(());
     }
     let q = if exact {
@@ -117,8 +117,9 @@ fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Re
     } else {
         (Counter::SyncookiesSent, EventKind::SyncookieSent)
     };
-    let key = listener(m, sk)?.key;
-    let c = count(&key, counter).ok_or(())?;
+    let l = listener(m, sk)?;
+    let key = l.key;
+    let c = count(&l, counter).ok_or(())?;
     emit(c, &key, kind, || Details {
         remote: Remote::of_skb(m, skb, key.family).unwrap_or_default(),
         queues: q,

@@ -11,8 +11,9 @@ use crate::{
 
 #[inline(always)]
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
-    let key = listener_of_request(Typed, sk, req)?.key;
-    let c = count(&key, Counter::SynackRetransmits).ok_or(())?;
+    let l = listener_of_request(Typed, sk, req)?;
+    let key = l.key;
+    let c = count(&l, Counter::SynackRetransmits).ok_or(())?;
     emit(c, &key, EventKind::SynackRetransmit, || {
         // num_retrans is incremented by the caller after this tracepoint: retransmit n+1.
         let n: u8 = Typed.read(req, offset!(req_num_retrans)).unwrap_or(0);

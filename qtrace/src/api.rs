@@ -108,6 +108,13 @@ pub struct Event {
     pub family: Family,
     pub laddr: IpAddr,
     pub lport: u16,
+    /// The listening socket's cookie (see [`ListenerId::socket`]); absent while unknown.
+    #[serde(
+        skip_serializing_if = "crate::listener::is_unknown",
+        default,
+        with = "crate::listener::socket_hex"
+    )]
+    pub socket: u64,
     /// The client; absent from `drop_unclassified` events, which stand for many drops.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub raddr: Option<IpAddr>,
@@ -134,6 +141,7 @@ impl Event {
             netns: self.netns,
             addr: self.laddr,
             port: self.lport,
+            socket: self.socket,
         }
     }
 }
@@ -282,6 +290,14 @@ pub struct Listener {
     pub family: Family,
     pub addr: IpAddr,
     pub port: u16,
+    /// The socket's cookie (see [`ListenerId::socket`]); absent from a table of the kernel's
+    /// counters alone (`run --print`), which sums each address's sockets.
+    #[serde(
+        skip_serializing_if = "crate::listener::is_unknown",
+        default,
+        with = "crate::listener::socket_hex"
+    )]
+    pub socket: u64,
     pub counters: Counters,
     /// None when the accept probe is not attached.
     pub accept_wait: Option<AcceptWait>,
@@ -302,6 +318,7 @@ impl Listener {
             netns: self.netns,
             addr: self.addr,
             port: self.port,
+            socket: self.socket,
         }
     }
 }
@@ -401,6 +418,7 @@ mod tests {
                 family: Family::Ipv6,
                 addr: "::".parse().unwrap(),
                 port: 22,
+                socket: 0x1f2e,
                 counters,
                 accept_wait: None,
                 queues: Some(Queues {

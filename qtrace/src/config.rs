@@ -108,6 +108,10 @@ pub struct TracerArgs {
     /// Most listening sockets counted; past it the loss is counted [default: 4096].
     #[arg(long, env = "QTRACE_MAX_LISTENERS")]
     pub max_listeners: Option<u32>,
+    /// Listening sockets of uids from this one up are counted apart, in a map as large as
+    /// --max-listeners, so no user's listeners can crowd out a service's [default: 1000].
+    #[arg(long, env = "QTRACE_FIRST_USER_UID")]
+    pub first_user_uid: Option<u32>,
     /// Event ring buffer size in KiB, a power of two [default: 256].
     #[arg(long, env = "QTRACE_RINGBUF_KIB")]
     pub ringbuf_kib: Option<u32>,
@@ -134,6 +138,7 @@ pub struct TracerOptions {
     pub best_tier: Tier,
     pub event_rate: u32,
     pub max_listeners: u32,
+    pub first_user_uid: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
     /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
@@ -387,6 +392,10 @@ impl TracerArgs {
             best_tier: self.attach.or(file.attach).unwrap_or(Tier::Fentry),
             event_rate,
             max_listeners,
+            first_user_uid: self
+                .first_user_uid
+                .or(file.first_user_uid)
+                .unwrap_or(1000),
             ringbuf_kib,
             btf: self
                 .btf

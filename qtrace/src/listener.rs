@@ -15,12 +15,18 @@ pub fn ip(family: u16, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// A listener as exported: (netns inode, address, port).
+/// A listening socket as exported: (netns inode, address, port, socket cookie). The sockets
+/// of one SO_REUSEPORT group share the first three and are told apart by the cookie, which
+/// stays the same for the socket's life and is never reused (`ss -e` shows it as `sk:`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ListenerId {
     pub netns: u32,
     pub addr: IpAddr,
     pub port: u16,
+    /// The socket's cookie; 0 where it is not known (a table read from the kernel's counters
+    /// alone sums each address's sockets).
+    #[serde(default, with = "socket_hex")]
+    pub socket: u64,
 }
 
 impl ListenerId {
@@ -28,15 +34,47 @@ impl ListenerId {
     pub fn endpoint(&self) -> String {
         SocketAddr::new(self.addr, self.port).to_string()
     }
+
+    /// The socket's cookie as labels and JSON write it (lowercase hex, as `ss -e`'s `sk:`).
+    pub fn socket_label(&self) -> String {
+        format!("{:x}", self.socket)
+    }
+
+    /// The listening address this socket shares with its SO_REUSEPORT siblings.
+    pub fn address(&self) -> (u32, IpAddr, u16) {
+        (self.netns, self.addr, self.port)
+    }
 }
 
+/// The listener of a kernel key, without its socket: the kernel's key carries a cookie or an
+/// inode, which only a sock_diag dump tells apart (see `daemon::collect`).
 impl From<&ListenerKey> for ListenerId {
     fn from(k: &ListenerKey) -> Self {
         Self {
             netns: k.netns,
             addr: ip(k.family, k.addr),
             port: k.port,
+            socket: 0,
         }
+    }
+}
+
+/// Whether a socket cookie is unknown (0), for `skip_serializing_if`.
+pub fn is_unknown(cookie: &u64) -> bool {
+    *cookie == 0
+}
+
+/// A socket cookie in JSON: a lowercase hex string, as in the `socket` metric label.
+pub mod socket_hex {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(cookie: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{cookie:x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(de::Error::custom)
     }
 }
 
@@ -89,6 +127,7 @@ mod tests {
             family,
             port,
             addr,
+            sock: 0,
         }
     }
 

@@ -29,7 +29,7 @@ use crate::{
         web_config::Web,
     },
     kernel::{
-        counters::KernelCounters,
+        counters::{KernelCounters, ListenerStats},
         decode::{self, Clock},
         probes::Visibility,
         ring::EventRing,
@@ -267,7 +267,9 @@ impl Publisher {
         out: Option<&mut io::StdoutLock>,
     ) -> Result<()> {
         let Some(out) = out else { return Ok(()) };
-        let listeners = counters.listeners()?;
+        // Without a sock_diag dump the kernel's keys cannot be told apart by socket (a cookie
+        // or an inode), so the table is per address: a SO_REUSEPORT group is one row.
+        let listeners = ListenerStats::by_address(counters.listeners()?);
         if self.json {
             let snapshot = api::Listeners {
                 last: Some(last),

@@ -5,13 +5,14 @@
 //! the drops no probe classified, and each socket's owner from the one owner cache.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Result;
-use qtrace_common::SelfStat;
+use qtrace_common::{listener::SOCK_INODE, SelfStat};
 
 use crate::{
     config::Filter,
@@ -22,7 +23,7 @@ use crate::{
         sockdiag::{self, ListenerQueues},
     },
     kernel::{
-        counters::{KernelCounters, ListenerStats},
+        counters::{KernelCounters, ListenerStats, Occupancy},
         probes::{ProbeStatus, Visibility},
     },
     listener::ListenerId,
@@ -76,6 +77,10 @@ pub struct Scrape {
     /// Per namespace sampled: its ListenDrops growth minus the drops qtrace attributed to its
     /// listeners (see [`super::drops`]).
     pub netns_unattributed: Vec<(u32, i64)>,
+    /// Entries in the kernel's listener maps, and their size.
+    pub occupancy: Occupancy,
+    /// Entries of closed sockets deleted from the kernel's maps since qtrace started.
+    pub reclaimed: u64,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -87,6 +92,19 @@ pub struct Collector {
     owners: Mutex<Owners>,
     filter: Mutex<Filter>,
     drops: Mutex<DropLedger>,
+    reclaim: Mutex<Reclaim>,
+}
+
+/// Kernel entries whose socket no collect finds any more. An entry missing from one dump may
+/// belong to a socket made after the dump began; one missing from two consecutive dumps
+/// (and read before the second began) belongs to a socket that has closed, or to a namespace
+/// that is gone: it is deleted, so the maps hold only live sockets, and a socket that comes
+/// back on the same address, or a namespace that gets a dead one's inode number, starts from
+/// zero (Prometheus' reading of a series that goes away and comes back).
+#[derive(Default)]
+struct Reclaim {
+    suspects: HashSet<qtrace_common::ListenerKey>,
+    deleted: u64,
 }
 
 impl Collector {
@@ -104,6 +122,7 @@ impl Collector {
             owners: Mutex::new(Owners::default()),
             filter: Mutex::new(filter),
             drops: Mutex::new(DropLedger::default()),
+            reclaim: Mutex::new(Reclaim::default()),
         }
     }
 
@@ -121,38 +140,49 @@ impl Collector {
         // The sockets first, the probes' counts after (see `super::drops`).
         let sampled = sample_all_namespaces(&filter);
         let counted = self.counters.listeners()?;
+        let occupancy = self.counters.occupancy(&counted);
         let mut rows: BTreeMap<ListenerId, ListenerView> = BTreeMap::new();
-        for stats in counted {
-            let id = ListenerId::from(&stats.key);
-            rows.entry(id)
-                .or_insert_with(|| ListenerView::new(id))
-                .stats = Some(stats);
-        }
         let mut sockets = Vec::new();
+        let mut index = SocketIndex::default();
         for (netns, queues) in sampled.listeners {
             let id = ListenerId {
                 netns,
                 addr: queues.addr,
                 port: queues.port,
+                socket: queues.cookie,
             };
+            index.add(id, queues.inode);
             sockets.push(SocketDrops {
                 id,
                 inode: queues.inode,
                 drops: queues.drops.into(),
             });
-            let row = rows.entry(id).or_insert_with(|| ListenerView::new(id));
-            // Sockets sharing an address and port (SO_REUSEPORT) are one listener here: their
-            // queues add up, and the owner is that of the first.
-            match &mut row.queues {
-                Some(q) => {
-                    q.acceptq_len += queues.acceptq_len;
-                    q.acceptq_max += queues.acceptq_max;
-                    q.synq_len += queues.synq_len;
-                    q.drops += queues.drops;
+            rows.entry(id).or_insert_with(|| ListenerView::new(id)).queues = Some(queues);
+        }
+        let sampled_netns: HashSet<u32> = sampled.listen_drops.iter().map(|(ns, _)| *ns).collect();
+        let mut unmatched = Vec::new();
+        for stats in counted {
+            let id = match index.find(&stats.key) {
+                Some(id) => id,
+                // A namespace that exists but could not be read, or that the filter leaves
+                // out: its sockets are not known to be closed.
+                None if sample_skipped(&stats.key, &sampled_netns, &sampled.unreadable, &filter) => {
+                    ListenerId::from(&stats.key)
                 }
-                None => row.queues = Some(queues),
+                None => {
+                    unmatched.push(stats);
+                    continue;
+                }
+            };
+            let row = rows.entry(id).or_insert_with(|| ListenerView::new(id));
+            match &mut row.stats {
+                // A socket counted first under its inode, then under its cookie.
+                Some(s) => s.add(&stats),
+                None => row.stats = Some(stats),
             }
         }
+        let reclaimed = self.reclaim(unmatched);
+        crate::recover::lock(&self.owners).set_sockets(index.inodes);
         let vis = self.vis;
         let classified = |id: &ListenerId| {
             rows.get(id)
@@ -164,7 +194,11 @@ impl Collector {
             .filter(|r| r.stats.is_some())
             .map(|r| r.id)
             .collect();
-        let reckoning = crate::recover::lock(&self.drops).update(
+        let mut ledger = crate::recover::lock(&self.drops);
+        for &(ns, cookie) in &sampled.netns_cookies {
+            ledger.identify_namespace(ns, cookie);
+        }
+        let reckoning = ledger.update(
             &Sample {
                 sockets: &sockets,
                 listen_drops: &sampled.listen_drops,
@@ -190,6 +224,8 @@ impl Collector {
         }
         Ok(Scrape {
             listeners: rows.into_values().collect(),
+            occupancy,
+            reclaimed,
             programs: self.program_runtimes(),
             self_stats: self.counters.self_stats()?,
             netns_unreadable: sampled.unreadable.len(),
@@ -203,6 +239,18 @@ impl Collector {
 }
 
 impl Collector {
+    /// Deletes the entries missing from this dump and the one before (see [`Reclaim`]);
+    /// returns how many were deleted so far.
+    fn reclaim(&self, unmatched: Vec<ListenerStats>) -> u64 {
+        let mut r = crate::recover::lock(&self.reclaim);
+        let (gone, fresh): (Vec<_>, Vec<_>) = unmatched
+            .into_iter()
+            .partition(|s| r.suspects.contains(&s.key));
+        r.deleted += self.counters.forget(&gone) as u64;
+        r.suspects = fresh.into_iter().map(|s| s.key).collect();
+        r.deleted
+    }
+
     fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
         let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
         if enabled.trim() != "1" {
@@ -220,11 +268,60 @@ impl Collector {
     }
 }
 
+/// Whether the socket of `key` lives in a namespace this collect did not dump: one that could
+/// not be read, or one the filter leaves out (which is not entered at all).
+fn sample_skipped(
+    key: &qtrace_common::ListenerKey,
+    sampled: &HashSet<u32>,
+    unreadable: &[u32],
+    filter: &Filter,
+) -> bool {
+    !sampled.contains(&key.netns) && (unreadable.contains(&key.netns) || !filter.admits_netns(key.netns))
+}
+
+/// The sockets one dump found, by each identity the kernel programs may key them by: the
+/// cookie, or the inode while the socket had none (see `ListenerKey::sock`).
+#[derive(Default)]
+struct SocketIndex {
+    by_sock: HashMap<u64, ListenerId>,
+    by_address: HashMap<(u32, IpAddr, u16), Vec<ListenerId>>,
+    /// Inode → cookie, for events keyed by an inode.
+    inodes: HashMap<u32, u64>,
+}
+
+impl SocketIndex {
+    fn add(&mut self, id: ListenerId, inode: u32) {
+        self.by_sock.insert(id.socket, id);
+        self.by_sock.insert(SOCK_INODE | u64::from(inode), id);
+        self.by_address.entry(id.address()).or_default().push(id);
+        self.inodes.insert(inode, id.socket);
+    }
+
+    /// The live socket a kernel entry counts for. An entry keyed by neither cookie nor inode
+    /// (a socket whose inode was already gone) goes to the only socket on its address, if
+    /// there is one.
+    fn find(&self, key: &qtrace_common::ListenerKey) -> Option<ListenerId> {
+        let id = ListenerId::from(key);
+        if key.sock == 0 {
+            return match self.by_address.get(&id.address())?.as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            };
+        }
+        self.by_sock
+            .get(&key.sock)
+            .copied()
+            .filter(|found| found.address() == id.address())
+    }
+}
+
 /// What one pass over the namespaces found.
 struct Sampled {
     listeners: Vec<(u32, ListenerQueues)>,
     /// Each sampled namespace's TcpExt ListenDrops.
     listen_drops: Vec<(u32, u64)>,
+    /// Each sampled namespace's cookie, where the kernel tells it.
+    netns_cookies: Vec<(u32, u64)>,
     unreadable: Vec<u32>,
 }
 
@@ -235,15 +332,23 @@ struct Sampled {
 fn sample_all_namespaces(filter: &Filter) -> Sampled {
     let (found, unreadable) = netns::for_each(
         |ns| filter.admits_netns(ns),
-        || Ok((sockdiag::listeners()?, netstat::listen_drops()?)),
+        || {
+            Ok((
+                sockdiag::listeners()?,
+                netstat::listen_drops()?,
+                netns::cookie(),
+            ))
+        },
     );
     let mut sampled = Sampled {
         listeners: Vec::new(),
         listen_drops: Vec::new(),
+        netns_cookies: Vec::new(),
         unreadable,
     };
-    for (ns, (listeners, listen_drops)) in found {
+    for (ns, (listeners, listen_drops, cookie)) in found {
         sampled.listen_drops.push((ns, listen_drops));
+        sampled.netns_cookies.extend(cookie.map(|c| (ns, c)));
         sampled
             .listeners
             .extend(listeners.into_iter().map(|l| (ns, l)));

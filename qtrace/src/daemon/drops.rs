@@ -67,6 +67,8 @@ struct Listener {
     /// The probes' classified count when qtrace first saw the listener (see the module doc).
     classified_base: u64,
     unclassified: u64,
+    /// Every drop attributed to it at the last collect.
+    total: u64,
 }
 
 /// Bounded by what is alive: sockets leave when sock_diag stops listing them (in a namespace
@@ -78,9 +80,26 @@ pub struct DropLedger {
     sockets: HashMap<u32, Socket>,
     listeners: HashMap<ListenerId, Listener>,
     namespaces: HashMap<u32, u64>,
+    /// Per namespace: drops attributed to its listeners that have since closed (their kernel
+    /// entries are deleted), so the cross-check does not count them as unattributed.
+    retired: HashMap<u32, u64>,
+    /// Per namespace: its cookie, where the kernel tells it (see [`Self::identify_namespace`]).
+    cookies: HashMap<u32, u64>,
 }
 
 impl DropLedger {
+    /// Tells the ledger namespace `ns`'s cookie. The kernel reuses the inode numbers of
+    /// deleted namespaces; a namespace whose cookie changed is a new one, whose ListenDrops
+    /// count from zero and owe nothing to the old one's listeners.
+    pub fn identify_namespace(&mut self, ns: u32, cookie: u64) {
+        if self.cookies.insert(ns, cookie).is_some_and(|old| old != cookie) {
+            self.namespaces.remove(&ns);
+            self.retired.remove(&ns);
+            self.listeners.retain(|id, _| id.netns != ns);
+            self.sockets.retain(|_, s| s.id.netns != ns);
+        }
+    }
+
     /// Accounts for one collect. `classified` is a listener's drops as the probes counted them
     /// (0 for one they never counted); `counted` lists the listeners the kernel has counters
     /// for; `with_unclassified` is false where every drop reason has a probe attached, and
@@ -132,8 +151,14 @@ impl DropLedger {
         for s in self.sockets.values() {
             *open.entry(s.id).or_default() += s.last.saturating_sub(s.base);
         }
-        self.listeners
-            .retain(|id, _| open.contains_key(id) || counted.contains(id));
+        let retired = &mut self.retired;
+        self.listeners.retain(|id, l| {
+            let keep = open.contains_key(id) || counted.contains(id);
+            if !keep {
+                *retired.entry(id.netns).or_default() += l.total;
+            }
+            keep
+        });
         let mut reckoning = Reckoning::default();
         let mut attributed: HashMap<u32, u64> = HashMap::new();
         for (id, l) in &mut self.listeners {
@@ -147,9 +172,14 @@ impl DropLedger {
                     reckoning.unclassified.insert(*id, l.unclassified);
                 }
             }
+            l.total = total;
             *attributed.entry(id.netns).or_default() += total;
         }
         self.namespaces
+            .retain(|ns, _| sampled_netns.contains(ns) || sample.unreadable.contains(ns));
+        let namespaces = &self.namespaces;
+        self.retired.retain(|ns, _| namespaces.contains_key(ns));
+        self.cookies
             .retain(|ns, _| sampled_netns.contains(ns) || sample.unreadable.contains(ns));
         for &(ns, listen_drops) in sample.listen_drops {
             let base = *self
@@ -157,7 +187,9 @@ impl DropLedger {
                 .entry(ns)
                 .or_insert(if first { listen_drops } else { 0 });
             let growth = listen_drops.saturating_sub(base) as i64;
-            let gap = growth - attributed.get(&ns).copied().unwrap_or(0) as i64;
+            let attributed = attributed.get(&ns).copied().unwrap_or(0)
+                + self.retired.get(&ns).copied().unwrap_or(0);
+            let gap = growth - attributed as i64;
             reckoning.unattributed.push((ns, gap));
         }
         reckoning.unattributed.sort();
@@ -193,6 +225,7 @@ impl Announced {
                 netns: v.id.netns,
                 family: Family::of_addr(&v.id.addr),
                 laddr: v.id.addr,
+                socket: v.id.socket,
                 lport: v.id.port,
                 raddr: None,
                 rport: None,
@@ -220,6 +253,7 @@ mod tests {
             netns,
             addr: "127.0.0.1".parse().unwrap(),
             port,
+            socket: u64::from(port),
         }
     }
 
@@ -348,6 +382,8 @@ mod tests {
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),
+            occupancy: Default::default(),
+            reclaimed: 0,
         };
         let mut a = Announced::default();
         assert!(a.events(&scrape(Some(0)), 1, "t").is_empty());

@@ -50,6 +50,7 @@ impl Hub {
 
     /// Hands an event to every reader, with its listener's owner when known.
     pub fn publish(&self, mut record: Event) -> Arc<Event> {
+        record.socket = self.state.socket_cookie(record.socket);
         record.owner = self.state.owner_of(&record.listener());
         let record = Arc::new(record);
         let mut history = crate::recover::lock(&self.history);

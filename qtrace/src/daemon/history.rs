@@ -116,6 +116,7 @@ mod tests {
                 netns: 1,
                 addr,
                 port,
+                socket: u64::from(port),
             },
             stats: Some(stats),
             queues: Some(ListenerQueues {
@@ -125,6 +126,8 @@ mod tests {
                 acceptq_max: 4,
                 synq_len: 0,
                 inode: 0,
+                cookie: u64::from(port),
+                uid: 0,
                 drops: 0,
             }),
             owner: None,
@@ -139,6 +142,8 @@ mod tests {
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),
+            occupancy: Default::default(),
+            reclaimed: 0,
         }
     }
 

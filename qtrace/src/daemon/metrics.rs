@@ -109,9 +109,10 @@ impl EncodeLabelSet for Labels {
                 label(e, "netns", id.netns)?;
                 label(e, "addr", id.addr)?;
                 label(e, "port", id.port)?;
+                label(e, "socket", format_args!("{:x}", id.socket))?;
             }
             Listener::Other => {
-                for key in ["netns", "addr", "port"] {
+                for key in ["netns", "addr", "port", "socket"] {
                     label(e, key, "other")?;
                 }
             }
@@ -272,7 +273,9 @@ fn families(
     // Listeners the kernel counted for come first, so a burst of idle listeners cannot push
     // the ones with drops into `other`; within each group the order is stable (by key).
     let mut views: Vec<&ListenerView> = scrape.listeners.iter().collect();
-    views.sort_by_key(|v| (v.stats.is_none(), v.id));
+    // Users' listeners (see `--first-user-uid`) after the system's: no user can push a
+    // service into `other` by opening sockets.
+    views.sort_by_key(|v| (v.stats.is_none(), v.stats.as_ref().is_some_and(|s| s.user), v.id));
     let folded = views.len().saturating_sub(max_series);
     // Every listener sock_diag sees has its counters from the first scrape, at 0 until
     // something happens, so rate() and increase() see its first burst.
@@ -496,6 +499,35 @@ fn self_families(
         kind: MetricType::Gauge,
         samples: vec![(Labels::plain(Vec::new()), Value::Gauge(v as i64))],
     };
+    let occ = &scrape.occupancy;
+    out.push(Family {
+        name: "qtrace_kernel_listener_entries",
+        help: "Listening sockets in the kernel's counter maps now: the system's (created by a uid \
+               below --first-user-uid) and users' each fill a map of their own. Entries of \
+               closed sockets are deleted.",
+        kind: MetricType::Gauge,
+        samples: [("system", occ.system), ("user", occ.user)]
+            .into_iter()
+            .map(|(p, n)| {
+                (
+                    Labels::plain(vec![("partition", p.into())]),
+                    Value::Gauge(n as i64),
+                )
+            })
+            .collect(),
+    });
+    out.push(gauge(
+        "qtrace_kernel_listener_entries_max",
+        "Size of each kernel listener map (--max-listeners); past it new sockets go uncounted \
+         (qtrace_kernel_map_full).",
+        occ.capacity,
+    ));
+    out.push(counter(
+        "qtrace_kernel_listener_entries_reclaimed",
+        "Kernel listener map entries deleted because their socket had closed or its network \
+         namespace was gone.",
+        vec![(vec![], scrape.reclaimed)],
+    ));
     out.push(gauge(
         "qtrace_listener_series_overflow",
         "Listeners past --max-listener-series, summed into the series labelled `other`.",
@@ -667,6 +699,7 @@ mod tests {
             family: AF_INET,
             port,
             addr: key_addr,
+            sock: u64::from(port),
         };
         let stats = (!counts.is_empty()).then(|| {
             let mut s = ListenerStats::empty(key);
@@ -678,7 +711,12 @@ mod tests {
             s
         });
         ListenerView {
-            id: ListenerId { netns, addr, port },
+            id: ListenerId {
+                netns,
+                addr,
+                port,
+                socket: u64::from(port),
+            },
             stats,
             queues: Some(ListenerQueues {
                 addr,
@@ -687,6 +725,8 @@ mod tests {
                 acceptq_max: 128,
                 synq_len: 1,
                 inode: 0,
+                cookie: u64::from(port),
+                uid: 0,
                 drops: 0,
             }),
             owner: Some(Arc::new(Owner {
@@ -735,6 +775,12 @@ mod tests {
             self_stats,
             netns_unreadable: 1,
             netns_unattributed: vec![(4026531840, 0), (4026532000, 0)],
+            occupancy: crate::kernel::counters::Occupancy {
+                system: 2,
+                user: 1,
+                capacity: 4096,
+            },
+            reclaimed: 5,
         }
     }
 
@@ -811,7 +857,7 @@ mod tests {
         let blind = exposition(&probes());
         assert!(
             blind.contains(
-                "qtrace_listen_drops_total{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",reason=\"unclassified\"} 4\n"
+                "qtrace_listen_drops_total{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",socket=\"16\",reason=\"unclassified\"} 4\n"
             ),
             "{blind}"
         );
@@ -821,7 +867,7 @@ mod tests {
         // Every reason has its series, at 0 for the listener nothing was counted for.
         for r in DropReason::ALL {
             let sample = format!(
-                "qtrace_listen_drops_total{{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",reason=\"{}\"}} 0\n",
+                "qtrace_listen_drops_total{{netns=\"4026531840\",addr=\"0.0.0.0\",port=\"22\",socket=\"16\",reason=\"{}\"}} 0\n",
                 r.name()
             );
             assert!(every.contains(&sample), "{sample} in {every}");
@@ -834,10 +880,10 @@ mod tests {
         // The counted listeners sort first (by id): 127.0.0.1:8080 keeps its series, the
         // other counted one and the idle one are folded.
         assert!(text.contains(
-            "qtrace_synack_retransmits_total{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\"} 21"
+            "qtrace_synack_retransmits_total{netns=\"4026531840\",addr=\"127.0.0.1\",port=\"8080\",socket=\"1f90\"} 21"
         ));
         assert!(text.contains(
-            "qtrace_synack_retransmits_total{netns=\"other\",addr=\"other\",port=\"other\"} 2"
+            "qtrace_synack_retransmits_total{netns=\"other\",addr=\"other\",port=\"other\",socket=\"other\"} 2"
         ));
         assert!(
             text.contains("qtrace_listener_series_overflow 2\n"),

@@ -78,6 +78,11 @@ impl State {
         owner
     }
 
+    /// The cookie of the socket an event's kernel key names (see `OwnerIndex::cookie`).
+    pub fn socket_cookie(&self, sock: u64) -> u64 {
+        self.owners.cookie(sock)
+    }
+
     /// Asks [`keep_owners`] for a collect (which refreshes the owner cache).
     pub fn want_owners(&self) {
         self.owners_wanted.notify_one();
@@ -119,6 +124,7 @@ pub fn snapshot(
                 family: Family::of_addr(&v.id.addr),
                 addr: v.id.addr,
                 port: v.id.port,
+                socket: v.id.socket,
                 counters: Counters {
                     unclassified: v.unclassified,
                     ..stats.counters(vis)

@@ -19,6 +19,25 @@ pub struct Namespace {
     file: Arc<File>,
 }
 
+/// The calling thread's network namespace's cookie (`SO_NETNS_COOKIE`, 5.14+): unlike its
+/// inode number, never reused by a later namespace. None on older kernels.
+pub fn cookie() -> Option<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // A socket is made in the calling thread's namespace, whichever that is.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a socket we own, and a buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    unsafe { libc::close(fd) };
+    (rc == 0).then_some(cookie)
+}
+
 /// The inode of this process's own network namespace.
 pub fn own() -> Result<Namespace> {
     namespace(Path::new("/proc/self/ns/net")).context("read /proc/self/ns/net")

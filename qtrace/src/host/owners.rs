@@ -10,6 +10,7 @@ use std::{
 };
 
 use procfs::process::{all_processes, FDTarget, Process};
+use qtrace_common::listener::SOCK_INODE;
 
 pub use crate::api::Owner;
 use crate::{
@@ -21,11 +22,32 @@ use crate::{
 /// [`Owners::lookup_listeners`] found, shared with readers that must never wait for a scan
 /// (the events socket names each event's owner from it).
 #[derive(Clone, Default)]
-pub struct OwnerIndex(Arc<RwLock<HashMap<ListenerId, Arc<Owner>>>>);
+pub struct OwnerIndex(Arc<RwLock<Index>>);
+
+#[derive(Default)]
+struct Index {
+    owners: HashMap<ListenerId, Arc<Owner>>,
+    /// Listening sockets' inode → cookie, as the last dump found them.
+    cookies: HashMap<u32, u64>,
+}
 
 impl OwnerIndex {
     pub fn get(&self, id: &ListenerId) -> Option<Arc<Owner>> {
-        crate::recover::read(&self.0).get(id).cloned()
+        crate::recover::read(&self.0).owners.get(id).cloned()
+    }
+
+    /// The cookie of the socket a kernel key names (`ListenerKey::sock`: a cookie, or an
+    /// inode while the socket had none); 0 when the last dump did not know it.
+    pub fn cookie(&self, sock: u64) -> u64 {
+        if sock & SOCK_INODE == 0 {
+            return sock;
+        }
+        let inode = (sock & !SOCK_INODE) as u32;
+        crate::recover::read(&self.0)
+            .cookies
+            .get(&inode)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -85,8 +107,13 @@ impl Owners {
             .iter()
             .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
             .collect();
-        *crate::recover::write(&self.index.0) = found.clone();
+        crate::recover::write(&self.index.0).owners = found.clone();
         found
+    }
+
+    /// Listening sockets' inode → cookie, from the last dump.
+    pub fn set_sockets(&mut self, cookies: HashMap<u32, u64>) {
+        crate::recover::write(&self.index.0).cookies = cookies;
     }
 
     /// The owners by listener, as the last [`Self::lookup_listeners`] found them.

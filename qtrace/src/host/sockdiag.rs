@@ -30,6 +30,11 @@ pub struct ListenerQueues {
     pub synq_len: u32,
     /// Socket inode, to find the owning process.
     pub inode: u32,
+    /// Socket cookie (`ss -e`'s `sk:`): the dump makes one for every socket it lists, so
+    /// from here on the kernel programs key the socket by it.
+    pub cookie: u64,
+    /// The uid that created the socket.
+    pub uid: u32,
     /// The socket's own drop count (`sk_drops`: `tcp_listendrop()` bumps it for every
     /// handshake packet the listener drops), since the socket was created.
     pub drops: u32,
@@ -51,6 +56,8 @@ pub fn listeners() -> Result<Vec<ListenerQueues>> {
                     acceptq_max: r.send_queue,
                     synq_len: 0,
                     inode: r.inode,
+                    cookie: u64::from_ne_bytes(id.cookie),
+                    uid: r.uid,
                     drops: drops.unwrap_or(0),
                 });
             } else {
@@ -69,6 +76,8 @@ pub fn listeners() -> Result<Vec<ListenerQueues>> {
 
 /// Finds the listener a request socket belongs to: same port, same address or a wildcard
 /// one (an IPv6 wildcard also takes IPv4 peers unless it is v6-only; the exact match wins).
+/// sock_diag does not say which socket of a SO_REUSEPORT group holds a request, so a group's
+/// SYN queue shows on its first socket.
 /// Indexed: a SYN flood leaves thousands of requests, and a host may have thousands of listeners.
 struct ListenerIndex {
     exact: HashMap<(u16, IpAddr), usize>,
@@ -181,6 +190,17 @@ mod tests {
         assert_eq!(me.addr, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(me.acceptq_len, 0);
         assert!(me.acceptq_max > 0 && me.inode > 0, "{me:?}");
+        // The dump made the cookie; SO_COOKIE reads the same one.
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        const SO_COOKIE: libc::c_int = 57;
+        let rc = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE, (&raw mut cookie).cast(), &mut len)
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(me.cookie, cookie);
+        assert_eq!(me.uid, unsafe { libc::geteuid() });
     }
 
     #[test]
@@ -192,6 +212,8 @@ mod tests {
             acceptq_max: 1,
             synq_len: 0,
             inode: 0,
+            cookie: 0,
+            uid: 0,
             drops: 0,
         };
         let ls = vec![

@@ -153,6 +153,7 @@ impl KernelBtf {
             ("skc_family", 2),
             ("skc_net", 8),
             ("skc_v6_rcv_saddr", 16),
+            ("skc_cookie", 8),
         ] {
             let end = skc(member)? + size;
             if end > SOCK_KEY_HEAD {
@@ -172,18 +173,31 @@ impl KernelBtf {
             skc_net: skc("skc_net")?,
             skc_v6_daddr: skc("skc_v6_daddr")?,
             skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
+            skc_cookie: skc("skc_cookie")?,
             net_ns_inum: self.offset("net", "ns.inum")?,
             net_syncookies: self.offset("net", "ipv4.sysctl_tcp_syncookies")?,
             net_abort_on_overflow: self.offset("net", "ipv4.sysctl_tcp_abort_on_overflow")?,
             sk_drops: self.offset("sock", "sk_drops")?,
             sk_ack_backlog: self.offset("sock", "sk_ack_backlog")?,
             sk_max_ack_backlog: self.offset("sock", "sk_max_ack_backlog")?,
+            sk_socket: self.offset("sock", "sk_socket")?,
+            sk_uid: self.offset("sock", "sk_uid")?,
+            socket_ino: self.socket_ino().unwrap_or(0),
             icsk_synq_len: self.offset("inet_connection_sock", "icsk_accept_queue.qlen")?,
             req_num_retrans: self.offset("request_sock", "num_retrans")?,
             skb_head: self.offset("sk_buff", "head")?,
             skb_network_header: self.offset("sk_buff", "network_header")?,
             skb_transport_header: self.offset("sk_buff", "transport_header")?,
         })
+    }
+
+    /// From a `struct socket` to its inode's number: `SOCK_INODE()` is the `vfs_inode` beside
+    /// the socket in `struct socket_alloc`.
+    fn socket_ino(&self) -> Result<u32> {
+        let inode = self.offset("socket_alloc", "vfs_inode")?;
+        let socket = self.offset("socket_alloc", "socket")?;
+        let ino = self.offset("inode", "i_ino")?;
+        Ok(inode - socket + ino)
     }
 
     /// Prototype facts the programs need at run time.

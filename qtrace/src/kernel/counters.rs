@@ -1,6 +1,8 @@
 //! The kernel's counters: the per-CPU listener and self-accounting maps, read and summed
 //! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
+use std::sync::Mutex;
+
 use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap},
@@ -19,6 +21,8 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerStats {
     pub key: ListenerKey,
+    /// Counted in the partition of users' listeners (`sk_uid` ≥ `--first-user-uid`).
+    pub user: bool,
     pub counts: [u64; Counter::COUNT],
     pub wait_buckets: [u64; WAIT_BUCKETS],
     pub wait_sum_ns: u64,
@@ -37,6 +41,7 @@ impl ListenerStats {
     pub fn empty(key: ListenerKey) -> Self {
         ListenerStats {
             key,
+            user: false,
             counts: [0; Counter::COUNT],
             wait_buckets: [0; WAIT_BUCKETS],
             wait_sum_ns: 0,
@@ -80,6 +85,7 @@ impl ListenerStats {
             family: Family::of(self.key.family),
             addr: ip(self.key.family, self.key.addr),
             port: id.port,
+            socket: 0,
             counters: self.counters(vis),
             accept_wait: self.accept_wait(vis),
             queues: None,
@@ -94,6 +100,19 @@ impl ListenerStats {
             s.add_parts(&cpu.counts, &cpu.wait_buckets, cpu.wait_sum_ns);
         }
         s
+    }
+
+    /// Sums the entries of each listening address (netns, family, address, port), whatever
+    /// their socket, sorted by key; their `key.sock` is 0.
+    pub fn by_address(stats: Vec<ListenerStats>) -> Vec<ListenerStats> {
+        let mut out: std::collections::BTreeMap<ListenerKey, ListenerStats> = Default::default();
+        for s in stats {
+            let key = ListenerKey { sock: 0, ..s.key };
+            out.entry(key)
+                .and_modify(|sum| sum.add(&s))
+                .or_insert(ListenerStats { key, ..s });
+        }
+        out.into_values().collect()
     }
 
     /// Adds another listener's counts (for series summed past the label cap).
@@ -112,11 +131,25 @@ impl ListenerStats {
     }
 }
 
+type ListenerMap = PerCpuHashMap<MapData, ListenerKey, ListenerCounters>;
+
 /// The kernel's counter maps, taken out of the eBPF object so readers (the periodic table,
 /// every scrape) need not hold the tracer.
 pub struct KernelCounters {
-    listeners: PerCpuHashMap<MapData, ListenerKey, ListenerCounters>,
+    /// The system's listeners, then users' (see `qtrace_common::maps::USER_LISTENERS`).
+    /// Locked only to delete entries of closed sockets.
+    listeners: Mutex<[ListenerMap; 2]>,
+    /// Entries each listener map holds at most.
+    capacity: usize,
     self_stats: PerCpuArray<MapData, u64>,
+}
+
+/// How full the listener maps are: entries in each partition, and the size of each.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Occupancy {
+    pub system: usize,
+    pub user: usize,
+    pub capacity: usize,
 }
 
 impl KernelCounters {
@@ -125,21 +158,53 @@ impl KernelCounters {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
+        let system = take(maps::LISTENERS)?;
+        let capacity = match &system {
+            aya::maps::Map::PerCpuHashMap(m) => m.info()?.max_entries() as usize,
+            _ => 0,
+        };
         Ok(Self {
-            listeners: PerCpuHashMap::try_from(take(maps::LISTENERS)?)?,
+            capacity,
+            listeners: Mutex::new([
+                PerCpuHashMap::try_from(system)?,
+                PerCpuHashMap::try_from(take(maps::USER_LISTENERS)?)?,
+            ]),
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
         })
     }
 
-    /// Every listener the kernel has counted something for, sorted by key.
+    /// Every listening socket the kernel has counted something for, sorted by key.
     pub fn listeners(&self) -> Result<Vec<ListenerStats>> {
+        let maps = crate::recover::lock(&self.listeners);
         let mut out = Vec::new();
-        for entry in self.listeners.iter() {
-            let (key, per_cpu) = entry.context("read the listener map")?;
-            out.push(ListenerStats::sum(key, &per_cpu));
+        for (i, map) in maps.iter().enumerate() {
+            for entry in map.iter() {
+                let (key, per_cpu) = entry.context("read the listener map")?;
+                let mut stats = ListenerStats::sum(key, &per_cpu);
+                stats.user = i == 1;
+                out.push(stats);
+            }
         }
         out.sort_by_key(|s| s.key);
         Ok(out)
+    }
+
+    /// Deletes the entries of sockets that no longer exist; returns how many went.
+    pub fn forget(&self, gone: &[ListenerStats]) -> usize {
+        let mut maps = crate::recover::lock(&self.listeners);
+        gone.iter()
+            .filter(|s| maps[usize::from(s.user)].remove(&s.key).is_ok())
+            .count()
+    }
+
+    /// Entries per partition (from a [`Self::listeners`] reading) and each map's size.
+    pub fn occupancy(&self, listeners: &[ListenerStats]) -> Occupancy {
+        let user = listeners.iter().filter(|s| s.user).count();
+        Occupancy {
+            system: listeners.len() - user,
+            user,
+            capacity: self.capacity,
+        }
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

@@ -76,6 +76,8 @@ pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
         family: Family::of(l.family),
         laddr: ip(l.family, l.addr),
         lport: l.port,
+        // A cookie, or an inode the daemon turns into one (`OwnerIndex::cookie`).
+        socket: l.sock,
         raddr: Some(ip(l.family, ev.raddr)),
         rport: Some(ev.rport),
         drops: None,
@@ -108,6 +110,7 @@ pub(crate) mod tests {
                 family: AF_INET,
                 port: 8080,
                 addr: laddr,
+                sock: 0x1f2e,
             },
             raddr,
             rport: 40000,
@@ -206,7 +209,7 @@ pub(crate) mod tests {
             serde_json::to_string(&r).unwrap(),
             "{\"type\":\"event\",\"time\":\"2026-11-23T05:01:22.923Z\",\"ts_ns\":1000000000,\
              \"kind\":\"synack_retransmit\",\"netns\":4026532000,\"family\":\"ipv4\",\
-             \"laddr\":\"127.0.0.1\",\"lport\":8080,\"raddr\":\"127.0.0.2\",\"rport\":40000,\
+             \"laddr\":\"127.0.0.1\",\"lport\":8080,\"socket\":\"1f2e\",\"raddr\":\"127.0.0.2\",\"rport\":40000,\
              \"retransmit\":2,\"acceptq_len\":1,\"acceptq_max\":1,\"synq_len\":3,\"synq_max\":1}"
         );
     }

@@ -64,7 +64,9 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
         .override_global(globals::OFFSETS, &offsets, true)
         .override_global(globals::HOOKS, &hooks, true)
         .override_global(globals::EVENT_RATE, &opts.event_rate, true)
+        .override_global(globals::FIRST_USER_UID, &opts.first_user_uid, true)
         .map_max_entries(maps::LISTENERS, opts.max_listeners)
+        .map_max_entries(maps::USER_LISTENERS, opts.max_listeners)
         .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)
         .load(OBJECT)
         .map_err(|e| {

@@ -159,6 +159,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
                 netns: *netns,
                 addr: l.addr,
                 port: l.port,
+                socket: l.cookie,
             };
             let seen = counted.get(&id).copied();
             let counters = seen.map(|c| c.counters);
