@@ -392,10 +392,7 @@ impl TracerArgs {
             best_tier: self.attach.or(file.attach).unwrap_or(Tier::Fentry),
             event_rate,
             max_listeners,
-            first_user_uid: self
-                .first_user_uid
-                .or(file.first_user_uid)
-                .unwrap_or(1000),
+            first_user_uid: self.first_user_uid.or(file.first_user_uid).unwrap_or(1000),
             ringbuf_kib,
             btf: self
                 .btf

@@ -35,11 +35,6 @@ impl ListenerId {
         SocketAddr::new(self.addr, self.port).to_string()
     }
 
-    /// The socket's cookie as labels and JSON write it (lowercase hex, as `ss -e`'s `sk:`).
-    pub fn socket_label(&self) -> String {
-        format!("{:x}", self.socket)
-    }
-
     /// The listening address this socket shares with its SO_REUSEPORT siblings.
     pub fn address(&self) -> (u32, IpAddr, u16) {
         (self.netns, self.addr, self.port)

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -98,14 +98,20 @@ pub struct Collector {
 /// Kernel entries whose socket no collect finds any more. An entry missing from one dump may
 /// belong to a socket made after the dump began; one missing from two consecutive dumps
 /// (and read before the second began) belongs to a socket that has closed, or to a namespace
-/// that is gone: it is deleted, so the maps hold only live sockets, and a socket that comes
-/// back on the same address, or a namespace that gets a dead one's inode number, starts from
-/// zero (Prometheus' reading of a series that goes away and comes back).
+/// that is gone. Such an entry is still exported for [`RECLAIM_AFTER`], so scrapes see a
+/// closed listener's last counts, then deleted: the maps hold only live sockets, and a socket
+/// that comes back on the same address, or a namespace that gets a dead one's inode number,
+/// starts from zero (Prometheus' reading of a series that goes away and comes back).
 #[derive(Default)]
 struct Reclaim {
-    suspects: HashSet<qtrace_common::ListenerKey>,
+    /// Entries missing from the last dump, and since when.
+    suspects: HashMap<qtrace_common::ListenerKey, Instant>,
     deleted: u64,
 }
+
+/// How long the counters of a closed socket stay exported before its entry is deleted: two
+/// scrapes at Prometheus' default interval.
+pub const RECLAIM_AFTER: Duration = Duration::from_secs(30);
 
 impl Collector {
     pub fn new(
@@ -157,7 +163,9 @@ impl Collector {
                 inode: queues.inode,
                 drops: queues.drops.into(),
             });
-            rows.entry(id).or_insert_with(|| ListenerView::new(id)).queues = Some(queues);
+            rows.entry(id)
+                .or_insert_with(|| ListenerView::new(id))
+                .queues = Some(queues);
         }
         let sampled_netns: HashSet<u32> = sampled.listen_drops.iter().map(|(ns, _)| *ns).collect();
         let mut unmatched = Vec::new();
@@ -166,7 +174,13 @@ impl Collector {
                 Some(id) => id,
                 // A namespace that exists but could not be read, or that the filter leaves
                 // out: its sockets are not known to be closed.
-                None if sample_skipped(&stats.key, &sampled_netns, &sampled.unreadable, &filter) => {
+                None if sample_skipped(
+                    &stats.key,
+                    &sampled_netns,
+                    &sampled.unreadable,
+                    &filter,
+                ) =>
+                {
                     ListenerId::from(&stats.key)
                 }
                 None => {
@@ -174,14 +188,17 @@ impl Collector {
                     continue;
                 }
             };
-            let row = rows.entry(id).or_insert_with(|| ListenerView::new(id));
-            match &mut row.stats {
-                // A socket counted first under its inode, then under its cookie.
-                Some(s) => s.add(&stats),
-                None => row.stats = Some(stats),
-            }
+            add_stats(&mut rows, id, stats);
         }
-        let reclaimed = self.reclaim(unmatched);
+        let (reclaimed, closing) = self.reclaim(unmatched);
+        for stats in closing {
+            // A socket that closed: its last counts, under its cookie when the key has one.
+            let mut id = ListenerId::from(&stats.key);
+            if stats.key.sock & SOCK_INODE == 0 {
+                id.socket = stats.key.sock;
+            }
+            add_stats(&mut rows, id, stats);
+        }
         crate::recover::lock(&self.owners).set_sockets(index.inodes);
         let vis = self.vis;
         let classified = |id: &ListenerId| {
@@ -239,16 +256,24 @@ impl Collector {
 }
 
 impl Collector {
-    /// Deletes the entries missing from this dump and the one before (see [`Reclaim`]);
-    /// returns how many were deleted so far.
-    fn reclaim(&self, unmatched: Vec<ListenerStats>) -> u64 {
+    /// Deletes the entries missing from this dump and the one before, for
+    /// [`RECLAIM_AFTER`] (see [`Reclaim`]); returns how many were deleted so far, and the
+    /// entries still to export.
+    fn reclaim(&self, unmatched: Vec<ListenerStats>) -> (u64, Vec<ListenerStats>) {
+        let now = Instant::now();
         let mut r = crate::recover::lock(&self.reclaim);
-        let (gone, fresh): (Vec<_>, Vec<_>) = unmatched
+        let since: Vec<Instant> = unmatched
+            .iter()
+            .map(|s| r.suspects.get(&s.key).copied().unwrap_or(now))
+            .collect();
+        let (gone, kept): (Vec<_>, Vec<_>) = unmatched
             .into_iter()
-            .partition(|s| r.suspects.contains(&s.key));
+            .zip(since)
+            .partition(|(_, since)| now.duration_since(*since) >= RECLAIM_AFTER);
+        let gone: Vec<ListenerStats> = gone.into_iter().map(|(s, _)| s).collect();
         r.deleted += self.counters.forget(&gone) as u64;
-        r.suspects = fresh.into_iter().map(|s| s.key).collect();
-        r.deleted
+        r.suspects = kept.iter().map(|(s, since)| (s.key, *since)).collect();
+        (r.deleted, kept.into_iter().map(|(s, _)| s).collect())
     }
 
     fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
@@ -268,6 +293,16 @@ impl Collector {
     }
 }
 
+/// Adds a kernel entry's counts to its socket's row (a socket counted first under its inode,
+/// then under its cookie, has two entries).
+fn add_stats(rows: &mut BTreeMap<ListenerId, ListenerView>, id: ListenerId, stats: ListenerStats) {
+    let row = rows.entry(id).or_insert_with(|| ListenerView::new(id));
+    match &mut row.stats {
+        Some(s) => s.add(&stats),
+        None => row.stats = Some(stats),
+    }
+}
+
 /// Whether the socket of `key` lives in a namespace this collect did not dump: one that could
 /// not be read, or one the filter leaves out (which is not entered at all).
 fn sample_skipped(
@@ -276,7 +311,8 @@ fn sample_skipped(
     unreadable: &[u32],
     filter: &Filter,
 ) -> bool {
-    !sampled.contains(&key.netns) && (unreadable.contains(&key.netns) || !filter.admits_netns(key.netns))
+    !sampled.contains(&key.netns)
+        && (unreadable.contains(&key.netns) || !filter.admits_netns(key.netns))
 }
 
 /// The sockets one dump found, by each identity the kernel programs may key them by: the

@@ -92,7 +92,11 @@ impl DropLedger {
     /// deleted namespaces; a namespace whose cookie changed is a new one, whose ListenDrops
     /// count from zero and owe nothing to the old one's listeners.
     pub fn identify_namespace(&mut self, ns: u32, cookie: u64) {
-        if self.cookies.insert(ns, cookie).is_some_and(|old| old != cookie) {
+        if self
+            .cookies
+            .insert(ns, cookie)
+            .is_some_and(|old| old != cookie)
+        {
             self.namespaces.remove(&ns);
             self.retired.remove(&ns);
             self.listeners.retain(|id, _| id.netns != ns);

@@ -275,7 +275,13 @@ fn families(
     let mut views: Vec<&ListenerView> = scrape.listeners.iter().collect();
     // Users' listeners (see `--first-user-uid`) after the system's: no user can push a
     // service into `other` by opening sockets.
-    views.sort_by_key(|v| (v.stats.is_none(), v.stats.as_ref().is_some_and(|s| s.user), v.id));
+    views.sort_by_key(|v| {
+        (
+            v.stats.is_none(),
+            v.stats.as_ref().is_some_and(|s| s.user),
+            v.id,
+        )
+    });
     let folded = views.len().saturating_sub(max_series);
     // Every listener sock_diag sees has its counters from the first scrape, at 0 until
     // something happens, so rate() and increase() see its first burst.

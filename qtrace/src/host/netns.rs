@@ -32,7 +32,13 @@ pub fn cookie() -> Option<u64> {
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: a socket we own, and a buffer of the size given.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
     };
     unsafe { libc::close(fd) };
     (rc == 0).then_some(cookie)

@@ -196,7 +196,13 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         const SO_COOKIE: libc::c_int = 57;
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE, (&raw mut cookie).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
         };
         assert_eq!(rc, 0);
         assert_eq!(me.cookie, cookie);

@@ -188,7 +188,12 @@ fn listener_series_are_capped() {
         .filter(|l| l.starts_with("qtrace_synack_retransmits_total{"))
         .collect();
     assert_eq!(series.len(), 3, "two listeners and `other`: {series:?}");
-    let other = [("netns", "other"), ("addr", "other"), ("port", "other")];
+    let other = [
+        ("netns", "other"),
+        ("addr", "other"),
+        ("port", "other"),
+        ("socket", "other"),
+    ];
     assert!(
         sample(&text, "qtrace_synack_retransmits_total", &other).unwrap() >= 2.0,
         "{text}"

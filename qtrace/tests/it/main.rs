@@ -17,5 +17,6 @@ mod events;
 mod handshake;
 mod hardening;
 mod queues;
+mod sockets;
 mod top;
 mod web;
