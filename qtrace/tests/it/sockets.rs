@@ -157,6 +157,34 @@ fn reuseport_sockets_are_counted_apart() {
         );
         assert_eq!(len, Some(if i == 0 { 2.0 } else { 0.0 }), "{c}: {text}");
     }
+    // doctor names the group's imbalance and the full socket.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["doctor", "--json", "--socket", &q.events_socket()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let endpoint = format!("127.0.0.1:{port}");
+    let advice: Vec<&str> = report["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["advice"].as_str())
+        .filter(|a| a.contains(&endpoint) && a.contains("SO_REUSEPORT"))
+        .collect();
+    assert_eq!(advice.len(), 1, "{report}");
+    assert!(
+        advice[0].starts_with(&format!(
+            "1 of 4 sockets on {endpoint} are full (socket {}",
+            cookies[0]
+        )),
+        "{}",
+        advice[0]
+    );
     stop.store(true, Ordering::Relaxed);
     for a in acceptors {
         drop(a.join().unwrap());

@@ -165,3 +165,47 @@ pub fn advise(
         ));
     }
 }
+
+/// SO_REUSEPORT groups in which some sockets' accept queues are full and others' are not:
+/// the kernel spreads connections over a group by hash, so those hashed to a socket whose
+/// process stopped accepting wait or are dropped while its siblings idle. `owner` names a
+/// socket's process by its inode.
+pub fn reuseport_imbalance(
+    out: &mut Vec<Advice>,
+    netns: u32,
+    sockets: &[ListenerQueues],
+    owner: impl Fn(u32) -> Option<Owner>,
+) {
+    let mut groups: BTreeMap<(IpAddr, u16), Vec<&ListenerQueues>> = BTreeMap::new();
+    for l in sockets {
+        groups.entry((l.addr, l.port)).or_default().push(l);
+    }
+    for ((addr, port), group) in groups.iter().filter(|(_, g)| g.len() > 1) {
+        let full: Vec<&&ListenerQueues> = group
+            .iter()
+            .filter(|l| l.acceptq_max > 0 && l.acceptq_len >= l.acceptq_max)
+            .collect();
+        if full.is_empty() || full.len() == group.len() {
+            continue;
+        }
+        let which: Vec<String> = full
+            .iter()
+            .map(|l| match owner(l.inode) {
+                Some(o) => format!("socket {:x} of {o}", l.cookie),
+                None => format!("socket {:x}", l.cookie),
+            })
+            .collect();
+        out.push(Advice {
+            listener: listener_name(None, addr, *port, netns),
+            advice: format!(
+                "{} of {} sockets on {} are full ({}) while the others are not: SO_REUSEPORT \
+                 hashes each connection to one socket, and the process behind a full one \
+                 stopped accepting; its connections wait or are dropped while its siblings idle",
+                full.len(),
+                group.len(),
+                SocketAddr::new(*addr, *port),
+                which.join(", ")
+            ),
+        });
+    }
+}

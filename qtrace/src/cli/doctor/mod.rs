@@ -16,7 +16,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use self::{
-    advice::{advise, listener_name, Advice, Evidence},
+    advice::{advise, listener_name, reuseport_imbalance, Advice, Evidence},
     limits::{limits, measure_synq_rule, read_sysctls, Backlog, SynqRule},
 };
 use crate::{
@@ -173,6 +173,9 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
             advise(&mut advice, &name, l, &lim, sysctls, &evidence);
             listeners.push(listener(*netns, l, owner, lim, counters, last_hour));
         }
+        reuseport_imbalance(&mut advice, *netns, queues, |inode| {
+            owners.get(&inode).map(|o| (**o).clone())
+        });
     }
     let report = Report {
         kernel: Kernel {
