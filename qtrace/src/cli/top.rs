@@ -2,6 +2,7 @@
 //! retransmits/s, accept wait — from the daemon (or probes of its own with --standalone).
 
 use std::{
+    collections::HashMap,
     io::{self, IsTerminal, Write},
     path::PathBuf,
     time::{Duration, Instant},
@@ -126,9 +127,27 @@ impl Row {
     }
 }
 
-/// Rows from two snapshots `secs` apart.
+/// Rows from two snapshots `secs` apart. The sockets of a SO_REUSEPORT group are a row each,
+/// marked `[i/n]` (by cookie), so one full socket among idle siblings stands out.
 pub fn rows(prev: &Listeners, cur: &Listeners, secs: f64) -> Vec<Row> {
     let before = prev.by_id();
+    let mut groups: HashMap<_, Vec<u64>> = HashMap::new();
+    for l in &cur.listeners {
+        groups.entry(l.id().address()).or_default().push(l.socket);
+    }
+    for sockets in groups.values_mut() {
+        sockets.sort_unstable();
+    }
+    let name = |l: &crate::api::Listener| {
+        let id = l.id();
+        match groups.get(&id.address()).map(Vec::as_slice) {
+            Some(group @ [_, _, ..]) => {
+                let i = group.iter().position(|s| *s == l.socket).unwrap_or(0);
+                format!("{} [{}/{}]", id.endpoint(), i + 1, group.len())
+            }
+            _ => id.endpoint(),
+        }
+    };
     cur.listeners
         .iter()
         .map(|l| {
@@ -140,7 +159,7 @@ pub fn rows(prev: &Listeners, cur: &Listeners, secs: f64) -> Vec<Row> {
             };
             let rate = |c: Counter| per_second(&|cs| cs.get(c));
             Row {
-                listener: l.id().endpoint(),
+                listener: name(l),
                 owner: l.owner.as_ref().map_or(String::new(), |o| o.to_string()),
                 acceptq: l.queues.map(|q| (q.accept_len, q.accept_limit)),
                 synq: l.queues.map(|q| q.syn_len),
@@ -380,6 +399,29 @@ mod tests {
               "queues": null, "counters": {} }
         ]}))
         .unwrap()
+    }
+
+    #[test]
+    fn reuseport_sockets_are_rows_of_their_group() {
+        let socket = |cookie: &str, len: u64| {
+            json!({ "netns": 1, "family": "ipv4", "addr": "0.0.0.0", "port": 443, "socket": cookie,
+                    "queues": { "accept_len": len, "accept_limit": 10, "syn_len": 0 },
+                    "counters": {} })
+        };
+        let snap: Listeners = serde_json::from_value(json!({ "type": "listeners", "listeners": [
+            socket("2b", 10), socket("1a", 0),
+            { "netns": 1, "family": "ipv4", "addr": "0.0.0.0", "port": 80, "socket": "3c",
+              "counters": {} }
+        ]}))
+        .unwrap();
+        let names: Vec<String> = rows(&snap, &snap, 1.0)
+            .into_iter()
+            .map(|r| r.listener)
+            .collect();
+        assert_eq!(
+            names,
+            ["0.0.0.0:443 [2/2]", "0.0.0.0:443 [1/2]", "0.0.0.0:80"]
+        );
     }
 
     #[test]
