@@ -306,3 +306,65 @@ fn entries_of_closed_sockets_and_deleted_namespaces_are_reclaimed() {
     let reclaimed = sample(&text, "qtrace_kernel_listener_entries_reclaimed_total", &[]);
     assert!(reclaimed.unwrap_or(0.0) >= 20.0, "{text}");
 }
+
+/// A listener on 127.0.0.1:`port` in `ns` whose final ACKs are dropped, with one client:
+/// the listener, the client, and the namespace's SYN-ACK retransmits once there are `n`.
+fn retransmits_at(ns: &Netns, port: u16, n: u64) -> (Socket, u64) {
+    let (server, port) = crate::common::listener_on(ns, "127.0.0.1", port, 16);
+    ns.drop_final_acks(&[port]);
+    let before = ns.tcp_ext();
+    let client = connect_nonblocking(ns, "127.0.0.1", port, 1);
+    ns.wait_for(&before, "TCPSynRetrans", n, Duration::from_secs(20));
+    drop(client);
+    let after = ns.tcp_ext();
+    (server, delta(&before, &after, "TCPSynRetrans"))
+}
+
+/// The kernel gives a new network namespace the inode number of a deleted one. A listener
+/// there, on the same address and port as one the deleted namespace had, is another socket:
+/// its counters start from zero instead of inheriting the dead one's.
+#[test]
+fn a_namespace_that_reuses_an_inode_starts_from_zero() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    const PORT: u16 = 40123;
+    // Namespaces that had a counted listener on PORT, by inode, until a new namespace gets
+    // one of their inode numbers (freed asynchronously, then handed out lowest first).
+    let mut dead = std::collections::HashMap::new();
+    let (ns, old) = loop {
+        let ns = Netns::new();
+        if let Some(&old) = dead.get(&ns.inode) {
+            break (ns, old);
+        }
+        assert!(
+            dead.len() < 30,
+            "the kernel reused no namespace inode number in 30 tries"
+        );
+        let (server, n) = retransmits_at(&ns, PORT, 1);
+        assert!(wait_until(Duration::from_secs(10), || {
+            api_sockets(&q, &ns, PORT)
+                .iter()
+                .any(|l| l["counters"]["synack_retransmits"].as_u64() >= Some(n))
+        }));
+        dead.insert(ns.inode, n);
+        drop(server);
+        drop(ns);
+        thread::sleep(Duration::from_millis(300));
+    };
+    let (server, n) = retransmits_at(&ns, PORT, 2);
+    let mine = cookie(&server);
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = api_sockets(&q, &ns, PORT);
+            seen.iter().any(|l| l["socket"] == mine.as_str())
+        }),
+        "{seen:?}"
+    );
+    let row = seen.iter().find(|l| l["socket"] == mine.as_str()).unwrap();
+    assert_eq!(
+        row["counters"]["synack_retransmits"], n,
+        "its own {n} retransmits, not the dead namespace's {old} on top: {row}"
+    );
+    drop(server);
+}
