@@ -238,6 +238,18 @@ fn retransmitting(ns: &Netns, n: usize, uid: u32) -> (Vec<Socket>, Vec<Socket>) 
 #[test]
 fn a_user_cannot_crowd_out_a_service() {
     require_root();
+    // 640 listeners and as many clients: more descriptors than a guest's default soft limit.
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit on this process.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile);
+        nofile.rlim_cur = nofile.rlim_max.max(4096);
+        nofile.rlim_max = nofile.rlim_cur;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &nofile), 0);
+    }
     // Large enough for the system listeners of the tests running beside this one.
     let q = Qtrace::start(&["--max-listeners", "64"]);
     let crowd = Netns::new();

@@ -223,13 +223,27 @@ pub fn attach_area(
     status
 }
 
+/// The error's first line; for a program the verifier rejected, with the verifier's reason
+/// (the last line of its log before its statistics), which says what to look at. The whole
+/// log is at debug level.
 fn first_line(err: &anyhow::Error) -> String {
     let text = format!("{err:#}");
     let line = text.lines().next().unwrap_or_default();
-    // Verifier logs follow the first line; the summary is enough here.
-    match line.find(". Verifier output") {
-        Some(cut) => line[..cut].to_string(),
-        None => line.to_string(),
+    let Some(cut) = text.find(". Verifier output") else {
+        return line.to_string();
+    };
+    let summary = &text[..cut.min(line.len())];
+    let reason = text[cut..]
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time")
+        })
+        .last();
+    match reason {
+        Some(r) => format!("{summary} (verifier: {r})"),
+        None => summary.to_string(),
     }
 }
 
@@ -368,6 +382,24 @@ mod tests {
                 })
             }),
         }
+    }
+
+    #[test]
+    fn a_verifier_rejection_says_why_in_one_line() {
+        let err = anyhow!(
+            "qt_ack_krp at kretprobe:f: the BPF_PROG_LOAD syscall returned Permission denied \
+             (os error 13). Verifier output: 0: (bf) r6 = r1\n1: (79) r1 = *(u64 *)(r6 +104)\n\
+             R1 invalid mem access 'inv'\nprocessed 12 insns (limit 1000000)\n"
+        );
+        assert_eq!(
+            first_line(&err),
+            "qt_ack_krp at kretprobe:f: the BPF_PROG_LOAD syscall returned Permission denied \
+             (os error 13) (verifier: R1 invalid mem access 'inv')"
+        );
+        assert_eq!(
+            first_line(&anyhow!("no such function\nmore")),
+            "no such function"
+        );
     }
 
     #[test]
