@@ -125,15 +125,41 @@ pub fn emit(
     kind: EventKind,
     details: impl FnOnce() -> Details,
 ) {
+    emit_two(c, key, kind, None, details)
+}
+
+/// [`emit`] for a packet that makes two events (a dropped final ACK answered with a reset),
+/// each under the rate limit, sharing one reading of the details. `details` is called at one
+/// place only, so it is inlined: as a closure called twice it became a BPF subprogram whose
+/// stack frame, added to the caller's, passed the 512-byte limit on 5.10.
+#[inline(always)]
+pub fn emit_two(
+    c: *mut ListenerCounters,
+    key: &ListenerKey,
+    kind: EventKind,
+    then: Option<EventKind>,
+    details: impl FnOnce() -> Details,
+) {
     let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(c, now) {
+    let first = take_token(c, now);
+    let second = match then {
+        Some(k) if take_token(c, now) => Some(k),
+        _ => None,
+    };
+    if !first && second.is_none() {
         return;
     }
-    let Details {
-        remote,
-        queues,
-        retrans,
-    } = details();
+    let d = details();
+    if first {
+        put(key, kind, &d, now);
+    }
+    if let Some(k) = second {
+        put(key, k, &d, now);
+    }
+}
+
+#[inline(always)]
+fn put(key: &ListenerKey, kind: EventKind, d: &Details, now: u64) {
     let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
         self_stat(SelfStat::RingbufFull);
         return;
@@ -141,14 +167,14 @@ pub fn emit(
     entry.write(Event {
         ts_ns: now,
         listener: *key,
-        raddr: remote.addr,
-        rport: remote.port,
+        raddr: d.remote.addr,
+        rport: d.remote.port,
         kind: kind as u8,
-        retrans,
-        acceptq_len: queues.acceptq.len,
-        acceptq_max: queues.acceptq.max,
-        synq_len: queues.synq_len,
-        synq_max: queues.acceptq.max,
+        retrans: d.retrans,
+        acceptq_len: d.queues.acceptq.len,
+        acceptq_max: d.queues.acceptq.max,
+        synq_len: d.queues.synq_len,
+        synq_max: d.queues.acceptq.max,
         _pad: 0,
     });
     entry.submit(0);

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use qtrace_common::{Counter, EventKind};
 
 use crate::{
-    account::{bump, count, emit, Details},
+    account::{bump, count, emit_two, Details},
     kernel::{
         hook, listener, listener_of_request, offset, skb_is_ipv4, AcceptQueue, Listener, Mem,
         Remote, Typed, Untyped,
@@ -49,6 +49,7 @@ fn on_return<M: Mem>(
     dropped(
         sk,
         &l,
+        #[inline(always)]
         || Remote::of_request(m, req, family).unwrap_or_default(),
         req_unhash != 0,
     )
@@ -73,16 +74,25 @@ fn dropped<M: Mem>(
         (Counter::DropOther, EventKind::DropOther)
     };
     let c = count(l, counter).ok_or(())?;
-    let details = || Details {
-        remote: remote(),
-        queues: acceptq.with_synq(sk),
-        retrans: 0,
-    };
-    emit(c, &l.key, kind, &details);
-    if may_reset && l.sysctl_u8(offset!(net_abort_on_overflow))? != 0 {
+    // A failed read is counted (ReadFailed) and costs the reset its count, not the drop its event.
+    let reset = may_reset
+        && l.sysctl_u8(offset!(net_abort_on_overflow))
+            .is_ok_and(|v| v != 0);
+    if reset {
         bump(c, Counter::OverflowResets);
-        emit(c, &l.key, EventKind::OverflowReset, &details);
     }
+    emit_two(
+        c,
+        &l.key,
+        kind,
+        reset.then_some(EventKind::OverflowReset),
+        #[inline(always)]
+        || Details {
+            remote: remote(),
+            queues: acceptq.with_synq(sk),
+            retrans: 0,
+        },
+    );
     Ok(())
 }
 
@@ -201,6 +211,7 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
     dropped(
         sk,
         &l,
+        #[inline(always)]
         || Remote::of_skb(Typed, skb, family).unwrap_or_default(),
         from_check_req,
     )

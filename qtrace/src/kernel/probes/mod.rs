@@ -237,8 +237,12 @@ fn first_line(err: &anyhow::Error) -> String {
         .lines()
         .skip(1)
         .map(str::trim)
+        // After the log, `{:#}` appends the error's source (": Permission denied …").
         .filter(|l| {
-            !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time")
+            !l.is_empty()
+                && !l.starts_with(':')
+                && !l.starts_with("processed ")
+                && !l.starts_with("verification time")
         })
         .last();
     match reason {
@@ -389,7 +393,8 @@ mod tests {
         let err = anyhow!(
             "qt_ack_krp at kretprobe:f: the BPF_PROG_LOAD syscall returned Permission denied \
              (os error 13). Verifier output: 0: (bf) r6 = r1\n1: (79) r1 = *(u64 *)(r6 +104)\n\
-             R1 invalid mem access 'inv'\nprocessed 12 insns (limit 1000000)\n"
+             R1 invalid mem access 'inv'\nprocessed 12 insns (limit 1000000)\n: Permission \
+             denied (os error 13)"
         );
         assert_eq!(
             first_line(&err),
