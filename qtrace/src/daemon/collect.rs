@@ -76,6 +76,8 @@ pub struct Scrape {
     /// Per namespace sampled: its ListenDrops growth minus the drops qtrace attributed to its
     /// listeners (see [`super::drops`]).
     pub netns_unattributed: Vec<(u32, i64)>,
+    /// The container name resolver's counts; None where it does not run (`top --standalone`).
+    pub names: Option<crate::host::names::NameCounts>,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -110,6 +112,11 @@ impl Collector {
     /// The owners by listener, as the last collect found them.
     pub fn owner_index(&self) -> OwnerIndex {
         crate::recover::lock(&self.owners).index()
+    }
+
+    /// Names containers, pods and network namespaces in the owners from now on.
+    pub fn set_names(&self, names: std::sync::Arc<crate::host::names::Resolver>) {
+        crate::recover::lock(&self.owners).set_names(names);
     }
 
     pub fn set_filter(&self, filter: Filter) {
@@ -184,7 +191,10 @@ impl Collector {
             .values()
             .filter_map(|r| Some((r.id, r.queues.as_ref()?.inode)))
             .collect();
-        let mut owners = crate::recover::lock(&self.owners).lookup_listeners(&sockets);
+        let (mut owners, names) = {
+            let mut o = crate::recover::lock(&self.owners);
+            (o.lookup_listeners(&sockets), o.name_counts())
+        };
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }
@@ -198,6 +208,7 @@ impl Collector {
                 .into_iter()
                 .filter(|(ns, _)| filter.admits_netns(*ns))
                 .collect(),
+            names,
         })
     }
 }

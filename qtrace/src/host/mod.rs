@@ -8,9 +8,13 @@
 //! [`crate::api`], [`crate::listener`] and [`crate::recover`]; never `crate::kernel`, `crate::daemon` or
 //! `crate::cli`.
 
+pub mod grpc;
 pub mod heap;
+pub mod names;
 pub mod netns;
 pub mod netstat;
 pub mod owners;
+pub mod protobuf;
+pub mod runtimes;
 pub mod sockdiag;
 pub mod workload;

@@ -13,7 +13,10 @@ use procfs::process::{all_processes, FDTarget, Process};
 
 pub use crate::api::Owner;
 use crate::{
-    host::workload::{self, Workload},
+    host::{
+        names::Resolver,
+        workload::{self, Workload},
+    },
     listener::ListenerId,
 };
 
@@ -46,6 +49,8 @@ pub struct Owners {
     /// Full /proc walks so far.
     scans: u64,
     index: OwnerIndex,
+    /// Container, pod and network namespace names; None leaves them empty.
+    names: Option<Arc<Resolver>>,
 }
 
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -80,13 +85,62 @@ impl Owners {
         &mut self,
         sockets: &[(ListenerId, u32)],
     ) -> HashMap<ListenerId, Arc<Owner>> {
-        let by_inode = self.lookup(sockets.iter().map(|s| s.1));
+        self.lookup(sockets.iter().map(|s| s.1));
+        self.name(sockets);
+        let by_inode = &self.by_inode;
         let found: HashMap<ListenerId, Arc<Owner>> = sockets
             .iter()
             .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
             .collect();
         *crate::recover::write(&self.index.0) = found.clone();
         found
+    }
+
+    /// What the name resolver did so far; None without one.
+    pub fn name_counts(&self) -> Option<crate::host::names::NameCounts> {
+        self.names.as_ref().map(|n| n.counts())
+    }
+
+    /// Names containers, pods and network namespaces from now on.
+    pub fn set_names(&mut self, names: Arc<Resolver>) {
+        self.names = Some(names);
+    }
+
+    /// Fills in the names the resolver knows now (from memory: what it does not know yet is
+    /// queued, and named on a later lookup). An owner is copied only when a name changed.
+    fn name(&mut self, sockets: &[(ListenerId, u32)]) {
+        let Some(names) = &self.names else { return };
+        for (id, inode) in sockets {
+            let Some(o) = self.by_inode.get(inode) else {
+                continue;
+            };
+            let found = names.container(&o.container_id);
+            let n = found.as_deref();
+            let netns_name = names.netns_name(id.netns, n);
+            let field = |f: fn(&super::runtimes::Names) -> &String| {
+                n.map_or(String::new(), |n| f(n).clone())
+            };
+            let (container, pod, pod_namespace) = (
+                field(|n| &n.container),
+                field(|n| &n.pod),
+                field(|n| &n.pod_namespace),
+            );
+            if o.container == container
+                && o.pod == pod
+                && o.pod_namespace == pod_namespace
+                && o.netns_name == netns_name
+            {
+                continue;
+            }
+            let named = Owner {
+                container,
+                pod,
+                pod_namespace,
+                netns_name,
+                ..(**o).clone()
+            };
+            self.by_inode.insert(*inode, Arc::new(named));
+        }
     }
 
     /// The owners by listener, as the last [`Self::lookup_listeners`] found them.
@@ -131,6 +185,7 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
                     container_id: workload
                         .container
                         .map_or(String::new(), |c| format!("{}://{}", c.runtime, c.id)),
+                    ..Owner::default()
                 }),
             );
         }

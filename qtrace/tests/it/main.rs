@@ -19,3 +19,4 @@ mod hardening;
 mod queues;
 mod top;
 mod web;
+mod workload;

@@ -20,6 +20,10 @@ use crate::{
 pub struct Advice {
     pub listener: String,
     pub advice: String,
+    /// Who the listener belongs to (`<pod_namespace>/<pod>/<container>`, else the
+    /// container, unit or command, as [`Owner::workload`]); the text groups advice by it.
+    #[serde(default)]
+    pub workload: String,
 }
 
 /// How advice names a listener: `nginx[7] on 0.0.0.0:80 (netns 4026531840)`.
@@ -111,6 +115,7 @@ pub fn advise(
         out.push(Advice {
             listener: who.to_string(),
             advice,
+            workload: String::new(),
         })
     };
     let was_full = evidence

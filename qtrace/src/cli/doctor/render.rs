@@ -61,8 +61,20 @@ pub fn human(r: &Report) -> String {
     }
     if !r.advice.is_empty() {
         s += "\nADVICE\n";
+        // Grouped by workload, in the order each first needs advice: what one team owns
+        // reads as one block.
+        let mut order: Vec<&str> = Vec::new();
         for a in &r.advice {
-            s += &format!("- {}: {}\n", a.listener, a.advice);
+            if !order.contains(&a.workload.as_str()) {
+                order.push(&a.workload);
+            }
+        }
+        for w in order {
+            let title = if w.is_empty() { "(owner unknown)" } else { w };
+            s += &format!("{title}\n");
+            for a in r.advice.iter().filter(|a| a.workload == w) {
+                s += &format!("  - {}: {}\n", a.listener, a.advice);
+            }
         }
     }
     s
