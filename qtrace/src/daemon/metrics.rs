@@ -525,7 +525,7 @@ fn self_families(
             "qtrace_container_name_lookups",
             "Lookups of container names from their runtime (one per container id not seen \
              before, and again after --container-names-retry for those not found), by result; \
-             queue_full: not asked, 64 lookups were waiting.",
+             queue_full: not asked yet, 256 lookups were waiting (asked on a later scrape).",
             vec![
                 (vec![("result", "found".into())], n.found),
                 (vec![("result", "not_found".into())], n.not_found),

@@ -3,7 +3,7 @@
 //!
 //! [`Resolver`] answers from memory only, so a scrape or an event never waits for a runtime:
 //! an id it has not seen is queued for its own thread (at most [`QUEUE`] waiting; more are
-//! counted and asked again later) and shows up named from a later scrape on. It keeps at most
+//! counted and asked for on the next lookup) and shows up named from a later scrape on. It keeps at most
 //! `capacity` containers (the oldest go first, counted), remembers what no runtime knew for
 //! `retry` before asking again, and warns about a runtime that fails at most once per
 //! [`WARN_EVERY`].
@@ -22,7 +22,7 @@ use std::{
 pub use super::runtimes::{Names, Runtimes};
 
 /// Lookups waiting for the thread at most.
-pub const QUEUE: usize = 64;
+pub const QUEUE: usize = 256;
 
 /// One warning per runtime this often at most.
 pub const WARN_EVERY: Duration = Duration::from_secs(600);
@@ -32,8 +32,8 @@ pub const NETNS_DIR: &str = "/run/netns";
 
 /// `ip netns` names are read again after this long (a name removed or given to another
 /// namespace must not stay), or when a namespace without a name shows up, at most every
-/// [`NETNS_RETRY`].
-const NETNS_FRESH: Duration = Duration::from_secs(30);
+/// [`NETNS_RETRY`]; owners named are looked at again after as long.
+pub const NETNS_FRESH: Duration = Duration::from_secs(30);
 const NETNS_RETRY: Duration = Duration::from_secs(5);
 
 /// Names kept at most in /run/netns (a directory anyone with CAP_SYS_ADMIN can fill).
@@ -81,6 +81,14 @@ pub struct Stats {
     pub queue_full: AtomicU64,
     /// Containers forgotten to stay within `capacity`.
     pub evicted: AtomicU64,
+}
+
+/// What [`Resolver::lookup`] knows of a listener's owner now.
+pub struct Lookup {
+    pub names: Option<Arc<Names>>,
+    pub ip: Option<Arc<str>>,
+    /// Asking again before the retry interval would give the same answer.
+    pub settled: bool,
 }
 
 /// [`Stats`] read at one moment, with the containers remembered then.
@@ -198,11 +206,32 @@ impl Resolver {
     }
 
     /// The names of container `<runtime>://<id>` if known now; an unknown one is queued.
+    #[cfg(test)]
     pub fn container(&self, container_id: &str) -> Option<Arc<Names>> {
+        self.container_in(&mut crate::recover::lock(&self.cache), container_id)
+    }
+
+    /// The names of container `container_id` and the `ip netns` name of namespace `netns`,
+    /// under one lock (a scrape asks this for every listener), and whether that is the answer
+    /// until `retry` passes: the container's names found, or known to be unknown, and the
+    /// `ip netns` names read.
+    pub fn lookup(&self, container_id: &str, netns: u32) -> Lookup {
+        let mut c = crate::recover::lock(&self.cache);
+        let names = self.container_in(&mut c, container_id);
+        let ip = self.netns_in(&mut c, netns);
+        let settled = c.netns_read.is_some()
+            && (container_id.is_empty()
+                || matches!(
+                    c.containers.get(container_id),
+                    Some(Entry::Found(_) | Entry::Missing(_))
+                ));
+        Lookup { names, ip, settled }
+    }
+
+    fn container_in(&self, c: &mut Cache, container_id: &str) -> Option<Arc<Names>> {
         if container_id.is_empty() {
             return None;
         }
-        let mut c = crate::recover::lock(&self.cache);
         match c.containers.get(container_id) {
             Some(Entry::Found(n)) => return Some(n.clone()),
             Some(Entry::Pending) => return None,
@@ -218,23 +247,27 @@ impl Resolver {
                 c.order.push_back(container_id.to_string());
             }
         }
-        let entry = match self
+        match self
             .tx
             .try_send(Request::Container(container_id.to_string()))
         {
-            Ok(()) => Entry::Pending,
-            Err(_) => {
-                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-                Entry::Missing(Instant::now())
+            Ok(()) => {
+                c.containers
+                    .insert(container_id.to_string(), Entry::Pending);
             }
-        };
-        c.containers.insert(container_id.to_string(), entry);
+            Err(_) => {
+                // Asked again on the next lookup (the next scrape), not after `retry`: a
+                // burst of new containers is named a queue's worth per scrape.
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                if !c.containers.contains_key(container_id) {
+                    c.order.retain(|id| id != container_id);
+                }
+            }
+        }
         None
     }
 
-    /// The `ip netns` name of namespace `inode`, if it has one.
-    pub fn netns(&self, inode: u32) -> Option<Arc<str>> {
-        let mut c = crate::recover::lock(&self.cache);
+    fn netns_in(&self, c: &mut Cache, inode: u32) -> Option<Arc<str>> {
         let name = c.netns.get(&inode).cloned();
         let stale = c.netns_read.is_none_or(|t| t.elapsed() >= NETNS_FRESH);
         let ask =
@@ -245,21 +278,28 @@ impl Resolver {
         name
     }
 
-    /// The name of namespace `inode`: its `ip netns` name, else (outside the host's
-    /// namespace) the pod, or the container, whose process holds a socket in it.
-    pub fn netns_name(&self, inode: u32, holder: Option<&Names>) -> String {
-        if let Some(n) = self.netns(inode) {
-            return n.to_string();
+    /// The name of namespace `inode` in three parts to join (so that a scrape compares it
+    /// without building it): its `ip netns` name `ip`, else (outside the host's namespace)
+    /// `<pod_namespace>/<pod>` of the pod, or the name of the container, whose process holds
+    /// a socket in it; else empty.
+    pub fn netns_name<'a>(
+        &self,
+        inode: u32,
+        ip: Option<&'a str>,
+        holder: Option<&'a Names>,
+    ) -> [&'a str; 3] {
+        if let Some(n) = ip {
+            return [n, "", ""];
         }
         match holder {
             Some(h) if Some(inode) != self.host_netns => {
                 if !h.pod.is_empty() {
-                    format!("{}/{}", h.pod_namespace, h.pod)
+                    [&h.pod_namespace, "/", &h.pod]
                 } else {
-                    h.container.clone()
+                    [&h.container, "", ""]
                 }
             }
-            _ => String::new(),
+            _ => ["", "", ""],
         }
     }
 
@@ -366,10 +406,14 @@ mod tests {
             pod: "checkout-7d9f".into(),
             pod_namespace: "shop".into(),
         };
-        assert_eq!(r.netns_name(1, Some(&pod)), "shop/checkout-7d9f");
-        assert_eq!(r.netns_name(1, None), "");
+        assert_eq!(
+            r.netns_name(1, None, Some(&pod)).concat(),
+            "shop/checkout-7d9f"
+        );
+        assert_eq!(r.netns_name(1, Some("blue"), Some(&pod)).concat(), "blue");
+        assert_eq!(r.netns_name(1, None, None).concat(), "");
         if let Some(host) = r.host_netns {
-            assert_eq!(r.netns_name(host, Some(&pod)), "");
+            assert_eq!(r.netns_name(host, None, Some(&pod)).concat(), "");
         }
     }
 }

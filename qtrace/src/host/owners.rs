@@ -14,7 +14,7 @@ use procfs::process::{all_processes, FDTarget, Process};
 pub use crate::api::Owner;
 use crate::{
     host::{
-        names::Resolver,
+        names::{self, Resolver},
         workload::{self, Workload},
     },
     listener::ListenerId,
@@ -51,6 +51,11 @@ pub struct Owners {
     index: OwnerIndex,
     /// Container, pod and network namespace names; None leaves them empty.
     names: Option<Arc<Resolver>>,
+    /// Sockets whose owner's names are settled (found, known to be unknown, or no container),
+    /// skipped by [`Self::name`] until the next scan or for [`names::NETNS_FRESH`]: a scrape
+    /// of 10,000 settled listeners then costs a set lookup each.
+    settled: HashSet<u32>,
+    settled_since: Option<Instant>,
 }
 
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -71,6 +76,7 @@ impl Owners {
         std::thread::sleep(wait);
         let start = Instant::now();
         self.by_inode = scan(&wanted);
+        self.settled.clear();
         let took = start.elapsed();
         tracing::debug!(sockets = wanted.len(), ?took, "owner scan");
         self.looked_for = wanted;
@@ -110,33 +116,49 @@ impl Owners {
     /// queued, and named on a later lookup). An owner is copied only when a name changed.
     fn name(&mut self, sockets: &[(ListenerId, u32)]) {
         let Some(names) = &self.names else { return };
+        if self
+            .settled_since
+            .is_none_or(|t| t.elapsed() >= names::NETNS_FRESH)
+        {
+            self.settled.clear();
+            self.settled_since = Some(Instant::now());
+        }
         for (id, inode) in sockets {
+            if self.settled.contains(inode) {
+                continue;
+            }
             let Some(o) = self.by_inode.get(inode) else {
                 continue;
             };
-            let found = names.container(&o.container_id);
+            let names::Lookup {
+                names: found,
+                ip,
+                settled,
+            } = names.lookup(&o.container_id, id.netns);
+            if settled {
+                self.settled.insert(*inode);
+            }
             let n = found.as_deref();
-            let netns_name = names.netns_name(id.netns, n);
-            let field = |f: fn(&super::runtimes::Names) -> &String| {
-                n.map_or(String::new(), |n| f(n).clone())
-            };
+            let field = |f: fn(&super::runtimes::Names) -> &str| n.map_or("", f);
             let (container, pod, pod_namespace) = (
                 field(|n| &n.container),
                 field(|n| &n.pod),
                 field(|n| &n.pod_namespace),
             );
+            let netns_name = names.netns_name(id.netns, ip.as_deref(), n);
+            // Compared in place: a scrape of 10,000 unchanged listeners allocates nothing.
             if o.container == container
                 && o.pod == pod
                 && o.pod_namespace == pod_namespace
-                && o.netns_name == netns_name
+                && is_joined(&o.netns_name, netns_name)
             {
                 continue;
             }
             let named = Owner {
-                container,
-                pod,
-                pod_namespace,
-                netns_name,
+                container: container.to_string(),
+                pod: pod.to_string(),
+                pod_namespace: pod_namespace.to_string(),
+                netns_name: netns_name.concat(),
                 ..(**o).clone()
             };
             self.by_inode.insert(*inode, Arc::new(named));
@@ -156,6 +178,18 @@ impl Owners {
         pids.iter()
             .any(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     }
+}
+
+/// Whether `s` is `parts` joined.
+fn is_joined(s: &str, parts: [&str; 3]) -> bool {
+    let mut rest = s;
+    for p in parts {
+        match rest.strip_prefix(p) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
 }
 
 fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
@@ -298,5 +332,72 @@ mod tests {
             "/system.slice/docker-1f2e.scope"
         );
         assert_eq!(cgroup_path([cg(0, "", "/")].into_iter()), "");
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use crate::host::names::{Options, Resolver, Runtimes};
+
+    #[test]
+    #[ignore]
+    fn naming_ten_thousand_listeners() {
+        let dir = std::env::temp_dir().join(format!("qtrace-cost-{}", std::process::id()));
+        let ids: Vec<String> = (0..100).map(|i| format!("{i:064x}")).collect();
+        for id in &ids {
+            let d = dir.join("containers").join(id);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("config.v2.json"), r#"{"Name":"/web","Config":{"Labels":{"io.kubernetes.pod.name":"p","io.kubernetes.pod.namespace":"n"}}}"#).unwrap();
+        }
+        let names = Resolver::start(Options {
+            runtimes: Runtimes {
+                containerd_socket: None,
+                docker_root: Some(dir.clone()),
+                podman_root: None,
+            },
+            retry: Duration::from_secs(60),
+            capacity: 4096,
+            netns_dir: dir.join("netns"),
+        });
+        let mut owners = Owners::default();
+        let mut sockets = Vec::new();
+        for i in 0..10_000u32 {
+            let id = ListenerId {
+                netns: 4026532000 + i / 100,
+                addr: "10.0.0.1".parse().unwrap(),
+                port: (i % 60000) as u16,
+            };
+            owners.by_inode.insert(
+                i,
+                Arc::new(Owner {
+                    pid: i as i32,
+                    comm: "x".into(),
+                    container_id: format!("docker://{}", ids[(i % 100) as usize]),
+                    ..Owner::default()
+                }),
+            );
+            sockets.push((id, i));
+        }
+        owners.looked_for = (0..10_000).collect();
+        owners.scanned = Some((Instant::now(), Duration::ZERO));
+        owners.set_names(names.clone());
+        let t = Instant::now();
+        owners.name(&sockets);
+        eprintln!("first pass (queues 100 lookups): {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        owners.name(&sockets);
+        eprintln!(
+            "second pass (names filled, owners copied): {:?}",
+            t.elapsed()
+        );
+        for _ in 0..3 {
+            let t = Instant::now();
+            owners.name(&sockets);
+            eprintln!("steady pass: {:?}", t.elapsed());
+        }
+        eprintln!("{:?}", names.counts());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
