@@ -218,6 +218,11 @@ pub struct DaemonArgs {
     /// (read-only calls); empty to ask nothing [default: /run/containerd/containerd.sock].
     #[arg(long, env = "QTRACE_CONTAINERD_SOCKET", value_name = "PATH")]
     pub containerd_socket: Option<PathBuf>,
+    /// A CRI runtime's socket (CRI-O's), asked through the CRI API (ContainerStatus) for the
+    /// names and Kubernetes labels of CRI-O's containers; empty to ask nothing [default:
+    /// /run/crio/crio.sock].
+    #[arg(long, env = "QTRACE_CRI_SOCKET", value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
     /// Docker's data root, whose containers/<id>/config.v2.json name Docker's containers;
     /// empty to read nothing [default: /var/lib/docker].
     #[arg(long, env = "QTRACE_DOCKER_ROOT", value_name = "DIR")]
@@ -258,6 +263,7 @@ pub struct DaemonOptions {
     /// Where container names are read (None: not asked), and those set explicitly (a missing
     /// one is warned about; a missing default is not).
     pub containerd_socket: Option<PathBuf>,
+    pub cri_socket: Option<PathBuf>,
     pub docker_root: Option<PathBuf>,
     pub podman_root: Option<PathBuf>,
     pub runtimes_set: Vec<PathBuf>,
@@ -511,6 +517,9 @@ impl DaemonArgs {
                 self.containerd_socket
                     .as_ref()
                     .or(file.containerd_socket.as_ref())
+            }),
+            cri_socket: runtime_path(&mut set_paths, "/run/crio/crio.sock", {
+                self.cri_socket.as_ref().or(file.cri_socket.as_ref())
             }),
             docker_root: runtime_path(&mut set_paths, "/var/lib/docker", {
                 self.docker_root.as_ref().or(file.docker_root.as_ref())

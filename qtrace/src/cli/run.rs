@@ -302,6 +302,7 @@ fn start_names(
     crate::host::names::Resolver::start(crate::host::names::Options {
         runtimes: crate::host::names::Runtimes {
             containerd_socket: daemon.containerd_socket.clone(),
+            cri_socket: daemon.cri_socket.clone(),
             docker_root: daemon.docker_root.clone(),
             podman_root: daemon.podman_root.clone(),
         },

@@ -187,10 +187,22 @@ impl Collector {
             }
         }
         rows.retain(|id, _| filter.admits(id.netns, id.port));
-        let sockets: Vec<(ListenerId, u32)> = rows
+        let mut sockets: Vec<(ListenerId, u32)> = rows
             .values()
             .filter_map(|r| Some((r.id, r.queues.as_ref()?.inode)))
             .collect();
+        // Namespaces qtrace cannot enter (no CAP_SYS_ADMIN: pods' own, under the unit's and the
+        // DaemonSet's capabilities) have no queues, but their counted listeners still get
+        // their owner, and so their workload names, from /proc/<pid>/net/tcp.
+        if !sampled.unreadable.is_empty() {
+            let unreadable: HashSet<u32> = sampled.unreadable.iter().copied().collect();
+            let have: HashSet<ListenerId> = sockets.iter().map(|s| s.0).collect();
+            sockets.extend(
+                crate::host::owners::listeners_via_proc(&unreadable)
+                    .into_iter()
+                    .filter(|(id, _)| rows.contains_key(id) && !have.contains(id)),
+            );
+        }
         let (mut owners, names) = {
             let mut o = crate::recover::lock(&self.owners);
             (o.lookup_listeners(&sockets), o.name_counts())

@@ -190,6 +190,7 @@ impl Resolver {
                 let key = match runtime {
                     "docker" => "docker",
                     "podman" => "podman",
+                    "cri-o" => "cri-o",
                     _ => "containerd",
                 };
                 if warned.get(key).is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -350,6 +351,7 @@ mod tests {
         Resolver::start(Options {
             runtimes: Runtimes {
                 containerd_socket: None,
+                cri_socket: None,
                 docker_root: Some(dir.to_path_buf()),
                 podman_root: None,
             },

@@ -180,6 +180,47 @@ impl Owners {
     }
 }
 
+/// The listening TCP sockets of the network namespaces `wanted`, as (listener, socket inode),
+/// read from `/proc/<pid>/net/tcp` and `tcp6` of one process in each: that needs ptrace access
+/// to the process (CAP_SYS_PTRACE), not setns (CAP_SYS_ADMIN), so the owners, and with them
+/// the workload names, of listeners in namespaces qtrace cannot enter (pods' own, under the
+/// unit's and the DaemonSet's capabilities) are found all the same. At most one process is
+/// read per namespace.
+pub fn listeners_via_proc(wanted: &HashSet<u32>) -> Vec<(ListenerId, u32)> {
+    let mut out = Vec::new();
+    let mut done = HashSet::new();
+    let Ok(procs) = all_processes() else {
+        return out;
+    };
+    for p in procs.flatten() {
+        if done.len() == wanted.len() {
+            break;
+        }
+        let Ok(netns) = std::fs::metadata(format!("/proc/{}/ns/net", p.pid)) else {
+            continue;
+        };
+        let netns = std::os::unix::fs::MetadataExt::ino(&netns) as u32;
+        if !wanted.contains(&netns) || done.contains(&netns) {
+            continue;
+        }
+        let (Ok(v4), Ok(v6)) = (p.tcp(), p.tcp6()) else {
+            continue;
+        };
+        done.insert(netns);
+        for e in v4.into_iter().chain(v6) {
+            if e.state == procfs::net::TcpState::Listen {
+                let id = ListenerId {
+                    netns,
+                    addr: e.local_address.ip(),
+                    port: e.local_address.port(),
+                };
+                out.push((id, e.inode as u32));
+            }
+        }
+    }
+    out
+}
+
 /// Whether `s` is `parts` joined.
 fn is_joined(s: &str, parts: [&str; 3]) -> bool {
     let mut rest = s;
@@ -290,6 +331,24 @@ mod tests {
     }
 
     #[test]
+    fn listening_sockets_of_a_namespace_from_proc() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap();
+        let netns = std::os::unix::fs::MetadataExt::ino(&own) as u32;
+        let found = listeners_via_proc(&HashSet::from([netns]));
+        let id = ListenerId {
+            netns,
+            addr: "127.0.0.1".parse().unwrap(),
+            port: l.local_addr().unwrap().port(),
+        };
+        assert!(
+            found.contains(&(id, socket_inode(&l))),
+            "{id:?} not in {found:?}"
+        );
+        assert!(listeners_via_proc(&HashSet::from([1])).is_empty());
+    }
+
+    #[test]
     fn a_socket_no_process_holds_is_looked_for_once() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut owners = Owners::default();
@@ -353,6 +412,7 @@ mod cost {
         let names = Resolver::start(Options {
             runtimes: Runtimes {
                 containerd_socket: None,
+                cri_socket: None,
                 docker_root: Some(dir.clone()),
                 podman_root: None,
             },

@@ -1,6 +1,7 @@
 //! Names of a container from its runtime, by the id its cgroup path gives ([`super::workload`]):
 //! containerd through its API (the Containers service's labels, which hold the
-//! `io.kubernetes.*` labels kubelet sets through the CRI plugin), Docker and Podman from their
+//! `io.kubernetes.*` labels kubelet sets through the CRI plugin), CRI-O through the CRI API
+//! (`ContainerStatus`: the same labels, and the container's name), Docker and Podman from their
 //! on-disk state. Docker and Podman are read from disk because Podman has no daemon (its API
 //! socket exists only while `podman.socket` is enabled) and Docker's `config.v2.json` is what
 //! `dockerd` itself reloads at start, a format unchanged for years; containerd keeps its
@@ -51,6 +52,9 @@ impl Names {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Runtimes {
     pub containerd_socket: Option<PathBuf>,
+    /// A CRI runtime's socket (CRI-O's): asked for CRI-O's containers, and for the kubelet's
+    /// cgroupfs layout after containerd.
+    pub cri_socket: Option<PathBuf>,
     pub docker_root: Option<PathBuf>,
     pub podman_root: Option<PathBuf>,
 }
@@ -71,21 +75,38 @@ impl Runtimes {
         // The kubelet's cgroupfs layout does not say which runtime runs the pod.
         let order: &[&str] = match runtime {
             "containerd" => &["containerd"],
+            "cri-o" => &["cri"],
             "docker" => &["docker"],
             "podman" => &["podman"],
-            "kubepods" => &["containerd", "docker"],
+            "kubepods" => &["containerd", "cri", "docker"],
             _ => &[],
+        };
+        let asked = |socket: &Option<PathBuf>, what: &'static str| {
+            let socket = socket.clone();
+            let id = id.to_string();
+            async move {
+                // A runtime that is not there (the default socket of one this host does not
+                // run) has nothing to say; one set but missing was warned about at start.
+                let Some(s) = socket.filter(|s| s.exists()) else {
+                    return Ok(None);
+                };
+                let call = async {
+                    match what {
+                        "containerd" => containerd(&s, &id).await,
+                        _ => cri(&s, &id).await,
+                    }
+                };
+                tokio::time::timeout(TIMEOUT, call)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {TIMEOUT:?}")))
+                    .with_context(|| format!("{what} at {}", s.display()))
+            }
         };
         let mut error = None;
         for r in order {
             let found = match *r {
-                "containerd" => match &self.containerd_socket {
-                    Some(s) => tokio::time::timeout(TIMEOUT, containerd(s, id))
-                        .await
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {TIMEOUT:?}")))
-                        .with_context(|| format!("containerd at {}", s.display())),
-                    None => Ok(None),
-                },
+                "containerd" => asked(&self.containerd_socket, "containerd").await,
+                "cri" => asked(&self.cri_socket, "CRI runtime").await,
                 "docker" => self
                     .docker_root
                     .as_deref()
@@ -131,14 +152,49 @@ async fn containerd(socket: &Path, id: &str) -> Result<Option<Names>> {
             &request,
         )
         .await?;
-        let Some(response) = got else { continue };
-        let container = protobuf::bytes_of(&response, 1)?.unwrap_or_default();
-        let labels = protobuf::string_map(container, 2)?;
-        return Ok(Some(Names::from_labels(
-            labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        )));
+        if let Some(response) = got {
+            return Ok(Some(from_containerd(&response)?));
+        }
     }
     Ok(None)
+}
+
+/// containerd's `GetContainerResponse { Container container = 1 }`, of which the container's
+/// `labels` (field 2).
+fn from_containerd(response: &[u8]) -> Result<Names> {
+    let container = protobuf::bytes_of(response, 1)?.unwrap_or_default();
+    let labels = protobuf::string_map(container, 2)?;
+    Ok(Names::from_labels(
+        labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ))
+}
+
+/// A CRI runtime (CRI-O): `RuntimeService/ContainerStatus` of the container.
+async fn cri(socket: &Path, id: &str) -> Result<Option<Names>> {
+    let mut request = Vec::new();
+    protobuf::put_string(&mut request, 1, id);
+    let got = grpc::unary(
+        socket,
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        &[],
+        &request,
+    )
+    .await?;
+    got.map(|r| from_cri(&r)).transpose()
+}
+
+/// CRI's `ContainerStatusResponse { ContainerStatus status = 1 }`: the status's `labels`
+/// (field 12, where kubelet's `io.kubernetes.*` are) and, for the container's name where
+/// they lack it, its `metadata` (field 2) `name` (field 1).
+fn from_cri(response: &[u8]) -> Result<Names> {
+    let status = protobuf::bytes_of(response, 1)?.unwrap_or_default();
+    let labels = protobuf::string_map(status, 12)?;
+    let mut n = Names::from_labels(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    if n.container.is_empty() {
+        let metadata = protobuf::bytes_of(status, 2)?.unwrap_or_default();
+        n.container = protobuf::string_of(metadata, 1)?;
+    }
+    Ok(n)
 }
 
 /// Docker: `<root>/containers/<id>/config.v2.json`'s `Name` and labels.
@@ -231,9 +287,61 @@ mod tests {
         );
     }
 
+    /// A message of length-delimited fields, encoded as a runtime would.
+    fn message(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, b) in fields {
+            // Each field as a string of its bytes: the wire form of any length-delimited one.
+            protobuf::put_string(&mut out, *n, std::str::from_utf8(b).unwrap());
+        }
+        out
+    }
+
+    fn entry(k: &str, v: &str) -> Vec<u8> {
+        message(&[(1, k.into()), (2, v.into())])
+    }
+
+    #[test]
+    fn containerd_and_cri_answers_decode_to_names() {
+        let labels = [
+            (2, entry("io.kubernetes.pod.name", "checkout-7d9f")),
+            (2, entry("io.kubernetes.pod.namespace", "shop")),
+            (2, entry("io.kubernetes.container.name", "api")),
+        ];
+        let mut container = vec![(1, ID.as_bytes().to_vec())];
+        container.extend(labels.iter().cloned());
+        let got = from_containerd(&message(&[(1, message(&container))])).unwrap();
+        assert_eq!(
+            (
+                got.pod.as_str(),
+                got.pod_namespace.as_str(),
+                got.container.as_str()
+            ),
+            ("checkout-7d9f", "shop", "api")
+        );
+        // CRI: labels at field 12; without the container-name label, the metadata's name.
+        let status = message(&[
+            (1, ID.as_bytes().to_vec()),
+            (2, message(&[(1, b"sidecar".to_vec())])),
+            (12, entry("io.kubernetes.pod.name", "web-1")),
+            (12, entry("io.kubernetes.pod.namespace", "default")),
+        ]);
+        let got = from_cri(&message(&[(1, status)])).unwrap();
+        assert_eq!(
+            (
+                got.pod.as_str(),
+                got.pod_namespace.as_str(),
+                got.container.as_str()
+            ),
+            ("web-1", "default", "sidecar")
+        );
+        assert!(from_cri(&[0x0a, 0x09, 1]).is_err());
+    }
+
     fn rt(dir: &Path) -> Runtimes {
         Runtimes {
             containerd_socket: None,
+            cri_socket: None,
             docker_root: Some(dir.join("docker")),
             podman_root: Some(dir.join("storage")),
         }
@@ -281,15 +389,25 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_containerd_socket_is_an_error_naming_it() {
+    fn a_missing_socket_knows_nothing_and_a_dead_one_is_an_error_naming_it() {
         let r = Runtimes {
             containerd_socket: Some("/nonexistent/containerd.sock".into()),
+            cri_socket: Some("/nonexistent/crio.sock".into()),
             ..Runtimes::default()
         };
-        let e = block_on(r.lookup("containerd", ID)).unwrap_err();
+        assert_eq!(block_on(r.lookup("kubepods", ID)).unwrap(), None);
+        // A socket file nobody listens on (a runtime that died).
+        let path = std::env::temp_dir().join(format!("qtrace-dead-{}.sock", std::process::id()));
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let r = Runtimes {
+            cri_socket: Some(path.clone()),
+            ..Runtimes::default()
+        };
+        let e = block_on(r.lookup("cri-o", ID)).unwrap_err();
         assert!(
-            format!("{e:#}").contains("/nonexistent/containerd.sock"),
+            format!("{e:#}").contains(&path.display().to_string()),
             "{e:#}"
         );
+        std::fs::remove_file(&path).unwrap();
     }
 }
