@@ -359,3 +359,84 @@ fn an_ip_netns_namespace_is_named() {
     );
     q.stop(libc::SIGTERM);
 }
+
+/// The DaemonSet's and the unit's capabilities: no CAP_SYS_ADMIN, so qtrace cannot enter the
+/// pod's network namespace to sample its queues; the listener's counters still come from the
+/// kernel, and its owner and names from /proc/<pid>/net/tcp.
+#[test]
+fn a_pods_listener_is_named_without_cap_sys_admin() {
+    require_root();
+    let mut containerd = Containerd::start();
+    let (id, pid) = containerd.run_listener(
+        8082,
+        &[
+            ("io.kubernetes.pod.name", "web-2"),
+            ("io.kubernetes.pod.namespace", "shop"),
+            ("io.kubernetes.container.name", "nginx"),
+        ],
+    );
+    // Final ACKs dropped in the pod's namespace: the listener retransmits SYN-ACKs, which
+    // qtrace counts at every tier.
+    let mut nft = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"table inet qtrace_test {\n chain input {\n type filter hook input priority 0\n \
+              tcp dport 8082 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
+        )
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft in the pod's namespace");
+    let socket = containerd.socket().display().to_string();
+    let q = Qtrace::start_wrapped(
+        &[
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            "--inh-caps=-sys_admin",
+            "--",
+        ],
+        &["--containerd-socket", &socket],
+    );
+    // Clients in the pod's namespace, held open while the SYN-ACKs are retransmitted.
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let clients = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a namespace fd we hold; this thread is the only one that moves.
+        assert_eq!(
+            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let held: Vec<_> = (0..3)
+            .filter_map(|_| std::net::TcpStream::connect("127.0.0.1:8082").ok())
+            .collect();
+        std::thread::sleep(Duration::from_secs(8));
+        held.len()
+    });
+    let named = || info_line(&q, 8082, &id).filter(|l| l.contains("pod=\"web-2\""));
+    assert!(
+        wait_until(Duration::from_secs(30), || named().is_some()),
+        "{:?}\n{}",
+        info_line(&q, 8082, &id),
+        q.log()
+    );
+    let line = named().unwrap();
+    for want in [
+        "pod_namespace=\"shop\"",
+        "container=\"nginx\"",
+        "netns_name=\"shop/web-2\"",
+    ] {
+        assert!(line.contains(want), "{want} not in {line}");
+    }
+    let (_, body) = http_get(&q.web(), "/metrics", None);
+    let unreadable = crate::common::sample(&body, "qtrace_netns_unreadable", &[]);
+    assert!(
+        unreadable.is_some_and(|n| n >= 1.0),
+        "qtrace entered the pod's namespace after all: {unreadable:?}"
+    );
+    assert_eq!(clients.join().unwrap(), 3);
+    q.stop(libc::SIGTERM);
+}
