@@ -288,7 +288,7 @@ impl Publisher {
 /// The container and network namespace names' resolver, with a warning for each runtime
 /// path set in the configuration that does not exist (qtrace runs on; those names stay
 /// empty).
-fn start_names(
+pub fn start_names(
     daemon: &crate::config::DaemonOptions,
 ) -> std::sync::Arc<crate::host::names::Resolver> {
     for path in &daemon.runtimes_set {

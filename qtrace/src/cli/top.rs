@@ -291,6 +291,8 @@ pub fn top(opts: TopOptions) -> Result<()> {
             tracer.probes.clone(),
             Default::default(),
         );
+        // The WORKLOAD column names containers from the runtimes the config file names.
+        collector.set_names(super::run::start_names(&settings.daemon));
         Source::Local(Box::new(collector), tracer)
     } else {
         Source::Daemon(settings.daemon.events_socket)
