@@ -22,6 +22,8 @@ struct Containerd {
     dir: TempDir,
     daemon: Child,
     containers: Vec<String>,
+    /// Each container's pod cgroup directories, one per hierarchy, removed with it.
+    pod_cgroups: std::collections::HashMap<String, Vec<PathBuf>>,
 }
 
 const NAMESPACE: &str = "k8s.io";
@@ -44,6 +46,7 @@ impl Containerd {
             dir,
             daemon,
             containers: Vec::new(),
+            pod_cgroups: Default::default(),
         };
         assert!(
             wait_until(Duration::from_secs(30), || me.ctr(&["version"]).is_ok()),
@@ -116,6 +119,7 @@ impl Containerd {
             .find(|l| l.starts_with(&id))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .expect("the container's task");
+        self.pod_cgroups.insert(id.clone(), pod_cgroups(pid));
         (id, pid)
     }
 
@@ -126,6 +130,10 @@ impl Containerd {
         });
         let _ = self.ctr(&["containers", "delete", id]);
         self.containers.retain(|c| c != id);
+        // runc removes the container's cgroups, not the pod's it made above them.
+        for dir in self.pod_cgroups.remove(id).unwrap_or_default() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -137,6 +145,30 @@ impl Drop for Containerd {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
+}
+
+/// The directories of process `pid`'s cgroups' parents (the pod's, above the container's), in
+/// each hierarchy it is in: v1's per-controller ones (mounted at /sys/fs/cgroup/<controllers>,
+/// `name=systemd` at .../systemd) and v2's (/sys/fs/cgroup, or .../unified in hybrid mode).
+fn pod_cgroups(pid: i32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(h), Some(c), Some(p)) => (h, c, p),
+            _ => continue,
+        };
+        let mount = match controllers {
+            "" if Path::new("/sys/fs/cgroup/unified").is_dir() => "unified".to_string(),
+            "" => String::new(),
+            c => c.trim_start_matches("name=").to_string(),
+        };
+        if let Some(pod) = Path::new(path.trim_start_matches('/')).parent() {
+            out.push(Path::new("/sys/fs/cgroup").join(mount).join(pod));
+        }
+    }
+    out
 }
 
 /// A container id as runtimes write them: 64 hex digits.
