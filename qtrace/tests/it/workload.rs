@@ -394,7 +394,8 @@ fn an_ip_netns_namespace_is_named() {
 
 /// The DaemonSet's and the unit's capabilities: no CAP_SYS_ADMIN, so qtrace cannot enter the
 /// pod's network namespace to sample its queues; the listener's counters still come from the
-/// kernel, and its owner and names from /proc/<pid>/net/tcp.
+/// kernel, and its owner and names from /proc/<pid>/net/tcp. Its events carry the names, and
+/// `qtrace events --pod` selects them.
 #[test]
 fn a_pods_listener_is_named_without_cap_sys_admin() {
     require_root();
@@ -445,7 +446,8 @@ fn a_pods_listener_is_named_without_cap_sys_admin() {
         let held: Vec<_> = (0..3)
             .filter_map(|_| std::net::TcpStream::connect("127.0.0.1:8082").ok())
             .collect();
-        std::thread::sleep(Duration::from_secs(8));
+        // SYN-ACKs are retransmitted 1, 3, 7 and 15 s after the SYN: events for a while.
+        std::thread::sleep(Duration::from_secs(20));
         held.len()
     });
     let named = || info_line(&q, 8082, &id).filter(|l| l.contains("pod=\"web-2\""));
@@ -462,6 +464,36 @@ fn a_pods_listener_is_named_without_cap_sys_admin() {
         "netns_name=\"shop/web-2\"",
     ] {
         assert!(line.contains(want), "{want} not in {line}");
+    }
+    // `qtrace events --pod` picks the pod's events, which name it (the daemon's owner index
+    // has the names from the scrape above on).
+    let mut reader = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["events", "--json", "--pod", "shop/web-2", "--socket"])
+        .arg(q.events_socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let event = rx.recv_timeout(Duration::from_secs(25));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(reader.id() as i32, libc::SIGINT) };
+    let _ = reader.wait();
+    let event = event.expect("no event of pod shop/web-2 within 25 s");
+    for want in [
+        "\"kind\":\"synack_retransmit\"",
+        "\"pod\":\"web-2\"",
+        "\"pod_namespace\":\"shop\"",
+        "\"container\":\"nginx\"",
+        "\"netns_name\":\"shop/web-2\"",
+    ] {
+        assert!(event.contains(want), "{want} not in {event}");
     }
     let (_, body) = http_get(&q.web(), "/metrics", None);
     let unreadable = crate::common::sample(&body, "qtrace_netns_unreadable", &[]);
