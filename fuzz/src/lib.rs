@@ -1,6 +1,7 @@
 //! qtrace's parsers of untrusted input, compiled from qtrace's own source files: the config
 //! file parser (`config`), the ring-buffer record decoder (`decode`), the events socket's
-//! request parser (`events_request`), with the common modules they name as `crate::…` (`api`,
+//! request parser (`events_request`), the decoder of container runtimes' answers (`protobuf`),
+//! with the common modules they name as `crate::…` (`api`,
 //! `inputs`, `listener`: none of them needs the eBPF side).
 #![allow(dead_code)]
 
@@ -16,3 +17,5 @@ pub mod events_request;
 pub mod inputs;
 #[path = "../../qtrace/src/listener.rs"]
 pub mod listener;
+#[path = "../../qtrace/src/host/protobuf.rs"]
+pub mod protobuf;

@@ -71,7 +71,7 @@ pub struct ProbesReport {
 
 /// The process holding a socket. A socket shared by several processes (pre-forked servers)
 /// is attributed to the lowest pid, the parent in the usual case.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: i32,
     pub comm: String,
@@ -83,6 +83,40 @@ pub struct Owner {
     /// `docker://…`, `cri-o://…`, `podman://…`); empty outside a container.
     #[serde(default)]
     pub container_id: String,
+    /// The container's name from its runtime: Kubernetes' container name in its pod, else
+    /// Docker's, Podman's or nerdctl's name; empty until the runtime has answered, or where
+    /// none knows it.
+    #[serde(default)]
+    pub container: String,
+    /// The Kubernetes pod and its namespace (the labels kubelet sets on the container).
+    #[serde(default)]
+    pub pod: String,
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// The listener's network namespace by name: its `ip netns` name, else (outside the
+    /// host's namespace) `<pod_namespace>/<pod>` or the container's name.
+    #[serde(default)]
+    pub netns_name: String,
+}
+
+impl Owner {
+    /// Who this is, as a person names it: `<pod_namespace>/<pod>/<container>`, else the
+    /// container's name, else the systemd unit, else the command.
+    pub fn workload(&self) -> String {
+        if !self.pod.is_empty() {
+            let mut w = format!("{}/{}", self.pod_namespace, self.pod);
+            if !self.container.is_empty() {
+                w = format!("{w}/{}", self.container);
+            }
+            w
+        } else if !self.container.is_empty() {
+            self.container.clone()
+        } else if !self.unit.is_empty() {
+            self.unit.clone()
+        } else {
+            self.comm.clone()
+        }
+    }
 }
 
 /// `comm[pid]`, as `ps` and the kernel's log name a process.

@@ -219,6 +219,31 @@ pub struct DaemonArgs {
     /// `qtrace doctor` reports (e.g. 10s) [default: 10s].
     #[arg(long, env = "QTRACE_QUEUE_SAMPLE_INTERVAL", value_name = "DURATION")]
     pub queue_sample_interval: Option<String>,
+    /// containerd's API socket, asked for the names and Kubernetes labels of containers
+    /// (read-only calls); empty to ask nothing [default: /run/containerd/containerd.sock].
+    #[arg(long, env = "QTRACE_CONTAINERD_SOCKET", value_name = "PATH")]
+    pub containerd_socket: Option<PathBuf>,
+    /// A CRI runtime's socket (CRI-O's), asked through the CRI API (ContainerStatus) for the
+    /// names and Kubernetes labels of CRI-O's containers; empty to ask nothing [default:
+    /// /run/crio/crio.sock].
+    #[arg(long, env = "QTRACE_CRI_SOCKET", value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
+    /// Docker's data root, whose containers/<id>/config.v2.json name Docker's containers;
+    /// empty to read nothing [default: /var/lib/docker].
+    #[arg(long, env = "QTRACE_DOCKER_ROOT", value_name = "DIR")]
+    pub docker_root: Option<PathBuf>,
+    /// Podman's (root) storage, whose <driver>-containers/containers.json name Podman's
+    /// containers; empty to read nothing [default: /var/lib/containers/storage].
+    #[arg(long, env = "QTRACE_PODMAN_ROOT", value_name = "DIR")]
+    pub podman_root: Option<PathBuf>,
+    /// How long a container no runtime could name stays unnamed before it is asked for
+    /// again (e.g. 1m) [default: 1m].
+    #[arg(long, env = "QTRACE_CONTAINER_NAMES_RETRY", value_name = "DURATION")]
+    pub container_names_retry: Option<String>,
+    /// Containers whose names are remembered at most; the oldest are forgotten first
+    /// [default: 4096].
+    #[arg(long, env = "QTRACE_MAX_CONTAINER_NAMES")]
+    pub max_container_names: Option<u32>,
 }
 
 pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
@@ -240,6 +265,15 @@ pub struct DaemonOptions {
     pub events_socket_group: Option<String>,
     pub events_reader_queue: usize,
     pub queue_sample_interval: Duration,
+    /// Where container names are read (None: not asked), and those set explicitly (a missing
+    /// one is warned about; a missing default is not).
+    pub containerd_socket: Option<PathBuf>,
+    pub cri_socket: Option<PathBuf>,
+    pub docker_root: Option<PathBuf>,
+    pub podman_root: Option<PathBuf>,
+    pub runtimes_set: Vec<PathBuf>,
+    pub container_names_retry: Duration,
+    pub max_container_names: usize,
 }
 
 /// Which listeners are exported.
@@ -449,6 +483,7 @@ impl DaemonArgs {
                 ),
             ));
         }
+        let mut set_paths = Vec::new();
         Ok(DaemonOptions {
             telemetry_path,
             web_config_file: self
@@ -475,29 +510,49 @@ impl DaemonArgs {
                     ))
                 }
             },
-            queue_sample_interval: match self
-                .queue_sample_interval
-                .as_ref()
-                .or(file.queue_sample_interval.as_ref())
-            {
-                None => Duration::from_secs(10),
-                Some(text) => match humantime::parse_duration(text) {
-                    Ok(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(600) => d,
-                    Ok(_) => {
-                        return Err(invalid(
-                            "queue_sample_interval",
-                            "queue-sample-interval",
-                            format!("{}: must be 100ms to 10m", crate::inputs::clip(text)),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(invalid(
-                            "queue_sample_interval",
-                            "queue-sample-interval",
-                            format!("{}: {e} (write e.g. 10s)", crate::inputs::clip(text)),
-                        ))
-                    }
-                },
+            queue_sample_interval: duration_in(
+                ("queue_sample_interval", "queue-sample-interval"),
+                self.queue_sample_interval
+                    .as_ref()
+                    .or(file.queue_sample_interval.as_ref()),
+                Duration::from_secs(10),
+                (Duration::from_millis(100), Duration::from_secs(600)),
+                ("100ms to 10m", "10s"),
+            )?,
+            containerd_socket: runtime_path(&mut set_paths, "/run/containerd/containerd.sock", {
+                self.containerd_socket
+                    .as_ref()
+                    .or(file.containerd_socket.as_ref())
+            }),
+            cri_socket: runtime_path(&mut set_paths, "/run/crio/crio.sock", {
+                self.cri_socket.as_ref().or(file.cri_socket.as_ref())
+            }),
+            docker_root: runtime_path(&mut set_paths, "/var/lib/docker", {
+                self.docker_root.as_ref().or(file.docker_root.as_ref())
+            }),
+            podman_root: runtime_path(&mut set_paths, "/var/lib/containers/storage", {
+                self.podman_root.as_ref().or(file.podman_root.as_ref())
+            }),
+            runtimes_set: set_paths,
+            container_names_retry: duration_in(
+                ("container_names_retry", "container-names-retry"),
+                self.container_names_retry
+                    .as_ref()
+                    .or(file.container_names_retry.as_ref()),
+                Duration::from_secs(60),
+                (Duration::from_secs(1), Duration::from_secs(86400)),
+                ("1s to 1d", "1m"),
+            )?,
+            max_container_names: match self.max_container_names.or(file.max_container_names) {
+                None => 4096,
+                Some(n @ 1..=1_000_000) => n as usize,
+                Some(n) => {
+                    return Err(invalid(
+                        "max_container_names",
+                        "max-container-names",
+                        format!("{n}: must be 1 to 1000000"),
+                    ))
+                }
             },
             listen,
             max_listener_series: max_listener_series as usize,
@@ -516,6 +571,47 @@ impl DaemonArgs {
                     .collect(),
             },
         })
+    }
+}
+
+/// A duration setting: `text` parsed and within `range`, else `default`; errors name the
+/// key and flag (`names`), the range and an example (`says`).
+fn duration_in(
+    names: (&str, &str),
+    text: Option<&String>,
+    default: Duration,
+    range: (Duration, Duration),
+    says: (&str, &str),
+) -> Result<Duration> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let (key, flag) = names;
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= range.0 && d <= range.1 => Ok(d),
+        Ok(_) => Err(invalid(
+            key,
+            flag,
+            format!("{}: must be {}", crate::inputs::clip(text), says.0),
+        )),
+        Err(e) => Err(invalid(
+            key,
+            flag,
+            format!("{}: {e} (write e.g. {})", crate::inputs::clip(text), says.1),
+        )),
+    }
+}
+
+/// A runtime's socket or directory: the default unless set, none when set empty; one set is
+/// remembered in `set` (so that a missing one is warned about, and a missing default is not).
+fn runtime_path(set: &mut Vec<PathBuf>, default: &str, given: Option<&PathBuf>) -> Option<PathBuf> {
+    match given {
+        None => Some(default.into()),
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => {
+            set.push(p.clone());
+            Some(p.clone())
+        }
     }
 }
 
@@ -619,5 +715,47 @@ mod tests {
         assert!(f.admits(1, 80));
         assert!(!f.admits(1, 22));
         assert!(!f.admits(7, 80));
+    }
+
+    #[test]
+    fn runtime_paths_default_disable_when_empty_and_are_remembered_when_set() {
+        let file = FileConfig::parse(
+            "containerd_socket = \"/run/k3s/containerd/containerd.sock\"\ndocker_root = \"\"",
+        )
+        .unwrap();
+        let d = DaemonArgs::default().resolve(&file.daemon).unwrap();
+        assert_eq!(
+            d.containerd_socket.as_deref(),
+            Some(Path::new("/run/k3s/containerd/containerd.sock"))
+        );
+        assert_eq!(d.docker_root, None, "empty: not read");
+        assert_eq!(
+            d.podman_root.as_deref(),
+            Some(Path::new("/var/lib/containers/storage"))
+        );
+        assert_eq!(
+            d.runtimes_set,
+            [PathBuf::from("/run/k3s/containerd/containerd.sock")]
+        );
+        assert_eq!(d.container_names_retry, Duration::from_secs(60));
+        assert_eq!(d.max_container_names, 4096);
+        for (text, want) in [
+            (
+                "container_names_retry = \"0s\"",
+                "invalid container_names_retry (--container-names-retry): 0s: must be 1s to 1d",
+            ),
+            ("container_names_retry = \"soon\"", "(write e.g. 1m)"),
+            (
+                "max_container_names = 0",
+                "invalid max_container_names (--max-container-names): 0: must be 1 to 1000000",
+            ),
+        ] {
+            let file = FileConfig::parse(text).unwrap();
+            let e = DaemonArgs::default()
+                .resolve(&file.daemon)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

@@ -47,6 +47,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("podman", "podman"),
     ("ctr", "containerd"),
+    // workload:: runs containers under a containerd of its own (containerd brings runc; named
+    // here so that a host where it was removed gets it back) and enters them with nsenter.
+    ("runc", "runc"),
+    ("nsenter", "util-linux"),
 ];
 
 /// Everything: the toolchain and the packages the tests, the matrix and the benchmarks use.

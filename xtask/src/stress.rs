@@ -6,7 +6,7 @@
 //!    inputs. Each prints its figures as `RELIABILITY …` lines (BENCHMARKS.md, "Reliability").
 //! 2. The fuzz targets of `fuzz/` (libFuzzer, cargo-fuzz's layout) built with the pinned nightly
 //!    and run for `--fuzz-seconds` each: the config parser, the ring-record decoder, the events
-//!    socket's request parser. Corpora persist in `target/fuzz/corpus/<target>`, so each run
+//!    socket's request parser, the decoder of container runtimes' answers. Corpora persist in `target/fuzz/corpus/<target>`, so each run
 //!    goes on from the last; a crash fails the stage and leaves its input in
 //!    `target/fuzz/artifacts/<target>/`.
 
@@ -18,7 +18,7 @@ use crate::run;
 
 /// The toolchain of the kernel programs, which libFuzzer's instrumentation needs (nightly).
 pub const FUZZ_TOOLCHAIN: &str = "nightly-2026-05-20";
-const FUZZ_TARGETS: [&str; 3] = ["config", "event_decode", "events_request"];
+const FUZZ_TARGETS: [&str; 4] = ["config", "event_decode", "events_request", "runtime_answer"];
 const FUZZ_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(Clone, Debug, clap::Args)]

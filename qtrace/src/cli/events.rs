@@ -60,6 +60,16 @@ pub struct EventFilter {
     /// Owning process name of the listener.
     #[arg(long)]
     pub comm: Option<String>,
+    /// Kubernetes pod of the listener's owner: its name, or NAMESPACE/NAME.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Container of the listener's owner: its name, its id (or the id's first 12 or more
+    /// hex digits), or <runtime>://<id>.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// systemd unit of the listener's owner (the innermost, e.g. nginx.service).
+    #[arg(long)]
+    pub unit: Option<String>,
 }
 
 impl EventFilter {
@@ -80,6 +90,40 @@ impl EventFilter {
                 .comm
                 .as_ref()
                 .is_none_or(|c| r.owner.as_ref().is_some_and(|o| o.comm == *c))
+            && self.admits_workload(r.owner.as_deref())
+    }
+
+    /// The workload filters (`--pod`, `--container`, `--unit`).
+    fn admits_workload(&self, o: Option<&api::Owner>) -> bool {
+        let pod = |want: &str, o: &api::Owner| {
+            !o.pod.is_empty() && (o.pod == want || format!("{}/{}", o.pod_namespace, o.pod) == want)
+        };
+        let container = |want: &str, o: &api::Owner| {
+            let id = o.container_id.split_once("://").map_or("", |(_, id)| id);
+            (!o.container.is_empty() && o.container == want)
+                || (!o.container_id.is_empty() && o.container_id == want)
+                || (want.len() >= 12 && id.starts_with(want))
+        };
+        self.pod
+            .as_deref()
+            .is_none_or(|p| o.is_some_and(|o| pod(p, o)))
+            && self
+                .container
+                .as_deref()
+                .is_none_or(|c| o.is_some_and(|o| container(c, o)))
+            && self
+                .unit
+                .as_deref()
+                .is_none_or(|u| o.is_some_and(|o| !o.unit.is_empty() && o.unit == u))
+    }
+
+    /// Whether any filter needs the owner, which only the daemon knows.
+    fn needs_owner(&self) -> bool {
+        self.pid.is_some()
+            || self.comm.is_some()
+            || self.pod.is_some()
+            || self.container.is_some()
+            || self.unit.is_some()
     }
 
     fn admits_listener(&self, netns: u32, addr: IpAddr, port: u16, kind: EventKind) -> bool {
@@ -92,10 +136,10 @@ impl EventFilter {
 
 pub async fn events(opts: EventsOptions) -> Result<()> {
     // Owners come from the daemon's view of the sockets; standalone events carry none.
-    if opts.source.standalone && (opts.filter.pid.is_some() || opts.filter.comm.is_some()) {
+    if opts.source.standalone && opts.filter.needs_owner() {
         anyhow::bail!(
-            "--pid and --comm need the daemon (it knows each listener's owner): drop \
-             --standalone, or filter by --port/--addr/--netns"
+            "--pid, --comm, --pod, --container and --unit need the daemon (it knows each \
+             listener's owner): drop --standalone, or filter by --port/--addr/--netns"
         );
     }
     let settings = opts.source.client.settings()?;
@@ -220,7 +264,19 @@ pub fn to_human(r: &api::Event) -> String {
         Some(n) => format!("{} #{n}", r.kind.describe()),
         None => r.kind.describe().to_string(),
     };
-    let owner = r.owner.as_ref().map_or(String::new(), |o| format!("  {o}"));
+    // The process, and what it belongs to where that says more than its name.
+    let owner = r.owner.as_ref().map_or(String::new(), |o| {
+        let workload = o.workload();
+        if workload == o.comm {
+            format!("  {o}")
+        } else {
+            format!("  {o} in {workload}")
+        }
+    });
+    let netns_name = match r.owner.as_ref().map(|o| o.netns_name.as_str()) {
+        Some(n) if !n.is_empty() => format!(" ({n})"),
+        _ => String::new(),
+    };
     // A client, or for unclassified drops how many there were.
     let from = match (r.raddr, r.rport, r.drops) {
         (Some(a), Some(p), _) => format!("<- {}", SocketAddr::new(a, p)),
@@ -228,7 +284,7 @@ pub fn to_human(r: &api::Event) -> String {
         _ => "<- ?".into(),
     };
     format!(
-        "{} {what:<31} {} {from}  acceptq {}/{} synq {}/{}  netns {}{owner}",
+        "{} {what:<31} {} {from}  acceptq {}/{} synq {}/{}  netns {}{netns_name}{owner}",
         r.time,
         SocketAddr::new(r.laddr, r.lport),
         r.acceptq_len,
@@ -256,13 +312,13 @@ mod tests {
             pid: 1234,
             comm: "nginx".into(),
             unit: "nginx.service".into(),
-            container_id: String::new(),
+            ..Owner::default()
         }));
         let line = to_human(&r);
         assert!(line.contains("SYN-ACK retransmit #2"), "{line}");
         assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");
         assert!(line.contains("acceptq 1/1 synq 3/1"), "{line}");
-        assert!(line.ends_with("nginx[1234]"), "{line}");
+        assert!(line.ends_with("nginx[1234] in nginx.service"), "{line}");
     }
 
     /// Standalone filters the kernel's event, the daemon path its record: the same verdicts.
@@ -313,5 +369,51 @@ mod tests {
         for f in &filters {
             assert_eq!(f.admits(&r), f.admits_event(&ev), "{f:?}");
         }
+    }
+
+    #[test]
+    fn workload_filters_match_the_owner() {
+        let mut r = to_record(&retransmit(), &Clock::new());
+        let id = "4f1c0b1e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
+        let f = |pod: Option<&str>, container: Option<&str>, unit: Option<&str>| EventFilter {
+            pod: pod.map(Into::into),
+            container: container.map(Into::into),
+            unit: unit.map(Into::into),
+            ..Default::default()
+        };
+        assert!(!f(Some("checkout-7d9f"), None, None).admits(&r), "no owner");
+        r.owner = Some(Arc::new(Owner {
+            pid: 7,
+            comm: "api".into(),
+            unit: String::new(),
+            container_id: format!("containerd://{id}"),
+            container: "api".into(),
+            pod: "checkout-7d9f".into(),
+            pod_namespace: "shop".into(),
+            netns_name: "shop/checkout-7d9f".into(),
+        }));
+        for yes in [
+            f(Some("checkout-7d9f"), None, None),
+            f(Some("shop/checkout-7d9f"), Some("api"), None),
+            f(None, Some(&id[..12]), None),
+            f(None, Some(&format!("containerd://{id}")), None),
+        ] {
+            assert!(yes.admits(&r), "{yes:?}");
+        }
+        for no in [
+            f(Some("other/checkout-7d9f"), None, None),
+            f(None, Some(&id[..6]), None),
+            f(None, Some("web"), None),
+            f(None, None, Some("api.service")),
+        ] {
+            assert!(!no.admits(&r), "{no:?}");
+        }
+        assert!(
+            to_human(&r).ends_with(
+                "netns 4026532000 (shop/checkout-7d9f)  api[7] in shop/checkout-7d9f/api"
+            ),
+            "{}",
+            to_human(&r)
+        );
     }
 }

@@ -101,6 +101,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         daemon.max_listener_series,
         History::new(daemon.queue_sample_interval, daemon.max_listener_series),
     );
+    state.collector.set_names(start_names(&daemon));
     // The first collect, before anything is served, sets the drop ledger's bases: what each
     // listener and namespace had dropped before qtrace was there (see daemon::drops).
     if let Err(e) = state.collect().await {
@@ -284,4 +285,31 @@ impl Publisher {
         out.flush()?;
         Ok(())
     }
+}
+
+/// The container and network namespace names' resolver, with a warning for each runtime
+/// path set in the configuration that does not exist (qtrace runs on; those names stay
+/// empty).
+pub fn start_names(
+    daemon: &crate::config::DaemonOptions,
+) -> std::sync::Arc<crate::host::names::Resolver> {
+    for path in &daemon.runtimes_set {
+        if !path.exists() {
+            tracing::warn!(
+                "container runtime path {} does not exist; the names it would give stay empty",
+                path.display()
+            );
+        }
+    }
+    crate::host::names::Resolver::start(crate::host::names::Options {
+        runtimes: crate::host::names::Runtimes {
+            containerd_socket: daemon.containerd_socket.clone(),
+            cri_socket: daemon.cri_socket.clone(),
+            docker_root: daemon.docker_root.clone(),
+            podman_root: daemon.podman_root.clone(),
+        },
+        retry: daemon.container_names_retry,
+        capacity: daemon.max_container_names,
+        netns_dir: crate::host::names::NETNS_DIR.into(),
+    })
 }

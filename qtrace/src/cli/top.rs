@@ -88,6 +88,8 @@ impl Source {
 pub struct Row {
     pub listener: String,
     pub owner: String,
+    /// `<pod_namespace>/<pod>/<container>`, else the container, unit or command name.
+    pub workload: String,
     pub acceptq: Option<(u32, u32)>,
     pub synq: Option<u32>,
     /// Per second, by reason; None where qtrace cannot see it.
@@ -161,6 +163,7 @@ pub fn rows(prev: &Listeners, cur: &Listeners, secs: f64) -> Vec<Row> {
             Row {
                 listener: name(l),
                 owner: l.owner.as_ref().map_or(String::new(), |o| o.to_string()),
+                workload: l.owner.as_ref().map_or(String::new(), |o| o.workload()),
                 acceptq: l.queues.map(|q| (q.accept_len, q.accept_limit)),
                 synq: l.queues.map(|q| q.syn_len),
                 drops: DropReason::ALL.map(|r| rate(r.counter())),
@@ -218,10 +221,28 @@ fn drop_titles(with_unclassified: bool) -> Vec<&'static str> {
     titles
 }
 
+/// The WORKLOAD column's width: a namespace, pod and container name are often longer, and
+/// keep their start (the namespace and the pod's name) in it.
+const WORKLOAD_WIDTH: usize = 28;
+
+/// `s` cut to `width` characters, the cut marked with `..`.
+fn clip(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(width - 2).collect();
+    out.push_str("..");
+    out
+}
+
 /// One line of the table; a drop column is as wide as its title.
-fn line(head: [&str; 5], drops: &[(&str, &str)], tail: [&str; 4]) -> String {
-    let [listener, owner, accq, fill, synq] = head;
-    let mut s = format!("{listener:<26} {owner:<18} {accq:>11} {fill:>5} {synq:>6}");
+fn line(head: [&str; 6], drops: &[(&str, &str)], tail: [&str; 4]) -> String {
+    let [listener, owner, workload, accq, fill, synq] = head;
+    let workload = clip(workload, WORKLOAD_WIDTH);
+    let mut s = format!(
+        "{listener:<26} {owner:<18} {workload:<w$} {accq:>11} {fill:>5} {synq:>6}",
+        w = WORKLOAD_WIDTH
+    );
     for (title, v) in drops {
         s += &format!(" {v:>w$}", w = title.len());
     }
@@ -246,7 +267,7 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
     let titles = drop_titles(rows.iter().any(|r| r.unclassified.is_some()));
     let header: Vec<_> = titles.iter().map(|t| (*t, *t)).collect();
     let mut s = line(
-        ["LISTENER", "OWNER", "ACCEPTQ", "FILL%", "SYNQ"],
+        ["LISTENER", "OWNER", "WORKLOAD", "ACCEPTQ", "FILL%", "SYNQ"],
         &header,
         ["RTX/s", "COOKIE/s", "WAIT-P50", "WAIT-P99"],
     );
@@ -271,7 +292,7 @@ pub fn render(mut rows: Vec<Row>, by: SortBy, reverse: bool) -> String {
             .map(|(t, v)| (*t, v.as_str()))
             .collect();
         s += &line(
-            [&r.listener, &r.owner, &accq, &fill, &synq],
+            [&r.listener, &r.owner, &r.workload, &accq, &fill, &synq],
             &drops,
             [&rate(r.retransmits), &rate(r.cookies), &p50, &p99],
         );
@@ -289,6 +310,8 @@ pub fn top(opts: TopOptions) -> Result<()> {
             tracer.probes.clone(),
             Default::default(),
         );
+        // The WORKLOAD column names containers from the runtimes the config file names.
+        collector.set_names(super::run::start_names(&settings.daemon));
         Source::Local(Box::new(collector), tracer)
     } else {
         Source::Daemon(settings.daemon.events_socket)
@@ -388,7 +411,8 @@ mod tests {
     fn snap(drops: u64, len: u64) -> Listeners {
         serde_json::from_value(json!({ "type": "listeners", "listeners": [
             { "netns": 1, "family": "ipv4", "addr": "127.0.0.1", "port": 80,
-              "owner": { "pid": 7, "comm": "nginx" },
+              "owner": { "pid": 7, "comm": "nginx", "pod": "checkout-7d9f-5c6b8d4f9-x2k4q",
+                         "pod_namespace": "shop", "container": "nginx" },
               "queues": { "accept_len": len, "accept_limit": 10, "syn_len": 0 },
               "counters": { "drop_accept_queue_full_syn": drops, "drop_syn_queue_full": null,
                             "drop_accept_queue_full_ack": 0, "drop_other": null, "synack_retransmits": 0,
@@ -446,6 +470,7 @@ mod tests {
         assert!(
             first.starts_with("127.0.0.1:80")
                 && first.contains("nginx[7]")
+                && first.contains(" shop/checkout-7d9f-5c6b8d4.. ")
                 && first.contains("n/a"),
             "{table}"
         );

@@ -81,6 +81,8 @@ pub struct Scrape {
     pub occupancy: Occupancy,
     /// Entries of closed sockets deleted from the kernel's maps since qtrace started.
     pub reclaimed: u64,
+    /// The container name resolver's counts; None where it does not run (`top --standalone`).
+    pub names: Option<crate::host::names::NameCounts>,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -135,6 +137,11 @@ impl Collector {
     /// The owners by listener, as the last collect found them.
     pub fn owner_index(&self) -> OwnerIndex {
         crate::recover::lock(&self.owners).index()
+    }
+
+    /// Names containers, pods and network namespaces in the owners from now on.
+    pub fn set_names(&self, names: std::sync::Arc<crate::host::names::Resolver>) {
+        crate::recover::lock(&self.owners).set_names(names);
     }
 
     pub fn set_filter(&self, filter: Filter) {
@@ -231,11 +238,26 @@ impl Collector {
             }
         }
         rows.retain(|id, _| filter.admits(id.netns, id.port));
-        let sockets: Vec<(ListenerId, u32)> = rows
+        let mut sockets: Vec<(ListenerId, u32)> = rows
             .values()
             .filter_map(|r| Some((r.id, r.queues.as_ref()?.inode)))
             .collect();
-        let mut owners = crate::recover::lock(&self.owners).lookup_listeners(&sockets);
+        // Namespaces qtrace cannot enter (no CAP_SYS_ADMIN: pods' own, under the unit's and the
+        // DaemonSet's capabilities) have no queues, but their counted listeners still get
+        // their owner, and so their workload names, from /proc/<pid>/net/tcp.
+        if !sampled.unreadable.is_empty() {
+            let unreadable: HashSet<u32> = sampled.unreadable.iter().copied().collect();
+            let have: HashSet<ListenerId> = sockets.iter().map(|s| s.0).collect();
+            sockets.extend(
+                crate::host::owners::listeners_via_proc(&unreadable)
+                    .into_iter()
+                    .filter(|(id, _)| rows.contains_key(id) && !have.contains(id)),
+            );
+        }
+        let (mut owners, names) = {
+            let mut o = crate::recover::lock(&self.owners);
+            (o.lookup_listeners(&sockets), o.name_counts())
+        };
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }
@@ -251,6 +273,7 @@ impl Collector {
                 .into_iter()
                 .filter(|(ns, _)| filter.admits_netns(*ns))
                 .collect(),
+            names,
         })
     }
 }

@@ -388,6 +388,7 @@ mod tests {
             netns_unattributed: Vec::new(),
             occupancy: Default::default(),
             reclaimed: 0,
+            names: None,
         };
         let mut a = Announced::default();
         assert!(a.events(&scrape(Some(0)), 1, "t").is_empty());

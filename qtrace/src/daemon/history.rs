@@ -144,6 +144,7 @@ mod tests {
             netns_unattributed: Vec::new(),
             occupancy: Default::default(),
             reclaimed: 0,
+            names: None,
         }
     }
 

@@ -403,8 +403,9 @@ fn families(
     }
     out.push(Family {
         name: "qtrace_listener",
-        help: "The process owning each listening socket, its innermost systemd unit, and its \
-               container as <runtime>://<id> (empty outside one).",
+        help: "The process owning each listening socket, its innermost systemd unit, its \
+               container as <runtime>://<id> with the container's name, Kubernetes pod and pod \
+               namespace, and the network namespace's name (each empty where unknown).",
         kind: MetricType::Info,
         samples: shown
             .iter()
@@ -417,6 +418,10 @@ fn families(
                         ("comm", o.comm.clone().into()),
                         ("unit", o.unit.clone().into()),
                         ("container_id", o.container_id.clone().into()),
+                        ("container", o.container.clone().into()),
+                        ("pod", o.pod.clone().into()),
+                        ("pod_namespace", o.pod_namespace.clone().into()),
+                        ("netns_name", o.netns_name.clone().into()),
                     ],
                 };
                 Some((l, Value::Info))
@@ -553,6 +558,30 @@ fn self_families(
         "HTTP connections open now.",
         http.open,
     ));
+    if let Some(n) = scrape.names {
+        out.push(counter(
+            "qtrace_container_name_lookups",
+            "Lookups of container names from their runtime (one per container id not seen \
+             before, and again after --container-names-retry for those not found), by result; \
+             queue_full: not asked yet, 256 lookups were waiting (asked on a later scrape).",
+            vec![
+                (vec![("result", "found".into())], n.found),
+                (vec![("result", "not_found".into())], n.not_found),
+                (vec![("result", "failed".into())], n.failed),
+                (vec![("result", "queue_full".into())], n.queue_full),
+            ],
+        ));
+        out.push(counter(
+            "qtrace_container_names_evicted",
+            "Containers forgotten to stay within --max-container-names.",
+            vec![(vec![], n.evicted)],
+        ));
+        out.push(gauge(
+            "qtrace_container_names_cached",
+            "Containers whose names (or absence of one) qtrace remembers now.",
+            n.cached as usize,
+        ));
+    }
     out.push(gauge(
         "qtrace_netns_unreadable",
         "Network namespaces whose queues could not be sampled (entering them needs CAP_SYS_ADMIN).",
@@ -740,6 +769,10 @@ mod tests {
                 comm: "nginx".into(),
                 unit: "cri-containerd-4f1c0b1e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678.scope".into(),
                 container_id: "containerd://4f1c0b1e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9012345678".into(),
+                container: "web".into(),
+                pod: "web-7d9f".into(),
+                pod_namespace: "shop".into(),
+                netns_name: "shop/web-7d9f".into(),
             })),
             unclassified: None,
         }
@@ -787,6 +820,14 @@ mod tests {
                 capacity: 4096,
             },
             reclaimed: 5,
+            names: Some(crate::host::names::NameCounts {
+                cached: 3,
+                found: 2,
+                not_found: 1,
+                failed: 0,
+                queue_full: 0,
+                evicted: 0,
+            }),
         }
     }
 

@@ -14,7 +14,10 @@ use qtrace_common::listener::SOCK_INODE;
 
 pub use crate::api::Owner;
 use crate::{
-    host::workload::{self, Workload},
+    host::{
+        names::{self, Resolver},
+        workload::{self, Workload},
+    },
     listener::ListenerId,
 };
 
@@ -68,6 +71,13 @@ pub struct Owners {
     /// Full /proc walks so far.
     scans: u64,
     index: OwnerIndex,
+    /// Container, pod and network namespace names; None leaves them empty.
+    names: Option<Arc<Resolver>>,
+    /// Sockets whose owner's names are settled (found, known to be unknown, or no container),
+    /// skipped by [`Self::name`] until the next scan or for [`names::NETNS_FRESH`]: a scrape
+    /// of 10,000 settled listeners then costs a set lookup each.
+    settled: HashSet<u32>,
+    settled_since: Option<Instant>,
 }
 
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -88,6 +98,7 @@ impl Owners {
         std::thread::sleep(wait);
         let start = Instant::now();
         self.by_inode = scan(&wanted);
+        self.settled.clear();
         let took = start.elapsed();
         tracing::debug!(sockets = wanted.len(), ?took, "owner scan");
         self.looked_for = wanted;
@@ -102,7 +113,9 @@ impl Owners {
         &mut self,
         sockets: &[(ListenerId, u32)],
     ) -> HashMap<ListenerId, Arc<Owner>> {
-        let by_inode = self.lookup(sockets.iter().map(|s| s.1));
+        self.lookup(sockets.iter().map(|s| s.1));
+        self.name(sockets);
+        let by_inode = &self.by_inode;
         let found: HashMap<ListenerId, Arc<Owner>> = sockets
             .iter()
             .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
@@ -114,6 +127,69 @@ impl Owners {
     /// Listening sockets' inode → cookie, from the last dump.
     pub fn set_sockets(&mut self, cookies: HashMap<u32, u64>) {
         crate::recover::write(&self.index.0).cookies = cookies;
+    }
+
+    /// What the name resolver did so far; None without one.
+    pub fn name_counts(&self) -> Option<crate::host::names::NameCounts> {
+        self.names.as_ref().map(|n| n.counts())
+    }
+
+    /// Names containers, pods and network namespaces from now on.
+    pub fn set_names(&mut self, names: Arc<Resolver>) {
+        self.names = Some(names);
+    }
+
+    /// Fills in the names the resolver knows now (from memory: what it does not know yet is
+    /// queued, and named on a later lookup). An owner is copied only when a name changed.
+    fn name(&mut self, sockets: &[(ListenerId, u32)]) {
+        let Some(names) = &self.names else { return };
+        if self
+            .settled_since
+            .is_none_or(|t| t.elapsed() >= names::NETNS_FRESH)
+        {
+            self.settled.clear();
+            self.settled_since = Some(Instant::now());
+        }
+        for (id, inode) in sockets {
+            if self.settled.contains(inode) {
+                continue;
+            }
+            let Some(o) = self.by_inode.get(inode) else {
+                continue;
+            };
+            let names::Lookup {
+                names: found,
+                ip,
+                settled,
+            } = names.lookup(&o.container_id, id.netns);
+            if settled {
+                self.settled.insert(*inode);
+            }
+            let n = found.as_deref();
+            let field = |f: fn(&super::runtimes::Names) -> &str| n.map_or("", f);
+            let (container, pod, pod_namespace) = (
+                field(|n| &n.container),
+                field(|n| &n.pod),
+                field(|n| &n.pod_namespace),
+            );
+            let netns_name = names.netns_name(id.netns, ip.as_deref(), n);
+            // Compared in place: a scrape of 10,000 unchanged listeners allocates nothing.
+            if o.container == container
+                && o.pod == pod
+                && o.pod_namespace == pod_namespace
+                && is_joined(&o.netns_name, netns_name)
+            {
+                continue;
+            }
+            let named = Owner {
+                container: container.to_string(),
+                pod: pod.to_string(),
+                pod_namespace: pod_namespace.to_string(),
+                netns_name: netns_name.concat(),
+                ..(**o).clone()
+            };
+            self.by_inode.insert(*inode, Arc::new(named));
+        }
     }
 
     /// The owners by listener, as the last [`Self::lookup_listeners`] found them.
@@ -129,6 +205,62 @@ impl Owners {
         pids.iter()
             .any(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     }
+}
+
+/// The listening TCP sockets of the network namespaces `wanted`, as (listener, socket inode),
+/// read from `/proc/<pid>/net/tcp` and `tcp6` of one process in each: that needs ptrace access
+/// to the process (CAP_SYS_PTRACE), not setns (CAP_SYS_ADMIN), so the owners, and with them
+/// the workload names, of listeners in namespaces qtrace cannot enter (pods' own, under the
+/// unit's and the DaemonSet's capabilities) are found all the same. At most one process is
+/// read per namespace.
+pub fn listeners_via_proc(wanted: &HashSet<u32>) -> Vec<(ListenerId, u32)> {
+    let mut out = Vec::new();
+    let mut done = HashSet::new();
+    let Ok(procs) = all_processes() else {
+        return out;
+    };
+    for p in procs.flatten() {
+        if done.len() == wanted.len() {
+            break;
+        }
+        let Ok(netns) = std::fs::metadata(format!("/proc/{}/ns/net", p.pid)) else {
+            continue;
+        };
+        let netns = std::os::unix::fs::MetadataExt::ino(&netns) as u32;
+        if !wanted.contains(&netns) || done.contains(&netns) {
+            continue;
+        }
+        let (Ok(v4), Ok(v6)) = (p.tcp(), p.tcp6()) else {
+            continue;
+        };
+        done.insert(netns);
+        for e in v4.into_iter().chain(v6) {
+            if e.state == procfs::net::TcpState::Listen {
+                let id = ListenerId {
+                    netns,
+                    addr: e.local_address.ip(),
+                    port: e.local_address.port(),
+                    // /proc/net/tcp has no cookie: these listeners' rows are per address,
+                    // as are the kernel's entries of a namespace qtrace cannot dump.
+                    socket: 0,
+                };
+                out.push((id, e.inode as u32));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `s` is `parts` joined.
+fn is_joined(s: &str, parts: [&str; 3]) -> bool {
+    let mut rest = s;
+    for p in parts {
+        match rest.strip_prefix(p) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
 }
 
 fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
@@ -158,6 +290,7 @@ fn scan(wanted: &HashSet<u32>) -> HashMap<u32, Arc<Owner>> {
                     container_id: workload
                         .container
                         .map_or(String::new(), |c| format!("{}://{}", c.runtime, c.id)),
+                    ..Owner::default()
                 }),
             );
         }
@@ -228,6 +361,25 @@ mod tests {
     }
 
     #[test]
+    fn listening_sockets_of_a_namespace_from_proc() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap();
+        let netns = std::os::unix::fs::MetadataExt::ino(&own) as u32;
+        let found = listeners_via_proc(&HashSet::from([netns]));
+        let id = ListenerId {
+            netns,
+            addr: "127.0.0.1".parse().unwrap(),
+            port: l.local_addr().unwrap().port(),
+            socket: 0,
+        };
+        assert!(
+            found.contains(&(id, socket_inode(&l))),
+            "{id:?} not in {found:?}"
+        );
+        assert!(listeners_via_proc(&HashSet::from([1])).is_empty());
+    }
+
+    #[test]
     fn a_socket_no_process_holds_is_looked_for_once() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut owners = Owners::default();
@@ -270,5 +422,74 @@ mod tests {
             "/system.slice/docker-1f2e.scope"
         );
         assert_eq!(cgroup_path([cg(0, "", "/")].into_iter()), "");
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use crate::host::names::{Options, Resolver, Runtimes};
+
+    #[test]
+    #[ignore]
+    fn naming_ten_thousand_listeners() {
+        let dir = std::env::temp_dir().join(format!("qtrace-cost-{}", std::process::id()));
+        let ids: Vec<String> = (0..100).map(|i| format!("{i:064x}")).collect();
+        for id in &ids {
+            let d = dir.join("containers").join(id);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("config.v2.json"), r#"{"Name":"/web","Config":{"Labels":{"io.kubernetes.pod.name":"p","io.kubernetes.pod.namespace":"n"}}}"#).unwrap();
+        }
+        let names = Resolver::start(Options {
+            runtimes: Runtimes {
+                containerd_socket: None,
+                cri_socket: None,
+                docker_root: Some(dir.clone()),
+                podman_root: None,
+            },
+            retry: Duration::from_secs(60),
+            capacity: 4096,
+            netns_dir: dir.join("netns"),
+        });
+        let mut owners = Owners::default();
+        let mut sockets = Vec::new();
+        for i in 0..10_000u32 {
+            let id = ListenerId {
+                netns: 4026532000 + i / 100,
+                addr: "10.0.0.1".parse().unwrap(),
+                port: (i % 60000) as u16,
+                socket: u64::from(i) + 1,
+            };
+            owners.by_inode.insert(
+                i,
+                Arc::new(Owner {
+                    pid: i as i32,
+                    comm: "x".into(),
+                    container_id: format!("docker://{}", ids[(i % 100) as usize]),
+                    ..Owner::default()
+                }),
+            );
+            sockets.push((id, i));
+        }
+        owners.looked_for = (0..10_000).collect();
+        owners.scanned = Some((Instant::now(), Duration::ZERO));
+        owners.set_names(names.clone());
+        let t = Instant::now();
+        owners.name(&sockets);
+        eprintln!("first pass (queues 100 lookups): {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        owners.name(&sockets);
+        eprintln!(
+            "second pass (names filled, owners copied): {:?}",
+            t.elapsed()
+        );
+        for _ in 0..3 {
+            let t = Instant::now();
+            owners.name(&sockets);
+            eprintln!("steady pass: {:?}", t.elapsed());
+        }
+        eprintln!("{:?}", names.counts());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -379,7 +379,8 @@ assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9
 mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
 vols = {v["name"]: v for v in spec["volumes"]}
 for path, ro in [("/sys/kernel/btf", True), ("/sys/kernel/tracing", True),
-                 ("/sys/fs/cgroup", True), ("/run/qtrace", False)]:
+                 ("/sys/fs/cgroup", True), ("/run/qtrace", False),
+                 ("/run/containerd", True), ("/run/netns", True)]:
     m = mounts[path]
     assert m.get("readOnly", False) is ro, m
     assert vols[m["name"]]["hostPath"]["path"] == path
@@ -401,6 +402,8 @@ fn kubernetes_daemonset_is_well_formed() {
         "mountPath: /sys/kernel/tracing",
         "mountPath: /sys/fs/cgroup",
         "mountPath: /run/qtrace",
+        "mountPath: /run/containerd",
+        "mountPath: /run/netns",
         "prometheus.io/scrape",
         "--web.listen-address=$(NODE_IP):9860",
         "fieldPath: status.hostIP",

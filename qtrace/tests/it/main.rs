@@ -2,8 +2,9 @@
 //! qtrace's probes into this machine's kernel and provoke real drops in network namespaces of
 //! their own. The kernel matrix (`cargo xtask vm-test`) runs the kernel-facing suites by
 //! module path (`handshake::`, `queues::`, …); `daemon::`, `top::`, `web::` and `deploy::` need
-//! outside servers and tools and run on this machine only, as does `hardening::` (hostile
-//! clients and bad inputs; its ignored load test is `cargo xtask stress`'s).
+//! outside servers and tools and run on this machine only, as do `hardening::` (hostile
+//! clients and bad inputs; its ignored load test is `cargo xtask stress`'s) and `workload::`
+//! (a private containerd running containers; the dist test's guest covers cgroup v2).
 
 mod common;
 
@@ -20,3 +21,4 @@ mod queues;
 mod sockets;
 mod top;
 mod web;
+mod workload;

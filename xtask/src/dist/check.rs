@@ -205,15 +205,7 @@ fn ctr_import(image: &Path) -> Result<()> {
     let socket = dir.join("containerd.sock");
     let config = dir.join("config.toml");
     fs::write(&config, "version = 2\n")?;
-    let mut daemon = Command::new("containerd")
-        .arg("--config")
-        .arg(&config)
-        .arg("--root")
-        .arg(dir.join("root"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .arg("--address")
-        .arg(&socket)
+    let mut daemon = qtrace_testkit::containerd_command(&dir, &config)
         .stdout(Stdio::null())
         .stderr(fs::File::create(dir.join("containerd.log"))?)
         .spawn()

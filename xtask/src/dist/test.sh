@@ -50,6 +50,10 @@ check "installing started the service" until_ok 60 systemctl is-active -q qtrace
 need "systemctl enable --now qtrace" systemctl enable --now qtrace
 need "qtrace serves /metrics" until_ok 90 metrics
 check "qtrace_build_info in the scrape" sh -c 'curl -fsS http://127.0.0.1:9860/metrics | grep ^qtrace_build_info'
+# Workload names on cgroup v2 under a real systemd: the service's own listener is its unit's.
+info() { metrics "${2:-9860}" | grep '^qtrace_listener_info{' | grep -- "$1"; }
+check "the service's listener is named by its systemd unit" until_ok 30 info 'port="9860".*unit="qtrace.service"'
+say "info $(info 'port="9860"')"
 
 install -m 0644 $D/prometheus.yml /etc/prometheus/prometheus.yml
 install -m 0644 $D/alerts.yml /etc/prometheus/alerts.yml
@@ -113,6 +117,13 @@ done
 container_drops() { drops 8080 "$NETNS" 9861 | nonzero; }
 check "the container's qtrace sees the listener's drops in the other container (netns $NETNS)" until_ok 60 container_drops
 say "info $(drops 8080 "$NETNS" 9861 | tr '\n' ' ')"
+# The service has no CAP_SYS_ADMIN to enter the container's namespace: the listener's owner, and
+# with it the container's name (Podman's storage, cgroup v2 under libpod_parent), come from
+# /proc/<pid>/net/tcp; the namespace is named after the container holding it.
+LID=$(podman inspect -f '{{.Id}}' listener)
+named() { info "netns=\"$NETNS\".*port=\"8080\".*container_id=\"podman://$LID\",container=\"listener\".*netns_name=\"listener\""; }
+check "the service names the Podman container and its network namespace" until_ok 30 named
+say "info $(info "netns=\"$NETNS\"")"
 check "podman rm" podman rm -f -t 2 qtrace-ds listener
 
 # --- Back to the service ---------------------------------------------------------------------

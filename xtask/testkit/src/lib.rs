@@ -192,6 +192,22 @@ impl Drop for BpfStats {
     }
 }
 
+/// A containerd of one's own (Debian's package), as the dist test and the workload tests
+/// start it: root, state and API socket (`containerd.sock`) under `dir`, the configuration
+/// `config` (a file the caller wrote). The caller sets its output and spawns it.
+pub fn containerd_command(dir: &std::path::Path, config: &std::path::Path) -> Command {
+    let mut cmd = Command::new("containerd");
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--root")
+        .arg(dir.join("root"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--address")
+        .arg(dir.join("containerd.sock"));
+    cmd
+}
+
 /// `qtrace run` as the tests and the benchmarks start it: JSON Lines on stdout (the ready line
 /// first, then events and a listener table every `interval`), HTTP on an ephemeral loopback
 /// port, and an events socket of its own at `socket`. The caller adds its own arguments.

@@ -20,6 +20,10 @@ use crate::{
 pub struct Advice {
     pub listener: String,
     pub advice: String,
+    /// Who the listener belongs to (`<pod_namespace>/<pod>/<container>`, else the
+    /// container, unit or command, as [`Owner::workload`]); the text groups advice by it.
+    #[serde(default)]
+    pub workload: String,
 }
 
 /// How advice names a listener: `nginx[7] on 0.0.0.0:80 (netns 4026531840)`.
@@ -111,6 +115,7 @@ pub fn advise(
         out.push(Advice {
             listener: who.to_string(),
             advice,
+            workload: String::new(),
         })
     };
     let was_full = evidence
@@ -188,14 +193,21 @@ pub fn reuseport_imbalance(
         if full.is_empty() || full.len() == group.len() {
             continue;
         }
+        let owners: Vec<Option<Owner>> = full.iter().map(|l| owner(l.inode)).collect();
         let which: Vec<String> = full
             .iter()
-            .map(|l| match owner(l.inode) {
+            .zip(&owners)
+            .map(|(l, o)| match o {
                 Some(o) => format!("socket {:x} of {o}", l.cookie),
                 None => format!("socket {:x}", l.cookie),
             })
             .collect();
         out.push(Advice {
+            workload: owners
+                .iter()
+                .flatten()
+                .next()
+                .map_or(String::new(), Owner::workload),
             listener: listener_name(None, addr, *port, netns),
             advice: format!(
                 "{} of {} sockets on {} are full ({}) while the others are not: SO_REUSEPORT \

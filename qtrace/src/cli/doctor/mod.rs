@@ -154,7 +154,6 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
     for (netns, (sysctls, queues)) in &namespaces {
         for l in queues {
             let lim = limits(l.acceptq_max, sysctls, rule);
-            let owner = owners.get(&l.inode).map(|o| (**o).clone());
             let id = ListenerId {
                 netns: *netns,
                 addr: l.addr,
@@ -162,6 +161,11 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
                 socket: l.cookie,
             };
             let seen = counted.get(&id).copied();
+            // The daemon's owner carries the container, pod and namespace names its runtime
+            // lookups found; doctor's own scan knows the process and cgroup only.
+            let owner = seen
+                .and_then(|c| c.owner.clone())
+                .or_else(|| owners.get(&l.inode).map(|o| (**o).clone()));
             let counters = seen.map(|c| c.counters);
             let last_hour = seen.and_then(|c| c.last_hour.clone());
             let name = listener_name(owner.as_ref(), &l.addr, l.port, *netns);
@@ -170,7 +174,12 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
                 last_hour: last_hour.as_ref(),
                 sample_interval,
             };
+            let before = advice.len();
             advise(&mut advice, &name, l, &lim, sysctls, &evidence);
+            let workload = owner.as_ref().map_or(String::new(), Owner::workload);
+            for a in &mut advice[before..] {
+                a.workload = workload.clone();
+            }
             listeners.push(listener(*netns, l, owner, lim, counters, last_hour));
         }
         reuseport_imbalance(&mut advice, *netns, queues, |inode| {

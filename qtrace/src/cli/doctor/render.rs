@@ -61,9 +61,52 @@ pub fn human(r: &Report) -> String {
     }
     if !r.advice.is_empty() {
         s += "\nADVICE\n";
+        // Grouped by workload, in the order each first needs advice: what one team owns
+        // reads as one block.
+        let mut order: Vec<&str> = Vec::new();
         for a in &r.advice {
-            s += &format!("- {}: {}\n", a.listener, a.advice);
+            if !order.contains(&a.workload.as_str()) {
+                order.push(&a.workload);
+            }
+        }
+        for w in order {
+            let title = if w.is_empty() { "(owner unknown)" } else { w };
+            s += &format!("{title}\n");
+            for a in r.advice.iter().filter(|a| a.workload == w) {
+                s += &format!("  - {}: {}\n", a.listener, a.advice);
+            }
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advice_is_grouped_by_workload_in_order_of_first_need() {
+        let advice = |listener: &str, workload: &str| serde_json::json!({ "listener": listener, "advice": "raise the backlog", "workload": workload });
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "kernel": { "release": "6.12", "btf": true, "btf_file": "/sys/kernel/btf/vmlinux",
+                        "btf_error": null, "synq_full_rule": null },
+            "probes": [], "daemon": true, "namespaces": [], "namespaces_unreadable": 0,
+            "listeners": [],
+            "advice": [
+                advice("api[7] on 0.0.0.0:8080", "shop/checkout-7d9f/api"),
+                advice("nginx[9] on 0.0.0.0:80", "nginx.service"),
+                advice("api[7] on 0.0.0.0:8443", "shop/checkout-7d9f/api"),
+                advice("[::]:22", ""),
+            ],
+        }))
+        .unwrap();
+        let text = human(&report);
+        let advice = &text[text.find("ADVICE\n").unwrap()..];
+        assert_eq!(
+            advice,
+            "ADVICE\nshop/checkout-7d9f/api\n  - api[7] on 0.0.0.0:8080: raise the backlog\n  \
+             - api[7] on 0.0.0.0:8443: raise the backlog\nnginx.service\n  - nginx[9] on \
+             0.0.0.0:80: raise the backlog\n(owner unknown)\n  - [::]:22: raise the backlog\n"
+        );
+    }
 }
