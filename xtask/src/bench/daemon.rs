@@ -69,6 +69,24 @@ impl Daemon {
         Ok(ticks / 100.0)
     }
 
+    /// CPU seconds its threads have run so far, to the nanosecond (`/proc/PID/task/*/schedstat`;
+    /// `cpu` counts in clock ticks, 10 ms, too coarse for a burst that takes tens of ms). A
+    /// thread that exited is not counted: the event path's threads all live through it.
+    pub(super) fn cpu_precise(&self) -> Result<f64> {
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue; // exited meanwhile
+            };
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .context("schedstat")?;
+        }
+        Ok(ns as f64 / 1e9)
+    }
+
     pub(super) fn rss_mib(&self) -> Result<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let kib: f64 = status

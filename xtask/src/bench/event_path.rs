@@ -52,7 +52,7 @@ pub(super) fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     // Half-open handshakes (final ACKs dropped): one retransmit event each after 1 s.
     ns.nft("table inet b {\n chain input {\n type filter hook input priority 0\n tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n")?;
     let name = ns.name.clone();
-    let cpu0 = d.cpu()?;
+    let cpu0 = d.cpu_precise()?;
     let retrans0 = ns.tcp_ext_value("TCPSynRetrans")?;
     let clients = thread::spawn(move || -> Result<Vec<TcpStream>> {
         Netns::enter(&name)?;
@@ -69,7 +69,7 @@ pub(super) fn event_path(qtrace: &Path, z: &Sizes) -> Result<String> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    let cpu = d.cpu()? - cpu0;
+    let cpu = d.cpu_precise()? - cpu0;
     // The kernel's own count: past somaxconn requests turn into syncookies, not retransmits.
     let happened = ns.tcp_ext_value("TCPSynRetrans")? - retrans0;
     let (_, metrics) = d.get("/metrics")?;

@@ -51,6 +51,45 @@ pub(super) fn check_well_formed(report: &str) -> Result<()> {
     Ok(())
 }
 
+/// `report` with the section that `section` (`## N. …` up to the next `## `) regenerates
+/// replaced, or inserted before the hand-written part when it has none yet. Churn (1) writes
+/// section 2 too: a section runs until the next heading that is not one of its own.
+pub(super) fn splice(report: &str, section: &str) -> String {
+    let number = |s: &str| {
+        s.strip_prefix("## ")?
+            .split_once(". ")
+            .map(|(n, _)| n.to_string())
+    };
+    let headings: Vec<String> = section.lines().filter_map(|l| number(l)).collect();
+    let Some(first) = headings.first() else {
+        return report.to_string();
+    };
+    let starts = |l: &str, n: &str| number(l).as_deref() == Some(n);
+    let mut lines: Vec<&str> = report.lines().collect();
+    let start = lines.iter().position(|l| starts(l, first));
+    let (start, end) = match start {
+        Some(s) => {
+            let end = lines[s + 1..]
+                .iter()
+                .position(|l| l.starts_with("## ") && !headings.iter().any(|h| starts(l, h)))
+                .map_or(lines.len(), |e| s + 1 + e);
+            (s, end)
+        }
+        None => {
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(READING))
+                .unwrap_or(lines.len());
+            (at, at)
+        }
+    };
+    let new: Vec<&str> = section.lines().collect();
+    lines.splice(start..end, new);
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
+
 pub(super) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[0], v[v.len() / 2], v[v.len() - 1])
