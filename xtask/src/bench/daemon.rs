@@ -30,8 +30,13 @@ impl Daemon {
         let mut child = qtrace_testkit::daemon_command(qtrace, "1h", &socket)
             .args(extra)
             .stdout(Stdio::piped())
-            // Its errors (why it did not start) reach the benchmark's stderr.
-            .env("QTRACE_LOG", "error")
+            // Its errors (why it did not start) reach the benchmark's stderr; QTRACE_BENCH_LOG
+            // asks for more (`error,qtrace::daemon::http=debug`: each scrape's collect and
+            // render times).
+            .env(
+                "QTRACE_LOG",
+                std::env::var("QTRACE_BENCH_LOG").unwrap_or("error".into()),
+            )
             .stderr(Stdio::inherit())
             .spawn()?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
