@@ -60,7 +60,7 @@ pub(super) fn splice(report: &str, section: &str) -> String {
             .split_once(". ")
             .map(|(n, _)| n.to_string())
     };
-    let headings: Vec<String> = section.lines().filter_map(|l| number(l)).collect();
+    let headings: Vec<String> = section.lines().filter_map(number).collect();
     let Some(first) = headings.first() else {
         return report.to_string();
     };
@@ -97,4 +97,28 @@ pub(super) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 pub(super) fn fmt3((a, b, c): (f64, f64, f64)) -> String {
     format!("{a:.0} / {b:.0} / {c:.0}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_replaces_its_own_and_keeps_the_rest() {
+        let report = "# h\n\n## 1. A\n\nold 1\n\n## 2. B\n\nold 2\n\n## 3. C\n\nold 3\n\n\
+                      ## Reading these figures\n\nprose\n";
+        // Churn writes 1 and 2 together.
+        let both = splice(report, "## 1. A\n\nnew 1\n\n## 2. B\n\nnew 2\n\n");
+        assert_eq!(
+            both,
+            "# h\n\n## 1. A\n\nnew 1\n\n## 2. B\n\nnew 2\n\n## 3. C\n\nold 3\n\n\
+             ## Reading these figures\n\nprose\n"
+        );
+        // A section the report lacks goes before the hand-written part.
+        let added = splice(report, "## 6. F\n\nnew 6\n\n");
+        assert!(
+            added.ends_with("old 3\n\n## 6. F\n\nnew 6\n\n## Reading these figures\n\nprose\n"),
+            "{added}"
+        );
+    }
 }
