@@ -14,6 +14,7 @@ mod churn;
 mod daemon;
 mod event_path;
 mod guest;
+mod nginx;
 mod report;
 mod scale;
 mod storm;
@@ -30,7 +31,9 @@ pub struct Options {
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
     /// Only these sections (e.g. `--only 4,5`): each replaces its own section of the report
-    /// and the rest is kept as it was, so one change's figures can be regenerated alone.
+    /// and the rest is kept as it was, so one change's figures can be regenerated alone. `1`
+    /// writes 1 and 2; `1b`, the guest's, writes 1b and 1c (nginx); `1c` boots a guest for
+    /// nginx alone.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// This qtrace binary instead of a fresh release build: to compare two builds back to
@@ -49,6 +52,9 @@ pub struct GuestOptions {
     /// The qtrace binary (packed at its host path).
     #[arg(long)]
     qtrace: PathBuf,
+    /// Only nginx's rounds (1c), not the churn (1b).
+    #[arg(long)]
+    nginx_only: bool,
 }
 
 struct Sizes {
@@ -95,9 +101,10 @@ pub fn bench(opts: Options) -> Result<()> {
         None => crate::build_release()?,
     };
     type Section = fn(&Path, &Sizes) -> Result<String>;
-    let sections: [(&str, Section); 6] = [
+    let sections: [(&str, Section); 7] = [
         ("1", churn),
         ("1b", guest_churn),
+        ("1c", guest_nginx),
         ("3", storm),
         ("3b", ack_storm::ack_storm),
         ("4", scale),
@@ -108,7 +115,7 @@ pub fn bench(opts: Options) -> Result<()> {
         .iter()
         .find(|o| !sections.iter().any(|(n, _)| n == o))
     {
-        anyhow::bail!("--only {unknown}: no such section (1, 1b, 3, 3b, 4, 5)");
+        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 4, 5)");
     }
     if !opts.only.is_empty() {
         let mut report = std::fs::read_to_string(&opts.out).unwrap_or_default();
@@ -124,7 +131,8 @@ pub fn bench(opts: Options) -> Result<()> {
             .with_context(|| format!("write {}", opts.out.display()));
     }
     let mut report = header(&opts)?;
-    for (_, run) in sections {
+    // 1b's guest runs 1c too: not twice.
+    for (_, run) in sections.iter().filter(|(n, _)| *n != "1c") {
         report += &run(&qtrace, &sizes)?;
     }
     print!("{report}");
