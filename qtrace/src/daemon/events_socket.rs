@@ -228,8 +228,10 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     }
 }
 
-/// How much of a reader's queue one write takes at most.
-const BATCH_BYTES: usize = 64 * 1024;
+/// How much of a reader's queue one write takes at most: a burst costs one write per dozen
+/// events or so, and a stuck reader holds up hardly more than READER_SNDBUF and its queue
+/// (a larger batch would be a buffer of its own that the queue's bound does not count).
+const BATCH_BYTES: usize = 4 * 1024;
 
 /// Events socket clients served at once: 1,024, or a quarter of the open-files limit when that
 /// is lower (the HTTP server may take half), so neither can take every fd.
