@@ -118,14 +118,20 @@ pub fn bench(opts: Options) -> Result<()> {
         anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 4, 5)");
     }
     if !opts.only.is_empty() {
-        let mut report = std::fs::read_to_string(&opts.out).unwrap_or_default();
+        let mut new = Vec::new();
         for (_, run) in sections
             .iter()
             .filter(|(n, _)| opts.only.contains(&n.to_string()))
         {
             let section = run(&qtrace, &sizes)?;
             print!("{section}");
-            report = splice(&report, &section);
+            new.push(section);
+        }
+        // Read once every section has run (a guest takes half an hour): edits made to the
+        // report meanwhile stay.
+        let mut report = std::fs::read_to_string(&opts.out).unwrap_or_default();
+        for section in &new {
+            report = splice(&report, section);
         }
         return std::fs::write(&opts.out, &report)
             .with_context(|| format!("write {}", opts.out.display()));
