@@ -49,6 +49,9 @@ impl Published {
     }
 }
 
+/// A new reader's past events and its live queue.
+type Subscription = (Vec<Arc<Published>>, broadcast::Receiver<Arc<Published>>);
+
 /// Where events go: every reader's queue and the `--since` history.
 pub struct Hub {
     live: broadcast::Sender<Arc<Published>>,
@@ -84,11 +87,7 @@ impl Hub {
 
     /// History since `since_ns`, then live events: `publish` sends while holding the history
     /// lock, so no event is in neither or both.
-    #[allow(clippy::type_complexity)]
-    fn subscribe(
-        &self,
-        since_ns: u64,
-    ) -> (Vec<Arc<Published>>, broadcast::Receiver<Arc<Published>>) {
+    fn subscribe(&self, since_ns: u64) -> Subscription {
         let history = crate::recover::lock(&self.history);
         let rx = self.live.subscribe();
         let past = history
