@@ -100,6 +100,8 @@ fn dispatch(task: Task) -> Result<()> {
             bench::bench(bench::Options {
                 smoke: true,
                 out: target_dir()?.join("BENCHMARKS.smoke.md"),
+                only: Vec::new(),
+                qtrace: None,
             })?;
             // The kernel-facing suites on Debian's kernels in QEMU and natively.
             matrix::vm_test(matrix::Options {

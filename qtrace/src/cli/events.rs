@@ -143,7 +143,10 @@ pub async fn events(opts: EventsOptions) -> Result<()> {
         );
     }
     let settings = opts.source.client.settings()?;
-    let mut out = Output { json: opts.json };
+    let mut out = Output {
+        json: opts.json,
+        buf: Vec::new(),
+    };
     let done = if opts.source.standalone {
         standalone(&opts, &mut out, &settings).await
     } else {
@@ -163,34 +166,44 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Lines are gathered and written together (`flush`): a burst of events is one write to
+/// stdout rather than one per line.
 struct Output {
     json: bool,
+    buf: Vec<u8>,
 }
 
 impl Output {
     fn record(&mut self, r: &api::Event) -> Result<()> {
-        let mut stdout = io::stdout().lock();
         if self.json {
-            serde_json::to_writer(&mut stdout, r)?;
-            writeln!(stdout)?;
+            serde_json::to_writer(&mut self.buf, r)?;
+            writeln!(self.buf)?;
         } else {
-            writeln!(stdout, "{}", to_human(r))?;
+            writeln!(self.buf, "{}", to_human(r))?;
         }
-        stdout.flush()?;
         Ok(())
     }
 
     fn gap(&mut self, missed: u64) -> Result<()> {
-        let mut stdout = io::stdout().lock();
         if self.json {
-            writeln!(stdout, "{}", serde_json::to_string(&Line::Gap { missed })?)?;
+            serde_json::to_writer(&mut self.buf, &Line::Gap { missed })?;
+            writeln!(self.buf)?;
         } else {
             writeln!(
-                stdout,
+                self.buf,
                 "-- {missed} events missed: this reader fell behind --"
             )?;
         }
-        stdout.flush()?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(&self.buf)?;
+            stdout.flush()?;
+            self.buf.clear();
+        }
         Ok(())
     }
 }
@@ -215,16 +228,31 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
     loop {
         let line = tokio::select! {
             line = rx.recv() => match line {
-                Some(line) => line.context("read from the daemon")?,
-                None => anyhow::bail!("the daemon closed the events socket (it stopped)"),
+                Some(Ok(line)) => line,
+                Some(Err(e)) => {
+                    out.flush()?;
+                    return Err(e).context("read from the daemon");
+                }
+                None => {
+                    out.flush()?;
+                    anyhow::bail!("the daemon closed the events socket (it stopped)")
+                }
             },
-            _ = sigint.recv() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return out.flush(),
+            _ = sigterm.recv() => return out.flush(),
         };
-        match serde_json::from_str(&line).context("a line from the daemon")? {
+        let parsed = serde_json::from_str(&line);
+        if parsed.is_err() {
+            out.flush()?;
+        }
+        match parsed.context("a line from the daemon")? {
             Line::Event(r) if opts.filter.admits(&r) => out.record(&r)?,
             Line::Event(_) => {}
             Line::Gap { missed } => out.gap(missed)?,
+        }
+        // Written when no more lines are waiting: at once when events come one by one.
+        if rx.is_empty() {
+            out.flush()?;
         }
     }
 }
@@ -245,12 +273,16 @@ async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings)
     let mut tracer = Tracer::start(&settings.tracer)?;
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let clock = Clock::new();
+    let mut batch = Vec::new();
     loop {
         tokio::select! {
-            batch = ring.wait() => {
-                for ev in batch?.iter().filter(|ev| opts.filter.admits_event(ev)) {
-                    out.record(&decode::to_record(ev, &clock))?;
+            woke = ring.wait(&mut batch) => {
+                woke?;
+                // Filtered on the kernel's event: only what passes is made into a record.
+                for ev in batch.drain(..).filter(|ev| opts.filter.admits_event(ev)) {
+                    out.record(&decode::to_record(&ev, &clock))?;
                 }
+                out.flush()?;
             }
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),

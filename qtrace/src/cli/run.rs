@@ -145,9 +145,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut tick = tokio::time::interval(opts.interval);
     tick.tick().await;
 
+    // One buffer for every wake-up's events.
+    let mut batch = Vec::new();
     loop {
         tokio::select! {
-            batch = ring.wait() => publisher.events(batch?, &hub, out.as_mut())?,
+            woke = ring.wait(&mut batch) => {
+                woke?;
+                publisher.events(&mut batch, &hub, out.as_mut())?;
+            }
             _ = tick.tick(), if out.is_some() => {
                 publisher.table(&tracer.counters, false, out.as_mut())?;
             }
@@ -160,7 +165,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let _ = stop_tx.send(true);
     // Scrapes in flight get a moment; exiting promptly matters more.
     let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
-    publisher.events(ring.drain_now(), &hub, out.as_mut())?;
+    ring.drain_now(&mut batch);
+    publisher.events(&mut batch, &hub, out.as_mut())?;
     publisher.table(&tracer.counters, true, out.as_mut())?;
     tracing::info!("detaching");
     drop(ring);
@@ -236,26 +242,30 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Hands events to the hub (the events socket's readers), printing them too when asked.
+    /// Hands events to the hub (the events socket's readers), printing them too when asked;
+    /// leaves `batch` empty. Printed lines go out in one write per batch.
     fn events(
         &self,
-        batch: Vec<Event>,
+        batch: &mut Vec<Event>,
         hub: &Hub,
-        mut out: Option<&mut io::StdoutLock>,
+        out: Option<&mut io::StdoutLock>,
     ) -> Result<()> {
-        for ev in batch {
+        let mut text = String::new();
+        for ev in batch.drain(..) {
             let record = hub.publish(decode::to_record(&ev, &self.clock));
-            let Some(out) = out.as_deref_mut() else {
+            if out.is_none() {
                 continue;
-            };
+            }
             if self.json {
-                serde_json::to_writer(&mut *out, &*record)?;
-                writeln!(out)?;
+                // The line the events socket's readers get, written once for both.
+                text.push_str(record.line());
             } else {
-                writeln!(out, "{}", to_human(&record))?;
+                text.push_str(&to_human(&record.event));
+                text.push('\n');
             }
         }
         if let Some(out) = out {
+            out.write_all(text.as_bytes())?;
             out.flush()?;
         }
         Ok(())

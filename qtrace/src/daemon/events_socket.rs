@@ -11,7 +11,7 @@ use std::{
     collections::VecDeque,
     os::unix::fs::PermissionsExt,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use anyhow::{Context, Result};
@@ -31,10 +31,31 @@ const HISTORY: usize = 4096;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
 
+/// An event as published: shared by every reader's queue and the history, with its JSON line
+/// written at most once, by the first reader (or `--print --json`) that needs it.
+pub struct Published {
+    pub event: Event,
+    line: OnceLock<String>,
+}
+
+impl Published {
+    /// The event's JSON line, newline included.
+    pub fn line(&self) -> &str {
+        self.line.get_or_init(|| {
+            let mut s = serde_json::to_string(&self.event).expect("plain data");
+            s.push('\n');
+            s
+        })
+    }
+}
+
+/// A new reader's past events and its live queue.
+type Subscription = (Vec<Arc<Published>>, broadcast::Receiver<Arc<Published>>);
+
 /// Where events go: every reader's queue and the `--since` history.
 pub struct Hub {
-    live: broadcast::Sender<Arc<Event>>,
-    history: Mutex<VecDeque<Arc<Event>>>,
+    live: broadcast::Sender<Arc<Published>>,
+    history: Mutex<VecDeque<Arc<Published>>>,
     state: Arc<State>,
 }
 
@@ -49,10 +70,13 @@ impl Hub {
     }
 
     /// Hands an event to every reader, with its listener's owner when known.
-    pub fn publish(&self, mut record: Event) -> Arc<Event> {
+    pub fn publish(&self, mut record: Event) -> Arc<Published> {
         record.socket = self.state.socket_cookie(record.socket);
         record.owner = self.state.owner_of(&record.listener());
-        let record = Arc::new(record);
+        let record = Arc::new(Published {
+            event: record,
+            line: OnceLock::new(),
+        });
         let mut history = crate::recover::lock(&self.history);
         if history.len() == HISTORY {
             history.pop_front();
@@ -64,12 +88,12 @@ impl Hub {
 
     /// History since `since_ns`, then live events: `publish` sends while holding the history
     /// lock, so no event is in neither or both.
-    fn subscribe(&self, since_ns: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
+    fn subscribe(&self, since_ns: u64) -> Subscription {
         let history = crate::recover::lock(&self.history);
         let rx = self.live.subscribe();
         let past = history
             .iter()
-            .filter(|r| since_ns > 0 && r.ts_ns >= since_ns)
+            .filter(|r| since_ns > 0 && r.event.ts_ns >= since_ns)
             .cloned()
             .collect();
         (past, rx)
@@ -162,26 +186,52 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
         Request::Events { since_ns } => since_ns,
     };
     let (past, mut live) = hub.subscribe(since_ns);
+    let mut text = String::new();
     for r in past {
-        write.write_all(line_of(&r).as_bytes()).await?;
+        text.push_str(r.line());
     }
+    write.write_all(text.as_bytes()).await?;
     loop {
         let r = tokio::select! {
             r = live.recv() => r,
             () = crate::daemon::events_request::closed(&mut read) => return Ok(()),
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
-        let text = match r {
-            Ok(r) => line_of(&r),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                let gap = serde_json::to_string(&Line::Gap { missed: n }).expect("plain data");
-                format!("{gap}\n")
+        // What else is queued goes in the same write: a burst costs one write per
+        // BATCH_BYTES, not one per event.
+        text.clear();
+        let mut next = Some(r);
+        while let Some(r) = next.take() {
+            match r {
+                Ok(r) => text.push_str(r.line()),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let gap = serde_json::to_string(&Line::Gap { missed: n }).expect("plain data");
+                    text.push_str(&gap);
+                    text.push('\n');
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
             }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        };
+            if text.len() < BATCH_BYTES {
+                next = match live.try_recv() {
+                    Ok(r) => Some(Ok(r)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Some(Err(broadcast::error::RecvError::Lagged(n)))
+                    }
+                    Err(_) => None,
+                };
+            }
+        }
+        if text.is_empty() {
+            return Ok(()); // closed
+        }
         write.write_all(text.as_bytes()).await?;
     }
 }
+
+/// How much of a reader's queue one write takes at most: a burst costs one write per dozen
+/// events or so, and a stuck reader holds up hardly more than READER_SNDBUF and its queue
+/// (a larger batch would be a buffer of its own that the queue's bound does not count).
+const BATCH_BYTES: usize = 4 * 1024;
 
 /// Events socket clients served at once: 1,024, or a quarter of the open-files limit when that
 /// is lower (the HTTP server may take half), so neither can take every fd.
@@ -202,12 +252,6 @@ fn limit_send_buffer(stream: &UnixStream) {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-}
-
-fn line_of(r: &Event) -> String {
-    let mut s = serde_json::to_string(r).expect("plain data");
-    s.push('\n');
-    s
 }
 
 /// Client side: connects to the daemon's socket and sends `request`.

@@ -1,16 +1,15 @@
 //! The Prometheus exposition: per-listener series from a [`Scrape`], label sets capped, and
 //! what qtrace cannot see left out rather than exported as zero.
+//!
+//! The text is written here directly, in either format, byte for byte as prometheus-client's
+//! encoder wrote it (the golden files in `testdata/` pin it): at 10,000 listeners a scrape
+//! has about 100,000 series, and the library's encoder formatted each listener's labels
+//! anew for every one of them, through a chain of `dyn Write` calls, into OpenMetrics text that
+//! was then copied line by line into the classic format.
 
-use std::{borrow::Cow, fmt::Write};
+use std::{borrow::Cow, rc::Rc, sync::atomic::AtomicUsize, sync::atomic::Ordering};
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{
-        text, DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder,
-    },
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
-    registry::Registry,
-};
+use prometheus_client::metrics::MetricType;
 use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAIT_BUCKETS};
 
 use crate::{
@@ -55,12 +54,13 @@ const LISTENER_COUNTERS: [(Counter, &str, &str); 5] = [
     ),
 ];
 
-/// Whose series a sample is: a listener's labels are written straight from its id when
-/// encoded, so 10,000 listeners do not cost 100,000 label vectors per scrape.
-#[derive(Clone, Copy)]
+/// Whose series a sample is: a listener's labels are encoded once per scrape and shared by
+/// each of its samples, so 10,000 listeners do not cost 100,000 label encodings.
+#[derive(Clone)]
 enum Listener {
     None,
-    Id(ListenerId),
+    /// `netns="…",addr="…",port="…"`, from [`listener_label_text`].
+    Id(Rc<str>),
     /// The sum of the listeners past the series cap.
     Other,
 }
@@ -99,38 +99,59 @@ impl Labels {
         l.extra.push((key, value.into()));
         l
     }
-}
 
-impl EncodeLabelSet for Labels {
-    fn encode(&self, e: &mut LabelSetEncoder) -> std::fmt::Result {
-        match self.listener {
-            Listener::None => {}
-            Listener::Id(id) => {
-                label(e, "netns", id.netns)?;
-                label(e, "addr", id.addr)?;
-                label(e, "port", id.port)?;
-                label(e, "socket", format_args!("{:x}", id.socket))?;
+    /// `k="v",…`, without braces.
+    fn write(&self, out: &mut String) {
+        let mut first = match &self.listener {
+            Listener::None => true,
+            Listener::Id(text) => {
+                out.push_str(text);
+                false
             }
             Listener::Other => {
-                for key in ["netns", "addr", "port", "socket"] {
-                    label(e, key, "other")?;
-                }
+                out.push_str(r#"netns="other",addr="other",port="other",socket="other""#);
+                false
             }
-        }
+        };
         for (key, value) in &self.extra {
-            label(e, key, value)?;
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            label(out, key, value);
         }
-        Ok(())
     }
 }
 
-fn label(e: &mut LabelSetEncoder, key: &str, value: impl std::fmt::Display) -> std::fmt::Result {
-    let mut label = e.encode_label();
-    let mut k = label.encode_label_key()?;
-    k.write_str(key)?;
-    let mut v = k.encode_label_value()?;
-    write!(v, "{value}")?;
-    v.finish()
+/// A listener's labels as the exposition writes them.
+fn listener_label_text(id: &ListenerId) -> Rc<str> {
+    let mut out = String::with_capacity(64);
+    label(&mut out, "netns", itoa::Buffer::new().format(id.netns));
+    out.push(',');
+    label(&mut out, "addr", &id.addr.to_string());
+    out.push(',');
+    label(&mut out, "port", itoa::Buffer::new().format(id.port));
+    out.push(',');
+    label(&mut out, "socket", &format!("{:x}", id.socket));
+    out.into()
+}
+
+/// `key="value"`, the value escaped as the exposition formats require (`\\`, `\"`, `\n`).
+fn label(out: &mut String, key: &str, value: &str) {
+    out.push_str(key);
+    out.push_str("=\"");
+    let mut rest = value;
+    while let Some(i) = rest.find(['\\', '"', '\n']) {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
 }
 
 type QueueGauge = (&'static str, &'static str, fn(&ListenerQueues) -> u32);
@@ -175,28 +196,21 @@ pub fn render(
     openmetrics: bool,
     http: &HttpStats,
 ) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Families {
-        body: families(scrape, probes, vis, max_series, http),
-    }));
-    let mut out = String::new();
-    text::encode(&mut out, &registry).expect("writing to a String");
+    // The last scrape's size, plus some: a multi-MB text is not grown by doubling each time.
+    static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
+    let last = LAST_SIZE.load(Ordering::Relaxed);
+    let mut e = Exposition {
+        out: String::with_capacity(last + last / 8),
+        openmetrics,
+    };
+    for f in &families(scrape, probes, vis, max_series, http) {
+        e.family(f);
+    }
     if openmetrics {
-        out
-    } else {
-        to_classic_text(&out)
+        e.out.push_str("# EOF\n");
     }
-}
-
-/// Families encoded by hand-written closures over prometheus-client's encoder.
-struct Families {
-    body: Vec<Family>,
-}
-
-impl std::fmt::Debug for Families {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Families")
-    }
+    LAST_SIZE.store(e.out.len(), Ordering::Relaxed);
+    e.out
 }
 
 enum Value {
@@ -219,48 +233,117 @@ struct Family {
     samples: Vec<(Labels, Value)>,
 }
 
-impl Collector for Families {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for f in &self.body {
-            if f.samples.is_empty() {
-                continue;
-            }
-            let mut metric = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
-            if let [(labels, value)] = f.samples.as_slice() {
-                if labels.is_empty() && !matches!(value, Value::Info) {
-                    encode_value(metric, value)?;
-                    continue;
-                }
-            }
-            for (labels, value) in &f.samples {
-                // An info metric's labels are its value; others are a family's label set.
-                if let Value::Info = value {
-                    metric.encode_info(labels)?;
-                } else {
-                    encode_value(metric.encode_family(labels)?, value)?;
-                }
-            }
-        }
-        Ok(())
-    }
+/// The text of a scrape, in OpenMetrics or the classic Prometheus text format (0.0.4: counters'
+/// TYPE and HELP take the `_total` name, info metrics are gauges named `_info`, no `# EOF`).
+struct Exposition {
+    out: String,
+    openmetrics: bool,
 }
 
-fn encode_value(mut e: MetricEncoder, value: &Value) -> Result<(), std::fmt::Error> {
-    match value {
-        Value::Counter(v) => ConstCounter::new(*v).encode(e),
-        Value::Seconds(v) => ConstCounter::new(*v).encode(e),
-        Value::Gauge(v) => ConstGauge::new(*v).encode(e),
-        Value::Histogram {
-            sum,
-            count,
-            buckets,
-        } => e.encode_histogram::<Labels>(*sum, *count, buckets, None),
-        Value::Info => e.encode_info(&Labels::plain(Vec::new())),
+impl Exposition {
+    fn family(&mut self, f: &Family) {
+        if f.samples.is_empty() {
+            return;
+        }
+        let (suffix, kind) = match (self.openmetrics, &f.kind) {
+            (true, kind) => ("", kind.as_str()),
+            (false, MetricType::Counter) => ("_total", "counter"),
+            (false, MetricType::Info) => ("_info", "gauge"),
+            (false, MetricType::Unknown) => ("", "untyped"),
+            (false, kind) => ("", kind.as_str()),
+        };
+        for line in ["# HELP ", "# TYPE "] {
+            self.out.push_str(line);
+            self.out.push_str(f.name);
+            self.out.push_str(suffix);
+            self.out.push(' ');
+            self.out
+                .push_str(if line == "# HELP " { f.help } else { kind });
+            self.out.push('\n');
+        }
+        // A lone sample without labels is written without braces.
+        if let [(labels, value)] = f.samples.as_slice() {
+            if labels.is_empty() && !matches!(value, Value::Info) {
+                self.sample(f.name, None, value);
+                return;
+            }
+        }
+        for (labels, value) in &f.samples {
+            self.sample(f.name, Some(labels), value);
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: Option<&Labels>, value: &Value) {
+        let mut itoa = itoa::Buffer::new();
+        let mut dtoa = dtoa::Buffer::new();
+        let (suffix, text) = match value {
+            Value::Counter(v) => ("_total", itoa.format(*v)),
+            Value::Seconds(v) => ("_total", dtoa.format(*v)),
+            Value::Gauge(v) => ("", itoa.format(*v)),
+            // An info metric's labels are its value: braces even when there are none.
+            Value::Info => {
+                let empty = Labels::plain(Vec::new());
+                return self.line(name, "_info", Some(labels.unwrap_or(&empty)), "1");
+            }
+            Value::Histogram {
+                sum,
+                count,
+                buckets,
+            } => return self.histogram(name, labels, *sum, *count, buckets),
+        };
+        self.line(name, suffix, labels, text);
+    }
+
+    /// `name{labels} value`; no braces without a label set.
+    fn line(&mut self, name: &str, suffix: &str, labels: Option<&Labels>, value: &str) {
+        self.out.push_str(name);
+        self.out.push_str(suffix);
+        if let Some(labels) = labels {
+            self.out.push('{');
+            labels.write(&mut self.out);
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        self.out.push_str(value);
+        self.out.push('\n');
+    }
+
+    /// `_sum`, `_count`, then cumulative `_bucket`s whose `le` comes before the other labels.
+    fn histogram(
+        &mut self,
+        name: &str,
+        labels: Option<&Labels>,
+        sum: f64,
+        count: u64,
+        buckets: &[(f64, u64)],
+    ) {
+        self.line(name, "_sum", labels, dtoa::Buffer::new().format(sum));
+        self.line(name, "_count", labels, itoa::Buffer::new().format(count));
+        let mut cumulative = 0;
+        for (le, n) in buckets {
+            cumulative += n;
+            self.out.push_str(name);
+            self.out.push_str("_bucket{");
+            let mut dtoa = dtoa::Buffer::new();
+            let le = if *le == f64::INFINITY {
+                "+Inf"
+            } else {
+                dtoa.format(*le)
+            };
+            label(&mut self.out, "le", le);
+            if let Some(labels) = labels.filter(|l| !l.is_empty()) {
+                self.out.push(',');
+                labels.write(&mut self.out);
+            }
+            self.out.push_str("} ");
+            self.out.push_str(itoa::Buffer::new().format(cumulative));
+            self.out.push('\n');
+        }
     }
 }
 
 fn listener_labels(v: &ListenerView) -> Labels {
-    Labels::of(Listener::Id(v.id))
+    Labels::of(Listener::Id(listener_label_text(&v.id)))
 }
 
 fn families(
@@ -287,11 +370,16 @@ fn families(
     // something happens, so rate() and increase() see its first burst.
     let zero = ListenerStats::empty(Default::default());
     let counted = |v: &ListenerView| v.stats.clone().unwrap_or_else(|| zero.clone());
-    let mut series: Vec<Series> = views
+    // Each shown listener's labels, encoded once for all its series.
+    let shown: Vec<(&ListenerView, Labels)> = views
         .iter()
         .take(max_series)
-        .map(|v| Series {
-            labels: listener_labels(v),
+        .map(|v| (*v, listener_labels(v)))
+        .collect();
+    let mut series: Vec<Series> = shown
+        .iter()
+        .map(|(v, labels)| Series {
+            labels: labels.clone(),
             stats: counted(v),
             unclassified: v.unclassified,
         })
@@ -385,7 +473,6 @@ fn families(
                 .collect(),
         });
     }
-    let shown: Vec<&ListenerView> = views.iter().take(max_series).copied().collect();
     for (name, help, get) in QUEUE_GAUGES {
         out.push(Family {
             name,
@@ -393,10 +480,10 @@ fn families(
             kind: MetricType::Gauge,
             samples: shown
                 .iter()
-                .filter_map(|v| {
+                .filter_map(|(v, labels)| {
                     v.queues
                         .as_ref()
-                        .map(|q| (listener_labels(v), Value::Gauge(get(q).into())))
+                        .map(|q| (labels.clone(), Value::Gauge(get(q).into())))
                 })
                 .collect(),
         });
@@ -409,10 +496,10 @@ fn families(
         kind: MetricType::Info,
         samples: shown
             .iter()
-            .filter_map(|v| {
+            .filter_map(|(v, labels)| {
                 let o = v.owner.as_ref()?;
                 let l = Labels {
-                    listener: Listener::Id(v.id),
+                    listener: labels.listener.clone(),
                     extra: vec![
                         ("pid", o.pid.to_string().into()),
                         ("comm", o.comm.clone().into()),
@@ -651,40 +738,6 @@ fn self_families(
     });
 }
 
-/// OpenMetrics text → classic Prometheus text (0.0.4): counters' TYPE/HELP take the `_total`
-/// name, info metrics become gauges named `_info`, and there is no `# EOF`.
-pub fn to_classic_text(openmetrics: &str) -> String {
-    let mut out = String::with_capacity(openmetrics.len());
-    let mut help: Option<&str> = None;
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest);
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "untyped"));
-            let (name, kind) = match kind {
-                "counter" => (format!("{name}_total"), "counter"),
-                "info" => (format!("{name}_info"), "gauge"),
-                "unknown" => (name.to_string(), "untyped"),
-                k => (name.to_string(), k),
-            };
-            if let Some(h) = help.take() {
-                let text = h.split_once(' ').map_or("", |(_, t)| t);
-                let _ = writeln!(out, "# HELP {name} {text}");
-            }
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::{net::IpAddr, sync::Arc, time::Duration};
@@ -842,19 +895,23 @@ mod tests {
     fn render_fixed(max_series: usize, openmetrics: bool) -> String {
         let probes = probes();
         let vis = Visibility::of(&probes);
-        render(
+        redact_build(&render(
             &scrape(),
             &probes,
             vis,
             max_series,
             openmetrics,
             &http_stats(),
-        )
+        ))
+    }
+
+    /// The build's own details as placeholders, so the golden files hold for every build.
+    fn redact_build(text: &str) -> String {
         // Longest first: the version is a part of none of the others.
-        .replace(build_info::RUSTC_VERSION, "RUSTC_VERSION")
-        .replace(build_info::BUILD_DATE, "BUILD_DATE")
-        .replace(build_info::REVISION, "REVISION")
-        .replace(build_info::VERSION, "VERSION")
+        text.replace(build_info::RUSTC_VERSION, "RUSTC_VERSION")
+            .replace(build_info::BUILD_DATE, "BUILD_DATE")
+            .replace(build_info::REVISION, "REVISION")
+            .replace(build_info::VERSION, "VERSION")
     }
 
     /// Compares with a checked-in exposition, compiled in (the kernel matrix runs this test in
@@ -885,6 +942,44 @@ mod tests {
             include_str!("testdata/metrics.openmetrics"),
             &render_fixed(1000, true),
         );
+    }
+
+    /// Every family and label shape the encoder writes: every probe attached (the wait
+    /// histogram, every reason), a listener past the cap (`other`), and escaped label values.
+    #[test]
+    fn exposition_at_every_tier_matches_the_golden_files() {
+        let probes = probes_at([Some(Tier::Fentry); 4]);
+        let mut fixed = scrape();
+        fixed.listeners[1].unclassified = Some(4);
+        let odd = Arc::new(Owner {
+            pid: 7,
+            comm: "a \"quoted\\ name\n".into(),
+            unit: String::new(),
+            container_id: String::new(),
+            container: String::new(),
+            pod: String::new(),
+            pod_namespace: String::new(),
+            netns_name: String::new(),
+        });
+        fixed.listeners[0].owner = Some(odd);
+        for (name, openmetrics) in [
+            ("metrics-fentry.prom", false),
+            ("metrics-fentry.openmetrics", true),
+        ] {
+            let text = redact_build(&render(
+                &fixed,
+                &probes,
+                Visibility::of(&probes),
+                2,
+                openmetrics,
+                &http_stats(),
+            ));
+            let want = match openmetrics {
+                false => include_str!("testdata/metrics-fentry.prom"),
+                true => include_str!("testdata/metrics-fentry.openmetrics"),
+            };
+            golden(name, want, &text);
+        }
     }
 
     #[test]
@@ -942,19 +1037,6 @@ mod tests {
         assert_eq!(text.matches("qtrace_listener_info{").count(), 1);
         // A cap that fits everyone folds nothing.
         assert!(render_fixed(3, false).contains("qtrace_listener_series_overflow 0\n"));
-    }
-
-    #[test]
-    fn classic_text_renames_counters_and_info_and_drops_eof() {
-        let om = "# HELP a_things Things.\n# TYPE a_things counter\n# UNIT a_things things\n\
-                  a_things_total 3\n# HELP b Build.\n# TYPE b info\nb_info{v=\"1\"} 1\n\
-                  # HELP c C.\n# TYPE c unknown\nc 1\n# TYPE d gauge\nd 2\n# EOF\n";
-        assert_eq!(
-            to_classic_text(om),
-            "# HELP a_things_total Things.\n# TYPE a_things_total counter\na_things_total 3\n\
-             # HELP b_info Build.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
-             # HELP c C.\n# TYPE c untyped\nc 1\n# TYPE d gauge\nd 2\n"
-        );
     }
 
     #[test]

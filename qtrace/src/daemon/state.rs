@@ -99,6 +99,15 @@ pub async fn keep_owners(state: Arc<State>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = state.collect().await {
             tracing::debug!("owner refresh: {e:#}");
         }
+        // Events of a burst that came while this collect ran asked for the owners it has just
+        // found: that request is answered, not a reason for another collect (a sock_diag dump
+        // of every namespace) two seconds later. An owner still unknown is asked for again by
+        // its listener's next event.
+        tokio::select! {
+            biased;
+            _ = state.owners_wanted.notified() => {}
+            _ = std::future::ready(()) => {}
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.wait_for(|s| *s) => return,

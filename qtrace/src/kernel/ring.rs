@@ -25,24 +25,22 @@ impl EventRing {
         Ok(Self(fd))
     }
 
-    /// Waits for events and returns them all.
-    pub async fn wait(&mut self) -> Result<Vec<Event>> {
+    /// Waits for events and appends them all to `out`: the caller keeps one buffer for every
+    /// wake-up, so a burst costs no allocation once the buffer has grown to it.
+    pub async fn wait(&mut self, out: &mut Vec<Event>) -> Result<()> {
         let mut guard = self.0.readable_mut().await?;
-        let mut out = Vec::new();
-        drain(guard.get_inner_mut(), &mut out);
+        drain(guard.get_inner_mut(), out);
         guard.clear_ready();
         // The kernel wakes a reader only when a record lands where the reader has caught up
         // to; records committed while we were draining brought no wakeup, so look again after
         // clearing readiness, or they would wait for an event that never wakes us.
-        drain(self.0.get_mut(), &mut out);
-        Ok(out)
+        drain(self.0.get_mut(), out);
+        Ok(())
     }
 
-    /// Whatever is in the ring now, without waiting (at shutdown).
-    pub fn drain_now(&mut self) -> Vec<Event> {
-        let mut out = Vec::new();
-        drain(self.0.get_mut(), &mut out);
-        out
+    /// Appends whatever is in the ring now to `out`, without waiting (at shutdown).
+    pub fn drain_now(&mut self, out: &mut Vec<Event>) {
+        drain(self.0.get_mut(), out);
     }
 }
 

@@ -30,8 +30,13 @@ impl Daemon {
         let mut child = qtrace_testkit::daemon_command(qtrace, "1h", &socket)
             .args(extra)
             .stdout(Stdio::piped())
-            // Its errors (why it did not start) reach the benchmark's stderr.
-            .env("QTRACE_LOG", "error")
+            // Its errors (why it did not start) reach the benchmark's stderr; QTRACE_BENCH_LOG
+            // asks for more (`error,qtrace::daemon::http=debug`: each scrape's collect and
+            // render times).
+            .env(
+                "QTRACE_LOG",
+                std::env::var("QTRACE_BENCH_LOG").unwrap_or("error".into()),
+            )
             .stderr(Stdio::inherit())
             .spawn()?;
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -67,6 +72,24 @@ impl Daemon {
             .collect();
         let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
         Ok(ticks / 100.0)
+    }
+
+    /// CPU seconds its threads have run so far, to the nanosecond (`/proc/PID/task/*/schedstat`;
+    /// `cpu` counts in clock ticks, 10 ms, too coarse for a burst that takes tens of ms). A
+    /// thread that exited is not counted: the event path's threads all live through it.
+    pub(super) fn cpu_precise(&self) -> Result<f64> {
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue; // exited meanwhile
+            };
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .context("schedstat")?;
+        }
+        Ok(ns as f64 / 1e9)
     }
 
     pub(super) fn rss_mib(&self) -> Result<f64> {

@@ -19,6 +19,17 @@ use super::*;
 /// JSON line per measurement. Nothing else in the guest loads BPF programs, so every program
 /// that ran is the tracer's.
 pub fn guest(opts: GuestOptions) -> Result<()> {
+    if !opts.nginx_only {
+        guest_churn_rounds(&opts)?;
+    }
+    super::nginx::guest_rounds(
+        opts.rounds,
+        Duration::from_millis(opts.millis),
+        &opts.qtrace,
+    )
+}
+
+fn guest_churn_rounds(opts: &GuestOptions) -> Result<()> {
     let ns = Netns::new("bench-guest")?;
     Churn::run(
         &ns,
@@ -115,10 +126,9 @@ pub(super) fn profile_round(ns: &Netns, round: Duration, qtrace: &Path) -> Resul
     Ok(())
 }
 
-/// 1b: the same churn in Debian's 6.12 kernel under QEMU, where fentry and kprobes exist:
-/// qtrace at both tiers against no tracer and against bpftrace, interleaved in one guest.
-pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
-    eprintln!("bench: churn in the 6.12 guest");
+/// The benchmark guest's console after `xtask bench-guest` ran in it (only nginx's rounds
+/// with `nginx_only`), its log file, and the kernel's release.
+fn run_guest(qtrace: &Path, z: &Sizes, nginx_only: bool) -> Result<(String, PathBuf, String)> {
     let cache = crate::matrix::cache_dir()?;
     let xtask = std::env::current_exe()?;
     let bpftrace = crate::matrix::which("bpftrace")?;
@@ -138,18 +148,23 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
     let mut init = String::from(crate::matrix::INIT_PROLOGUE);
     let _ = writeln!(
         init,
-        "ulimit -l unlimited\n{} bench-guest --rounds {} --millis {} --qtrace {} 2>&1\n\
+        "ulimit -l unlimited\n{} bench-guest --rounds {} --millis {} --qtrace {}{} 2>&1\n\
          echo '@@QTRACE done'\npoweroff -f",
         xtask.display(),
         z.guest_rounds,
         z.guest_round.as_millis(),
-        qtrace.display()
+        qtrace.display(),
+        if nginx_only { " --nginx-only" } else { "" }
     );
     let image = crate::matrix::guest_image(
         &cache,
         "6.12",
         "bench-",
-        &[xtask, qtrace.to_path_buf(), bpftrace, perf],
+        &[
+            &[xtask, qtrace.to_path_buf(), bpftrace, perf][..],
+            &super::nginx::binaries()?,
+        ]
+        .concat(),
         &files,
         &init,
     )?;
@@ -159,7 +174,9 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
         "",
         2048,
         crate::matrix::qemu::Clock::Instructions,
-        Duration::from_secs(1800),
+        // The churn's rounds and nginx's, each configuration starting its tracer (bpftrace
+        // compiles its scripts: minutes under emulation) on a busy two-core host.
+        Duration::from_secs(3600),
     )?;
     let log = cache.join("logs/bench-6.12.log");
     std::fs::write(&log, &console)?;
@@ -168,13 +185,18 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
         "the benchmark guest timed out (console in {})",
         log.display()
     );
-    let mut churn = Churn::default();
-    let profile: Vec<&str> = console
-        .lines()
-        .filter_map(|l| Some(l.split_once(PROFILE_MARKER)?.1.trim_end()))
-        .collect();
+    Ok((console, log, image.release))
+}
+
+/// The guest's JSON lines after `marker`, each with the configuration it names.
+pub(super) fn guest_results(
+    console: &str,
+    marker: &str,
+    log: &Path,
+) -> Result<Vec<(Config, Value)>> {
+    let mut out = Vec::new();
     for line in console.lines() {
-        let Some((_, json)) = line.split_once(GUEST_MARKER) else {
+        let Some((_, json)) = line.split_once(marker) else {
             continue;
         };
         let v: Value = serde_json::from_str(json.trim_end())
@@ -183,6 +205,30 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
             .into_iter()
             .find(|c| v["config"] == c.name())
             .context("an unknown configuration")?;
+        out.push((config, v));
+    }
+    Ok(out)
+}
+
+/// 1c alone: a guest that runs only nginx's rounds.
+pub(super) fn guest_nginx(qtrace: &Path, z: &Sizes) -> Result<String> {
+    eprintln!("bench: nginx in the 6.12 guest");
+    let (console, log, _) = run_guest(qtrace, z, true)?;
+    super::nginx::section(&console, &log, z)
+}
+
+/// 1b: the same churn in Debian's 6.12 kernel under QEMU, where fentry and kprobes exist:
+/// qtrace at both tiers against no tracer and against bpftrace, interleaved in one guest;
+/// then 1c, nginx, in the same guest.
+pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
+    eprintln!("bench: churn in the 6.12 guest");
+    let (console, log, release) = run_guest(qtrace, z, false)?;
+    let mut churn = Churn::default();
+    let profile: Vec<&str> = console
+        .lines()
+        .filter_map(|l| Some(l.split_once(PROFILE_MARKER)?.1.trim_end()))
+        .collect();
+    for (config, v) in guest_results(&console, GUEST_MARKER, &log)? {
         let programs = serde_json::from_value(v["programs"].clone())?;
         churn.add(
             config,
@@ -199,7 +245,7 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
     }
     let mut s = format!(
         "## 1b. Handshake-path overhead at the fentry and kprobe tiers (Debian {} under QEMU)\n\n",
-        image.release
+        release
     );
     let _ = writeln!(
         s,
@@ -224,6 +270,7 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
         );
     }
     s += &profile_table(&profile);
+    s += &super::nginx::section(&console, &log, z)?;
     Ok(s)
 }
 

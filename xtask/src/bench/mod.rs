@@ -2,7 +2,10 @@
 //! BENCHMARKS.md with the command that reproduces it. Never timing asserts: `--smoke` runs
 //! every benchmark at a tiny size and checks only that results are well formed.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 
@@ -11,6 +14,7 @@ mod churn;
 mod daemon;
 mod event_path;
 mod guest;
+mod nginx;
 mod report;
 mod scale;
 mod storm;
@@ -26,6 +30,16 @@ pub struct Options {
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
+    /// Only these sections (e.g. `--only 4,5`): each replaces its own section of the report
+    /// and the rest is kept as it was, so one change's figures can be regenerated alone. `1`
+    /// writes 1 and 2; `1b`, the guest's, writes 1b and 1c (nginx); `1c` boots a guest for
+    /// nginx alone.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// This qtrace binary instead of a fresh release build: to compare two builds back to
+    /// back under the same load (`--out` elsewhere, so BENCHMARKS.md is left alone).
+    #[arg(long)]
+    pub qtrace: Option<PathBuf>,
 }
 
 /// `xtask bench-guest`: what the benchmark's guest kernel runs.
@@ -38,6 +52,9 @@ pub struct GuestOptions {
     /// The qtrace binary (packed at its host path).
     #[arg(long)]
     qtrace: PathBuf,
+    /// Only nginx's rounds (1c), not the churn (1b).
+    #[arg(long)]
+    nginx_only: bool,
 }
 
 struct Sizes {
@@ -79,14 +96,51 @@ pub fn bench(opts: Options) -> Result<()> {
             burst: 5000,
         }
     };
-    let qtrace = crate::build_release()?;
+    let qtrace = match &opts.qtrace {
+        Some(path) => std::fs::canonicalize(path)?,
+        None => crate::build_release()?,
+    };
+    type Section = fn(&Path, &Sizes) -> Result<String>;
+    let sections: [(&str, Section); 7] = [
+        ("1", churn),
+        ("1b", guest_churn),
+        ("1c", guest_nginx),
+        ("3", storm),
+        ("3b", ack_storm::ack_storm),
+        ("4", scale),
+        ("5", event_path),
+    ];
+    if let Some(unknown) = opts
+        .only
+        .iter()
+        .find(|o| !sections.iter().any(|(n, _)| n == o))
+    {
+        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 4, 5)");
+    }
+    if !opts.only.is_empty() {
+        let mut new = Vec::new();
+        for (_, run) in sections
+            .iter()
+            .filter(|(n, _)| opts.only.contains(&n.to_string()))
+        {
+            let section = run(&qtrace, &sizes)?;
+            print!("{section}");
+            new.push(section);
+        }
+        // Read once every section has run (a guest takes half an hour): edits made to the
+        // report meanwhile stay.
+        let mut report = std::fs::read_to_string(&opts.out).unwrap_or_default();
+        for section in &new {
+            report = splice(&report, section);
+        }
+        return std::fs::write(&opts.out, &report)
+            .with_context(|| format!("write {}", opts.out.display()));
+    }
     let mut report = header(&opts)?;
-    report += &churn(&qtrace, &sizes)?;
-    report += &guest_churn(&qtrace, &sizes)?;
-    report += &storm(&qtrace, &sizes)?;
-    report += &ack_storm::ack_storm(&qtrace, &sizes)?;
-    report += &scale(&qtrace, &sizes)?;
-    report += &event_path(&qtrace, &sizes)?;
+    // 1b's guest runs 1c too: not twice.
+    for (_, run) in sections.iter().filter(|(n, _)| *n != "1c") {
+        report += &run(&qtrace, &sizes)?;
+    }
     print!("{report}");
     // The people's reading of the last figures stays, under its heading, to be revised.
     if let Some(reading) = std::fs::read_to_string(&opts.out)
