@@ -71,7 +71,11 @@ impl State {
 
     /// The owner of `id`'s socket, as the last collect found it; None asks for a collect.
     pub fn owner_of(&self, id: &ListenerId) -> Option<Arc<Owner>> {
-        let owner = self.owners.get(id);
+        // In a namespace qtrace cannot dump, listeners are known by address only (socket 0).
+        let owner = self
+            .owners
+            .get(id)
+            .or_else(|| self.owners.get(&ListenerId { socket: 0, ..*id }));
         if owner.is_none() {
             self.want_owners();
         }
