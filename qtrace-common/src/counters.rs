@@ -95,16 +95,23 @@ pub enum SelfStat {
     AcceptMapFull,
     /// A kernel read failed (bpf_probe_read_kernel returned an error).
     ReadFailed,
+    /// A destination could not be added because the client map was full; its counts are lost.
+    ClientMapFull,
+    /// A connecting socket's owner could not be recorded (map full): its failures count for
+    /// pid 0.
+    ConnectingMapFull,
 }
 
 impl SelfStat {
-    pub const COUNT: usize = SelfStat::ReadFailed as usize + 1;
+    pub const COUNT: usize = SelfStat::ConnectingMapFull as usize + 1;
     pub const ALL: [SelfStat; SelfStat::COUNT] = [
         SelfStat::RingbufFull,
         SelfStat::RateLimited,
         SelfStat::ListenerMapFull,
         SelfStat::AcceptMapFull,
         SelfStat::ReadFailed,
+        SelfStat::ClientMapFull,
+        SelfStat::ConnectingMapFull,
     ];
 }
 
@@ -116,6 +123,8 @@ impl SelfStat {
             SelfStat::ListenerMapFull => "listener_map_full",
             SelfStat::AcceptMapFull => "accept_map_full",
             SelfStat::ReadFailed => "read_failed",
+            SelfStat::ClientMapFull => "client_map_full",
+            SelfStat::ConnectingMapFull => "connecting_map_full",
         }
     }
 }

@@ -16,6 +16,8 @@ mod account;
 #[cfg(target_arch = "bpf")]
 mod ack;
 #[cfg(target_arch = "bpf")]
+mod client;
+#[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]
 mod self_stats;

@@ -108,6 +108,10 @@ pub struct TracerArgs {
     /// Most listening sockets counted; past it the loss is counted [default: 4096].
     #[arg(long, env = "QTRACE_MAX_LISTENERS")]
     pub max_listeners: Option<u32>,
+    /// Most (namespace, process, destination) triples whose connect() failures and SYN
+    /// retransmits are counted; past it the loss is counted [default: 4096].
+    #[arg(long, env = "QTRACE_MAX_CLIENT_DESTINATIONS")]
+    pub max_client_destinations: Option<u32>,
     /// Event ring buffer size in KiB, a power of two [default: 256].
     #[arg(long, env = "QTRACE_RINGBUF_KIB")]
     pub ringbuf_kib: Option<u32>,
@@ -134,6 +138,7 @@ pub struct TracerOptions {
     pub best_tier: Tier,
     pub event_rate: u32,
     pub max_listeners: u32,
+    pub max_client_destinations: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
     /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
@@ -171,6 +176,10 @@ pub struct DaemonArgs {
     /// labelled `other` [default: 1000].
     #[arg(long, env = "QTRACE_MAX_LISTENER_SERIES")]
     pub max_listener_series: Option<u32>,
+    /// Most destinations (namespace, process, address, port) exported with their own labels;
+    /// the rest are summed into one series labelled `other` [default: 1000].
+    #[arg(long, env = "QTRACE_MAX_DESTINATION_SERIES")]
+    pub max_destination_series: Option<u32>,
     /// Export only listeners on these ports (repeat or comma-separate).
     #[arg(
         long = "include-port",
@@ -230,6 +239,7 @@ pub struct DaemonOptions {
     /// TLS and basic auth (`--web.config.file`), read by `daemon::web_config`.
     pub web_config_file: Option<PathBuf>,
     pub max_listener_series: usize,
+    pub max_destination_series: usize,
     pub filter: Filter,
     pub events_socket: PathBuf,
     pub events_socket_group: Option<String>,
@@ -355,6 +365,17 @@ impl TracerArgs {
                 format!("{max_listeners}: must be 1 to 1000000"),
             ));
         }
+        let max_client_destinations = self
+            .max_client_destinations
+            .or(file.max_client_destinations)
+            .unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_client_destinations) {
+            return Err(invalid(
+                "max_client_destinations",
+                "max-client-destinations",
+                format!("{max_client_destinations}: must be 1 to 1000000"),
+            ));
+        }
         let ringbuf_kib = self.ringbuf_kib.or(file.ringbuf_kib).unwrap_or(256);
         if !(4..=1 << 20).contains(&ringbuf_kib) || !ringbuf_kib.is_power_of_two() {
             return Err(invalid(
@@ -387,6 +408,7 @@ impl TracerArgs {
             best_tier: self.attach.or(file.attach).unwrap_or(Tier::Fentry),
             event_rate,
             max_listeners,
+            max_client_destinations,
             ringbuf_kib,
             btf: self
                 .btf
@@ -419,6 +441,17 @@ impl DaemonArgs {
             return Err(invalid(
                 "max_listener_series",
                 "max-listener-series",
+                "0: must be at least 1",
+            ));
+        }
+        let max_destination_series = self
+            .max_destination_series
+            .or(file.max_destination_series)
+            .unwrap_or(1000);
+        if max_destination_series == 0 {
+            return Err(invalid(
+                "max_destination_series",
+                "max-destination-series",
                 "0: must be at least 1",
             ));
         }
@@ -495,6 +528,7 @@ impl DaemonArgs {
             },
             listen,
             max_listener_series: max_listener_series as usize,
+            max_destination_series: max_destination_series as usize,
             filter: Filter {
                 include_ports: set(&self.include_ports, &file.include_ports)
                     .map(BTreeSet::from_iter),

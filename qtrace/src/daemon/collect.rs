@@ -6,7 +6,10 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -15,7 +18,10 @@ use qtrace_common::SelfStat;
 
 use crate::{
     config::Filter,
-    daemon::drops::{DropLedger, Sample, SocketDrops},
+    daemon::{
+        clients::{self, Clients},
+        drops::{DropLedger, Sample, SocketDrops},
+    },
     host::{
         netns, netstat,
         owners::{Owner, OwnerIndex, Owners},
@@ -23,7 +29,7 @@ use crate::{
     },
     kernel::{
         counters::{KernelCounters, ListenerStats},
-        probes::{ProbeStatus, Visibility},
+        probes::{client_available, ProbeStatus, Visibility},
     },
     listener::ListenerId,
 };
@@ -76,6 +82,8 @@ pub struct Scrape {
     /// Per namespace sampled: its ListenDrops growth minus the drops qtrace attributed to its
     /// listeners (see [`super::drops`]).
     pub netns_unattributed: Vec<(u32, i64)>,
+    /// The client side: connect() failures and SYN retransmits per destination.
+    pub clients: Clients,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -87,6 +95,8 @@ pub struct Collector {
     owners: Mutex<Owners>,
     filter: Mutex<Filter>,
     drops: Mutex<DropLedger>,
+    /// `--max-destination-series`, reloadable with SIGHUP.
+    pub max_destination_series: AtomicUsize,
 }
 
 impl Collector {
@@ -104,6 +114,7 @@ impl Collector {
             owners: Mutex::new(Owners::default()),
             filter: Mutex::new(filter),
             drops: Mutex::new(DropLedger::default()),
+            max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
         }
     }
 
@@ -198,11 +209,25 @@ impl Collector {
                 .into_iter()
                 .filter(|(ns, _)| filter.admits_netns(*ns))
                 .collect(),
+            clients: self.clients(&filter)?,
         })
     }
 }
 
 impl Collector {
+    /// The kernel's client counts in the namespaces the filter admits, capped for export.
+    fn clients(&self, filter: &Filter) -> Result<Clients> {
+        let available = client_available(&self.probes);
+        let mut counted = if available {
+            self.counters.clients()?
+        } else {
+            Vec::new()
+        };
+        counted.retain(|c| filter.admits_netns(c.netns()));
+        let cap = self.max_destination_series.load(Ordering::Relaxed);
+        Ok(Clients::capped(available, counted, cap))
+    }
+
     fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
         let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
         if enabled.trim() != "1" {

@@ -348,6 +348,7 @@ mod tests {
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),
+            clients: Default::default(),
         };
         let mut a = Announced::default();
         assert!(a.events(&scrape(Some(0)), 1, "t").is_empty());

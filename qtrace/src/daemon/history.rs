@@ -139,6 +139,7 @@ mod tests {
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),
+            clients: Default::default(),
         }
     }
 

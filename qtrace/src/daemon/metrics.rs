@@ -11,16 +11,21 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
-use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAIT_BUCKETS};
+use qtrace_common::{
+    vocabulary::UNCLASSIFIED, ClientCounter, ConnectFailure, Counter, DropReason, SelfStat,
+    WAIT_BUCKETS,
+};
 
 use crate::{
     build_info,
     daemon::{
+        clients::Clients,
         collect::{ListenerView, Scrape},
         http_limits::Stats as HttpStats,
     },
     host::sockdiag::ListenerQueues,
     kernel::{
+        clients::ClientStats,
         counters::{wait_bucket_le_seconds, ListenerStats},
         probes::{ProbeStatus, Visibility},
     },
@@ -414,8 +419,89 @@ fn families(
             })
             .collect(),
     });
+    client_families(&mut out, &scrape.clients);
     self_families(&mut out, scrape, probes, folded, http);
     out
+}
+
+/// The labels of one destination's series: who connected (namespace, process) and where.
+fn destination_labels(c: &ClientStats) -> Labels {
+    Labels::plain(vec![
+        ("netns", c.netns().to_string().into()),
+        ("pid", c.pid().to_string().into()),
+        ("comm", c.comm().into()),
+        ("addr", c.daddr().to_string().into()),
+        ("port", c.dport().to_string().into()),
+    ])
+}
+
+/// The destinations past `--max-destination-series`, summed.
+fn other_destination() -> Labels {
+    let other = || Cow::Borrowed("other");
+    Labels::plain(
+        ["netns", "pid", "comm", "addr", "port"]
+            .into_iter()
+            .map(|k| (k, other()))
+            .collect(),
+    )
+}
+
+/// connect() failures and SYN retransmits per destination; absent where the client probe
+/// is not attached (nothing else sees them).
+fn client_families(out: &mut Vec<Family>, clients: &Clients) {
+    if !clients.available {
+        return;
+    }
+    let series: Vec<(Labels, &ClientStats)> = clients
+        .rows
+        .iter()
+        .map(|c| (destination_labels(c), c))
+        .chain(clients.other.iter().map(|o| (other_destination(), o)))
+        .collect();
+    out.push(Family {
+        name: "qtrace_connect_failures",
+        help: "connect() calls whose handshake failed, by reason, per network namespace, \
+               process and destination. refused, timed_out, reset and other together are the \
+               namespace's Tcp AttemptFails from SYN_SENT; no_port (EADDRNOTAVAIL) has no \
+               kernel counter; aborted: closed by the process mid-handshake.",
+        kind: MetricType::Counter,
+        samples: series
+            .iter()
+            .flat_map(|(labels, c)| {
+                ConnectFailure::ALL.into_iter().map(move |f| {
+                    (
+                        labels.with("reason", f.name()),
+                        Value::Counter(c.get(f.counter())),
+                    )
+                })
+            })
+            .collect(),
+    });
+    out.push(Family {
+        name: "qtrace_syn_retransmits",
+        help: "SYNs the client retransmitted (no SYN-ACK in time), per network namespace, \
+               process and destination: the client's side of TcpExt TCPSynRetrans.",
+        kind: MetricType::Counter,
+        samples: series
+            .iter()
+            .map(|(labels, c)| {
+                (
+                    labels.clone(),
+                    Value::Counter(c.get(ClientCounter::SynRetransmits)),
+                )
+            })
+            .collect(),
+    });
+    out.push(Family {
+        name: "qtrace_destination_series_overflow",
+        help: "Destinations past --max-destination-series, summed into the series labelled \
+               `other`.",
+        kind: MetricType::Gauge,
+        samples: vec![(
+            Labels::plain(Vec::new()),
+            Value::Gauge(clients.folded as i64),
+        )],
+    });
 }
 
 fn wait_histogram(s: &ListenerStats) -> Value {
@@ -482,6 +568,11 @@ fn self_families(
             (
                 vec![("map", "accept_queued".into())],
                 st(SelfStat::AcceptMapFull),
+            ),
+            (vec![("map", "clients".into())], st(SelfStat::ClientMapFull)),
+            (
+                vec![("map", "connecting".into())],
+                st(SelfStat::ConnectingMapFull),
             ),
         ],
     ));
@@ -735,6 +826,7 @@ mod tests {
             self_stats,
             netns_unreadable: 1,
             netns_unattributed: vec![(4026531840, 0), (4026532000, 0)],
+            clients: Default::default(),
         }
     }
 

@@ -7,12 +7,16 @@ use aya::{
     Ebpf,
 };
 use qtrace_common::{
-    maps, Counter, DropReason, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS,
+    maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey, SelfStat,
+    WAIT_BUCKETS,
 };
 
 use crate::{
     api::{self, AcceptWait, Counters, Family},
-    kernel::probes::Visibility,
+    kernel::{
+        clients::{self, ClientStats},
+        probes::Visibility,
+    },
     listener::{ip, ListenerId},
 };
 
@@ -117,6 +121,7 @@ impl ListenerStats {
 pub struct KernelCounters {
     listeners: PerCpuHashMap<MapData, ListenerKey, ListenerCounters>,
     self_stats: PerCpuArray<MapData, u64>,
+    clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
 }
 
 impl KernelCounters {
@@ -128,6 +133,7 @@ impl KernelCounters {
         Ok(Self {
             listeners: PerCpuHashMap::try_from(take(maps::LISTENERS)?)?,
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
+            clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
         })
     }
 
@@ -140,6 +146,11 @@ impl KernelCounters {
         }
         out.sort_by_key(|s| s.key);
         Ok(out)
+    }
+
+    /// Every destination whose connects the kernel counted something for, sorted by key.
+    pub fn clients(&self) -> Result<Vec<ClientStats>> {
+        clients::read(&self.clients)
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

@@ -23,7 +23,7 @@ use serde_json::Value;
 /// `daemon`, `top` and `deploy` modules need more of a userland (Prometheus, nginx, tmux) and
 /// run on this machine only, with the host tests; so does `hardening` (cgroups, thousands of
 /// connections; `cargo xtask stress`).
-const SUITES: [&str; 8] = [
+const SUITES: [&str; 9] = [
     "qtrace",
     "handshake",
     "queues",
@@ -32,6 +32,7 @@ const SUITES: [&str; 8] = [
     "cli",
     "doctor",
     "events",
+    "client",
 ];
 
 /// The integration test binary (`qtrace/tests/it/`).

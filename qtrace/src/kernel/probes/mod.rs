@@ -7,6 +7,7 @@
 
 mod accept;
 mod ack;
+mod client;
 mod syn;
 mod synack;
 
@@ -67,7 +68,21 @@ pub struct Area {
     pub plan: fn(Tier, &KernelBtf) -> Option<Result<Plan, String>>,
 }
 
-pub const AREAS: [&Area; 4] = [&syn::AREA, &ack::AREA, &synack::AREA, &accept::AREA];
+pub const AREAS: [&Area; 5] = [
+    &syn::AREA,
+    &ack::AREA,
+    &synack::AREA,
+    &accept::AREA,
+    &client::AREA,
+];
+
+/// Whether the client probe is attached: the client counters are all its own, so without it
+/// they are unavailable (absent), never 0.
+pub fn client_available(statuses: &[ProbeStatus]) -> bool {
+    statuses
+        .iter()
+        .any(|s| s.probe == client::AREA.name && s.tier.is_some())
+}
 
 /// Whether `counter` is complete: every area that feeds it is attached.
 pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {

@@ -1,0 +1,214 @@
+//! The client side of the handshake, against what the test's own connect() calls returned and
+//! the client namespace's own counters: connects past the local port range fail with
+//! EADDRNOTAVAIL per destination (`no_port`), refused and timed-out connects are counted as
+//! the callers saw them and add up to the namespace's Tcp AttemptFails, SYN retransmits equal
+//! its TcpExt TCPSynRetrans, and a connect its owner abandons is `aborted`.
+
+use std::{
+    collections::HashMap,
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::common::{
+    delta, http_get, listener_on, require_root, sample, wait_until, Netns, Qtrace,
+};
+
+/// This process's name, as the kernel records the connect()ing process (its group leader).
+fn comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `name`'s sample for this process's connects from `ns` to 127.0.0.1:`port`, with `extra`
+/// labels; None while the series does not exist.
+fn destination_sample(
+    q: &Qtrace,
+    name: &str,
+    ns: &Netns,
+    port: u16,
+    extra: &[(&str, &str)],
+) -> Option<f64> {
+    let text = http_get(&q.web(), "/metrics", None).1;
+    let (inode, pid, comm, port) = (
+        ns.inode.to_string(),
+        std::process::id().to_string(),
+        comm(),
+        port.to_string(),
+    );
+    let mut labels = vec![
+        ("netns", inode.as_str()),
+        ("pid", &pid),
+        ("comm", &comm),
+        ("addr", "127.0.0.1"),
+        ("port", &port),
+    ];
+    labels.extend_from_slice(extra);
+    sample(&text, name, &labels)
+}
+
+fn failures(q: &Qtrace, ns: &Netns, port: u16, reason: &str) -> Option<f64> {
+    destination_sample(
+        q,
+        "qtrace_connect_failures_total",
+        ns,
+        port,
+        &[("reason", reason)],
+    )
+}
+
+/// Waits until qtrace counts `want` failures of `reason` towards `port` (the scrape after the
+/// kernel's tracepoint ran); the count then.
+fn counted(q: &Qtrace, ns: &Netns, port: u16, reason: &str, want: u64) -> Option<f64> {
+    let mut last = None;
+    wait_until(Duration::from_secs(10), || {
+        last = failures(q, ns, port, reason);
+        last == Some(want as f64)
+    });
+    last
+}
+
+/// The namespace's Tcp counters (`/proc/net/snmp`).
+fn tcp_snmp(ns: &Netns) -> HashMap<String, u64> {
+    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap());
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// The client probe attached, or the test says why not.
+fn start() -> Qtrace {
+    let q = Qtrace::start(&[]);
+    assert_eq!(
+        q.tier("client").as_deref(),
+        Some("tracepoint"),
+        "{}",
+        q.ready
+    );
+    q
+}
+
+/// `ip_local_port_range` of 64 ports: 64 connects to one destination succeed, the next fail
+/// with EADDRNOTAVAIL, each counted as `no_port` for this process and that destination; a
+/// second destination still gets ports, as the kernel reuses a local port towards another
+/// destination.
+#[test]
+fn connects_past_the_port_range_fail_as_no_port_per_destination() {
+    require_root();
+    let q = start();
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
+    // Listeners on fixed ports outside the range, so they take none of it.
+    let (_full, full_port) = listener_on(&ns, "127.0.0.1", 7000, 512);
+    let (_free, free_port) = listener_on(&ns, "127.0.0.1", 7001, 512);
+    let (held, no_port) = ns.run(move || {
+        let addr: SocketAddr = format!("127.0.0.1:{full_port}").parse().unwrap();
+        let (mut held, mut no_port) = (Vec::new(), 0u64);
+        for _ in 0..80 {
+            match TcpStream::connect(addr) {
+                Ok(s) => held.push(s),
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => no_port += 1,
+                Err(e) => panic!("connect to {addr}: {e}"),
+            }
+        }
+        (held, no_port)
+    });
+    assert_eq!(held.len(), 64, "the range holds 64 ports");
+    assert_eq!(no_port, 16);
+    assert_eq!(
+        counted(&q, &ns, full_port, "no_port", no_port),
+        Some(no_port as f64)
+    );
+    // Another destination: ports are per (source, destination), so it still gets one.
+    let other = ns.run(move || TcpStream::connect(("127.0.0.1", free_port)));
+    assert!(other.is_ok(), "{other:?}");
+    assert_eq!(failures(&q, &ns, free_port, "no_port"), None);
+    // Nothing else failed towards the full one.
+    for reason in ["refused", "timed_out", "reset", "other", "aborted"] {
+        assert_eq!(failures(&q, &ns, full_port, reason), Some(0.0), "{reason}");
+    }
+    drop(held);
+}
+
+/// Connects that the test's own calls saw refused (no listener) and timed out (SYNs dropped by
+/// nftables, `tcp_syn_retries` 1), counted exactly; together the namespace's AttemptFails.
+/// The timed-out ones' SYN retransmits equal its TCPSynRetrans, and connects closed by the
+/// test mid-handshake are `aborted` (no AttemptFails: the kernel counts none for them).
+#[test]
+fn refused_and_timed_out_connects_are_counted_as_the_callers_saw_them() {
+    require_root();
+    let q = start();
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    let (closed, silent) = (7100u16, 7200u16);
+    ns.nft(&format!(
+        "table inet qtrace_client {{\n chain input {{\n type filter hook input priority 0\n \
+         tcp dport {silent} tcp flags & (syn | ack) == syn drop\n }}\n}}\n"
+    ));
+    let (snmp_before, ext_before) = (tcp_snmp(&ns), ns.tcp_ext());
+    let refused = ns.run(move || {
+        (0..5)
+            .filter(|_| {
+                TcpStream::connect(("127.0.0.1", closed))
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+            })
+            .count() as u64
+    });
+    assert_eq!(refused, 5);
+    // Non-blocking, so the three time out together; two more are abandoned at once.
+    let start_connect = move |_| {
+        let addr: SocketAddr = format!("127.0.0.1:{silent}").parse().unwrap();
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let e = s.connect(&addr.into()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "{e}");
+        s
+    };
+    let pending: Vec<Socket> = ns.run(move || (0..3).map(start_connect).collect());
+    let abandoned: Vec<Socket> = ns.run(move || (0..2).map(start_connect).collect());
+    drop(abandoned);
+    let mut timed_out = 0u64;
+    let all_failed = wait_until(Duration::from_secs(30), || {
+        for s in &pending {
+            if let Ok(Some(e)) = s.take_error() {
+                assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "{e}");
+                timed_out += 1;
+            }
+        }
+        timed_out == 3
+    });
+    assert!(all_failed, "{timed_out} of 3 connects timed out");
+    let (snmp_after, ext_after) = (tcp_snmp(&ns), ns.tcp_ext());
+
+    assert_eq!(counted(&q, &ns, closed, "refused", 5), Some(5.0));
+    assert_eq!(counted(&q, &ns, silent, "timed_out", 3), Some(3.0));
+    assert_eq!(counted(&q, &ns, silent, "aborted", 2), Some(2.0));
+    assert_eq!(
+        refused + timed_out,
+        delta(&snmp_before, &snmp_after, "AttemptFails"),
+        "the namespace's AttemptFails"
+    );
+    let syn_retrans = delta(&ext_before, &ext_after, "TCPSynRetrans");
+    assert!(syn_retrans >= 3, "tcp_syn_retries 1: one retransmit each");
+    let mut seen = None;
+    wait_until(Duration::from_secs(10), || {
+        seen = destination_sample(&q, "qtrace_syn_retransmits_total", &ns, silent, &[]);
+        seen == Some(syn_retrans as f64)
+    });
+    assert_eq!(seen, Some(syn_retrans as f64), "TCPSynRetrans");
+    assert_eq!(
+        destination_sample(&q, "qtrace_syn_retransmits_total", &ns, closed, &[]),
+        Some(0.0)
+    );
+    drop(pending);
+}
