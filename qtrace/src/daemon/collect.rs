@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -19,10 +19,11 @@ use qtrace_common::SelfStat;
 use crate::{
     config::Filter,
     daemon::{
-        clients::{self, Clients},
+        clients::{self, Clients, CloseWaitAges},
         drops::{DropLedger, Sample, SocketDrops},
     },
     host::{
+        census::{self, Census},
         netns, netstat,
         owners::{Owner, OwnerIndex, Owners},
         sockdiag::{self, ListenerQueues},
@@ -97,6 +98,7 @@ pub struct Collector {
     drops: Mutex<DropLedger>,
     /// `--max-destination-series`, reloadable with SIGHUP.
     pub max_destination_series: AtomicUsize,
+    close_wait_ages: Mutex<CloseWaitAges>,
 }
 
 impl Collector {
@@ -115,6 +117,7 @@ impl Collector {
             filter: Mutex::new(filter),
             drops: Mutex::new(DropLedger::default()),
             max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
+            close_wait_ages: Mutex::new(CloseWaitAges::default()),
         }
     }
 
@@ -195,10 +198,22 @@ impl Collector {
             .values()
             .filter_map(|r| Some((r.id, r.queues.as_ref()?.inode)))
             .collect();
-        let mut owners = crate::recover::lock(&self.owners).lookup_listeners(&sockets);
+        let close_wait: Vec<u32> = sampled
+            .census
+            .iter()
+            .flat_map(|(_, c)| c.close_wait.iter().map(|cw| cw.inode))
+            .collect();
+        let (mut owners, connection_owners) =
+            crate::recover::lock(&self.owners).lookup_listeners_and(&sockets, &close_wait);
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }
+        let mut clients = self.clients(&filter)?;
+        clients.census = crate::recover::lock(&self.close_wait_ages).attribute(
+            sampled.census,
+            &connection_owners,
+            Instant::now(),
+        );
         Ok(Scrape {
             listeners: rows.into_values().collect(),
             programs: self.program_runtimes(),
@@ -209,7 +224,7 @@ impl Collector {
                 .into_iter()
                 .filter(|(ns, _)| filter.admits_netns(*ns))
                 .collect(),
-            clients: self.clients(&filter)?,
+            clients,
         })
     }
 }
@@ -250,6 +265,8 @@ struct Sampled {
     listeners: Vec<(u32, ListenerQueues)>,
     /// Each sampled namespace's TcpExt ListenDrops.
     listen_drops: Vec<(u32, u64)>,
+    /// Each sampled namespace's connections.
+    census: Vec<(u32, Census)>,
     unreadable: Vec<u32>,
 }
 
@@ -260,15 +277,22 @@ struct Sampled {
 fn sample_all_namespaces(filter: &Filter) -> Sampled {
     let (found, unreadable) = netns::for_each(
         |ns| filter.admits_netns(ns),
-        || Ok((sockdiag::listeners()?, netstat::listen_drops()?)),
+        || {
+            let listeners = sockdiag::listeners()?;
+            let listening = listeners.iter().map(|l| l.port).collect();
+            let census = census::sample(&listening)?;
+            Ok((listeners, netstat::listen_drops()?, census))
+        },
     );
     let mut sampled = Sampled {
         listeners: Vec::new(),
         listen_drops: Vec::new(),
+        census: Vec::new(),
         unreadable,
     };
-    for (ns, (listeners, listen_drops)) in found {
+    for (ns, (listeners, listen_drops, census)) in found {
         sampled.listen_drops.push((ns, listen_drops));
+        sampled.census.push((ns, census));
         sampled
             .listeners
             .extend(listeners.into_iter().map(|l| (ns, l)));

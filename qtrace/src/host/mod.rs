@@ -2,12 +2,14 @@
 //! code inside one ([`netns`]), every listener's queues and own drop count from sock_diag
 //! ([`sockdiag`]), each namespace's ListenDrops ([`netstat`]), the process owning each
 //! listening socket ([`owners`]) and the service or container it belongs to ([`workload`]),
-//! and the process heap ([`heap`]).
+//! the connections' census of each namespace: TIME_WAIT, CLOSE_WAIT and ephemeral ports in
+//! use ([`census`]), and the process heap ([`heap`]).
 //!
 //! Contract: owns /proc, setns and netlink access. May import `qtrace_common`,
 //! [`crate::api`], [`crate::listener`] and [`crate::recover`]; never `crate::kernel`, `crate::daemon` or
 //! `crate::cli`.
 
+pub mod census;
 pub mod heap;
 pub mod netns;
 pub mod netstat;

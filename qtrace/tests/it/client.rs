@@ -2,19 +2,21 @@
 //! the client namespace's own counters: connects past the local port range fail with
 //! EADDRNOTAVAIL per destination (`no_port`), refused and timed-out connects are counted as
 //! the callers saw them and add up to the namespace's Tcp AttemptFails, SYN retransmits equal
-//! its TcpExt TCPSynRetrans, and a connect its owner abandons is `aborted`.
+//! its TcpExt TCPSynRetrans, and a connect its owner abandons is `aborted`; the census of
+//! TIME_WAIT, CLOSE_WAIT and ephemeral ports agrees with `ss` in the namespace.
 
 use std::{
     collections::HashMap,
     io::ErrorKind,
     net::{SocketAddr, TcpStream},
+    process::Command,
     time::Duration,
 };
 
 use socket2::{Domain, Socket, Type};
 
 use crate::common::{
-    delta, http_get, listener_on, require_root, sample, wait_until, Netns, Qtrace,
+    delta, http_get, listener_on, require_root, sample, sh, wait_until, Netns, Qtrace,
 };
 
 /// This process's name, as the kernel records the connect()ing process (its group leader).
@@ -211,4 +213,120 @@ fn refused_and_timed_out_connects_are_counted_as_the_callers_saw_them() {
         Some(0.0)
     );
     drop(pending);
+}
+
+/// How many sockets `ss -Htan <filter>` lists in `ns`: the kernel's own view to compare with.
+fn ss_count(ns: &Netns, filter: &[&str]) -> u64 {
+    let out = sh(Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Htan"])
+        .args(filter));
+    out.lines().filter(|l| !l.trim().is_empty()).count() as u64
+}
+
+/// The census (sock_diag, every kernel and tier): TIME_WAIT and CLOSE_WAIT counts equal what
+/// `ss` reports in the namespace; the CLOSE_WAIT sockets a server never closes are named with
+/// its process and the age of the oldest; the ephemeral ports in use towards the server
+/// equal `ss`'s count, against the range minus the reserved ports.
+#[test]
+fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
+    ns.sysctl("net.ipv4.ip_local_reserved_ports", "40000-40003");
+    let (server, port) = listener_on(&ns, "127.0.0.1", 7300, 64);
+    let accept = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| TcpStream::from(server.accept().unwrap().0.try_clone().unwrap()))
+            .collect()
+    };
+    // TIME_WAIT on the client side: the clients close first, then the server.
+    let clients = crate::common::connect(&ns, "127.0.0.1", port, 5);
+    let served = accept(5);
+    drop(clients);
+    drop(served);
+    // CLOSE_WAIT on the server side: the clients close, the server never does.
+    let clients = crate::common::connect(&ns, "127.0.0.1", port, 4);
+    let leaked = accept(4);
+    drop(clients);
+    let (inode, pid, me) = (ns.inode.to_string(), std::process::id().to_string(), comm());
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        sample(&text, name, labels)
+    };
+    let connections = |state| {
+        metric(
+            "qtrace_tcp_connections",
+            &[("netns", &inode), ("state", state)],
+        )
+    };
+    // Settled once the kernel has moved every socket (the FINs are on loopback).
+    let (mut time_wait, mut close_wait) = (0, 0);
+    let settled = wait_until(Duration::from_secs(10), || {
+        time_wait = ss_count(&ns, &["state", "time-wait"]);
+        close_wait = ss_count(&ns, &["state", "close-wait"]);
+        time_wait == 5 && close_wait == 4
+    });
+    assert!(
+        settled,
+        "ss: {time_wait} time-wait, {close_wait} close-wait"
+    );
+    assert_eq!(connections("time_wait"), Some(time_wait as f64));
+    assert_eq!(connections("close_wait"), Some(close_wait as f64));
+    let port_s = port.to_string();
+    assert_eq!(
+        metric(
+            "qtrace_tcp_connections_by_port",
+            &[
+                ("netns", &inode),
+                ("state", "time_wait"),
+                ("side", "remote"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(5.0),
+        "the clients' TIME_WAIT, by the port they connected to"
+    );
+    assert_eq!(
+        metric(
+            "qtrace_tcp_connections_by_port",
+            &[
+                ("netns", &inode),
+                ("state", "close_wait"),
+                ("side", "local"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(4.0),
+        "the server's CLOSE_WAIT, by its own port"
+    );
+    let owner = [("netns", inode.as_str()), ("pid", &pid), ("comm", &me)];
+    assert_eq!(metric("qtrace_close_wait_connections", &owner), Some(4.0));
+    let oldest = metric("qtrace_close_wait_oldest_seconds", &owner);
+    assert!(oldest.is_some_and(|s| s >= 0.0), "{oldest:?}");
+    assert!(
+        metric("qtrace_time_wait_limit", &[("netns", &inode)]).is_some_and(|n| n > 0.0),
+        "tcp_max_tw_buckets"
+    );
+    assert_eq!(
+        metric("qtrace_ephemeral_ports_available", &[("netns", &inode)]),
+        Some(60.0),
+        "64 ports in the range, 4 reserved"
+    );
+    // Every client socket towards the server holds its port: TIME_WAIT and FIN_WAIT2 alike.
+    let in_use = ss_count(&ns, &["dport", "=", &format!(":{port}")]);
+    assert_eq!(in_use, 9);
+    assert_eq!(
+        metric(
+            "qtrace_ephemeral_ports_in_use",
+            &[
+                ("netns", &inode),
+                ("saddr", "127.0.0.1"),
+                ("addr", "127.0.0.1"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(in_use as f64)
+    );
+    drop(leaked);
 }
