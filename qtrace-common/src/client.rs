@@ -107,3 +107,23 @@ unsafe impl aya::Pod for ClientKey {}
 unsafe impl aya::Pod for ClientCounters {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ClientOffsets {}
+
+/// Time connect() spent choosing a local port (`inet_hash_connect`), per network namespace:
+/// bucket 0 holds searches under 1 ns, bucket `b` (b ≥ 1) those in [2^(b-1), 2^b) ns; the
+/// last bucket also takes everything longer. The value of the per-CPU port-search map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSearch {
+    pub buckets: [u64; crate::WAIT_BUCKETS],
+    pub sum_ns: u64,
+}
+
+impl PortSearch {
+    pub const ZERO: PortSearch = PortSearch {
+        buckets: [0; crate::WAIT_BUCKETS],
+        sum_ns: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PortSearch {}

@@ -100,10 +100,13 @@ pub enum SelfStat {
     /// A connecting socket's owner could not be recorded (map full): its failures count for
     /// pid 0.
     ConnectingMapFull,
+    /// A namespace's port-search histogram could not be created (map full): its searches
+    /// are lost.
+    PortSearchMapFull,
 }
 
 impl SelfStat {
-    pub const COUNT: usize = SelfStat::ConnectingMapFull as usize + 1;
+    pub const COUNT: usize = SelfStat::PortSearchMapFull as usize + 1;
     pub const ALL: [SelfStat; SelfStat::COUNT] = [
         SelfStat::RingbufFull,
         SelfStat::RateLimited,
@@ -112,6 +115,7 @@ impl SelfStat {
         SelfStat::ReadFailed,
         SelfStat::ClientMapFull,
         SelfStat::ConnectingMapFull,
+        SelfStat::PortSearchMapFull,
     ];
 }
 
@@ -125,6 +129,7 @@ impl SelfStat {
             SelfStat::ReadFailed => "read_failed",
             SelfStat::ClientMapFull => "client_map_full",
             SelfStat::ConnectingMapFull => "connecting_map_full",
+            SelfStat::PortSearchMapFull => "port_search_map_full",
         }
     }
 }

@@ -11,7 +11,9 @@ pub mod kernel;
 pub mod listener;
 pub mod vocabulary;
 
-pub use client::{ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectOwner};
+pub use client::{
+    ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectOwner, PortSearch,
+};
 pub use counters::{Counter, ListenerCounters, SelfStat, WAIT_BUCKETS};
 pub use event::{Event, EventKind};
 pub use kernel::{HookLayout, Offsets};
@@ -30,6 +32,8 @@ pub mod maps {
     pub const CLIENTS: &str = "QT_CLIENTS";
     /// Hash: socket address → [`crate::ConnectOwner`], for sockets in SYN_SENT.
     pub const CONNECTING: &str = "QT_CONNECTING";
+    /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
+    pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
 }
 
 /// Names of the globals the loader fills in before the programs are verified.

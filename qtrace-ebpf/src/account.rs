@@ -135,9 +135,10 @@ pub fn emit(
     entry.submit(0);
 }
 
-/// Log2 bucket of a wait in microseconds (see `WAIT_BUCKETS`), without loops or clz.
+/// Log2 bucket of a wait in microseconds (see `WAIT_BUCKETS`), without loops or clz; of any
+/// duration in its unit (the port search's nanoseconds).
 #[inline(always)]
-fn wait_bucket(us: u64) -> usize {
+pub fn wait_bucket(us: u64) -> usize {
     if us == 0 {
         return 0;
     }

@@ -20,6 +20,8 @@ mod client;
 #[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]
+mod port_search;
+#[cfg(target_arch = "bpf")]
 mod self_stats;
 #[cfg(target_arch = "bpf")]
 mod syn;

@@ -14,7 +14,7 @@ use qtrace_common::ClientKey;
 
 use crate::{
     host::{census::Census, owners::Owner},
-    kernel::clients::ClientStats,
+    kernel::clients::{ClientStats, PortSearchStats},
 };
 
 /// Default of `--max-destination-series`.
@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_SERIES: usize = 1000;
 
 #[derive(Clone, Debug, Default)]
 pub struct Clients {
+    /// Time to pick a local port, per namespace; None where the port-search probe is not
+    /// attached (the tracepoint tier has none).
+    pub port_search: Option<Vec<PortSearchStats>>,
     /// Each sampled namespace's census.
     pub census: Vec<NetnsCensus>,
     /// Whether the client probe is attached: without it every client counter is unavailable.
@@ -44,6 +47,7 @@ impl Clients {
             sum
         });
         Self {
+            port_search: None,
             census: Vec::new(),
             available,
             rows: counted,

@@ -30,7 +30,7 @@ use crate::{
     },
     kernel::{
         counters::{KernelCounters, ListenerStats},
-        probes::{client_available, ProbeStatus, Visibility},
+        probes::{client_available, port_search_available, ProbeStatus, Visibility},
     },
     listener::ListenerId,
 };
@@ -240,7 +240,13 @@ impl Collector {
         };
         counted.retain(|c| filter.admits_netns(c.netns()));
         let cap = self.max_destination_series.load(Ordering::Relaxed);
-        Ok(Clients::capped(available, counted, cap))
+        let mut clients = Clients::capped(available, counted, cap);
+        if port_search_available(&self.probes) {
+            let mut searched = self.counters.port_search()?;
+            searched.retain(|s| filter.admits_netns(s.netns));
+            clients.port_search = Some(searched);
+        }
+        Ok(clients)
     }
 
     fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {

@@ -421,6 +421,7 @@ fn families(
             .collect(),
     });
     client_families(&mut out, &scrape.clients);
+    port_search_family(&mut out, &scrape.clients);
     census_families(&mut out, &scrape.clients, max_series);
     self_families(&mut out, scrape, probes, folded, http);
     out
@@ -503,6 +504,28 @@ fn client_families(out: &mut Vec<Family>, clients: &Clients) {
             Labels::plain(Vec::new()),
             Value::Gauge(clients.folded as i64),
         )],
+    });
+}
+
+/// Time connect() spent picking a local port, per namespace; absent where no probe times it.
+fn port_search_family(out: &mut Vec<Family>, clients: &Clients) {
+    let Some(searched) = &clients.port_search else {
+        return;
+    };
+    out.push(Family {
+        name: "qtrace_connect_port_search_seconds",
+        help: "Time connect() spent choosing a local port (inet_hash_connect), per network \
+               namespace: it grows as ip_local_port_range fills, before connects fail with \
+               EADDRNOTAVAIL.",
+        kind: MetricType::Histogram,
+        samples: searched
+            .iter()
+            .map(|s| {
+                let labels = Labels::plain(vec![("netns", s.netns.to_string().into())]);
+                let le = |b: usize| (1u64 << b) as f64 / 1e9;
+                (labels, log2_histogram(&s.hist.buckets, s.hist.sum_ns, le))
+            })
+            .collect(),
     });
 }
 
@@ -674,23 +697,28 @@ fn census_families(out: &mut Vec<Family>, clients: &Clients, max_series: usize) 
 }
 
 fn wait_histogram(s: &ListenerStats) -> Value {
-    let buckets = s
-        .wait_buckets
+    log2_histogram(&s.wait_buckets, s.wait_sum_ns, wait_bucket_le_seconds)
+}
+
+/// A kernel log2 histogram (see `qtrace_common::WAIT_BUCKETS`) with `le(b)` the upper bound
+/// of bucket `b` in seconds.
+fn log2_histogram(counts: &[u64; WAIT_BUCKETS], sum_ns: u64, le: fn(usize) -> f64) -> Value {
+    let buckets = counts
         .iter()
         .enumerate()
         .map(|(b, n)| {
-            // The kernel's last bucket also takes every longer wait.
+            // The kernel's last bucket also takes everything longer.
             let le = if b + 1 == WAIT_BUCKETS {
                 f64::INFINITY
             } else {
-                wait_bucket_le_seconds(b)
+                le(b)
             };
             (le, *n)
         })
         .collect();
     Value::Histogram {
-        sum: s.wait_sum_ns as f64 / 1e9,
-        count: s.wait_buckets.iter().sum(),
+        sum: sum_ns as f64 / 1e9,
+        count: counts.iter().sum(),
         buckets,
     }
 }
@@ -742,6 +770,10 @@ fn self_families(
             (
                 vec![("map", "connecting".into())],
                 st(SelfStat::ConnectingMapFull),
+            ),
+            (
+                vec![("map", "port_search".into())],
+                st(SelfStat::PortSearchMapFull),
             ),
         ],
     ));
@@ -1019,6 +1051,14 @@ mod tests {
         counts[ClientCounter::ConnectTimedOut as usize] = 1;
         counts[ClientCounter::SynRetransmits as usize] = 4;
         let mut c = Clients::capped(true, vec![ClientStats { key, counts }], 1000);
+        let mut hist = qtrace_common::PortSearch::ZERO;
+        hist.buckets[10] = 3;
+        hist.buckets[17] = 1;
+        hist.sum_ns = 3 * 700 + 90_000;
+        c.port_search = Some(vec![crate::kernel::clients::PortSearchStats {
+            netns: 4026531840,
+            hist,
+        }]);
         let census = Census {
             by_port: [
                 ((Lingering::TimeWait, Side::Remote, 3306), 27901),

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuHashMap};
-use qtrace_common::{ClientCounter, ClientCounters, ClientKey};
+use qtrace_common::{ClientCounter, ClientCounters, ClientKey, PortSearch};
 
 use crate::listener::ip;
 
@@ -59,6 +59,33 @@ impl ClientStats {
         }
         Self { key, counts }
     }
+}
+
+/// One namespace's port-search histogram, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSearchStats {
+    pub netns: u32,
+    pub hist: PortSearch,
+}
+
+/// Every namespace whose connects searched for a port, sorted by namespace.
+pub fn read_port_search(
+    map: &PerCpuHashMap<MapData, u32, PortSearch>,
+) -> Result<Vec<PortSearchStats>> {
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        let (netns, per_cpu) = entry.context("read the port-search map")?;
+        let mut hist = PortSearch::ZERO;
+        for cpu in per_cpu.iter() {
+            for (total, v) in hist.buckets.iter_mut().zip(cpu.buckets) {
+                *total += v;
+            }
+            hist.sum_ns += cpu.sum_ns;
+        }
+        out.push(PortSearchStats { netns, hist });
+    }
+    out.sort_by_key(|s| s.netns);
+    Ok(out)
 }
 
 /// Every destination the kernel counted something for, sorted by key.

@@ -7,14 +7,14 @@ use aya::{
     Ebpf,
 };
 use qtrace_common::{
-    maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey, SelfStat,
-    WAIT_BUCKETS,
+    maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey,
+    PortSearch, SelfStat, WAIT_BUCKETS,
 };
 
 use crate::{
     api::{self, AcceptWait, Counters, Family},
     kernel::{
-        clients::{self, ClientStats},
+        clients::{self, ClientStats, PortSearchStats},
         probes::Visibility,
     },
     listener::{ip, ListenerId},
@@ -122,6 +122,7 @@ pub struct KernelCounters {
     listeners: PerCpuHashMap<MapData, ListenerKey, ListenerCounters>,
     self_stats: PerCpuArray<MapData, u64>,
     clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
+    port_search: PerCpuHashMap<MapData, u32, PortSearch>,
 }
 
 impl KernelCounters {
@@ -134,6 +135,7 @@ impl KernelCounters {
             listeners: PerCpuHashMap::try_from(take(maps::LISTENERS)?)?,
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
             clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
+            port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
         })
     }
 
@@ -151,6 +153,11 @@ impl KernelCounters {
     /// Every destination whose connects the kernel counted something for, sorted by key.
     pub fn clients(&self) -> Result<Vec<ClientStats>> {
         clients::read(&self.clients)
+    }
+
+    /// Each namespace's port-search histogram.
+    pub fn port_search(&self) -> Result<Vec<PortSearchStats>> {
+        clients::read_port_search(&self.port_search)
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

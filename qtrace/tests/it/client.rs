@@ -139,6 +139,28 @@ fn connects_past_the_port_range_fail_as_no_port_per_destination() {
     for reason in ["refused", "timed_out", "reset", "other", "aborted"] {
         assert_eq!(failures(&q, &ns, full_port, reason), Some(0.0), "{reason}");
     }
+    // Every connect searched for a port, the failed ones too: timed where the port-search
+    // probe attaches (fentry, kprobe), absent where it cannot (tracepoints only).
+    let searches = || {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        let inode = ns.inode.to_string();
+        sample(
+            &text,
+            "qtrace_connect_port_search_seconds_count",
+            &[("netns", &inode)],
+        )
+    };
+    if q.tier("port_search").is_some() {
+        let connects = held.len() as u64 + no_port + 1;
+        let mut seen = None;
+        wait_until(Duration::from_secs(10), || {
+            seen = searches();
+            seen == Some(connects as f64)
+        });
+        assert_eq!(seen, Some(connects as f64), "one search per connect()");
+    } else {
+        assert_eq!(searches(), None, "unavailable, not 0");
+    }
     drop(held);
 }
 

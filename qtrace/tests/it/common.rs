@@ -596,6 +596,7 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_bpf_program_run_seconds_total",
     "qtrace_connect_failures_total",
     "qtrace_syn_retransmits_total",
+    "qtrace_connect_port_search_seconds",
     "qtrace_destination_series_overflow",
     "qtrace_tcp_connections",
     "qtrace_tcp_connections_by_port",
