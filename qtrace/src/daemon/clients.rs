@@ -10,10 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qtrace_common::ClientKey;
+use qtrace_common::{ClientCounter, ClientKey};
 
 use crate::{
-    host::{census::Census, owners::Owner},
+    api,
+    host::{
+        census::{Census, Lingering},
+        owners::Owner,
+    },
     kernel::clients::{ClientStats, PortSearchStats},
 };
 
@@ -133,6 +137,68 @@ impl CloseWaitAges {
             .collect();
         self.first_seen = seen;
         out
+    }
+}
+
+impl Clients {
+    /// The client side as the listener snapshot carries it (`clients`).
+    pub fn to_api(&self) -> api::ClientSide {
+        api::ClientSide {
+            destinations: self.available.then(|| {
+                self.rows
+                    .iter()
+                    .map(|c| api::Destination {
+                        netns: c.netns(),
+                        pid: c.pid(),
+                        comm: c.comm(),
+                        addr: c.daddr(),
+                        port: c.dport(),
+                        counters: ClientCounter::ALL
+                            .into_iter()
+                            .filter(|k| *k != ClientCounter::EventsRateLimited)
+                            .map(|k| (k.name().to_string(), c.get(k)))
+                            .collect(),
+                    })
+                    .collect()
+            }),
+            destinations_folded: self.folded,
+            census: self.census.iter().map(NetnsCensus::to_api).collect(),
+        }
+    }
+}
+
+impl NetnsCensus {
+    pub fn to_api(&self) -> api::NetnsCensus {
+        let c = &self.census;
+        api::NetnsCensus {
+            netns: self.netns,
+            time_wait: c.total(Lingering::TimeWait),
+            close_wait: c.total(Lingering::CloseWait),
+            time_wait_limit: c.max_tw_buckets,
+            port_range: c.port_range,
+            ports_available: c.ports_available,
+            tw_reuse: c.tw_reuse,
+            close_wait_owners: self
+                .close_wait_owners
+                .iter()
+                .map(|o| api::CloseWaitOwner {
+                    pid: o.pid,
+                    comm: o.comm.clone(),
+                    sockets: o.sockets,
+                    oldest_seconds: o.oldest.as_secs_f64(),
+                })
+                .collect(),
+            ephemeral: c
+                .ephemeral
+                .iter()
+                .map(|u| api::PortUse {
+                    saddr: u.saddr,
+                    addr: u.daddr,
+                    port: u.dport,
+                    in_use: u.in_use,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -1067,7 +1067,9 @@ mod tests {
             .into(),
             close_wait: Vec::new(),
             max_tw_buckets: Some(262144),
+            port_range: Some((32768, 60999)),
             ports_available: Some(28232),
+            tw_reuse: Some(2),
             ephemeral: vec![PortUse {
                 saddr: "10.0.0.1".parse().unwrap(),
                 daddr: "10.0.0.5".parse().unwrap(),

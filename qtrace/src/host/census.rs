@@ -76,8 +76,12 @@ pub struct Census {
     /// `net.ipv4.tcp_max_tw_buckets`: past it the kernel drops new TIME_WAIT sockets
     /// (TcpExt TCPTimeWaitOverflow). None if unreadable.
     pub max_tw_buckets: Option<u64>,
+    /// `ip_local_port_range`.
+    pub port_range: Option<(u16, u16)>,
     /// Ports connect() may pick: `ip_local_port_range` minus `ip_local_reserved_ports`.
     pub ports_available: Option<u64>,
+    /// `net.ipv4.tcp_tw_reuse` (0, 1, or 2: loopback only), for advice.
+    pub tw_reuse: Option<u8>,
     /// Ephemeral ports in use per destination, most used first.
     pub ephemeral: Vec<PortUse>,
 }
@@ -107,6 +111,8 @@ pub fn sample(listening: &HashSet<u16>) -> Result<Census> {
     };
     let mut census = Census {
         max_tw_buckets: read_sysctl("tcp_max_tw_buckets").and_then(|t| t.trim().parse().ok()),
+        port_range: range,
+        tw_reuse: read_sysctl("tcp_tw_reuse").and_then(|t| t.trim().parse().ok()),
         ports_available: range.map(|(lo, hi)| {
             let all = u64::from(hi - lo) + 1;
             all - reserved.iter().filter(|p| (lo..=hi).contains(*p)).count() as u64

@@ -161,7 +161,40 @@ fn connects_past_the_port_range_fail_as_no_port_per_destination() {
     } else {
         assert_eq!(searches(), None, "unavailable, not 0");
     }
+    // doctor names the process and the destination, with the evidence.
+    let report = doctor(&q);
+    let who = format!(
+        "{}[{}] to 127.0.0.1:{full_port} (netns {})",
+        comm(),
+        std::process::id(),
+        ns.inode
+    );
+    let advice = report["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["listener"] == who.as_str())
+        .unwrap_or_else(|| panic!("no advice for {who}: {}", report["advice"]));
+    let text = advice["advice"].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!(
+            "64 of 64 usable local ports towards 127.0.0.1:{full_port} in use from 127.0.0.1; \
+             {no_port} connects failed with EADDRNOTAVAIL"
+        )),
+        "{text}"
+    );
     drop(held);
+}
+
+/// `qtrace doctor --json` with what the daemon `q` has counted.
+fn doctor(q: &Qtrace) -> serde_json::Value {
+    let out = sh(Command::new(env!("CARGO_BIN_EXE_qtrace")).args([
+        "doctor",
+        "--json",
+        "--socket",
+        &q.events_socket(),
+    ]));
+    serde_json::from_str(&out).unwrap()
 }
 
 /// Connects that the test's own calls saw refused (no listener) and timed out (SYNs dropped by
