@@ -119,9 +119,9 @@ pub struct TracerArgs {
     /// /sys/kernel/btf/vmlinux].
     #[arg(long, env = "QTRACE_BTF", value_name = "FILE")]
     pub btf: Option<PathBuf>,
-    /// Probes to leave off, each as -NAME (syn, ack, synack, accept; comma-separated, e.g.
-    /// `--probes=-syn`): what they feed is then unavailable, as on a kernel where they cannot
-    /// attach [default: none].
+    /// Probes to leave off, each as -NAME (syn, ack, synack, accept, client, port_search;
+    /// comma-separated, e.g. `--probes=-syn`): what they feed is then unavailable, as on a
+    /// kernel where they cannot attach [default: none].
     #[arg(
         long,
         env = "QTRACE_PROBES",
