@@ -150,16 +150,38 @@ impl EventKind {
         }
     }
 
+    /// The connect() failure of a client event.
+    pub const fn connect_failure(self) -> Option<ConnectFailure> {
+        match self {
+            EventKind::ConnectNoPort => Some(ConnectFailure::NoPort),
+            EventKind::ConnectRefused => Some(ConnectFailure::Refused),
+            EventKind::ConnectTimedOut => Some(ConnectFailure::TimedOut),
+            EventKind::ConnectReset => Some(ConnectFailure::Reset),
+            EventKind::ConnectOther => Some(ConnectFailure::Other),
+            EventKind::ConnectAborted => Some(ConnectFailure::Aborted),
+            _ => None,
+        }
+    }
+
+    /// Whether it happened at a connecting socket rather than at a listener.
+    pub const fn is_client(self) -> bool {
+        self.connect_failure().is_some() || matches!(self, EventKind::SynRetransmit)
+    }
+
     /// Stable name: the event's `kind` in JSON and for `qtrace events --kind`.
     pub const fn name(self) -> &'static str {
         if let Some(r) = self.drop_reason() {
             return r.key();
+        }
+        if let Some(f) = self.connect_failure() {
+            return f.key();
         }
         match self {
             EventKind::SynackRetransmit => "synack_retransmit",
             EventKind::OverflowReset => "overflow_reset",
             EventKind::SyncookieSent => "syncookie_sent",
             EventKind::DropUnclassified => UNCLASSIFIED.key,
+            EventKind::SynRetransmit => "syn_retransmit",
             _ => "",
         }
     }
@@ -179,11 +201,15 @@ impl EventKind {
         if let Some(r) = self.drop_reason() {
             return r.describe();
         }
+        if let Some(f) = self.connect_failure() {
+            return f.describe();
+        }
         match self {
             EventKind::SynackRetransmit => "SYN-ACK retransmit",
             EventKind::OverflowReset => "reset (abort_on_overflow)",
             EventKind::SyncookieSent => "syncookie sent",
             EventKind::DropUnclassified => UNCLASSIFIED.describe,
+            EventKind::SynRetransmit => "SYN retransmit (client)",
             _ => "",
         }
     }
@@ -274,6 +300,18 @@ impl ConnectFailure {
             ConnectFailure::Reset => ClientCounter::ConnectReset,
             ConnectFailure::Other => ClientCounter::ConnectOther,
             ConnectFailure::Aborted => ClientCounter::ConnectAborted,
+        }
+    }
+
+    /// Its event kind: `connect_<name>`, as its counter's key.
+    pub const fn event(self) -> EventKind {
+        match self {
+            ConnectFailure::NoPort => EventKind::ConnectNoPort,
+            ConnectFailure::Refused => EventKind::ConnectRefused,
+            ConnectFailure::TimedOut => EventKind::ConnectTimedOut,
+            ConnectFailure::Reset => EventKind::ConnectReset,
+            ConnectFailure::Other => EventKind::ConnectOther,
+            ConnectFailure::Aborted => EventKind::ConnectAborted,
         }
     }
 

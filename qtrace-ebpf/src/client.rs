@@ -14,7 +14,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuHashMap},
     programs::BtfTracePointContext,
@@ -22,10 +22,11 @@ use aya_ebpf::{
 };
 use qtrace_common::{
     listener::AF_INET6, ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectFailure,
-    ConnectOwner, SelfStat,
+    ConnectOwner, Event, EventKind, ListenerKey, SelfStat,
 };
 
 use crate::{
+    account::{submit, take},
     kernel::{global_field, offset, probe_read, words_to_addr, Mem, Typed},
     self_stats::self_stat,
 };
@@ -90,9 +91,16 @@ fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
     })
 }
 
-/// Counts `counter` for `sk`'s destination, creating its entry on first use.
+/// Counts `counter` for `sk`'s destination, creating its entry on first use, and emits its
+/// event unless the destination's rate limit (as a listener's: `QT_EVENT_RATE` a second per
+/// CPU) or a full ring buffer stops it, either way counted.
 #[inline(always)]
-fn count(sk: *const u8, owner: ConnectOwner, counter: ClientCounter) -> Result<(), ()> {
+fn count(
+    sk: *const u8,
+    owner: ConnectOwner,
+    counter: ClientCounter,
+    kind: EventKind,
+) -> Result<(), ()> {
     let key = key_of(sk, owner)?;
     let c = match QT_CLIENTS.get_ptr_mut(&key) {
         Some(c) => c,
@@ -108,7 +116,34 @@ fn count(sk: *const u8, owner: ConnectOwner, counter: ClientCounter) -> Result<(
             }
         }
     };
-    unsafe { (*c).counts[counter as usize] += 1 };
+    let c = unsafe { &mut *c };
+    c.counts[counter as usize] += 1;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let limited = &mut c.counts[ClientCounter::EventsRateLimited as usize];
+    if !take(&mut c.rl_tokens, &mut c.rl_refill_ns, limited, now) {
+        return Ok(());
+    }
+    // Read only for an event that goes out: the connecting socket's own address and port.
+    let sport: u16 = probe_read(sk, client_offset!(inet_sport)).unwrap_or(0);
+    let laddr = if key.family == AF_INET6 {
+        words_to_addr(Typed.read(sk, offset!(skc_v6_rcv_saddr))?)
+    } else {
+        words_to_addr([Typed.read(sk, offset!(skc_rcv_saddr))?, 0, 0, 0])
+    };
+    submit(Event {
+        ts_ns: now,
+        listener: ListenerKey {
+            netns: key.netns,
+            family: key.family,
+            port: u16::from_be(sport),
+            addr: laddr,
+        },
+        raddr: key.daddr,
+        rport: key.dport,
+        kind: kind as u8,
+        pid: key.pid,
+        ..Event::default()
+    });
     Ok(())
 }
 
@@ -152,7 +187,7 @@ fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
     } else {
         ConnectFailure::Aborted
     };
-    count(sk, owner, failure.counter())
+    count(sk, owner, failure.counter(), failure.event())
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -167,7 +202,12 @@ fn on_retransmit(sk: *const u8) -> Result<(), ()> {
     if state as i32 != TCP_SYN_SENT {
         return Ok(());
     }
-    count(sk, owner_of(sk), ClientCounter::SynRetransmits)
+    count(
+        sk,
+        owner_of(sk),
+        ClientCounter::SynRetransmits,
+        EventKind::SynRetransmit,
+    )
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]

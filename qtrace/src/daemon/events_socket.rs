@@ -50,7 +50,10 @@ impl Hub {
 
     /// Hands an event to every reader, with its listener's owner when known.
     pub fn publish(&self, mut record: Event) -> Arc<Event> {
-        record.owner = self.state.owner_of(&record.listener());
+        // Client events carry the process that called connect(); a listener's is looked up.
+        if !record.kind.is_client() {
+            record.owner = self.state.owner_of(&record.listener());
+        }
         let record = Arc::new(record);
         let mut history = crate::recover::lock(&self.history);
         if history.len() == HISTORY {

@@ -268,6 +268,26 @@ fn refused_and_timed_out_connects_are_counted_as_the_callers_saw_them() {
         Some(0.0)
     );
     drop(pending);
+    // One event each (far below the rate limit), naming this process and the destination.
+    let out = q.stop(libc::SIGTERM);
+    let pid = std::process::id();
+    for (kind, port, n) in [
+        ("connect_refused", closed, refused),
+        ("connect_timed_out", silent, timed_out),
+        ("connect_aborted", silent, 2),
+        ("syn_retransmit", silent, syn_retrans),
+    ] {
+        let events = out.events_of(&ns, kind);
+        assert_eq!(events.len() as u64, n, "{kind}: {events:?}");
+        for e in events {
+            assert_eq!(e["owner"]["pid"], pid, "{e}");
+            assert_eq!(
+                (&e["raddr"], &e["rport"]),
+                (&"127.0.0.1".into(), &port.into()),
+                "{e}"
+            );
+        }
+    }
 }
 
 /// How many sockets `ss -Htan <filter>` lists in `ns`: the kernel's own view to compare with.
