@@ -90,7 +90,11 @@ fn tcp_snmp(ns: &Netns) -> HashMap<String, u64> {
 
 /// The client probe attached, or the test says why not.
 fn start() -> Qtrace {
-    let q = Qtrace::start(&[]);
+    start_with(&[])
+}
+
+fn start_with(args: &[&str]) -> Qtrace {
+    let q = Qtrace::start(args);
     assert_eq!(
         q.tier("client").as_deref(),
         Some("tracepoint"),
@@ -404,4 +408,46 @@ fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
         Some(in_use as f64)
     );
     drop(leaked);
+}
+
+/// Past `--max-destination-series`, destinations are summed into one `other` series and
+/// counted: the folded one's failures are neither lost nor shown under their own labels.
+#[test]
+fn destinations_past_the_series_cap_fold_into_other() {
+    require_root();
+    let ns = Netns::new();
+    // Only this namespace: other tests' connects must not take the one series.
+    let only = format!("--include-netns={}", ns.inode);
+    let q = start_with(&["--max-destination-series=1", &only]);
+    let refused = |port: u16, n: usize| {
+        ns.run(move || {
+            for _ in 0..n {
+                let e = TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+            }
+        })
+    };
+    refused(7400, 2);
+    refused(7401, 3);
+    let other = [
+        ("netns", "other"),
+        ("pid", "other"),
+        ("comm", "other"),
+        ("addr", "other"),
+        ("port", "other"),
+        ("reason", "refused"),
+    ];
+    let mut seen = (None, None, None);
+    wait_until(Duration::from_secs(10), || {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        seen = (
+            failures(&q, &ns, 7400, "refused"),
+            sample(&text, "qtrace_connect_failures_total", &other),
+            sample(&text, "qtrace_destination_series_overflow", &[]),
+        );
+        seen == (Some(2.0), Some(3.0), Some(1.0))
+    });
+    // Sorted by key, the first destination keeps its labels; the second is folded.
+    assert_eq!(seen, (Some(2.0), Some(3.0), Some(1.0)));
+    assert_eq!(failures(&q, &ns, 7401, "refused"), None);
 }

@@ -505,7 +505,7 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
 }
 
 fn table(outcomes: &[Outcome]) -> String {
-    let probes = ["syn", "ack", "synack", "accept"];
+    let probes = ["syn", "ack", "synack", "accept", "client", "port_search"];
     let mut s = format!("\n{:<34} {:<10}", "KERNEL", "ATTACH");
     for p in probes {
         let _ = write!(s, " {p:<12}");
