@@ -132,11 +132,13 @@ fn count(
     };
     submit(Event {
         ts_ns: now,
+        // The connecting socket's own endpoint, in the listener key's place.
         listener: ListenerKey {
             netns: key.netns,
             family: key.family,
             port: u16::from_be(sport),
             addr: laddr,
+            ..ListenerKey::default()
         },
         raddr: key.daddr,
         rport: key.dport,
