@@ -95,16 +95,27 @@ pub enum SelfStat {
     AcceptMapFull,
     /// A kernel read failed (bpf_probe_read_kernel returned an error).
     ReadFailed,
+    /// A destination could not be added because the client map was full; its counts are lost.
+    ClientMapFull,
+    /// A connecting socket's owner could not be recorded (map full): its failures count for
+    /// pid 0.
+    ConnectingMapFull,
+    /// A namespace's port-search histogram could not be created (map full): its searches
+    /// are lost.
+    PortSearchMapFull,
 }
 
 impl SelfStat {
-    pub const COUNT: usize = SelfStat::ReadFailed as usize + 1;
+    pub const COUNT: usize = SelfStat::PortSearchMapFull as usize + 1;
     pub const ALL: [SelfStat; SelfStat::COUNT] = [
         SelfStat::RingbufFull,
         SelfStat::RateLimited,
         SelfStat::ListenerMapFull,
         SelfStat::AcceptMapFull,
         SelfStat::ReadFailed,
+        SelfStat::ClientMapFull,
+        SelfStat::ConnectingMapFull,
+        SelfStat::PortSearchMapFull,
     ];
 }
 
@@ -116,6 +127,9 @@ impl SelfStat {
             SelfStat::ListenerMapFull => "listener_map_full",
             SelfStat::AcceptMapFull => "accept_map_full",
             SelfStat::ReadFailed => "read_failed",
+            SelfStat::ClientMapFull => "client_map_full",
+            SelfStat::ConnectingMapFull => "connecting_map_full",
+            SelfStat::PortSearchMapFull => "port_search_map_full",
         }
     }
 }

@@ -17,6 +17,16 @@ pub enum EventKind {
     /// Never on the ring buffer: the daemon's periodic account of the drops at a listener that
     /// no probe classified (where one cannot attach), from the listener's own drop count.
     DropUnclassified = 8,
+    /// The client side (see [`crate::ConnectFailure`]): a connect() that failed, by reason,
+    /// and a SYN the client retransmitted. `listener` is then the connecting socket's own
+    /// address and port (0 when none was assigned), `raddr`/`rport` its destination.
+    ConnectNoPort = 9,
+    ConnectRefused = 10,
+    ConnectTimedOut = 11,
+    ConnectReset = 12,
+    ConnectOther = 13,
+    ConnectAborted = 14,
+    SynRetransmit = 15,
 }
 
 impl EventKind {
@@ -30,6 +40,13 @@ impl EventKind {
             6 => Self::OverflowReset,
             7 => Self::SyncookieSent,
             8 => Self::DropUnclassified,
+            9 => Self::ConnectNoPort,
+            10 => Self::ConnectRefused,
+            11 => Self::ConnectTimedOut,
+            12 => Self::ConnectReset,
+            13 => Self::ConnectOther,
+            14 => Self::ConnectAborted,
+            15 => Self::SynRetransmit,
             _ => return None,
         })
     }
@@ -54,5 +71,6 @@ pub struct Event {
     pub acceptq_max: u32,
     pub synq_len: u32,
     pub synq_max: u32,
-    pub _pad: u32,
+    /// Client events: the process (tgid) that called connect(); 0 for listener events.
+    pub pid: u32,
 }

@@ -4,17 +4,21 @@
 //! ring buffer, user space reads the same bytes back.
 #![no_std]
 
+pub mod client;
 pub mod counters;
 pub mod event;
 pub mod kernel;
 pub mod listener;
 pub mod vocabulary;
 
+pub use client::{
+    ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectOwner, PortSearch,
+};
 pub use counters::{Counter, ListenerCounters, SelfStat, WAIT_BUCKETS};
 pub use event::{Event, EventKind};
 pub use kernel::{HookLayout, Offsets};
 pub use listener::ListenerKey;
-pub use vocabulary::DropReason;
+pub use vocabulary::{ConnectFailure, DropReason};
 
 /// Names of the maps in the eBPF object, used by both sides.
 pub mod maps {
@@ -28,6 +32,12 @@ pub mod maps {
     pub const EVENTS: &str = "QT_EVENTS";
     /// Per-CPU array of u64 indexed by [`crate::SelfStat`].
     pub const SELF_STATS: &str = "QT_SELF_STATS";
+    /// Per-CPU hash: [`crate::ClientKey`] → [`crate::ClientCounters`].
+    pub const CLIENTS: &str = "QT_CLIENTS";
+    /// Hash: socket address → [`crate::ConnectOwner`], for sockets in SYN_SENT.
+    pub const CONNECTING: &str = "QT_CONNECTING";
+    /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
+    pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
 }
 
 /// Names of the globals the loader fills in before the programs are verified.
@@ -40,4 +50,6 @@ pub mod globals {
     pub const EVENT_RATE: &str = "QT_EVENT_RATE";
     /// u32: the first uid whose listeners go to [`crate::maps::USER_LISTENERS`].
     pub const FIRST_USER_UID: &str = "QT_FIRST_USER_UID";
+    /// [`crate::ClientOffsets`]: the members only the client programs read.
+    pub const CLIENT_OFFSETS: &str = "QT_CLIENT_OFFSETS";
 }

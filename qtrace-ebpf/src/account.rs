@@ -83,26 +83,39 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// Token bucket per listener and CPU: `QT_EVENT_RATE` events a second, bursts of as many.
 #[inline(always)]
 fn take_token(c: *mut ListenerCounters, now: u64) -> bool {
-    let rate = QT_EVENT_RATE.load() as u64;
     let c = unsafe { &mut *c };
-    let elapsed = now.wrapping_sub(c.rl_refill_ns);
+    take(
+        &mut c.rl_tokens,
+        &mut c.rl_refill_ns,
+        &mut c.counts[Counter::EventsRateLimited as usize],
+        now,
+    )
+}
+
+/// One token of a bucket (`tokens`, last refilled at `refill_ns`), or the event counted as
+/// rate-limited in `limited` and qtrace's own statistics. Shared by the listeners' buckets and
+/// the client destinations'.
+#[inline(always)]
+pub fn take(tokens: &mut u64, refill_ns: &mut u64, limited: &mut u64, now: u64) -> bool {
+    let rate = QT_EVENT_RATE.load() as u64;
+    let elapsed = now.wrapping_sub(*refill_ns);
     if elapsed >= NS_PER_SEC {
-        c.rl_tokens = rate;
-        c.rl_refill_ns = now;
+        *tokens = rate;
+        *refill_ns = now;
     } else {
         let add = elapsed * rate / NS_PER_SEC;
         if add > 0 {
-            c.rl_tokens = core::cmp::min(rate, c.rl_tokens + add);
+            *tokens = core::cmp::min(rate, *tokens + add);
             // Advance by the time those tokens took, keeping the remainder for the next one.
-            c.rl_refill_ns += add * NS_PER_SEC / rate;
+            *refill_ns += add * NS_PER_SEC / rate;
         }
     }
-    if c.rl_tokens == 0 {
-        c.counts[Counter::EventsRateLimited as usize] += 1;
+    if *tokens == 0 {
+        *limited += 1;
         self_stat(SelfStat::RateLimited);
         return false;
     }
-    c.rl_tokens -= 1;
+    *tokens -= 1;
     true
 }
 
@@ -160,11 +173,7 @@ pub fn emit_two(
 
 #[inline(always)]
 fn put(key: &ListenerKey, kind: EventKind, d: &Details, now: u64) {
-    let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
-        self_stat(SelfStat::RingbufFull);
-        return;
-    };
-    entry.write(Event {
+    submit(Event {
         ts_ns: now,
         listener: *key,
         raddr: d.remote.addr,
@@ -175,14 +184,25 @@ fn put(key: &ListenerKey, kind: EventKind, d: &Details, now: u64) {
         acceptq_max: d.queues.acceptq.max,
         synq_len: d.queues.synq_len,
         synq_max: d.queues.acceptq.max,
-        _pad: 0,
+        pid: 0,
     });
+}
+
+/// Puts `event` on the ring buffer, or counts it lost to a full one.
+#[inline(always)]
+pub fn submit(event: Event) {
+    let Some(mut entry) = QT_EVENTS.reserve::<Event>(0) else {
+        self_stat(SelfStat::RingbufFull);
+        return;
+    };
+    entry.write(event);
     entry.submit(0);
 }
 
-/// Log2 bucket of a wait in microseconds (see `WAIT_BUCKETS`), without loops or clz.
+/// Log2 bucket of a wait in microseconds (see `WAIT_BUCKETS`), without loops or clz; of any
+/// duration in its unit (the port search's nanoseconds).
 #[inline(always)]
-fn wait_bucket(us: u64) -> usize {
+pub fn wait_bucket(us: u64) -> usize {
     if us == 0 {
         return 0;
     }

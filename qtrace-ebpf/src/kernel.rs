@@ -245,7 +245,7 @@ fn sock_inode<M: Mem>(m: M, sk: *const u8) -> Result<u64, ()> {
 /// An address assembled from 32-bit words: zeroing part of a byte array instead compiles to
 /// a call to a byte-by-byte memset.
 #[inline(always)]
-fn words_to_addr(words: [u32; 4]) -> [u8; 16] {
+pub fn words_to_addr(words: [u32; 4]) -> [u8; 16] {
     // SAFETY: same size, any bit pattern is valid.
     unsafe { core::mem::transmute(words) }
 }

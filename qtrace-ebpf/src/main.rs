@@ -16,7 +16,11 @@ mod account;
 #[cfg(target_arch = "bpf")]
 mod ack;
 #[cfg(target_arch = "bpf")]
+mod client;
+#[cfg(target_arch = "bpf")]
 mod kernel;
+#[cfg(target_arch = "bpf")]
+mod port_search;
 #[cfg(target_arch = "bpf")]
 mod self_stats;
 #[cfg(target_arch = "bpf")]

@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, EventKind, SelfStat};
+use qtrace_common::{vocabulary::UNCLASSIFIED, ClientCounter, Counter, EventKind, SelfStat};
 use serde::{de, ser::SerializeMap, Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::listener::{Family, ListenerId};
@@ -404,6 +404,9 @@ pub struct Listeners {
     /// `run --print --json` only: qtrace's own losses.
     #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
     pub self_stats: Option<SelfStats>,
+    /// The daemon's only: the client side (connect() failures, census of connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<ClientSide>,
 }
 
 /// `"type": "listeners"`.
@@ -434,6 +437,78 @@ impl Listeners {
     pub fn by_id(&self) -> BTreeMap<ListenerId, &Listener> {
         self.listeners.iter().map(|l| (l.id(), l)).collect()
     }
+}
+
+/// The client side in the listener snapshot (`clients`): connect() failures per destination,
+/// and each namespace's census of connections. Absent where the producer has none (`top
+/// --standalone`, `run --print`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientSide {
+    /// Per (namespace, process, destination); null where the client probe is not attached
+    /// (unavailable, not empty).
+    pub destinations: Option<Vec<Destination>>,
+    /// Destinations past `--max-destination-series`, left out of `destinations`.
+    #[serde(default)]
+    pub destinations_folded: usize,
+    #[serde(default)]
+    pub census: Vec<NetnsCensus>,
+}
+
+/// One destination of one process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    pub netns: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// By the vocabulary's names: `connect_<reason>` (`connect_no_port`, …) and
+    /// `syn_retransmits`.
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl Destination {
+    pub fn get(&self, c: ClientCounter) -> u64 {
+        self.counters.get(c.name()).copied().unwrap_or(0)
+    }
+}
+
+/// One namespace's connections now.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetnsCensus {
+    pub netns: u32,
+    pub time_wait: u64,
+    pub close_wait: u64,
+    /// `net.ipv4.tcp_max_tw_buckets`.
+    pub time_wait_limit: Option<u64>,
+    /// `ip_local_port_range` as the namespace has it.
+    pub port_range: Option<(u16, u16)>,
+    /// `ip_local_port_range` minus `ip_local_reserved_ports`.
+    pub ports_available: Option<u64>,
+    /// `net.ipv4.tcp_tw_reuse` (0, 1, or 2: loopback only).
+    pub tw_reuse: Option<u8>,
+    /// Most sockets first.
+    pub close_wait_owners: Vec<CloseWaitOwner>,
+    /// Most used first.
+    pub ephemeral: Vec<PortUse>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseWaitOwner {
+    /// 0, with an empty name, where no process was found holding them.
+    pub pid: i32,
+    pub comm: String,
+    pub sockets: u64,
+    /// Age of the oldest, from the first sample that found it.
+    pub oldest_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PortUse {
+    pub saddr: IpAddr,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub in_use: u64,
 }
 
 #[cfg(test)]

@@ -112,6 +112,10 @@ pub struct TracerArgs {
     /// --max-listeners, so no user's listeners can crowd out a service's [default: 1000].
     #[arg(long, env = "QTRACE_FIRST_USER_UID")]
     pub first_user_uid: Option<u32>,
+    /// Most (namespace, process, destination) triples whose connect() failures and SYN
+    /// retransmits are counted; past it the loss is counted [default: 4096].
+    #[arg(long, env = "QTRACE_MAX_CLIENT_DESTINATIONS")]
+    pub max_client_destinations: Option<u32>,
     /// Event ring buffer size in KiB, a power of two [default: 256].
     #[arg(long, env = "QTRACE_RINGBUF_KIB")]
     pub ringbuf_kib: Option<u32>,
@@ -119,9 +123,9 @@ pub struct TracerArgs {
     /// /sys/kernel/btf/vmlinux].
     #[arg(long, env = "QTRACE_BTF", value_name = "FILE")]
     pub btf: Option<PathBuf>,
-    /// Probes to leave off, each as -NAME (syn, ack, synack, accept; comma-separated, e.g.
-    /// `--probes=-syn`): what they feed is then unavailable, as on a kernel where they cannot
-    /// attach [default: none].
+    /// Probes to leave off, each as -NAME (syn, ack, synack, accept, client, port_search;
+    /// comma-separated, e.g. `--probes=-syn`): what they feed is then unavailable, as on a
+    /// kernel where they cannot attach [default: none].
     #[arg(
         long,
         env = "QTRACE_PROBES",
@@ -139,6 +143,7 @@ pub struct TracerOptions {
     pub event_rate: u32,
     pub max_listeners: u32,
     pub first_user_uid: u32,
+    pub max_client_destinations: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
     /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
@@ -176,6 +181,10 @@ pub struct DaemonArgs {
     /// labelled `other` [default: 1000].
     #[arg(long, env = "QTRACE_MAX_LISTENER_SERIES")]
     pub max_listener_series: Option<u32>,
+    /// Most destinations (namespace, process, address, port) exported with their own labels;
+    /// the rest are summed into one series labelled `other` [default: 1000].
+    #[arg(long, env = "QTRACE_MAX_DESTINATION_SERIES")]
+    pub max_destination_series: Option<u32>,
     /// Export only listeners on these ports (repeat or comma-separate).
     #[arg(
         long = "include-port",
@@ -260,6 +269,7 @@ pub struct DaemonOptions {
     /// TLS and basic auth (`--web.config.file`), read by `daemon::web_config`.
     pub web_config_file: Option<PathBuf>,
     pub max_listener_series: usize,
+    pub max_destination_series: usize,
     pub filter: Filter,
     pub events_socket: PathBuf,
     pub events_socket_group: Option<String>,
@@ -394,6 +404,17 @@ impl TracerArgs {
                 format!("{max_listeners}: must be 1 to 1000000"),
             ));
         }
+        let max_client_destinations = self
+            .max_client_destinations
+            .or(file.max_client_destinations)
+            .unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_client_destinations) {
+            return Err(invalid(
+                "max_client_destinations",
+                "max-client-destinations",
+                format!("{max_client_destinations}: must be 1 to 1000000"),
+            ));
+        }
         let ringbuf_kib = self.ringbuf_kib.or(file.ringbuf_kib).unwrap_or(256);
         if !(4..=1 << 20).contains(&ringbuf_kib) || !ringbuf_kib.is_power_of_two() {
             return Err(invalid(
@@ -427,6 +448,7 @@ impl TracerArgs {
             event_rate,
             max_listeners,
             first_user_uid: self.first_user_uid.or(file.first_user_uid).unwrap_or(1000),
+            max_client_destinations,
             ringbuf_kib,
             btf: self
                 .btf
@@ -459,6 +481,17 @@ impl DaemonArgs {
             return Err(invalid(
                 "max_listener_series",
                 "max-listener-series",
+                "0: must be at least 1",
+            ));
+        }
+        let max_destination_series = self
+            .max_destination_series
+            .or(file.max_destination_series)
+            .unwrap_or(1000);
+        if max_destination_series == 0 {
+            return Err(invalid(
+                "max_destination_series",
+                "max-destination-series",
                 "0: must be at least 1",
             ));
         }
@@ -556,6 +589,7 @@ impl DaemonArgs {
             },
             listen,
             max_listener_series: max_listener_series as usize,
+            max_destination_series: max_destination_series as usize,
             filter: Filter {
                 include_ports: set(&self.include_ports, &file.include_ports)
                     .map(BTreeSet::from_iter),

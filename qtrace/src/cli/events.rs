@@ -48,7 +48,9 @@ pub struct EventFilter {
     #[arg(long)]
     pub addr: Option<IpAddr>,
     /// Event kind (repeatable): drop_syn_queue_full, drop_accept_queue_full_syn,
-    /// drop_accept_queue_full_ack, drop_other, synack_retransmit, overflow_reset, syncookie_sent.
+    /// drop_accept_queue_full_ack, drop_other, synack_retransmit, overflow_reset, syncookie_sent;
+    /// on the client side connect_no_port, connect_refused, connect_timed_out, connect_reset,
+    /// connect_other, connect_aborted, syn_retransmit.
     #[arg(long, value_parser = api::parse_kind)]
     pub kind: Vec<EventKind>,
     /// Network namespace inode.
@@ -309,6 +311,19 @@ pub fn to_human(r: &api::Event) -> String {
         Some(n) if !n.is_empty() => format!(" ({n})"),
         _ => String::new(),
     };
+    if r.kind.is_client() {
+        // A connecting socket and its destination: no listener queues.
+        let to = match (r.raddr, r.rport) {
+            (Some(a), Some(p)) => SocketAddr::new(a, p).to_string(),
+            _ => "?".into(),
+        };
+        return format!(
+            "{} {what:<31} {} -> {to}  netns {}{owner}",
+            r.time,
+            SocketAddr::new(r.laddr, r.lport),
+            r.netns,
+        );
+    }
     // A client, or for unclassified drops how many there were.
     let from = match (r.raddr, r.rport, r.drops) {
         (Some(a), Some(p), _) => format!("<- {}", SocketAddr::new(a, p)),
@@ -351,6 +366,26 @@ mod tests {
         assert!(line.contains("127.0.0.1:8080 <- 127.0.0.2:40000"), "{line}");
         assert!(line.contains("acceptq 1/1 synq 3/1"), "{line}");
         assert!(line.ends_with("nginx[1234] in nginx.service"), "{line}");
+    }
+
+    #[test]
+    fn a_client_event_names_its_process_and_destination() {
+        let mut ev = retransmit();
+        ev.kind = EventKind::ConnectRefused as u8;
+        ev.pid = std::process::id();
+        ev.listener.port = 40001;
+        let r = to_record(&ev, &Clock::new());
+        assert_eq!(r.kind.name(), "connect_refused");
+        let owner = r.owner.as_ref().expect("the kernel's pid, named");
+        assert_eq!(owner.pid, std::process::id() as i32);
+        assert!(!owner.comm.is_empty());
+        let line = to_human(&r);
+        assert!(line.contains("connect refused (ECONNREFUSED)"), "{line}");
+        assert!(
+            line.contains("127.0.0.1:40001 -> 127.0.0.2:40000"),
+            "{line}"
+        );
+        assert!(!line.contains("acceptq"), "{line}");
     }
 
     /// Standalone filters the kernel's event, the daemon path its record: the same verdicts.

@@ -102,6 +102,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         History::new(daemon.queue_sample_interval, daemon.max_listener_series),
     );
     state.collector.set_names(start_names(&daemon));
+    state
+        .collector
+        .max_destination_series
+        .store(daemon.max_destination_series, Ordering::Relaxed);
     // The first collect, before anything is served, sets the drop ledger's bases: what each
     // listener and namespace had dropped before qtrace was there (see daemon::drops).
     if let Err(e) = state.collect().await {
@@ -193,8 +197,13 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State, web: &Web) {
             state
                 .max_series
                 .store(daemon.max_listener_series, Ordering::Relaxed);
+            state
+                .collector
+                .max_destination_series
+                .store(daemon.max_destination_series, Ordering::Relaxed);
             tracing::info!(
-                "reloaded the config file (filters, max_listener_series); the listen address, \
+                "reloaded the config file (filters, max_listener_series, \
+                 max_destination_series); the listen address, \
                  queue_sample_interval and tracer settings take effect at restart"
             );
         }

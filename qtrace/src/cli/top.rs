@@ -15,10 +15,10 @@ use crossterm::{
     execute, queue,
     terminal::{self, ClearType},
 };
-use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason};
+use qtrace_common::{vocabulary::UNCLASSIFIED, ClientCounter, ConnectFailure, Counter, DropReason};
 
 use crate::{
-    api::{AcceptWait, Counters, Listeners},
+    api::{AcceptWait, Counters, Destination, Listeners},
     config::SourceArgs,
     daemon::{collect::Collector, events_socket, state},
     kernel::tracer::Tracer,
@@ -321,11 +321,9 @@ pub fn top(opts: TopOptions) -> Result<()> {
         loop {
             std::thread::sleep(opts.interval);
             let cur = source.snapshot()?;
-            let table = render(
-                rows(&prev, &cur, opts.interval.as_secs_f64()),
-                opts.sort,
-                false,
-            );
+            let secs = opts.interval.as_secs_f64();
+            let table = render(rows(&prev, &cur, secs), opts.sort, false)
+                + &destinations(&prev, &cur, secs);
             if let Err(e) = io::stdout().write_all(table.as_bytes()) {
                 return if e.kind() == io::ErrorKind::BrokenPipe {
                     Ok(())
@@ -352,10 +350,12 @@ fn live(source: &Source, mut prev: Listeners, opts: &TopOptions) -> Result<()> {
         let mut last = Instant::now();
         // The last interval's rows: a new sort order applies to them at once.
         let mut shown: Option<Vec<Row>> = None;
+        // The client section of the last interval.
+        let mut shown_destinations = String::new();
         loop {
             let table = shown.as_ref().map_or_else(
                 || "waiting for the first interval…\n".to_string(),
-                |r| render(r.clone(), by, reverse),
+                |r| render(r.clone(), by, reverse) + &shown_destinations,
             );
             queue!(out, terminal::Clear(ClearType::All), cursor::MoveTo(0, 0))?;
             let header = format!(
@@ -392,6 +392,7 @@ fn live(source: &Source, mut prev: Listeners, opts: &TopOptions) -> Result<()> {
                 let cur = source.snapshot()?;
                 let secs = last.elapsed().as_secs_f64();
                 shown = Some(rows(&prev, &cur, secs));
+                shown_destinations = destinations(&prev, &cur, secs);
                 prev = cur;
                 last = Instant::now();
             }
@@ -400,6 +401,79 @@ fn live(source: &Source, mut prev: Listeners, opts: &TopOptions) -> Result<()> {
     execute!(out, cursor::Show, terminal::LeaveAlternateScreen)?;
     terminal::disable_raw_mode()?;
     result
+}
+
+/// Most destinations the client section shows (the busiest).
+const DESTINATION_ROWS: usize = 20;
+
+/// The client section: connect() failures/s by reason and SYN retransmits/s per destination
+/// over the interval, with its local ports in use against the usable ones; busiest first.
+pub fn destinations(prev: &Listeners, cur: &Listeners, secs: f64) -> String {
+    let Some(side) = &cur.clients else {
+        return String::new();
+    };
+    let Some(now) = &side.destinations else {
+        return "\nDESTINATIONS: n/a (the client probe is not attached)\n".into();
+    };
+    let before = prev.clients.as_ref().and_then(|c| c.destinations.as_ref());
+    let key = |d: &Destination| (d.netns, d.pid, d.addr, d.port);
+    let counters: Vec<ClientCounter> = ConnectFailure::ALL
+        .iter()
+        .map(|f| f.counter())
+        .chain([ClientCounter::SynRetransmits])
+        .collect();
+    let mut rows: Vec<(f64, Vec<String>)> = now
+        .iter()
+        .map(|d| {
+            let then = before.and_then(|b| b.iter().find(|p| key(p) == key(d)));
+            let rates: Vec<f64> = counters
+                .iter()
+                .map(|c| {
+                    let was = then.map_or(0, |p| p.get(*c));
+                    d.get(*c).saturating_sub(was) as f64 / secs
+                })
+                .collect();
+            let census = side.census.iter().find(|n| n.netns == d.netns);
+            let in_use: u64 = census.map_or(0, |n| {
+                n.ephemeral
+                    .iter()
+                    .filter(|u| u.addr == d.addr && u.port == d.port)
+                    .map(|u| u.in_use)
+                    .sum()
+            });
+            let usable = census
+                .and_then(|n| n.ports_available)
+                .map_or("n/a".into(), |a| a.to_string());
+            let mut cells = vec![
+                std::net::SocketAddr::new(d.addr, d.port).to_string(),
+                format!("{}[{}]", d.comm, d.pid),
+            ];
+            cells.extend(rates.iter().map(|r| format!("{r:.1}")));
+            cells.push(format!("{in_use}/{usable}"));
+            (rates.iter().sum(), cells)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut titles: Vec<String> = ["DESTINATION", "PROCESS"].map(String::from).to_vec();
+    titles.extend(
+        ConnectFailure::ALL
+            .iter()
+            .map(|f| format!("{}/s", f.title())),
+    );
+    titles.push("SYN-RTX/s".into());
+    titles.push("PORTS".into());
+    let line = |cells: &[String]| {
+        let mut s = format!("{:<26} {:<18}", cells[0], cells[1]);
+        for (t, v) in titles[2..].iter().zip(&cells[2..]) {
+            s += &format!(" {v:>w$}", w = t.len().max(6));
+        }
+        s + "\n"
+    };
+    let mut s = format!("\n{}", line(&titles));
+    for (_, cells) in rows.into_iter().take(DESTINATION_ROWS) {
+        s += &line(&cells);
+    }
+    s
 }
 
 #[cfg(test)]
@@ -478,5 +552,52 @@ mod tests {
             table.lines().nth(2).unwrap().starts_with("[::]:22"),
             "{table}"
         );
+    }
+
+    /// A daemon's snapshot with java[812]'s connects to 10.0.0.5:3306, `no_port` failed.
+    fn with_clients(no_port: u64) -> Listeners {
+        use crate::api::{ClientSide, NetnsCensus, PortUse};
+        let d = Destination {
+            netns: 1,
+            pid: 812,
+            comm: "java".into(),
+            addr: "10.0.0.5".parse().unwrap(),
+            port: 3306,
+            counters: [(ClientCounter::ConnectNoPort.name().to_string(), no_port)].into(),
+        };
+        Listeners {
+            clients: Some(ClientSide {
+                destinations: Some(vec![d]),
+                destinations_folded: 0,
+                census: vec![NetnsCensus {
+                    netns: 1,
+                    ports_available: Some(64),
+                    ephemeral: vec![PortUse {
+                        saddr: "10.0.0.1".parse().unwrap(),
+                        addr: "10.0.0.5".parse().unwrap(),
+                        port: 3306,
+                        in_use: 64,
+                    }],
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn destinations_show_failures_per_second_and_ports_in_use() {
+        let table = destinations(&with_clients(0), &with_clients(10), 2.0);
+        let mut lines = table.lines().skip(1);
+        let header = lines.next().unwrap();
+        assert!(header.starts_with("DESTINATION"), "{table}");
+        assert!(header.contains("NO-PORT/s"), "{table}");
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(row[..3], ["10.0.0.5:3306", "java[812]", "5.0"], "{table}");
+        assert_eq!(row.last(), Some(&"64/64"), "{table}");
+        // Without the client probe: unavailable, not zero.
+        let mut blind = with_clients(0);
+        blind.clients.as_mut().unwrap().destinations = None;
+        assert!(destinations(&blind, &blind, 1.0).contains("n/a"));
     }
 }

@@ -7,7 +7,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -16,15 +19,19 @@ use qtrace_common::{listener::SOCK_INODE, SelfStat};
 
 use crate::{
     config::Filter,
-    daemon::drops::{DropLedger, Sample, SocketDrops},
+    daemon::{
+        clients::{self, Clients, CloseWaitAges},
+        drops::{DropLedger, Sample, SocketDrops},
+    },
     host::{
+        census::{self, Census},
         netns, netstat,
         owners::{Owner, OwnerIndex, Owners},
         sockdiag::{self, ListenerQueues},
     },
     kernel::{
         counters::{KernelCounters, ListenerStats, Occupancy},
-        probes::{ProbeStatus, Visibility},
+        probes::{client_available, port_search_available, ProbeStatus, Visibility},
     },
     listener::ListenerId,
 };
@@ -83,6 +90,8 @@ pub struct Scrape {
     pub reclaimed: u64,
     /// The container name resolver's counts; None where it does not run (`top --standalone`).
     pub names: Option<crate::host::names::NameCounts>,
+    /// The client side: connect() failures and SYN retransmits per destination.
+    pub clients: Clients,
 }
 
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
@@ -95,6 +104,9 @@ pub struct Collector {
     filter: Mutex<Filter>,
     drops: Mutex<DropLedger>,
     reclaim: Mutex<Reclaim>,
+    /// `--max-destination-series`, reloadable with SIGHUP.
+    pub max_destination_series: AtomicUsize,
+    close_wait_ages: Mutex<CloseWaitAges>,
 }
 
 /// Kernel entries whose socket no collect finds any more. An entry missing from one dump may
@@ -131,6 +143,8 @@ impl Collector {
             filter: Mutex::new(filter),
             drops: Mutex::new(DropLedger::default()),
             reclaim: Mutex::new(Reclaim::default()),
+            max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
+            close_wait_ages: Mutex::new(CloseWaitAges::default()),
         }
     }
 
@@ -254,13 +268,27 @@ impl Collector {
                     .filter(|(id, _)| rows.contains_key(id) && !have.contains(id)),
             );
         }
-        let (mut owners, names) = {
+        let close_wait: Vec<u32> = sampled
+            .census
+            .iter()
+            .flat_map(|(_, c)| c.close_wait.iter().map(|cw| cw.inode))
+            .collect();
+        let ((mut owners, connection_owners), names) = {
             let mut o = crate::recover::lock(&self.owners);
-            (o.lookup_listeners(&sockets), o.name_counts())
+            (
+                o.lookup_listeners_and(&sockets, &close_wait),
+                o.name_counts(),
+            )
         };
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }
+        let mut clients = self.clients(&filter)?;
+        clients.census = crate::recover::lock(&self.close_wait_ages).attribute(
+            sampled.census,
+            &connection_owners,
+            Instant::now(),
+        );
         Ok(Scrape {
             listeners: rows.into_values().collect(),
             occupancy,
@@ -274,6 +302,7 @@ impl Collector {
                 .filter(|(ns, _)| filter.admits_netns(*ns))
                 .collect(),
             names,
+            clients,
         })
     }
 }
@@ -297,6 +326,25 @@ impl Collector {
         r.deleted += self.counters.forget(&gone) as u64;
         r.suspects = kept.iter().map(|(s, since)| (s.key, *since)).collect();
         (r.deleted, kept.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// The kernel's client counts in the namespaces the filter admits, capped for export.
+    fn clients(&self, filter: &Filter) -> Result<Clients> {
+        let available = client_available(&self.probes);
+        let mut counted = if available {
+            self.counters.clients()?
+        } else {
+            Vec::new()
+        };
+        counted.retain(|c| filter.admits_netns(c.netns()));
+        let cap = self.max_destination_series.load(Ordering::Relaxed);
+        let mut clients = Clients::capped(available, counted, cap);
+        if port_search_available(&self.probes) {
+            let mut searched = self.counters.port_search()?;
+            searched.retain(|s| filter.admits_netns(s.netns));
+            clients.port_search = Some(searched);
+        }
+        Ok(clients)
     }
 
     fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
@@ -381,6 +429,8 @@ struct Sampled {
     listen_drops: Vec<(u32, u64)>,
     /// Each sampled namespace's cookie, where the kernel tells it.
     netns_cookies: Vec<(u32, u64)>,
+    /// Each sampled namespace's connections.
+    census: Vec<(u32, Census)>,
     unreadable: Vec<u32>,
 }
 
@@ -392,22 +442,23 @@ fn sample_all_namespaces(filter: &Filter) -> Sampled {
     let (found, unreadable) = netns::for_each(
         |ns| filter.admits_netns(ns),
         || {
-            Ok((
-                sockdiag::listeners()?,
-                netstat::listen_drops()?,
-                netns::cookie(),
-            ))
+            let listeners = sockdiag::listeners()?;
+            let listening = listeners.iter().map(|l| l.port).collect();
+            let census = census::sample(&listening)?;
+            Ok((listeners, netstat::listen_drops()?, census, netns::cookie()))
         },
     );
     let mut sampled = Sampled {
         listeners: Vec::new(),
         listen_drops: Vec::new(),
         netns_cookies: Vec::new(),
+        census: Vec::new(),
         unreadable,
     };
-    for (ns, (listeners, listen_drops, cookie)) in found {
+    for (ns, (listeners, listen_drops, census, cookie)) in found {
         sampled.listen_drops.push((ns, listen_drops));
         sampled.netns_cookies.extend(cookie.map(|c| (ns, c)));
+        sampled.census.push((ns, census));
         sampled
             .listeners
             .extend(listeners.into_iter().map(|l| (ns, l)));

@@ -389,6 +389,7 @@ mod tests {
             occupancy: Default::default(),
             reclaimed: 0,
             names: None,
+            clients: Default::default(),
         };
         let mut a = Announced::default();
         assert!(a.events(&scrape(Some(0)), 1, "t").is_empty());

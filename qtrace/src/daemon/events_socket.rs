@@ -71,8 +71,11 @@ impl Hub {
 
     /// Hands an event to every reader, with its listener's owner when known.
     pub fn publish(&self, mut record: Event) -> Arc<Published> {
-        record.socket = self.state.socket_cookie(record.socket);
-        record.owner = self.state.owner_of(&record.listener());
+        // Client events carry the process that called connect(); a listener's is looked up.
+        if !record.kind.is_client() {
+            record.socket = self.state.socket_cookie(record.socket);
+            record.owner = self.state.owner_of(&record.listener());
+        }
         let record = Arc::new(Published {
             event: record,
             line: OnceLock::new(),

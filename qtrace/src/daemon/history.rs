@@ -145,6 +145,7 @@ mod tests {
             occupancy: Default::default(),
             reclaimed: 0,
             names: None,
+            clients: Default::default(),
         }
     }
 

@@ -7,19 +7,27 @@
 //! anew for every one of them, through a chain of `dyn Write` calls, into OpenMetrics text that
 //! was then copied line by line into the classic format.
 
-use std::{borrow::Cow, rc::Rc, sync::atomic::AtomicUsize, sync::atomic::Ordering};
+use std::{
+    borrow::Cow, collections::BTreeMap, rc::Rc, sync::atomic::AtomicUsize, sync::atomic::Ordering,
+};
 
 use prometheus_client::metrics::MetricType;
-use qtrace_common::{vocabulary::UNCLASSIFIED, Counter, DropReason, SelfStat, WAIT_BUCKETS};
+use qtrace_common::{
+    vocabulary::UNCLASSIFIED, ClientCounter, ConnectFailure, Counter, DropReason, SelfStat,
+    WAIT_BUCKETS,
+};
 
 use crate::{
     build_info,
     daemon::{
+        clients::{Clients, CloseWaitOwner, NetnsCensus},
         collect::{ListenerView, Scrape},
         http_limits::Stats as HttpStats,
     },
+    host::census::Lingering,
     host::sockdiag::ListenerQueues,
     kernel::{
+        clients::ClientStats,
         counters::{wait_bucket_le_seconds, ListenerStats},
         probes::{ProbeStatus, Visibility},
     },
@@ -515,28 +523,305 @@ fn families(
             })
             .collect(),
     });
+    client_families(&mut out, &scrape.clients);
+    port_search_family(&mut out, &scrape.clients);
+    census_families(&mut out, &scrape.clients, max_series);
     self_families(&mut out, scrape, probes, folded, http);
     out
 }
 
+/// The labels of one destination's series: who connected (namespace, process) and where.
+fn destination_labels(c: &ClientStats) -> Labels {
+    Labels::plain(vec![
+        ("netns", c.netns().to_string().into()),
+        ("pid", c.pid().to_string().into()),
+        ("comm", c.comm().into()),
+        ("addr", c.daddr().to_string().into()),
+        ("port", c.dport().to_string().into()),
+    ])
+}
+
+/// The destinations past `--max-destination-series`, summed.
+fn other_destination() -> Labels {
+    let other = || Cow::Borrowed("other");
+    Labels::plain(
+        ["netns", "pid", "comm", "addr", "port"]
+            .into_iter()
+            .map(|k| (k, other()))
+            .collect(),
+    )
+}
+
+/// connect() failures and SYN retransmits per destination; absent where the client probe
+/// is not attached (nothing else sees them).
+fn client_families(out: &mut Vec<Family>, clients: &Clients) {
+    if !clients.available {
+        return;
+    }
+    let series: Vec<(Labels, &ClientStats)> = clients
+        .rows
+        .iter()
+        .map(|c| (destination_labels(c), c))
+        .chain(clients.other.iter().map(|o| (other_destination(), o)))
+        .collect();
+    out.push(Family {
+        name: "qtrace_connect_failures",
+        help: "connect() calls whose handshake failed, by reason, per network namespace, \
+               process and destination. refused, timed_out, reset and other together are the \
+               namespace's Tcp AttemptFails from SYN_SENT; no_port (EADDRNOTAVAIL) has no \
+               kernel counter; aborted: closed by the process mid-handshake.",
+        kind: MetricType::Counter,
+        samples: series
+            .iter()
+            .flat_map(|(labels, c)| {
+                ConnectFailure::ALL.into_iter().map(move |f| {
+                    (
+                        labels.with("reason", f.name()),
+                        Value::Counter(c.get(f.counter())),
+                    )
+                })
+            })
+            .collect(),
+    });
+    out.push(Family {
+        name: "qtrace_syn_retransmits",
+        help: "SYNs the client retransmitted (no SYN-ACK in time), per network namespace, \
+               process and destination: the client's side of TcpExt TCPSynRetrans.",
+        kind: MetricType::Counter,
+        samples: series
+            .iter()
+            .map(|(labels, c)| {
+                (
+                    labels.clone(),
+                    Value::Counter(c.get(ClientCounter::SynRetransmits)),
+                )
+            })
+            .collect(),
+    });
+    out.push(Family {
+        name: "qtrace_destination_series_overflow",
+        help: "Destinations past --max-destination-series, summed into the series labelled \
+               `other`.",
+        kind: MetricType::Gauge,
+        samples: vec![(
+            Labels::plain(Vec::new()),
+            Value::Gauge(clients.folded as i64),
+        )],
+    });
+}
+
+/// Time connect() spent picking a local port, per namespace; absent where no probe times it.
+fn port_search_family(out: &mut Vec<Family>, clients: &Clients) {
+    let Some(searched) = &clients.port_search else {
+        return;
+    };
+    out.push(Family {
+        name: "qtrace_connect_port_search_seconds",
+        help: "Time connect() spent choosing a local port (inet_hash_connect), per network \
+               namespace: it grows as ip_local_port_range fills, before connects fail with \
+               EADDRNOTAVAIL.",
+        kind: MetricType::Histogram,
+        samples: searched
+            .iter()
+            .map(|s| {
+                let labels = Labels::plain(vec![("netns", s.netns.to_string().into())]);
+                let le = |b: usize| (1u64 << b) as f64 / 1e9;
+                (labels, log2_histogram(&s.hist.buckets, s.hist.sum_ns, le))
+            })
+            .collect(),
+    });
+}
+
+/// Each namespace's census of connections (sock_diag, no BPF: on every kernel).
+fn census_families(out: &mut Vec<Family>, clients: &Clients, max_series: usize) {
+    let netns = |n: &NetnsCensus| ("netns", Cow::Owned(n.netns.to_string()));
+    let gauge = |name, help, samples: Vec<(Extra, u64)>| Family {
+        name,
+        help,
+        kind: MetricType::Gauge,
+        samples: samples
+            .into_iter()
+            .map(|(l, v)| (Labels::plain(l), Value::Gauge(v as i64)))
+            .collect(),
+    };
+    out.push(gauge(
+        "qtrace_tcp_connections",
+        "TCP connections lingering after a close, by state (time_wait: this side closed \
+         first; close_wait: the peer closed and the owning process has not), per network \
+         namespace, sampled with sock_diag as `ss -tan state ...` counts them.",
+        clients
+            .census
+            .iter()
+            .flat_map(|n| {
+                [Lingering::TimeWait, Lingering::CloseWait].map(|s| {
+                    (
+                        vec![netns(n), ("state", s.name().into())],
+                        n.census.total(s),
+                    )
+                })
+            })
+            .collect(),
+    ));
+    // Per port, the largest first; past the cap, summed per state into `other`.
+    let mut by_port: Vec<(u64, Extra)> = clients
+        .census
+        .iter()
+        .flat_map(|n| {
+            n.census
+                .by_port
+                .iter()
+                .map(move |((state, side, port), count)| {
+                    let labels = vec![
+                        netns(n),
+                        ("state", state.name().into()),
+                        ("side", side.name().into()),
+                        ("port", port.to_string().into()),
+                    ];
+                    (*count, labels)
+                })
+        })
+        .collect();
+    by_port.sort_by_key(|p| std::cmp::Reverse(p.0));
+    let mut port_samples: Vec<(Extra, u64)> = Vec::new();
+    let mut folded_ports: BTreeMap<Cow<'static, str>, u64> = BTreeMap::new();
+    for (i, (count, labels)) in by_port.into_iter().enumerate() {
+        if i < max_series {
+            port_samples.push((labels, count));
+        } else {
+            *folded_ports.entry(labels[1].1.clone()).or_default() += count;
+        }
+    }
+    for (state, count) in folded_ports {
+        let other = || Cow::Borrowed("other");
+        port_samples.push((
+            vec![
+                ("netns", other()),
+                ("state", state),
+                ("side", other()),
+                ("port", other()),
+            ],
+            count,
+        ));
+    }
+    out.push(gauge(
+        "qtrace_tcp_connections_by_port",
+        "TCP connections in time_wait or close_wait by port: the remote port (side=remote) \
+         of the namespace's own connections (local port in ip_local_port_range), else the \
+         local one (side=local, a service's). The largest --max-destination-series; the rest \
+         summed per state into port=\"other\".",
+        port_samples,
+    ));
+    out.push(gauge(
+        "qtrace_time_wait_limit",
+        "net.ipv4.tcp_max_tw_buckets of the network namespace: past it the kernel destroys \
+         new TIME_WAIT sockets at once (TcpExt TCPTimeWaitOverflow).",
+        clients
+            .census
+            .iter()
+            .filter_map(|n| Some((vec![netns(n)], n.census.max_tw_buckets?)))
+            .collect(),
+    ));
+    let owners: Vec<(Extra, &CloseWaitOwner)> = clients
+        .census
+        .iter()
+        .flat_map(|n| {
+            n.close_wait_owners.iter().map(move |o| {
+                let labels = vec![
+                    netns(n),
+                    ("pid", o.pid.to_string().into()),
+                    ("comm", o.comm.clone().into()),
+                ];
+                (labels, o)
+            })
+        })
+        .take(max_series)
+        .collect();
+    out.push(gauge(
+        "qtrace_close_wait_connections",
+        "CLOSE_WAIT connections per owning process (pid 0: no process found holding them): \
+         the peer closed, the process has not.",
+        owners.iter().map(|(l, o)| (l.clone(), o.sockets)).collect(),
+    ));
+    out.push(Family {
+        name: "qtrace_close_wait_oldest_seconds",
+        help: "Age of the process's oldest CLOSE_WAIT connection, from the first sample that \
+               found it (the kernel keeps no timestamp of the peer's FIN): at most one sample \
+               short, and from qtrace's start for connections older than it.",
+        kind: MetricType::Gauge,
+        samples: owners
+            .iter()
+            .map(|(l, o)| {
+                (
+                    Labels::plain(l.clone()),
+                    Value::Gauge(o.oldest.as_secs() as i64),
+                )
+            })
+            .collect(),
+    });
+    out.push(gauge(
+        "qtrace_ephemeral_ports_available",
+        "Local ports connect() may pick in the network namespace: ip_local_port_range minus \
+         ip_local_reserved_ports. One source address can use each once per destination.",
+        clients
+            .census
+            .iter()
+            .filter_map(|n| Some((vec![netns(n)], n.census.ports_available?)))
+            .collect(),
+    ));
+    // Closest to exhaustion first, across namespaces.
+    let mut uses: Vec<(f64, Extra, u64)> = clients
+        .census
+        .iter()
+        .flat_map(|n| {
+            let available = n.census.ports_available.unwrap_or(0).max(1) as f64;
+            n.census.ephemeral.iter().map(move |u| {
+                let labels = vec![
+                    netns(n),
+                    ("saddr", u.saddr.to_string().into()),
+                    ("addr", u.daddr.to_string().into()),
+                    ("port", u.dport.to_string().into()),
+                ];
+                (u.in_use as f64 / available, labels, u.in_use)
+            })
+        })
+        .collect();
+    uses.sort_by(|a, b| b.0.total_cmp(&a.0));
+    out.push(gauge(
+        "qtrace_ephemeral_ports_in_use",
+        "Local ports in ip_local_port_range in use (any state, TIME_WAIT included) from one \
+         source address towards one destination; connect() fails with EADDRNOTAVAIL when \
+         it reaches qtrace_ephemeral_ports_available. The --max-destination-series closest to \
+         exhaustion.",
+        uses.into_iter()
+            .take(max_series)
+            .map(|(_, l, n)| (l, n))
+            .collect(),
+    ));
+}
+
 fn wait_histogram(s: &ListenerStats) -> Value {
-    let buckets = s
-        .wait_buckets
+    log2_histogram(&s.wait_buckets, s.wait_sum_ns, wait_bucket_le_seconds)
+}
+
+/// A kernel log2 histogram (see `qtrace_common::WAIT_BUCKETS`) with `le(b)` the upper bound
+/// of bucket `b` in seconds.
+fn log2_histogram(counts: &[u64; WAIT_BUCKETS], sum_ns: u64, le: fn(usize) -> f64) -> Value {
+    let buckets = counts
         .iter()
         .enumerate()
         .map(|(b, n)| {
-            // The kernel's last bucket also takes every longer wait.
+            // The kernel's last bucket also takes everything longer.
             let le = if b + 1 == WAIT_BUCKETS {
                 f64::INFINITY
             } else {
-                wait_bucket_le_seconds(b)
+                le(b)
             };
             (le, *n)
         })
         .collect();
     Value::Histogram {
-        sum: s.wait_sum_ns as f64 / 1e9,
-        count: s.wait_buckets.iter().sum(),
+        sum: sum_ns as f64 / 1e9,
+        count: counts.iter().sum(),
         buckets,
     }
 }
@@ -583,6 +868,15 @@ fn self_families(
             (
                 vec![("map", "accept_queued".into())],
                 st(SelfStat::AcceptMapFull),
+            ),
+            (vec![("map", "clients".into())], st(SelfStat::ClientMapFull)),
+            (
+                vec![("map", "connecting".into())],
+                st(SelfStat::ConnectingMapFull),
+            ),
+            (
+                vec![("map", "port_search".into())],
+                st(SelfStat::PortSearchMapFull),
             ),
         ],
     ));
@@ -881,7 +1175,67 @@ mod tests {
                 queue_full: 0,
                 evicted: 0,
             }),
+            clients: clients(),
         }
+    }
+
+    /// java[812] failing towards 10.0.0.5:3306, and its namespace's census.
+    fn clients() -> Clients {
+        use qtrace_common::{listener::AF_INET, ClientKey};
+
+        use crate::host::census::{Census, PortUse, Side};
+
+        let mut key = ClientKey {
+            netns: 4026531840,
+            pid: 812,
+            family: AF_INET,
+            dport: 3306,
+            ..Default::default()
+        };
+        key.comm[..4].copy_from_slice(b"java");
+        key.daddr[..4].copy_from_slice(&[10, 0, 0, 5]);
+        let mut counts = [0; ClientCounter::COUNT];
+        counts[ClientCounter::ConnectNoPort as usize] = 12;
+        counts[ClientCounter::ConnectTimedOut as usize] = 1;
+        counts[ClientCounter::SynRetransmits as usize] = 4;
+        let mut c = Clients::capped(true, vec![ClientStats { key, counts }], 1000);
+        let mut hist = qtrace_common::PortSearch::ZERO;
+        hist.buckets[10] = 3;
+        hist.buckets[17] = 1;
+        hist.sum_ns = 3 * 700 + 90_000;
+        c.port_search = Some(vec![crate::kernel::clients::PortSearchStats {
+            netns: 4026531840,
+            hist,
+        }]);
+        let census = Census {
+            by_port: [
+                ((Lingering::TimeWait, Side::Remote, 3306), 27901),
+                ((Lingering::CloseWait, Side::Local, 8080), 412),
+            ]
+            .into(),
+            close_wait: Vec::new(),
+            max_tw_buckets: Some(262144),
+            port_range: Some((32768, 60999)),
+            ports_available: Some(28232),
+            tw_reuse: Some(2),
+            ephemeral: vec![PortUse {
+                saddr: "10.0.0.1".parse().unwrap(),
+                daddr: "10.0.0.5".parse().unwrap(),
+                dport: 3306,
+                in_use: 27901,
+            }],
+        };
+        c.census = vec![NetnsCensus {
+            netns: 4026531840,
+            census,
+            close_wait_owners: vec![CloseWaitOwner {
+                pid: 77,
+                comm: "mysqld-client".into(),
+                sockets: 412,
+                oldest: Duration::from_secs(8040),
+            }],
+        }];
+        c
     }
 
     fn http_stats() -> HttpStats {
@@ -1043,8 +1397,13 @@ mod tests {
     fn what_no_probe_sees_is_absent_not_zero() {
         let text = render_fixed(1000, false);
         // `other` is fed by the syn probe too: without it, it is incomplete, so absent.
+        // (`qtrace_connect_failures_total` has its own `reason="other"`.)
+        let drops: String = text
+            .lines()
+            .filter(|l| l.starts_with("qtrace_listen_drops_total{"))
+            .collect();
         for r in DropReason::ALL {
-            let shown = text.contains(&format!("reason=\"{}\"", r.name()));
+            let shown = drops.contains(&format!("reason=\"{}\"", r.name()));
             assert_eq!(shown, r == DropReason::AcceptQueueFullAck, "{r:?}: {text}");
         }
         assert!(!text.contains("qtrace_accept_queue_wait_seconds"), "{text}");

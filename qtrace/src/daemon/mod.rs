@@ -15,6 +15,7 @@
 //! [`crate::recover`]); never `crate::cli`. Transports do not import each other: the events
 //! socket and HTTP both go through [`state`] (and [`limits`]).
 
+pub mod clients;
 pub mod collect;
 pub mod drops;
 pub mod events_request;

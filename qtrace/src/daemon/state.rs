@@ -158,6 +158,7 @@ pub fn snapshot(
         probes: collector.probes.clone(),
         listeners,
         netns_unreadable: Some(scrape.netns_unreadable),
+        clients: Some(scrape.clients.to_api()),
         ..Default::default()
     }
 }

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Who holds the listening sockets, by listener: what the last lookup of
-/// [`Owners::lookup_listeners`] found, shared with readers that must never wait for a scan
+/// [`Owners::lookup_listeners_and`] found, shared with readers that must never wait for a scan
 /// (the events socket names each event's owner from it).
 #[derive(Clone, Default)]
 pub struct OwnerIndex(Arc<RwLock<Index>>);
@@ -108,20 +108,27 @@ impl Owners {
     }
 
     /// Owners of these listening sockets (listener, socket inode), as [`Self::lookup`]; the
-    /// index answers with them from now on.
-    pub fn lookup_listeners(
+    /// index answers with them from now on. And the owners of `others` (connections: the CLOSE_WAIT
+    /// census) by inode, in the same lookup: one set of sockets wanted, so neither evicts the
+    /// other from the cache.
+    pub fn lookup_listeners_and(
         &mut self,
         sockets: &[(ListenerId, u32)],
-    ) -> HashMap<ListenerId, Arc<Owner>> {
-        self.lookup(sockets.iter().map(|s| s.1));
+        others: &[u32],
+    ) -> (HashMap<ListenerId, Arc<Owner>>, HashMap<u32, Arc<Owner>>) {
+        self.lookup(sockets.iter().map(|s| s.1).chain(others.iter().copied()));
         self.name(sockets);
         let by_inode = &self.by_inode;
         let found: HashMap<ListenerId, Arc<Owner>> = sockets
             .iter()
             .filter_map(|(id, inode)| Some((*id, by_inode.get(inode)?.clone())))
             .collect();
+        let connections = others
+            .iter()
+            .filter_map(|inode| Some((*inode, by_inode.get(inode)?.clone())))
+            .collect();
         crate::recover::write(&self.index.0).owners = found.clone();
-        found
+        (found, connections)
     }
 
     /// Listening sockets' inode → cookie, from the last dump.
@@ -192,7 +199,7 @@ impl Owners {
         }
     }
 
-    /// The owners by listener, as the last [`Self::lookup_listeners`] found them.
+    /// The owners by listener, as the last [`Self::lookup_listeners_and`] found them.
     pub fn index(&self) -> OwnerIndex {
         self.index.clone()
     }

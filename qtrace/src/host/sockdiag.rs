@@ -127,14 +127,31 @@ fn connect() -> Result<Socket> {
 /// Every listener and request socket of `family`, with the listener's drop count
 /// (`INET_DIAG_SKMEMINFO`; request sockets carry no extensions).
 fn dump(socket: &Socket, family: u8) -> Result<Vec<(InetResponseHeader, Option<u32>)>> {
+    // The kernel adds request sockets (TCP_NEW_SYN_RECV) when SYN_RECV is asked for.
+    let states = StateFlags::LISTEN | StateFlags::SYN_RECV;
+    dump_states(socket, family, states, ExtensionFlags::SKMEMINFO)
+}
+
+/// Every TCP socket of `family` in `states` (the census's connections, without extensions).
+pub fn sockets(family: u8, states: StateFlags) -> Result<Vec<InetResponseHeader>> {
+    let socket = connect().context("open a sock_diag netlink socket")?;
+    let found = dump_states(&socket, family, states, ExtensionFlags::empty())?;
+    Ok(found.into_iter().map(|(r, _)| r).collect())
+}
+
+fn dump_states(
+    socket: &Socket,
+    family: u8,
+    states: StateFlags,
+    extensions: ExtensionFlags,
+) -> Result<Vec<(InetResponseHeader, Option<u32>)>> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let request = SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::SKMEMINFO,
-        // The kernel adds request sockets (TCP_NEW_SYN_RECV) when SYN_RECV is asked for.
-        states: StateFlags::LISTEN | StateFlags::SYN_RECV,
+        extensions,
+        states,
         socket_id: if family == AF_INET {
             SocketId::new_v4()
         } else {

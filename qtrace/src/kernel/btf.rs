@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use btfparse::{Integer32Value, Integer64Value, Offset, Readable, TypeInformation, TypeVariant};
-use qtrace_common::{kernel::SOCK_KEY_HEAD, HookLayout, Offsets};
+use qtrace_common::{kernel::SOCK_KEY_HEAD, ClientOffsets, HookLayout, Offsets};
 
 /// The BTF blob in memory: btfparse reads it in many small pieces, and each read of the sysfs
 /// file is a syscall (reading it piecemeal took seconds).
@@ -198,6 +198,18 @@ impl KernelBtf {
         let socket = self.offset("socket_alloc", "socket")?;
         let ino = self.offset("inode", "i_ino")?;
         Ok(inode - socket + ino)
+    }
+
+    /// The members only the client probe reads; an error names the one this kernel lacks
+    /// (`sk_protocol` is a bitfield before 5.6).
+    pub fn client_offsets(&self) -> Result<ClientOffsets> {
+        Ok(ClientOffsets {
+            sk_err: self.offset("sock", "sk_err")?,
+            sk_protocol: self.offset("sock", "sk_protocol")?,
+            inet_sport: self.offset("inet_sock", "inet_sport")?,
+            task_group_leader: self.offset("task_struct", "group_leader")?,
+            task_comm: self.offset("task_struct", "comm")?,
+        })
     }
 
     /// Prototype facts the programs need at run time.

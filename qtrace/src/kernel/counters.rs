@@ -9,12 +9,16 @@ use aya::{
     Ebpf,
 };
 use qtrace_common::{
-    maps, Counter, DropReason, ListenerCounters, ListenerKey, SelfStat, WAIT_BUCKETS,
+    maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey,
+    PortSearch, SelfStat, WAIT_BUCKETS,
 };
 
 use crate::{
     api::{self, AcceptWait, Counters, Family},
-    kernel::probes::Visibility,
+    kernel::{
+        clients::{self, ClientStats, PortSearchStats},
+        probes::Visibility,
+    },
     listener::{ip, ListenerId},
 };
 
@@ -142,6 +146,8 @@ pub struct KernelCounters {
     /// Entries each listener map holds at most.
     capacity: usize,
     self_stats: PerCpuArray<MapData, u64>,
+    clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
+    port_search: PerCpuHashMap<MapData, u32, PortSearch>,
 }
 
 /// How full the listener maps are: entries in each partition, and the size of each.
@@ -170,6 +176,8 @@ impl KernelCounters {
                 PerCpuHashMap::try_from(take(maps::USER_LISTENERS)?)?,
             ]),
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
+            clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
+            port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
         })
     }
 
@@ -205,6 +213,16 @@ impl KernelCounters {
             user,
             capacity: self.capacity,
         }
+    }
+
+    /// Every destination whose connects the kernel counted something for, sorted by key.
+    pub fn clients(&self) -> Result<Vec<ClientStats>> {
+        clients::read(&self.clients)
+    }
+
+    /// Each namespace's port-search histogram.
+    pub fn port_search(&self) -> Result<Vec<PortSearchStats>> {
+        clients::read_port_search(&self.port_search)
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

@@ -86,8 +86,25 @@ pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
         acceptq_max: ev.acceptq_max,
         synq_len: ev.synq_len,
         synq_max: ev.synq_max,
-        owner: None,
+        owner: kind.is_client().then(|| client_owner(ev.pid)),
     }
+}
+
+/// The process that called connect(), as the kernel recorded it, named from /proc now (it may
+/// have exited: then with no name). Client events carry their owner; the daemon adds a
+/// listener's.
+fn client_owner(pid: u32) -> std::sync::Arc<api::Owner> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    std::sync::Arc::new(api::Owner {
+        pid: pid as i32,
+        comm: comm.trim_end().to_string(),
+        unit: String::new(),
+        container_id: String::new(),
+        container: String::new(),
+        pod: String::new(),
+        pod_namespace: String::new(),
+        netns_name: String::new(),
+    })
 }
 
 #[cfg(test)]
@@ -120,7 +137,7 @@ pub(crate) mod tests {
             acceptq_max: 1,
             synq_len: 3,
             synq_max: 1,
-            _pad: 0,
+            pid: 0,
         }
     }
 

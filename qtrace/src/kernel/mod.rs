@@ -9,6 +9,7 @@
 //! and [`crate::host`] (the heap); never `crate::daemon` or `crate::cli`.
 
 pub mod btf;
+pub mod clients;
 pub mod counters;
 pub mod decode;
 pub mod probes;

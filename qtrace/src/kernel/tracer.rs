@@ -59,12 +59,23 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
         .offsets()
         .context("resolve struct offsets from the kernel's BTF")?;
     let hooks = kbtf.hook_layout();
+    let client_offsets = kbtf.client_offsets();
     tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
     let mut ebpf = EbpfLoader::new()
         .override_global(globals::OFFSETS, &offsets, true)
         .override_global(globals::HOOKS, &hooks, true)
         .override_global(globals::EVENT_RATE, &opts.event_rate, true)
         .override_global(globals::FIRST_USER_UID, &opts.first_user_uid, true)
+        // Zeroes where the kernel lacks a member: the client probe then refuses to attach
+        // (see `probes::client`), and nothing else reads them.
+        .override_global(
+            globals::CLIENT_OFFSETS,
+            &client_offsets.unwrap_or_default(),
+            true,
+        )
+        .map_max_entries(maps::CLIENTS, opts.max_client_destinations)
+        // Handshakes under way at once: as many as destinations are counted, at least 16384.
+        .map_max_entries(maps::CONNECTING, opts.max_client_destinations.max(16384))
         .map_max_entries(maps::LISTENERS, opts.max_listeners)
         .map_max_entries(maps::USER_LISTENERS, opts.max_listeners)
         .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)

@@ -9,6 +9,7 @@
 mod common;
 
 mod cli;
+mod client;
 mod daemon;
 mod deploy;
 mod detach;

@@ -13,8 +13,9 @@ use anyhow::{Context, Result};
 
 use crate::run;
 
-/// Tools the tests run inside the guest (the real ones: busybox's `ip` cannot do everything).
-const TOOLS: [&str; 5] = ["ip", "nft", "bpftool", "setpriv", "bash"];
+/// Tools the tests run inside the guest (the real ones: busybox's `ip` cannot do everything;
+/// `ss` is the client suite's ground truth for its census).
+const TOOLS: [&str; 6] = ["ip", "nft", "bpftool", "setpriv", "bash", "ss"];
 
 /// Modules the tests need that Debian's cloud kernels build as modules (a host loads them on
 /// demand; the guest has no modprobe): nftables, and sock_diag for TCP.

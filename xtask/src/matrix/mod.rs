@@ -23,7 +23,7 @@ use serde_json::Value;
 /// `daemon`, `top` and `deploy` modules need more of a userland (Prometheus, nginx, tmux) and
 /// run on this machine only, with the host tests; so does `hardening` (cgroups, thousands of
 /// connections; `cargo xtask stress`).
-const SUITES: [&str; 9] = [
+const SUITES: [&str; 10] = [
     "qtrace",
     "handshake",
     "queues",
@@ -33,6 +33,7 @@ const SUITES: [&str; 9] = [
     "doctor",
     "events",
     "sockets",
+    "client",
 ];
 
 /// The integration test binary (`qtrace/tests/it/`).
@@ -505,7 +506,7 @@ fn parse(kernel: &str, mode: &str, console: &str) -> Outcome {
 }
 
 fn table(outcomes: &[Outcome]) -> String {
-    let probes = ["syn", "ack", "synack", "accept"];
+    let probes = ["syn", "ack", "synack", "accept", "client", "port_search"];
     let mut s = format!("\n{:<34} {:<10}", "KERNEL", "ATTACH");
     for p in probes {
         let _ = write!(s, " {p:<12}");

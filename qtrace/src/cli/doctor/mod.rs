@@ -7,10 +7,11 @@
 //! [`advice`] the advice, [`render`] the text form; `--json` writes the report itself.
 
 pub mod advice;
+pub mod clients;
 pub mod limits;
 pub mod render;
 
-use std::{collections::BTreeMap, io::Write, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, io::Write, net::IpAddr, path::PathBuf, time::Instant};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -20,12 +21,15 @@ use self::{
     limits::{limits, measure_synq_rule, read_sysctls, Backlog, SynqRule},
 };
 use crate::{
-    api::{Counters, LastHour, Owner, ProbeStatus},
+    api::{ClientSide, Counters, LastHour, Owner, ProbeStatus},
     cli::probes::kernel_release,
     config::ClientArgs,
-    daemon::events_socket,
+    daemon::{
+        clients::{CloseWaitAges, NetnsCensus},
+        events_socket,
+    },
     host::{
-        netns,
+        census, netns,
         owners::Owners,
         sockdiag::{self, ListenerQueues},
     },
@@ -53,6 +57,10 @@ pub struct Report {
     pub namespaces: Vec<Namespace>,
     pub namespaces_unreadable: usize,
     pub listeners: Vec<Listener>,
+    /// The client side: the daemon's (connect() failures, CLOSE_WAIT ages), or without one
+    /// the census doctor sampled itself (no failures; ages 0).
+    #[serde(default)]
+    pub clients: Option<ClientSide>,
     pub advice: Vec<Advice>,
 }
 
@@ -186,6 +194,15 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
             owners.get(&inode).map(|o| (**o).clone())
         });
     }
+    let client_side = daemon
+        .as_ref()
+        .and_then(|d| d.clients.clone())
+        .unwrap_or_else(local_client_side);
+    clients::advise(
+        &mut advice,
+        &client_side.census,
+        client_side.destinations.as_deref(),
+    );
     let report = Report {
         kernel: Kernel {
             release: kernel_release(),
@@ -205,6 +222,7 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
             .collect(),
         namespaces_unreadable: unreadable.len(),
         listeners,
+        clients: Some(client_side),
         advice,
     };
     let mut out = std::io::stdout().lock();
@@ -214,6 +232,28 @@ pub fn doctor(opts: DoctorOptions) -> Result<()> {
         write!(out, "{}", render::human(&report))?;
     }
     Ok(())
+}
+
+/// The census of every namespace, sampled by doctor itself (without a daemon): ages start now.
+fn local_client_side() -> ClientSide {
+    let (found, _) = netns::for_each(
+        |_| true,
+        || {
+            let listening = sockdiag::listeners()?.iter().map(|l| l.port).collect();
+            census::sample(&listening)
+        },
+    );
+    let inodes: Vec<u32> = found
+        .iter()
+        .flat_map(|(_, c)| c.close_wait.iter().map(|cw| cw.inode))
+        .collect();
+    let owners = Owners::default().lookup(inodes).clone();
+    let census = CloseWaitAges::default().attribute(found, &owners, Instant::now());
+    ClientSide {
+        destinations: None,
+        destinations_folded: 0,
+        census: census.iter().map(NetnsCensus::to_api).collect(),
+    }
 }
 
 fn listener(

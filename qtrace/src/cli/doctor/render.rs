@@ -59,6 +59,9 @@ pub fn human(r: &Report) -> String {
             syn_limit
         );
     }
+    if let Some(c) = &r.clients {
+        s += &client_side(c);
+    }
     if !r.advice.is_empty() {
         s += "\nADVICE\n";
         // Grouped by workload, in the order each first needs advice: what one team owns
@@ -75,6 +78,28 @@ pub fn human(r: &Report) -> String {
             for a in r.advice.iter().filter(|a| a.workload == w) {
                 s += &format!("  - {}: {}\n", a.listener, a.advice);
             }
+        }
+    }
+    s
+}
+
+/// Each namespace's connections, and its destinations closest to port exhaustion.
+fn client_side(c: &crate::api::ClientSide) -> String {
+    let n_a = |v: Option<u64>| v.map_or("n/a".to_string(), |v| v.to_string());
+    let mut s =
+        "\nCLIENT SIDE (netns: TIME_WAIT/limit, CLOSE_WAIT, local ports usable)\n".to_string();
+    for n in &c.census {
+        s += &format!(
+            "netns {}: {}/{}, {}, {}\n",
+            n.netns,
+            n.time_wait,
+            n_a(n.time_wait_limit),
+            n.close_wait,
+            n_a(n.ports_available)
+        );
+        for u in n.ephemeral.iter().take(3) {
+            let dest = SocketAddr::new(u.addr, u.port);
+            s += &format!("  {} -> {dest}: {} ports in use\n", u.saddr, u.in_use);
         }
     }
     s

@@ -7,6 +7,8 @@
 
 mod accept;
 mod ack;
+mod client;
+mod port_search;
 mod syn;
 mod synack;
 
@@ -67,7 +69,32 @@ pub struct Area {
     pub plan: fn(Tier, &KernelBtf) -> Option<Result<Plan, String>>,
 }
 
-pub const AREAS: [&Area; 4] = [&syn::AREA, &ack::AREA, &synack::AREA, &accept::AREA];
+pub const AREAS: [&Area; 6] = [
+    &syn::AREA,
+    &ack::AREA,
+    &synack::AREA,
+    &accept::AREA,
+    &client::AREA,
+    &port_search::AREA,
+];
+
+/// Whether the client probe is attached: the client counters are all its own, so without it
+/// they are unavailable (absent), never 0.
+pub fn client_available(statuses: &[ProbeStatus]) -> bool {
+    attached(statuses, &client::AREA)
+}
+
+/// Whether the port-search probe is attached (fentry or kprobe tiers only): without it the
+/// histogram is unavailable (absent), never empty.
+pub fn port_search_available(statuses: &[ProbeStatus]) -> bool {
+    attached(statuses, &port_search::AREA)
+}
+
+fn attached(statuses: &[ProbeStatus], area: &Area) -> bool {
+    statuses
+        .iter()
+        .any(|s| s.probe == area.name && s.tier.is_some())
+}
 
 /// Whether `counter` is complete: every area that feeds it is attached.
 pub fn counter_available(statuses: &[ProbeStatus], counter: Counter) -> bool {

@@ -1,0 +1,219 @@
+//! The client side of the handshake: connect() failures by reason and SYN retransmits, per
+//! (network namespace, owning process, destination). Two tracepoints, no per-packet cost:
+//!
+//! - `sock:inet_sock_set_state(sk, oldstate, newstate)`: CLOSE→SYN_SENT happens inside
+//!   connect() (`tcp_v4/v6_connect`, before the local port is chosen), so the current task
+//!   is the owner and is kept per socket; leaving SYN_SENT ends the record, and SYN_SENT→CLOSE
+//!   is a failed handshake. The kernel sets `sk_err` before that transition (`tcp_reset`:
+//!   ECONNREFUSED; `tcp_write_err`: ETIMEDOUT, or the soft ICMP error; `tcp_v4_err`: the
+//!   ICMP's). With no error, a socket that never got a local port (`inet_sport` still 0)
+//!   failed in `inet_hash_connect` (EADDRNOTAVAIL: `tcp_v4/v6_connect`'s failure path closes
+//!   it before clearing the destination); one that got a port was closed by its owner
+//!   mid-handshake (close() or shutdown() in SYN_SENT: `tcp_close_state`).
+//! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::BtfTracePointContext,
+    Global,
+};
+use qtrace_common::{
+    listener::AF_INET6, ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectFailure,
+    ConnectOwner, Event, EventKind, ListenerKey, SelfStat,
+};
+
+use crate::{
+    account::{submit, take},
+    kernel::{global_field, offset, probe_read, words_to_addr, Mem, Typed},
+    self_stats::self_stat,
+};
+
+#[unsafe(no_mangle)]
+pub(crate) static QT_CLIENT_OFFSETS: Global<ClientOffsets> =
+    Global::new(unsafe { core::mem::zeroed() });
+
+/// A field of the client offsets user space resolved from the kernel's BTF.
+macro_rules! client_offset {
+    ($field:ident) => {
+        global_field!(QT_CLIENT_OFFSETS, ClientOffsets, $field)
+    };
+}
+
+/// Sized by user space (`--max-client-destinations`) before load.
+#[map]
+static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Sockets in SYN_SENT → who called connect(). Sized by user space before load; every entry
+/// leaves with its socket's next state change, so it holds the handshakes under way.
+#[map]
+static QT_CONNECTING: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(16384, 0);
+
+// include/net/tcp_states.h, the same on every kernel.
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
+
+/// The calling process: its tgid and its group leader's name (the thread's own name would
+/// make one series per worker thread).
+#[inline(always)]
+fn current_owner() -> ConnectOwner {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let comm = probe_read::<*const u8>(task, client_offset!(task_group_leader))
+        .and_then(|leader| probe_read::<[u8; 16]>(leader, client_offset!(task_comm)))
+        .unwrap_or_default();
+    ConnectOwner { pid, comm }
+}
+
+/// The destination of connecting socket `sk`, attributed to `owner`.
+#[inline(always)]
+fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
+    let family: u16 = Typed.read(sk, offset!(skc_family))?;
+    let net: *const u8 = Typed.read(sk, offset!(skc_net))?;
+    let netns: u32 = Typed.read(net, offset!(net_ns_inum))?;
+    let dport: u16 = Typed.read(sk, offset!(skc_dport))?;
+    let daddr = if family == AF_INET6 {
+        words_to_addr(Typed.read(sk, offset!(skc_v6_daddr))?)
+    } else {
+        words_to_addr([Typed.read(sk, offset!(skc_daddr))?, 0, 0, 0])
+    };
+    Ok(ClientKey {
+        netns,
+        pid: owner.pid,
+        comm: owner.comm,
+        daddr,
+        family,
+        dport: u16::from_be(dport),
+    })
+}
+
+/// Counts `counter` for `sk`'s destination, creating its entry on first use, and emits its
+/// event unless the destination's rate limit (as a listener's: `QT_EVENT_RATE` a second per
+/// CPU) or a full ring buffer stops it, either way counted.
+#[inline(always)]
+fn count(
+    sk: *const u8,
+    owner: ConnectOwner,
+    counter: ClientCounter,
+    kind: EventKind,
+) -> Result<(), ()> {
+    let key = key_of(sk, owner)?;
+    let c = match QT_CLIENTS.get_ptr_mut(&key) {
+        Some(c) => c,
+        None => {
+            // EEXIST from a racing CPU is fine: the lookup below finds its entry.
+            let _ = QT_CLIENTS.insert(&key, &ClientCounters::default(), BPF_NOEXIST as u64);
+            match QT_CLIENTS.get_ptr_mut(&key) {
+                Some(c) => c,
+                None => {
+                    self_stat(SelfStat::ClientMapFull);
+                    return Err(());
+                }
+            }
+        }
+    };
+    let c = unsafe { &mut *c };
+    c.counts[counter as usize] += 1;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let limited = &mut c.counts[ClientCounter::EventsRateLimited as usize];
+    if !take(&mut c.rl_tokens, &mut c.rl_refill_ns, limited, now) {
+        return Ok(());
+    }
+    // Read only for an event that goes out: the connecting socket's own address and port.
+    let sport: u16 = probe_read(sk, client_offset!(inet_sport)).unwrap_or(0);
+    let laddr = if key.family == AF_INET6 {
+        words_to_addr(Typed.read(sk, offset!(skc_v6_rcv_saddr))?)
+    } else {
+        words_to_addr([Typed.read(sk, offset!(skc_rcv_saddr))?, 0, 0, 0])
+    };
+    submit(Event {
+        ts_ns: now,
+        // The connecting socket's own endpoint, in the listener key's place.
+        listener: ListenerKey {
+            netns: key.netns,
+            family: key.family,
+            port: u16::from_be(sport),
+            addr: laddr,
+            ..ListenerKey::default()
+        },
+        raddr: key.daddr,
+        rport: key.dport,
+        kind: kind as u8,
+        pid: key.pid,
+        ..Event::default()
+    });
+    Ok(())
+}
+
+/// Who called connect() on `sk`, as recorded when it entered SYN_SENT (pid 0 if it could not
+/// be: attached mid-handshake, or the map was full, which is counted).
+#[inline(always)]
+fn owner_of(sk: *const u8) -> ConnectOwner {
+    unsafe { QT_CONNECTING.get(&(sk as u64)) }
+        .copied()
+        .unwrap_or_default()
+}
+
+#[inline(always)]
+fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
+    // Every TCP state change passes here: only the client handshake's go further.
+    if old != TCP_SYN_SENT && new != TCP_SYN_SENT {
+        return Ok(());
+    }
+    let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let id = sk as u64;
+    if new == TCP_SYN_SENT {
+        if QT_CONNECTING.insert(&id, &current_owner(), 0).is_err() {
+            self_stat(SelfStat::ConnectingMapFull);
+        }
+        return Ok(());
+    }
+    let owner = owner_of(sk);
+    let _ = QT_CONNECTING.remove(&id);
+    if new != TCP_CLOSE {
+        return Ok(());
+    }
+    let err: i32 = Typed.read(sk, client_offset!(sk_err))?;
+    let failure = if err != 0 {
+        ConnectFailure::of_errno(err)
+    } else if probe_read::<u16>(sk, client_offset!(inet_sport))? == 0 {
+        // Through the helper: inet_sock lies beyond the `struct sock` the tracepoint declares.
+        ConnectFailure::NoPort
+    } else {
+        ConnectFailure::Aborted
+    };
+    count(sk, owner, failure.counter(), failure.event())
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn qt_client_state(ctx: BtfTracePointContext) -> i32 {
+    let _ = on_state(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[inline(always)]
+fn on_retransmit(sk: *const u8) -> Result<(), ()> {
+    let state: u8 = Typed.read(sk, offset!(skc_state))?;
+    if state as i32 != TCP_SYN_SENT {
+        return Ok(());
+    }
+    count(
+        sk,
+        owner_of(sk),
+        ClientCounter::SynRetransmits,
+        EventKind::SynRetransmit,
+    )
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn qt_client_rtx(ctx: BtfTracePointContext) -> i32 {
+    let _ = on_retransmit(ctx.arg(0));
+    0
+}

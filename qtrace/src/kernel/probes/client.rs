@@ -1,0 +1,33 @@
+//! The client side of the handshake: `sock:inet_sock_set_state` (connect() failures by
+//! reason) and `tcp:tcp_retransmit_skb` (SYN retransmits), on every tier. Twin of
+//! `qtrace-ebpf/src/client.rs`.
+
+use super::{Area, Hook, Plan, Step, Tier};
+use crate::kernel::btf::KernelBtf;
+
+pub const AREA: Area = Area {
+    name: "client",
+    // The listener counters: none. The client counters are all this area's.
+    feeds: &[],
+    plan,
+};
+
+fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
+    // The state-change tracepoint sees every way a handshake ends (the errno is set before
+    // the socket goes to CLOSE) at no per-packet cost; no function hook would see more.
+    (tier == Tier::Tracepoint).then(|| {
+        btf.client_offsets().map_err(|e| format!("{e:#}"))?;
+        Ok(Plan {
+            steps: vec![
+                Step {
+                    program: "qt_client_state",
+                    hook: Hook::Tracepoint("inet_sock_set_state"),
+                },
+                Step {
+                    program: "qt_client_rtx",
+                    hook: Hook::Tracepoint("tcp_retransmit_skb"),
+                },
+            ],
+        })
+    })
+}

@@ -1,0 +1,46 @@
+//! Time connect() spends choosing a local port: `inet_hash_connect()` and
+//! `inet6_hash_connect()`, entry to return. Twin of `qtrace-ebpf/src/port_search.rs`.
+
+use super::{Area, Hook, Plan, Step, Tier};
+use crate::kernel::btf::KernelBtf;
+
+const V4: &str = "inet_hash_connect";
+const V6: &str = "inet6_hash_connect";
+
+pub const AREA: Area = Area {
+    name: "port_search",
+    // Its histogram is its own, like the client counters.
+    feeds: &[],
+    plan,
+};
+
+fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
+    Some(plan_for(tier, btf))
+}
+
+fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
+    for func in [V4, V6] {
+        match btf.func_params(func) {
+            Some(2) => {}
+            Some(n) => return Err(format!("{func} takes {n} arguments, not (death_row, sk)")),
+            None => return Err(format!("{func} is not in the kernel's BTF")),
+        }
+    }
+    let step = |program, hook| Step { program, hook };
+    let steps = match tier {
+        Tier::Fentry => vec![
+            step("qt_port_fe", Hook::Fentry(V4)),
+            step("qt_port_fx", Hook::Fexit(V4)),
+            step("qt_port6_fe", Hook::Fentry(V6)),
+            step("qt_port6_fx", Hook::Fexit(V6)),
+        ],
+        Tier::Kprobe => vec![
+            step("qt_port_kp", Hook::Kprobe(V4)),
+            step("qt_port_kp", Hook::Kprobe(V6)),
+            step("qt_port_krp", Hook::Kretprobe(V4)),
+            step("qt_port_krp", Hook::Kretprobe(V6)),
+        ],
+        Tier::Tracepoint => return Err("no tracepoint fires around the port search".into()),
+    };
+    Ok(Plan { steps })
+}

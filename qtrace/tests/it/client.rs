@@ -1,0 +1,453 @@
+//! The client side of the handshake, against what the test's own connect() calls returned and
+//! the client namespace's own counters: connects past the local port range fail with
+//! EADDRNOTAVAIL per destination (`no_port`), refused and timed-out connects are counted as
+//! the callers saw them and add up to the namespace's Tcp AttemptFails, SYN retransmits equal
+//! its TcpExt TCPSynRetrans, and a connect its owner abandons is `aborted`; the census of
+//! TIME_WAIT, CLOSE_WAIT and ephemeral ports agrees with `ss` in the namespace.
+
+use std::{
+    collections::HashMap,
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::common::{
+    delta, http_get, listener_on, require_root, sample, sh, wait_until, Netns, Qtrace,
+};
+
+/// This process's name, as the kernel records the connect()ing process (its group leader).
+fn comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `name`'s sample for this process's connects from `ns` to 127.0.0.1:`port`, with `extra`
+/// labels; None while the series does not exist.
+fn destination_sample(
+    q: &Qtrace,
+    name: &str,
+    ns: &Netns,
+    port: u16,
+    extra: &[(&str, &str)],
+) -> Option<f64> {
+    let text = http_get(&q.web(), "/metrics", None).1;
+    let (inode, pid, comm, port) = (
+        ns.inode.to_string(),
+        std::process::id().to_string(),
+        comm(),
+        port.to_string(),
+    );
+    let mut labels = vec![
+        ("netns", inode.as_str()),
+        ("pid", &pid),
+        ("comm", &comm),
+        ("addr", "127.0.0.1"),
+        ("port", &port),
+    ];
+    labels.extend_from_slice(extra);
+    sample(&text, name, &labels)
+}
+
+fn failures(q: &Qtrace, ns: &Netns, port: u16, reason: &str) -> Option<f64> {
+    destination_sample(
+        q,
+        "qtrace_connect_failures_total",
+        ns,
+        port,
+        &[("reason", reason)],
+    )
+}
+
+/// Waits until qtrace counts `want` failures of `reason` towards `port` (the scrape after the
+/// kernel's tracepoint ran); the count then.
+fn counted(q: &Qtrace, ns: &Netns, port: u16, reason: &str, want: u64) -> Option<f64> {
+    let mut last = None;
+    wait_until(Duration::from_secs(10), || {
+        last = failures(q, ns, port, reason);
+        last == Some(want as f64)
+    });
+    last
+}
+
+/// The namespace's Tcp counters (`/proc/net/snmp`).
+fn tcp_snmp(ns: &Netns) -> HashMap<String, u64> {
+    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap());
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// The client probe attached, or the test says why not.
+fn start() -> Qtrace {
+    start_with(&[])
+}
+
+fn start_with(args: &[&str]) -> Qtrace {
+    let q = Qtrace::start(args);
+    assert_eq!(
+        q.tier("client").as_deref(),
+        Some("tracepoint"),
+        "{}",
+        q.ready
+    );
+    q
+}
+
+/// `ip_local_port_range` of 64 ports: 64 connects to one destination succeed, the next fail
+/// with EADDRNOTAVAIL, each counted as `no_port` for this process and that destination; a
+/// second destination still gets ports, as the kernel reuses a local port towards another
+/// destination.
+#[test]
+fn connects_past_the_port_range_fail_as_no_port_per_destination() {
+    require_root();
+    let q = start();
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
+    // Listeners on fixed ports outside the range, so they take none of it.
+    let (_full, full_port) = listener_on(&ns, "127.0.0.1", 7000, 512);
+    let (_free, free_port) = listener_on(&ns, "127.0.0.1", 7001, 512);
+    let (held, no_port) = ns.run(move || {
+        let addr: SocketAddr = format!("127.0.0.1:{full_port}").parse().unwrap();
+        let (mut held, mut no_port) = (Vec::new(), 0u64);
+        for _ in 0..80 {
+            match TcpStream::connect(addr) {
+                Ok(s) => held.push(s),
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => no_port += 1,
+                Err(e) => panic!("connect to {addr}: {e}"),
+            }
+        }
+        (held, no_port)
+    });
+    assert_eq!(held.len(), 64, "the range holds 64 ports");
+    assert_eq!(no_port, 16);
+    assert_eq!(
+        counted(&q, &ns, full_port, "no_port", no_port),
+        Some(no_port as f64)
+    );
+    // Another destination: ports are per (source, destination), so it still gets one.
+    let other = ns.run(move || TcpStream::connect(("127.0.0.1", free_port)));
+    assert!(other.is_ok(), "{other:?}");
+    assert_eq!(failures(&q, &ns, free_port, "no_port"), None);
+    // Nothing else failed towards the full one.
+    for reason in ["refused", "timed_out", "reset", "other", "aborted"] {
+        assert_eq!(failures(&q, &ns, full_port, reason), Some(0.0), "{reason}");
+    }
+    // Every connect searched for a port, the failed ones too: timed where the port-search
+    // probe attaches (fentry, kprobe), absent where it cannot (tracepoints only).
+    let searches = || {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        let inode = ns.inode.to_string();
+        sample(
+            &text,
+            "qtrace_connect_port_search_seconds_count",
+            &[("netns", &inode)],
+        )
+    };
+    if q.tier("port_search").is_some() {
+        let connects = held.len() as u64 + no_port + 1;
+        let mut seen = None;
+        wait_until(Duration::from_secs(10), || {
+            seen = searches();
+            seen == Some(connects as f64)
+        });
+        assert_eq!(seen, Some(connects as f64), "one search per connect()");
+    } else {
+        assert_eq!(searches(), None, "unavailable, not 0");
+    }
+    // doctor names the process and the destination, with the evidence.
+    let report = doctor(&q);
+    let who = format!(
+        "{}[{}] to 127.0.0.1:{full_port} (netns {})",
+        comm(),
+        std::process::id(),
+        ns.inode
+    );
+    let advice = report["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["listener"] == who.as_str())
+        .unwrap_or_else(|| panic!("no advice for {who}: {}", report["advice"]));
+    let text = advice["advice"].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!(
+            "64 of 64 usable local ports towards 127.0.0.1:{full_port} in use from 127.0.0.1; \
+             {no_port} connects failed with EADDRNOTAVAIL"
+        )),
+        "{text}"
+    );
+    drop(held);
+}
+
+/// `qtrace doctor --json` with what the daemon `q` has counted.
+fn doctor(q: &Qtrace) -> serde_json::Value {
+    let out = sh(Command::new(env!("CARGO_BIN_EXE_qtrace")).args([
+        "doctor",
+        "--json",
+        "--socket",
+        &q.events_socket(),
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Connects that the test's own calls saw refused (no listener) and timed out (SYNs dropped by
+/// nftables, `tcp_syn_retries` 1), counted exactly; together the namespace's AttemptFails.
+/// The timed-out ones' SYN retransmits equal its TCPSynRetrans, and connects closed by the
+/// test mid-handshake are `aborted` (no AttemptFails: the kernel counts none for them).
+#[test]
+fn refused_and_timed_out_connects_are_counted_as_the_callers_saw_them() {
+    require_root();
+    let q = start();
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1");
+    let (closed, silent) = (7100u16, 7200u16);
+    ns.nft(&format!(
+        "table inet qtrace_client {{\n chain input {{\n type filter hook input priority 0\n \
+         tcp dport {silent} tcp flags & (syn | ack) == syn drop\n }}\n}}\n"
+    ));
+    let (snmp_before, ext_before) = (tcp_snmp(&ns), ns.tcp_ext());
+    let refused = ns.run(move || {
+        (0..5)
+            .filter(|_| {
+                TcpStream::connect(("127.0.0.1", closed))
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+            })
+            .count() as u64
+    });
+    assert_eq!(refused, 5);
+    // Non-blocking, so the three time out together; two more are abandoned at once.
+    let start_connect = move |_| {
+        let addr: SocketAddr = format!("127.0.0.1:{silent}").parse().unwrap();
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let e = s.connect(&addr.into()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "{e}");
+        s
+    };
+    let pending: Vec<Socket> = ns.run(move || (0..3).map(start_connect).collect());
+    let abandoned: Vec<Socket> = ns.run(move || (0..2).map(start_connect).collect());
+    drop(abandoned);
+    let mut timed_out = 0u64;
+    let all_failed = wait_until(Duration::from_secs(30), || {
+        for s in &pending {
+            if let Ok(Some(e)) = s.take_error() {
+                assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "{e}");
+                timed_out += 1;
+            }
+        }
+        timed_out == 3
+    });
+    assert!(all_failed, "{timed_out} of 3 connects timed out");
+    let (snmp_after, ext_after) = (tcp_snmp(&ns), ns.tcp_ext());
+
+    assert_eq!(counted(&q, &ns, closed, "refused", 5), Some(5.0));
+    assert_eq!(counted(&q, &ns, silent, "timed_out", 3), Some(3.0));
+    assert_eq!(counted(&q, &ns, silent, "aborted", 2), Some(2.0));
+    assert_eq!(
+        refused + timed_out,
+        delta(&snmp_before, &snmp_after, "AttemptFails"),
+        "the namespace's AttemptFails"
+    );
+    let syn_retrans = delta(&ext_before, &ext_after, "TCPSynRetrans");
+    assert!(syn_retrans >= 3, "tcp_syn_retries 1: one retransmit each");
+    let mut seen = None;
+    wait_until(Duration::from_secs(10), || {
+        seen = destination_sample(&q, "qtrace_syn_retransmits_total", &ns, silent, &[]);
+        seen == Some(syn_retrans as f64)
+    });
+    assert_eq!(seen, Some(syn_retrans as f64), "TCPSynRetrans");
+    assert_eq!(
+        destination_sample(&q, "qtrace_syn_retransmits_total", &ns, closed, &[]),
+        Some(0.0)
+    );
+    drop(pending);
+    // One event each (far below the rate limit), naming this process and the destination.
+    let out = q.stop(libc::SIGTERM);
+    let pid = std::process::id();
+    for (kind, port, n) in [
+        ("connect_refused", closed, refused),
+        ("connect_timed_out", silent, timed_out),
+        ("connect_aborted", silent, 2),
+        ("syn_retransmit", silent, syn_retrans),
+    ] {
+        let events = out.events_of(&ns, kind);
+        assert_eq!(events.len() as u64, n, "{kind}: {events:?}");
+        for e in events {
+            assert_eq!(e["owner"]["pid"], pid, "{e}");
+            assert_eq!(
+                (&e["raddr"], &e["rport"]),
+                (&"127.0.0.1".into(), &port.into()),
+                "{e}"
+            );
+        }
+    }
+}
+
+/// How many sockets `ss -Htan <filter>` lists in `ns`: the kernel's own view to compare with.
+fn ss_count(ns: &Netns, filter: &[&str]) -> u64 {
+    let out = sh(Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Htan"])
+        .args(filter));
+    out.lines().filter(|l| !l.trim().is_empty()).count() as u64
+}
+
+/// The census (sock_diag, every kernel and tier): TIME_WAIT and CLOSE_WAIT counts equal what
+/// `ss` reports in the namespace; the CLOSE_WAIT sockets a server never closes are named with
+/// its process and the age of the oldest; the ephemeral ports in use towards the server
+/// equal `ss`'s count, against the range minus the reserved ports.
+#[test]
+fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
+    ns.sysctl("net.ipv4.ip_local_reserved_ports", "40000-40003");
+    let (server, port) = listener_on(&ns, "127.0.0.1", 7300, 64);
+    let accept = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| TcpStream::from(server.accept().unwrap().0.try_clone().unwrap()))
+            .collect()
+    };
+    // TIME_WAIT on the client side: the clients close first, then the server.
+    let clients = crate::common::connect(&ns, "127.0.0.1", port, 5);
+    let served = accept(5);
+    drop(clients);
+    drop(served);
+    // CLOSE_WAIT on the server side: the clients close, the server never does.
+    let clients = crate::common::connect(&ns, "127.0.0.1", port, 4);
+    let leaked = accept(4);
+    drop(clients);
+    let (inode, pid, me) = (ns.inode.to_string(), std::process::id().to_string(), comm());
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        sample(&text, name, labels)
+    };
+    let connections = |state| {
+        metric(
+            "qtrace_tcp_connections",
+            &[("netns", &inode), ("state", state)],
+        )
+    };
+    // Settled once the kernel has moved every socket (the FINs are on loopback).
+    let (mut time_wait, mut close_wait) = (0, 0);
+    let settled = wait_until(Duration::from_secs(10), || {
+        time_wait = ss_count(&ns, &["state", "time-wait"]);
+        close_wait = ss_count(&ns, &["state", "close-wait"]);
+        time_wait == 5 && close_wait == 4
+    });
+    assert!(
+        settled,
+        "ss: {time_wait} time-wait, {close_wait} close-wait"
+    );
+    assert_eq!(connections("time_wait"), Some(time_wait as f64));
+    assert_eq!(connections("close_wait"), Some(close_wait as f64));
+    let port_s = port.to_string();
+    assert_eq!(
+        metric(
+            "qtrace_tcp_connections_by_port",
+            &[
+                ("netns", &inode),
+                ("state", "time_wait"),
+                ("side", "remote"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(5.0),
+        "the clients' TIME_WAIT, by the port they connected to"
+    );
+    assert_eq!(
+        metric(
+            "qtrace_tcp_connections_by_port",
+            &[
+                ("netns", &inode),
+                ("state", "close_wait"),
+                ("side", "local"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(4.0),
+        "the server's CLOSE_WAIT, by its own port"
+    );
+    let owner = [("netns", inode.as_str()), ("pid", &pid), ("comm", &me)];
+    assert_eq!(metric("qtrace_close_wait_connections", &owner), Some(4.0));
+    let oldest = metric("qtrace_close_wait_oldest_seconds", &owner);
+    assert!(oldest.is_some_and(|s| s >= 0.0), "{oldest:?}");
+    assert!(
+        metric("qtrace_time_wait_limit", &[("netns", &inode)]).is_some_and(|n| n > 0.0),
+        "tcp_max_tw_buckets"
+    );
+    assert_eq!(
+        metric("qtrace_ephemeral_ports_available", &[("netns", &inode)]),
+        Some(60.0),
+        "64 ports in the range, 4 reserved"
+    );
+    // Every client socket towards the server holds its port: TIME_WAIT and FIN_WAIT2 alike.
+    let in_use = ss_count(&ns, &["dport", "=", &format!(":{port}")]);
+    assert_eq!(in_use, 9);
+    assert_eq!(
+        metric(
+            "qtrace_ephemeral_ports_in_use",
+            &[
+                ("netns", &inode),
+                ("saddr", "127.0.0.1"),
+                ("addr", "127.0.0.1"),
+                ("port", &port_s)
+            ]
+        ),
+        Some(in_use as f64)
+    );
+    drop(leaked);
+}
+
+/// Past `--max-destination-series`, destinations are summed into one `other` series and
+/// counted: the folded one's failures are neither lost nor shown under their own labels.
+#[test]
+fn destinations_past_the_series_cap_fold_into_other() {
+    require_root();
+    let ns = Netns::new();
+    // Only this namespace: other tests' connects must not take the one series.
+    let only = format!("--include-netns={}", ns.inode);
+    let q = start_with(&["--max-destination-series=1", &only]);
+    let refused = |port: u16, n: usize| {
+        ns.run(move || {
+            for _ in 0..n {
+                let e = TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+            }
+        })
+    };
+    refused(7400, 2);
+    refused(7401, 3);
+    let other = [
+        ("netns", "other"),
+        ("pid", "other"),
+        ("comm", "other"),
+        ("addr", "other"),
+        ("port", "other"),
+        ("reason", "refused"),
+    ];
+    let mut seen = (None, None, None);
+    wait_until(Duration::from_secs(10), || {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        seen = (
+            failures(&q, &ns, 7400, "refused"),
+            sample(&text, "qtrace_connect_failures_total", &other),
+            sample(&text, "qtrace_destination_series_overflow", &[]),
+        );
+        seen == (Some(2.0), Some(3.0), Some(1.0))
+    });
+    // Sorted by key, the first destination keeps its labels; the second is folded.
+    assert_eq!(seen, (Some(2.0), Some(3.0), Some(1.0)));
+    assert_eq!(failures(&q, &ns, 7401, "refused"), None);
+}
