@@ -1308,12 +1308,7 @@ mod tests {
         let odd = Arc::new(Owner {
             pid: 7,
             comm: "a \"quoted\\ name\n".into(),
-            unit: String::new(),
-            container_id: String::new(),
-            container: String::new(),
-            pod: String::new(),
-            pod_namespace: String::new(),
-            netns_name: String::new(),
+            ..Default::default()
         });
         fixed.listeners[0].owner = Some(odd);
         for (name, openmetrics) in [

@@ -98,12 +98,7 @@ fn client_owner(pid: u32) -> std::sync::Arc<api::Owner> {
     std::sync::Arc::new(api::Owner {
         pid: pid as i32,
         comm: comm.trim_end().to_string(),
-        unit: String::new(),
-        container_id: String::new(),
-        container: String::new(),
-        pod: String::new(),
-        pod_namespace: String::new(),
-        netns_name: String::new(),
+        ..Default::default()
     })
 }
 

@@ -15,7 +15,7 @@ fn doctor() -> Value {
 }
 
 /// The report, with what the daemon listening on `socket` has seen.
-fn doctor_of(socket: &str) -> Value {
+pub fn doctor_of(socket: &str) -> Value {
     doctor_with(&["--socket", socket])
 }
 

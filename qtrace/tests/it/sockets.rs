@@ -158,16 +158,7 @@ fn reuseport_sockets_are_counted_apart() {
         assert_eq!(len, Some(if i == 0 { 2.0 } else { 0.0 }), "{c}: {text}");
     }
     // doctor names the group's imbalance and the full socket.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qtrace"))
-        .args(["doctor", "--json", "--socket", &q.events_socket()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = crate::doctor::doctor_of(&q.events_socket());
     let endpoint = format!("127.0.0.1:{port}");
     let advice: Vec<&str> = report["advice"]
         .as_array()
