@@ -275,6 +275,7 @@ async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings)
     let mut tracer = Tracer::start(&settings.tracer)?;
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
     let clock = Clock::new();
+    let mut names = decode::ClientNames::default();
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -282,7 +283,7 @@ async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings)
                 woke?;
                 // Filtered on the kernel's event: only what passes is made into a record.
                 for ev in batch.drain(..).filter(|ev| opts.filter.admits_event(ev)) {
-                    out.record(&decode::to_record(&ev, &clock))?;
+                    out.record(&decode::to_record_named(&ev, &clock, &mut names))?;
                 }
                 out.flush()?;
             }

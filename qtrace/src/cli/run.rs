@@ -141,10 +141,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         out.flush()?;
     }
     let mut ring = EventRing::take(&mut tracer.ebpf)?;
-    let publisher = Publisher {
+    let mut publisher = Publisher {
         json: opts.json,
         clock: Clock::new(),
         vis,
+        names: decode::ClientNames::default(),
     };
     let mut tick = tokio::time::interval(opts.interval);
     tick.tick().await;
@@ -248,20 +249,22 @@ struct Publisher {
     json: bool,
     clock: Clock,
     vis: Visibility,
+    /// Client events' process names, read from /proc at most once a second per process.
+    names: decode::ClientNames,
 }
 
 impl Publisher {
     /// Hands events to the hub (the events socket's readers), printing them too when asked;
     /// leaves `batch` empty. Printed lines go out in one write per batch.
     fn events(
-        &self,
+        &mut self,
         batch: &mut Vec<Event>,
         hub: &Hub,
         out: Option<&mut io::StdoutLock>,
     ) -> Result<()> {
         let mut text = String::new();
         for ev in batch.drain(..) {
-            let record = hub.publish(decode::to_record(&ev, &self.clock));
+            let record = hub.publish(decode::to_record_named(&ev, &self.clock, &mut self.names));
             if out.is_none() {
                 continue;
             }

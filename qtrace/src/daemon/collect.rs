@@ -442,10 +442,13 @@ fn sample_all_namespaces(filter: &Filter) -> Sampled {
     let (found, unreadable) = netns::for_each(
         |ns| filter.admits_netns(ns),
         || {
-            let listeners = sockdiag::listeners()?;
-            let listening = listeners.iter().map(|l| l.port).collect();
-            let census = census::sample(&listening)?;
-            Ok((listeners, netstat::listen_drops()?, census, netns::cookie()))
+            // One dump per family for the listeners and the census (see
+            // `sockdiag::namespace_sockets`).
+            let found = sockdiag::namespace_sockets()?;
+            let listening = found.listeners.iter().map(|l| l.port).collect();
+            let census = census::of(&listening, &found.connections);
+            let drops = netstat::listen_drops()?;
+            Ok((found.listeners, drops, census, netns::cookie()))
         },
     );
     let mut sampled = Sampled {

@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, TCP_CLOSE_WAIT, TCP_LISTEN, TCP_TIME_WAIT},
-    inet::StateFlags,
+    constants::{AF_INET, AF_INET6, TCP_CLOSE_WAIT, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT},
+    inet::{InetResponseHeader, StateFlags},
 };
 
 use super::sockdiag;
@@ -100,6 +100,18 @@ impl Census {
 /// The census of the calling thread's namespace; `listening` are its listeners' local ports
 /// (a connection on one of them was accepted, not connected, even inside the port range).
 pub fn sample(listening: &HashSet<u16>) -> Result<Census> {
+    // Every state but LISTEN and SYN_RECV (request sockets: the listener's port).
+    let states = || StateFlags::all() - StateFlags::LISTEN - StateFlags::SYN_RECV;
+    let mut connections = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        connections.extend(sockdiag::sockets(family, states()).context("dump TCP connections")?);
+    }
+    Ok(of(listening, &connections))
+}
+
+/// The census of the calling thread's namespace from its connections as sock_diag dumped them
+/// (LISTEN and SYN_RECV sockets, if any, are left out).
+pub fn of(listening: &HashSet<u16>, connections: &[InetResponseHeader]) -> Census {
     let range = read_sysctl("ip_local_port_range").and_then(|t| parse_range(&t));
     let reserved = read_sysctl("ip_local_reserved_ports")
         .map(|t| parse_ports(&t))
@@ -119,40 +131,36 @@ pub fn sample(listening: &HashSet<u16>) -> Result<Census> {
         }),
         ..Default::default()
     };
-    // Every state but LISTEN and SYN_RECV (request sockets: the listener's port).
-    let states = || StateFlags::all() - StateFlags::LISTEN - StateFlags::SYN_RECV;
     let mut uses: BTreeMap<(IpAddr, IpAddr, u16), u64> = BTreeMap::new();
-    for family in [AF_INET, AF_INET6] {
-        for s in sockdiag::sockets(family, states()).context("dump TCP connections")? {
-            if s.state == TCP_LISTEN {
-                continue;
-            }
-            let id = &s.socket_id;
-            let outgoing = ephemeral(id.source_port);
-            if outgoing {
-                *uses
-                    .entry((
-                        id.source_address,
-                        id.destination_address,
-                        id.destination_port,
-                    ))
-                    .or_default() += 1;
-            }
-            let lingering = match s.state {
-                TCP_TIME_WAIT => Lingering::TimeWait,
-                TCP_CLOSE_WAIT => {
-                    census.close_wait.push(CloseWait { inode: s.inode });
-                    Lingering::CloseWait
-                }
-                _ => continue,
-            };
-            let key = if outgoing {
-                (lingering, Side::Remote, id.destination_port)
-            } else {
-                (lingering, Side::Local, id.source_port)
-            };
-            *census.by_port.entry(key).or_default() += 1;
+    for s in connections {
+        if s.state == TCP_LISTEN || s.state == TCP_SYN_RECV {
+            continue;
         }
+        let id = &s.socket_id;
+        let outgoing = ephemeral(id.source_port);
+        if outgoing {
+            *uses
+                .entry((
+                    id.source_address,
+                    id.destination_address,
+                    id.destination_port,
+                ))
+                .or_default() += 1;
+        }
+        let lingering = match s.state {
+            TCP_TIME_WAIT => Lingering::TimeWait,
+            TCP_CLOSE_WAIT => {
+                census.close_wait.push(CloseWait { inode: s.inode });
+                Lingering::CloseWait
+            }
+            _ => continue,
+        };
+        let key = if outgoing {
+            (lingering, Side::Remote, id.destination_port)
+        } else {
+            (lingering, Side::Local, id.source_port)
+        };
+        *census.by_port.entry(key).or_default() += 1;
     }
     census.ephemeral = uses
         .into_iter()
@@ -167,7 +175,7 @@ pub fn sample(listening: &HashSet<u16>) -> Result<Census> {
     census
         .ephemeral
         .sort_by_key(|u| std::cmp::Reverse(u.in_use));
-    Ok(census)
+    census
 }
 
 /// `net.ipv4.<name>` of the calling thread's namespace (`/proc/sys/net` follows the thread).

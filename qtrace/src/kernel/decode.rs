@@ -1,6 +1,6 @@
 //! Decoding ring-buffer records into [`crate::api::Event`]s, with wall-clock time.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use qtrace_common::{Event, EventKind};
 
@@ -64,7 +64,14 @@ pub fn kind(ev: &Event) -> EventKind {
 }
 
 /// The event as qtrace hands it on, without its owner (the daemon adds it).
+#[cfg(test)]
 pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
+    to_record_named(ev, clock, &mut ClientNames::default())
+}
+
+/// [`to_record`], a client event's process named through `names` (a storm of failing
+/// connects from one process reads its name once a second, not once per event).
+pub fn to_record_named(ev: &Event, clock: &Clock, names: &mut ClientNames) -> api::Event {
     let l = &ev.listener;
     let kind = kind(ev);
     api::Event {
@@ -86,7 +93,40 @@ pub fn to_record(ev: &Event, clock: &Clock) -> api::Event {
         acceptq_max: ev.acceptq_max,
         synq_len: ev.synq_len,
         synq_max: ev.synq_max,
-        owner: kind.is_client().then(|| client_owner(ev.pid)),
+        owner: kind.is_client().then(|| names.owner(ev.pid)),
+    }
+}
+
+/// The processes that called connect(), as the kernel recorded them (by pid), named from
+/// /proc: each name read at most once per [`ClientNames::FRESH`] (a process that exits, or a
+/// pid reused, within that time keeps the name read last).
+#[derive(Default)]
+pub struct ClientNames {
+    read: std::collections::HashMap<u32, (std::sync::Arc<api::Owner>, Instant)>,
+}
+
+impl ClientNames {
+    pub const FRESH: Duration = Duration::from_secs(1);
+    /// Names kept at most; past it the cache starts over.
+    const CAPACITY: usize = 4096;
+
+    fn owner(&mut self, pid: u32) -> std::sync::Arc<api::Owner> {
+        let now = Instant::now();
+        if let Some((owner, at)) = self.read.get(&pid) {
+            if now.duration_since(*at) < Self::FRESH {
+                return owner.clone();
+            }
+        }
+        if self.read.len() >= Self::CAPACITY {
+            self.read
+                .retain(|_, (_, at)| now.duration_since(*at) < Self::FRESH);
+            if self.read.len() >= Self::CAPACITY {
+                self.read.clear();
+            }
+        }
+        let owner = client_owner(pid);
+        self.read.insert(pid, (owner.clone(), now));
+        owner
     }
 }
 

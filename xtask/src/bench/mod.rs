@@ -13,6 +13,7 @@ mod ack_storm;
 mod churn;
 mod daemon;
 mod event_path;
+mod exhaust;
 mod guest;
 mod nginx;
 mod report;
@@ -101,12 +102,13 @@ pub fn bench(opts: Options) -> Result<()> {
         None => crate::build_release()?,
     };
     type Section = fn(&Path, &Sizes) -> Result<String>;
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("1", churn),
         ("1b", guest_churn),
         ("1c", guest_nginx),
         ("3", storm),
         ("3b", ack_storm::ack_storm),
+        ("3c", exhaust::connect_storm),
         ("4", scale),
         ("5", event_path),
     ];
@@ -115,7 +117,7 @@ pub fn bench(opts: Options) -> Result<()> {
         .iter()
         .find(|o| !sections.iter().any(|(n, _)| n == o))
     {
-        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 4, 5)");
+        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 3c, 4, 5)");
     }
     if !opts.only.is_empty() {
         let mut new = Vec::new();
