@@ -43,8 +43,6 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         "net.ipv4.ip_local_port_range",
         &format!("{} {}", RANGE.0, RANGE.1),
     )?;
-    let d = Daemon::start(qtrace, &[])?;
-    let tier = d.tier("client")?;
     let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
     let done = Arc::new(AtomicBool::new(false));
     // The listener (never accepting: its accept queue holds the connections) and the
@@ -81,6 +79,23 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
             anyhow::bail!("the connections to exhaust the port range did not come up: {other:?}");
         }
     };
+    let threads = thread::available_parallelism().map_or(2, |n| n.get());
+    // The same storm with no tracer first, for comparison.
+    let untraced = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (failed, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let t = std::time::Instant::now();
+        let workers = storm_threads(&ns.name, threads, &stop, &failed, &other);
+        thread::sleep(z.storm);
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("storm worker panicked"))??;
+        }
+        failed.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+    };
+    let d = Daemon::start(qtrace, &[])?;
+    let tier = d.tier("client")?;
     let port = PORT.to_string();
     let netns = ns.inode.to_string();
     let labels = |reason: &'static str| {
@@ -96,34 +111,13 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
         scrape::sum(metrics, "qtrace_connect_failures_total", &l) as u64
     };
-    // The failure that found the range full, counted before the storm.
+    // Counted before the storm (none: qtrace started after the connections that fill the range).
     let (_, before) = d.get("/metrics")?;
     let base: Vec<u64> = REASONS.iter().map(|r| counted(&before, r)).collect();
     let bpf_stats = BpfStats::save()?;
     bpf_stats.set(true)?;
     let (failed, other) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let threads = thread::available_parallelism().map_or(2, |n| n.get());
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (done, failed, other, name) =
-                (done.clone(), failed.clone(), other.clone(), ns.name.clone());
-            thread::spawn(move || -> Result<()> {
-                Netns::enter(&name)?;
-                let sin = sockaddr(to);
-                let (mut f, mut o) = (0u64, 0u64);
-                while !done.load(Ordering::Relaxed) {
-                    if connect_once(&sin) == Some(libc::EADDRNOTAVAIL) {
-                        f += 1;
-                    } else {
-                        o += 1;
-                    }
-                }
-                failed.fetch_add(f, Ordering::Relaxed);
-                other.fetch_add(o, Ordering::Relaxed);
-                Ok(())
-            })
-        })
-        .collect();
+    let workers = storm_threads(&ns.name, threads, &done, &failed, &other);
     let cost = StormCost::measure(&d, z, &done, workers)?;
     let secs = cost.secs;
     let programs = prog_runtimes("qt_client")?;
@@ -157,7 +151,7 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     let mut s = format!("## 3c. connect() storm at port exhaustion (client probe: {tier})\n\n");
     let _ = writeln!(
         s,
-        "A namespace's `ip_local_port_range` holds {} ports ({}–{}); {held} established connections to 127.0.0.1:{PORT} take every one of them. {threads} threads (one per CPU) then loop socket() + connect() to that destination + close() for {secs:.1} s, every connect() failing with EADDRNOTAVAIL before any packet leaves. kernel.bpf_stats_enabled=1 throughout, for the programs' run time.\n",
+        "A namespace's `ip_local_port_range` holds {} ports ({}–{}); {held} established connections to 127.0.0.1:{PORT} take every one of them. {threads} threads (one per CPU) then loop socket() + connect() to that destination + close() for {secs:.1} s, every connect() failing with EADDRNOTAVAIL before any packet leaves: first with no tracer, then with qtrace, whose counts are read before and after. kernel.bpf_stats_enabled=1 during qtrace's storm, for the programs' run time.\n",
         RANGE.1 - RANGE.0 + 1,
         RANGE.0,
         RANGE.1
@@ -167,6 +161,10 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         s,
         "| connect() failures/s (EADDRNOTAVAIL, seen by the threads) | {:.0} | ≥ 100k |",
         failed as f64 / secs
+    );
+    let _ = writeln!(
+        s,
+        "| the same storm with no tracer, just before (failures/s) | {untraced:.0} | |"
     );
     let _ = writeln!(
         s,
@@ -187,6 +185,42 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
     }
     s += "\n";
     Ok(s)
+}
+
+/// `threads` threads in namespace `name` looping [`connect_once`] until `done`, adding the
+/// EADDRNOTAVAIL failures they saw to `failed` and any other outcome to `other`.
+fn storm_threads(
+    name: &str,
+    threads: usize,
+    done: &Arc<AtomicBool>,
+    failed: &Arc<AtomicU64>,
+    other: &Arc<AtomicU64>,
+) -> Vec<thread::JoinHandle<Result<()>>> {
+    let to = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT));
+    (0..threads)
+        .map(|_| {
+            let (done, failed, other, name) = (
+                done.clone(),
+                failed.clone(),
+                other.clone(),
+                name.to_string(),
+            );
+            thread::spawn(move || -> Result<()> {
+                Netns::enter(&name)?;
+                let (mut f, mut o) = (0u64, 0u64);
+                while !done.load(Ordering::Relaxed) {
+                    if connect_once(&to) == Some(libc::EADDRNOTAVAIL) {
+                        f += 1;
+                    } else {
+                        o += 1;
+                    }
+                }
+                failed.fetch_add(f, Ordering::Relaxed);
+                other.fetch_add(o, Ordering::Relaxed);
+                Ok(())
+            })
+        })
+        .collect()
 }
 
 /// One socket(), a blocking connect() to `to` and close(): the connect's errno (None when it

@@ -19,6 +19,9 @@ use super::*;
 /// JSON line per measurement. Nothing else in the guest loads BPF programs, so every program
 /// that ran is the tracer's.
 pub fn guest(opts: GuestOptions) -> Result<()> {
+    if opts.port_search {
+        return super::port_search::guest_steps(opts.port_range, opts.port_batch, &opts.qtrace);
+    }
     if !opts.nginx_only {
         guest_churn_rounds(&opts)?;
     }

@@ -16,6 +16,7 @@ mod event_path;
 mod exhaust;
 mod guest;
 mod nginx;
+mod port_search;
 mod report;
 mod scale;
 mod storm;
@@ -56,6 +57,15 @@ pub struct GuestOptions {
     /// Only nginx's rounds (1c), not the churn (1b).
     #[arg(long)]
     nginx_only: bool,
+    /// Only the port-search steps (3d).
+    #[arg(long)]
+    port_search: bool,
+    /// 3d: ports in the namespace's `ip_local_port_range`.
+    #[arg(long, default_value_t = 4000)]
+    port_range: u16,
+    /// 3d: connects timed at each step.
+    #[arg(long, default_value_t = 2000)]
+    port_batch: usize,
 }
 
 struct Sizes {
@@ -69,6 +79,9 @@ struct Sizes {
     /// /metrics scrapes at scale: enough for a p99 that is not just the maximum.
     scrapes: usize,
     burst: usize,
+    /// 3d: the port range's size, and the connects timed at each step.
+    port_range: u16,
+    port_batch: usize,
 }
 
 pub fn bench(opts: Options) -> Result<()> {
@@ -83,6 +96,8 @@ pub fn bench(opts: Options) -> Result<()> {
             listeners_per_ns: 10,
             scrapes: 5,
             burst: 50,
+            port_range: 400,
+            port_batch: 50,
         }
     } else {
         Sizes {
@@ -95,6 +110,8 @@ pub fn bench(opts: Options) -> Result<()> {
             listeners_per_ns: 1000,
             scrapes: 200,
             burst: 5000,
+            port_range: 4000,
+            port_batch: 2000,
         }
     };
     let qtrace = match &opts.qtrace {
@@ -102,13 +119,14 @@ pub fn bench(opts: Options) -> Result<()> {
         None => crate::build_release()?,
     };
     type Section = fn(&Path, &Sizes) -> Result<String>;
-    let sections: [(&str, Section); 8] = [
+    let sections: [(&str, Section); 9] = [
         ("1", churn),
         ("1b", guest_churn),
         ("1c", guest_nginx),
         ("3", storm),
         ("3b", ack_storm::ack_storm),
         ("3c", exhaust::connect_storm),
+        ("3d", port_search::port_search),
         ("4", scale),
         ("5", event_path),
     ];
@@ -117,7 +135,7 @@ pub fn bench(opts: Options) -> Result<()> {
         .iter()
         .find(|o| !sections.iter().any(|(n, _)| n == o))
     {
-        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 3c, 4, 5)");
+        anyhow::bail!("--only {unknown}: no such section (1, 1b, 1c, 3, 3b, 3c, 3d, 4, 5)");
     }
     if !opts.only.is_empty() {
         let mut new = Vec::new();

@@ -196,6 +196,8 @@ mod tests {
             listeners_per_ns: 1,
             scrapes: 1,
             burst: 1,
+            port_range: 1,
+            port_batch: 1,
         };
         let s = section(&console, Path::new("log"), &z).unwrap();
         assert!(

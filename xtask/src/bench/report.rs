@@ -38,7 +38,8 @@ pub(super) fn header(opts: &Options) -> Result<String> {
 /// Every figure line must carry numbers: what the smoke run checks.
 pub(super) fn check_well_formed(report: &str) -> Result<()> {
     for section in [
-        "## 1.", "## 1b.", "## 1c.", "## 2.", "## 3.", "## 3b.", "## 3c.", "## 4.", "## 5.",
+        "## 1.", "## 1b.", "## 1c.", "## 2.", "## 3.", "## 3b.", "## 3c.", "## 3d.", "## 4.",
+        "## 5.",
     ] {
         anyhow::ensure!(report.contains(section), "report lacks section {section}");
     }
