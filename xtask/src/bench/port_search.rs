@@ -22,7 +22,7 @@ use super::{sockaddr, Daemon, Sizes};
 
 pub(super) const PORTS_MARKER: &str = "@@QTRACE ports ";
 /// The share of the range in use at each step, in percent.
-const STEPS: [u32; 4] = [0, 50, 90, 99];
+const STEPS: [u32; 6] = [0, 25, 50, 75, 90, 99];
 /// The destination of every connection.
 const PORT: u16 = 5000;
 const LOW: u16 = 40000;
