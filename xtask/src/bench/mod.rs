@@ -35,7 +35,7 @@ pub struct Options {
     /// Only these sections (e.g. `--only 4,5`): each replaces its own section of the report
     /// and the rest is kept as it was, so one change's figures can be regenerated alone. `1`
     /// writes 1 and 2; `1b`, the guest's, writes 1b and 1c (nginx); `1c` boots a guest for
-    /// nginx alone.
+    /// nginx alone; `3d` boots a guest of its own.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// This qtrace binary instead of a fresh release build: to compare two builds back to
