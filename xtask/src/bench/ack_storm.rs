@@ -27,7 +27,7 @@ use qtrace_testkit::{BpfStats, Netns};
 
 use qtrace_testkit::scrape;
 
-use super::{prog_runtimes, sockaddr, Daemon, Sizes, StormCost};
+use super::{prog_runtimes, program_rows, sockaddr, Daemon, Sizes, StormCost};
 
 /// Where the held handshakes' clients connect from: the rule drops only their ACKs.
 const HELD_FROM: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -155,13 +155,7 @@ pub fn ack_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         "| drops qtrace counted / kernel ListenOverflows | {counted} / {overflows} | equal |"
     );
     s += &cost.rows(&metrics);
-    for (name, cnt, ns_total) in &programs {
-        let _ = writeln!(
-            s,
-            "| {name}: invocations, mean ns per invocation | {cnt}, {:.0} | ≤ 250 ns |",
-            *ns_total as f64 / (*cnt).max(1) as f64
-        );
-    }
+    s += &program_rows(&programs);
     s += "\n";
     Ok(s)
 }

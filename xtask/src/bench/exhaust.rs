@@ -20,7 +20,7 @@ use std::{
 use anyhow::Result;
 use qtrace_testkit::{scrape, BpfStats, Netns};
 
-use super::{prog_runtimes, sockaddr, Daemon, Sizes, StormCost};
+use super::{prog_runtimes, program_rows, sockaddr, Daemon, Sizes, StormCost};
 
 /// The namespace's `ip_local_port_range`: 64 ports.
 const RANGE: (u16, u16) = (40000, 40063);
@@ -176,13 +176,7 @@ pub(super) fn connect_storm(qtrace: &Path, z: &Sizes) -> Result<String> {
         }
     );
     s += &cost.rows(&metrics);
-    for (name, cnt, ns_total) in &programs {
-        let _ = writeln!(
-            s,
-            "| {name}: invocations, mean ns per invocation | {cnt}, {:.0} | ≤ 250 ns |",
-            *ns_total as f64 / (*cnt).max(1) as f64
-        );
-    }
+    s += &program_rows(&programs);
     s += "\n";
     Ok(s)
 }

@@ -202,6 +202,20 @@ impl StormCost {
     }
 }
 
+/// A storm's rows for the BPF programs that ran in it (kernel.bpf_stats_enabled=1): their
+/// invocations and mean run time, against the per-invocation target.
+pub(super) fn program_rows(programs: &Programs) -> String {
+    let mut s = String::new();
+    for (name, cnt, ns_total) in programs {
+        let _ = writeln!(
+            s,
+            "| {name}: invocations, mean ns per invocation | {cnt}, {:.0} | ≤ 250 ns |",
+            *ns_total as f64 / (*cnt).max(1) as f64
+        );
+    }
+    s
+}
+
 /// The events the daemon's kernel side did not deliver, by cause: (ring buffer full,
 /// rate-limited).
 pub(super) fn events_lost(metrics: &str) -> (u64, u64) {
