@@ -62,7 +62,8 @@ pub struct NamespaceSockets {
 /// Each dump of other states than LISTEN walks the kernel's whole established hash (shared by
 /// every namespace: 262,144 buckets on a 23 GB host, most of them empty), which costs the same
 /// whatever the namespace holds; so the listeners' request sockets and the census's
-/// connections come from the same walk, and a family with no TCP socket and no TIME_WAIT in
+/// connections come from the same walk (the listeners themselves, with their drop counts, from
+/// a dump of LISTEN alone, which walks only the listening hash), and a family with no TCP socket and no TIME_WAIT in
 /// the namespace (by `/proc/net/sockstat`, read just before) is not dumped at all.
 pub fn namespace_sockets() -> Result<NamespaceSockets> {
     let socket = connect().context("open a sock_diag netlink socket")?;
@@ -70,12 +71,21 @@ pub fn namespace_sockets() -> Result<NamespaceSockets> {
     let mut found = Vec::new();
     for (family, used) in [(AF_INET, in_use.0), (AF_INET6, in_use.1)] {
         if used {
-            let states = StateFlags::all();
+            // The listeners with their drop counts (a walk of the listening hash only), then
+            // every other socket, request sockets included, without extensions (the one walk
+            // of the established hash).
+            let (listening, others) = (StateFlags::LISTEN, StateFlags::all() - StateFlags::LISTEN);
             found.extend(dump_states(
                 &socket,
                 family,
-                states,
+                listening,
                 ExtensionFlags::SKMEMINFO,
+            )?);
+            found.extend(dump_states(
+                &socket,
+                family,
+                others,
+                ExtensionFlags::empty(),
             )?);
         }
     }
