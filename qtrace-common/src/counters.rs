@@ -49,10 +49,15 @@ impl Counter {
 /// [2^(b-1), 2^b) µs; the last bucket also takes everything longer.
 pub const WAIT_BUCKETS: usize = 32;
 
-/// The value of the per-CPU listener map; user space sums it over CPUs.
+/// The value of the per-CPU listener maps, keyed by the socket ([`crate::ListenerKey::sock`]
+/// or its stand-in); user space sums it over CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerCounters {
+    /// Which listener this is, written by each CPU when it first counts for it (all zeros on
+    /// a CPU that has not): the map key is the socket alone, so a count hashes 8 bytes and
+    /// reads nothing else of the socket.
+    pub id: crate::ListenerKey,
     pub counts: [u64; Counter::COUNT],
     pub wait_buckets: [u64; WAIT_BUCKETS],
     /// Sum of all accept-queue waits, nanoseconds.
@@ -64,6 +69,13 @@ pub struct ListenerCounters {
 
 impl ListenerCounters {
     pub const ZERO: ListenerCounters = ListenerCounters {
+        id: crate::ListenerKey {
+            netns: 0,
+            family: 0,
+            port: 0,
+            addr: [0; 16],
+            sock: 0,
+        },
         counts: [0; Counter::COUNT],
         wait_buckets: [0; WAIT_BUCKETS],
         wait_sum_ns: 0,
@@ -91,8 +103,6 @@ pub enum SelfStat {
     RateLimited,
     /// A listener could not be added because the listener map was full; its counts are lost.
     ListenerMapFull,
-    /// A connection's accept-queue entry time could not be recorded (map full).
-    AcceptMapFull,
     /// A kernel read failed (bpf_probe_read_kernel returned an error).
     ReadFailed,
     /// A destination could not be added because the client map was full; its counts are lost.
@@ -111,7 +121,6 @@ impl SelfStat {
         SelfStat::RingbufFull,
         SelfStat::RateLimited,
         SelfStat::ListenerMapFull,
-        SelfStat::AcceptMapFull,
         SelfStat::ReadFailed,
         SelfStat::ClientMapFull,
         SelfStat::ConnectingMapFull,
@@ -125,7 +134,6 @@ impl SelfStat {
             SelfStat::RingbufFull => "ringbuf_full",
             SelfStat::RateLimited => "rate_limited",
             SelfStat::ListenerMapFull => "listener_map_full",
-            SelfStat::AcceptMapFull => "accept_map_full",
             SelfStat::ReadFailed => "read_failed",
             SelfStat::ClientMapFull => "client_map_full",
             SelfStat::ConnectingMapFull => "connecting_map_full",

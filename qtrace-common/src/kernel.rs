@@ -36,6 +36,8 @@ pub struct Offsets {
     pub socket_ino: u32,
     // struct inet_connection_sock: icsk_accept_queue.qlen
     pub icsk_synq_len: u32,
+    // struct tcp_sock: rcvq_space.time, the child's ESTABLISHED stamp in microseconds
+    pub tcp_rcvq_time: u32,
     // struct request_sock
     pub req_num_retrans: u32,
     // struct sk_buff

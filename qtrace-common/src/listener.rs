@@ -33,5 +33,10 @@ pub struct ListenerKey {
 /// 1 and never reach it).
 pub const SOCK_INODE: u64 = 1 << 63;
 
+/// Marks a counter map key as standing for a socket that had neither a cookie nor an inode (a
+/// listener closing before qtrace's first dump of it), by its namespace and port: its entry's
+/// [`ListenerKey::sock`] is 0. Two such sockets on one port of one namespace would share it.
+pub const SOCK_ADDR: u64 = 1 << 62;
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ListenerKey {}

@@ -1,28 +1,28 @@
 //! accept(): `inet_csk_accept()` returning a connection, and the time it waited in the accept
-//! queue since `inet_csk_reqsk_queue_add()` put it there.
+//! queue.
 //!
-//! The queue-add is hooked both directly (syncookie and Fast Open children are added from other
-//! files) and through `inet_csk_complete_hashdance()`'s return, because the compiler may inline
-//! the add into it; the two stamps of one child are microseconds apart. A stamp always
-//! overwrites: a child closed before accept() leaves one behind, and its address may be reused.
+//! The wait needs no hook where a connection joins the queue: the kernel stamps every child
+//! itself. `tcp_init_buffer_space()` sets `tcp_sock.rcvq_space.time` to the microsecond clock
+//! (`tcp_clock_us()`, CLOCK_MONOTONIC like `bpf_ktime_get_ns()`) when the child turns
+//! ESTABLISHED, just after `inet_csk_reqsk_queue_add()` queued it (final ACK, syncookie and
+//! Fast Open children alike), and only the receive path of an accepted socket
+//! (`tcp_rcv_space_adjust()`, from recvmsg) moves it again. Reading it at accept() replaced a
+//! hand-off hook and an LRU insert and delete per connection (BENCHMARKS.md 1b). A child
+//! accepted before the CPU that queued it has stamped it (a few instructions apart) reads the
+//! listener's copy, 0: it waited no time, and is counted so.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{fentry, fexit, kprobe, kretprobe, map},
+    macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
-    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use qtrace_common::{Counter, SelfStat};
+use qtrace_common::Counter;
 
 use crate::{
     account::{count, observe_wait},
-    kernel::{listener, Mem, Typed, Untyped},
-    self_stats::self_stat,
+    kernel::{listener, offset, probe_read, Mem, Typed, Untyped},
 };
-
-/// child socket → when it joined the accept queue. LRU: children closed before accept() age out.
-#[map]
-static QT_ACCEPT_QUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// pid_tgid → listener, between inet_csk_accept's entry and return (kprobe tier only). A
 /// thread's slot is written at entry and zeroed at return in place, and reused by its next
@@ -30,15 +30,15 @@ static QT_ACCEPT_QUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(655
 #[map]
 static QT_ACCEPT_ENTRY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
+/// How long `child` waited in the accept queue, from its own stamp.
 #[inline(always)]
-fn queued(child: *const u8) {
-    if child.is_null() {
-        return;
+fn queued_for(child: *const u8) -> u64 {
+    // Through the helper: tcp_sock lies beyond the `struct sock` the hook declares.
+    let stamp_us: u64 = probe_read(child, offset!(tcp_rcvq_time)).unwrap_or(0);
+    if stamp_us == 0 {
+        return 0;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    if QT_ACCEPT_QUEUED.insert(&(child as u64), &now, 0).is_err() {
-        self_stat(SelfStat::AcceptMapFull);
-    }
+    unsafe { bpf_ktime_get_ns() }.saturating_sub(stamp_us.wrapping_mul(1000))
 }
 
 #[inline(always)]
@@ -47,27 +47,8 @@ fn accepted<M: Mem>(m: M, sk: *const u8, child: *const u8) -> Result<(), ()> {
         return Ok(());
     }
     let c = count(&listener(m, sk)?, Counter::Accepted).ok_or(())?;
-    let id = child as u64;
-    if let Some(t) = QT_ACCEPT_QUEUED.get_ptr(&id) {
-        let wait = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *t });
-        observe_wait(c, wait);
-        let _ = QT_ACCEPT_QUEUED.remove(&id);
-    }
+    observe_wait(c, queued_for(child));
     Ok(())
-}
-
-// inet_csk_reqsk_queue_add(sk, req, child) -> struct sock *
-#[fentry(function = "inet_csk_reqsk_queue_add")]
-pub fn qt_acc_qadd_fe(ctx: FEntryContext) -> i32 {
-    queued(ctx.arg(2));
-    0
-}
-
-// inet_csk_complete_hashdance(sk, child, req, own_req) -> child if it was queued
-#[fexit(function = "inet_csk_complete_hashdance")]
-pub fn qt_acc_hd_fx(ctx: FExitContext) -> i32 {
-    queued(ctx.arg(4));
-    0
 }
 
 // inet_csk_accept(sk, flags, err, kern) before 6.10, inet_csk_accept(sk, arg) since.
@@ -80,20 +61,6 @@ pub fn qt_acc_fx4(ctx: FExitContext) -> i32 {
 #[fexit(function = "inet_csk_accept")]
 pub fn qt_acc_fx2(ctx: FExitContext) -> i32 {
     let _ = accepted(Typed, ctx.arg(0), ctx.arg(2));
-    0
-}
-
-#[kprobe]
-pub fn qt_acc_qadd_kp(ctx: ProbeContext) -> u32 {
-    if let Some(child) = ctx.arg(2) {
-        queued(child);
-    }
-    0
-}
-
-#[kretprobe]
-pub fn qt_acc_hd_krp(ctx: RetProbeContext) -> u32 {
-    queued(ctx.ret());
     0
 }
 

@@ -14,16 +14,17 @@ use qtrace_common::{
 use crate::kernel::{Listener, Mem, Queues, Remote};
 use crate::self_stats::self_stat;
 
-/// Listeners of system users (uid below `QT_FIRST_USER_UID`). Sized by user space
-/// (`--max-listeners`) before load; entries of closed sockets are deleted by user space.
+/// Listeners of system users (uid below `QT_FIRST_USER_UID`), keyed by [`Listener::id`].
+/// Sized by user space (`--max-listeners`) before load; entries of closed sockets are deleted
+/// by user space.
 #[map]
-static QT_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
+static QT_LISTENERS: PerCpuHashMap<u64, ListenerCounters> =
     PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Every other user's listeners, sized like `QT_LISTENERS`: a user who opens thousands of
 /// listening sockets fills this one and can never push a service's listeners out.
 #[map]
-static QT_USER_LISTENERS: PerCpuHashMap<ListenerKey, ListenerCounters> =
+static QT_USER_LISTENERS: PerCpuHashMap<u64, ListenerCounters> =
     PerCpuHashMap::with_max_entries(4096, 0);
 
 #[unsafe(no_mangle)]
@@ -40,14 +41,25 @@ static QT_ZERO: PerCpuArray<ListenerCounters> = PerCpuArray::with_max_entries(1,
 #[unsafe(no_mangle)]
 static QT_EVENT_RATE: Global<u32> = Global::new(100);
 
-/// This CPU's counters of listener `l`, created on first use in its owner's partition.
+/// This CPU's counters of listener `l`, created on first use in its owner's partition, with
+/// the listener's key written in on this CPU's first use.
 #[inline(always)]
 pub fn counters<M: Mem>(l: &Listener<M>) -> Option<*mut ListenerCounters> {
-    let key = &l.key;
-    if let Some(c) = QT_LISTENERS.get_ptr_mut(key) {
+    let c = entry(l)?;
+    // SAFETY: this CPU's value of a live map entry; only this CPU writes it.
+    if unsafe { (*c).id.netns } == 0 {
+        unsafe { (*c).id = l.key().ok()? };
+    }
+    Some(c)
+}
+
+#[inline(always)]
+fn entry<M: Mem>(l: &Listener<M>) -> Option<*mut ListenerCounters> {
+    let id = &l.id;
+    if let Some(c) = QT_LISTENERS.get_ptr_mut(id) {
         return Some(c);
     }
-    if let Some(c) = QT_USER_LISTENERS.get_ptr_mut(key) {
+    if let Some(c) = QT_USER_LISTENERS.get_ptr_mut(id) {
         return Some(c);
     }
     let map = if l.uid().ok()? < QT_FIRST_USER_UID.load() {
@@ -57,8 +69,8 @@ pub fn counters<M: Mem>(l: &Listener<M>) -> Option<*mut ListenerCounters> {
     };
     let zero = QT_ZERO.get_ptr(0)?;
     // EEXIST from a racing CPU is fine: the lookup below finds its entry.
-    let _ = map.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64);
-    let c = map.get_ptr_mut(key);
+    let _ = map.insert(id, unsafe { &*zero }, BPF_NOEXIST as u64);
+    let c = map.get_ptr_mut(id);
     if c.is_none() {
         self_stat(SelfStat::ListenerMapFull);
     }
@@ -132,13 +144,8 @@ pub struct Details {
 /// out: in a storm almost every event is rate-limited, and reading the packet's or the
 /// request's addresses would cost more than the rest of the drop's accounting.
 #[inline(always)]
-pub fn emit(
-    c: *mut ListenerCounters,
-    key: &ListenerKey,
-    kind: EventKind,
-    details: impl FnOnce() -> Details,
-) {
-    emit_two(c, key, kind, None, details)
+pub fn emit(c: *mut ListenerCounters, kind: EventKind, details: impl FnOnce() -> Details) {
+    emit_two(c, kind, None, details)
 }
 
 /// [`emit`] for a packet that makes two events (a dropped final ACK answered with a reset),
@@ -148,7 +155,6 @@ pub fn emit(
 #[inline(always)]
 pub fn emit_two(
     c: *mut ListenerCounters,
-    key: &ListenerKey,
     kind: EventKind,
     then: Option<EventKind>,
     details: impl FnOnce() -> Details,
@@ -163,6 +169,8 @@ pub fn emit_two(
         return;
     }
     let d = details();
+    // SAFETY: `c` came from `counters()`, which wrote this CPU's copy of the key.
+    let key = unsafe { &(*c).id };
     if first {
         put(key, kind, &d, now);
     }

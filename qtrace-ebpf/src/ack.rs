@@ -45,7 +45,7 @@ fn on_return<M: Mem>(
         return Ok(());
     }
     let l = listener_of_request(m, sk, req)?;
-    let family = l.key.family;
+    let family = l.family()?;
     dropped(
         sk,
         &l,
@@ -83,7 +83,6 @@ fn dropped<M: Mem>(
     }
     emit_two(
         c,
-        &l.key,
         kind,
         reset.then_some(EventKind::OverflowReset),
         #[inline(always)]
@@ -207,7 +206,7 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
         return Ok(());
     }
     let l = listener(Typed, sk)?;
-    let family = l.key.family;
+    let family = l.family()?;
     dropped(
         sk,
         &l,

@@ -3,7 +3,7 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel, Global};
 use qtrace_common::{
     kernel::SOCK_KEY_HEAD,
-    listener::{AF_INET, AF_INET6, SOCK_INODE},
+    listener::{AF_INET, AF_INET6, SOCK_ADDR, SOCK_INODE},
     HookLayout, ListenerKey, Offsets, SelfStat,
 };
 
@@ -98,12 +98,16 @@ pub fn probe_read<T: Copy>(base: *const u8, off: u32) -> Result<T, ()> {
     }
 }
 
-/// A listener's key, and its network namespace (for per-netns sysctls without reading the
-/// socket again).
+/// A listening socket: its map key, read with one load, and what its full key is read from
+/// when needed (the first count on a CPU, an event).
 pub struct Listener<M: Mem> {
-    pub key: ListenerKey,
+    /// The counter maps' key: [`ListenerKey::sock`], or [`SOCK_ADDR`] | the socket's address
+    /// when it has neither a cookie nor an inode (see [`sock_id`]).
+    pub id: u64,
     sk: *const u8,
-    net: *const u8,
+    /// The socket whose `skc_num` is the port: the listener, or its request (see
+    /// [`listener_of_request`]).
+    port_of: *const u8,
     /// How the listener was read, for what is read of it next.
     pub m: M,
 }
@@ -112,7 +116,7 @@ impl<M: Mem> Listener<M> {
     /// A per-netns `u8` sysctl of the listener's namespace (`net->ipv4.sysctl_*`).
     #[inline(always)]
     pub fn sysctl_u8(&self, off: u32) -> Result<u8, ()> {
-        self.m.read(self.net, off)
+        net_sysctl_u8(self.m, self.sk, off)
     }
 
     /// The uid that created the socket (`sk_uid`): read only when its counters are first
@@ -120,6 +124,42 @@ impl<M: Mem> Listener<M> {
     #[inline(always)]
     pub fn uid(&self) -> Result<u32, ()> {
         self.m.read(self.sk, offset!(sk_uid))
+    }
+
+    /// `AF_INET` or `AF_INET6`.
+    #[inline(always)]
+    pub fn family(&self) -> Result<u16, ()> {
+        self.m.read(self.sk, offset!(skc_family))
+    }
+
+    /// The listener's full key (namespace, address, port, socket): read only when a CPU first
+    /// counts for it, and for its counters' map entry to carry.
+    #[inline(always)]
+    pub fn key(&self) -> Result<ListenerKey, ()> {
+        let (m, sk) = (self.m, self.sk);
+        let fields = SockFields::of(m, sk)?;
+        let family: u16 = fields.get(offset!(skc_family))?;
+        let port: u16 = if self.port_of == sk {
+            fields.get(offset!(skc_num))?
+        } else {
+            m.read(self.port_of, offset!(skc_num))?
+        };
+        let net: *const u8 = fields.get(offset!(skc_net))?;
+        let netns: u32 = m.read(net, offset!(net_ns_inum))?;
+        let addr = if family == AF_INET6 {
+            // As words: a typed load must not cross the address's inner arrays' end, and the
+            // compiler may split a 16-byte load any way it likes.
+            words_to_addr(fields.get(offset!(skc_v6_rcv_saddr))?)
+        } else {
+            words_to_addr([fields.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
+        };
+        Ok(ListenerKey {
+            netns,
+            family,
+            port,
+            addr,
+            sock: if self.id & SOCK_ADDR != 0 { 0 } else { self.id },
+        })
     }
 }
 
@@ -135,6 +175,41 @@ pub fn listener<M: Mem>(m: M, sk: *const u8) -> Result<Listener<M>, ()> {
 #[inline(always)]
 pub fn listener_of_request<M: Mem>(m: M, sk: *const u8, req: *const u8) -> Result<Listener<M>, ()> {
     listener_with_port_of(m, sk, req)
+}
+
+#[inline(always)]
+fn listener_with_port_of<M: Mem>(
+    m: M,
+    sk: *const u8,
+    port_of: *const u8,
+) -> Result<Listener<M>, ()> {
+    Ok(Listener {
+        id: sock_id(m, sk, port_of)?,
+        sk,
+        port_of,
+        m,
+    })
+}
+
+/// The socket's cookie, or, for a socket the kernel has not given one yet, [`SOCK_INODE`] |
+/// its inode number, or, for one that has no inode either (closing before qtrace's first dump
+/// of it), [`SOCK_ADDR`] | its namespace and port. One 8-byte load on the common path: the
+/// counter maps are keyed by it, so a count hashes 8 bytes and reads nothing else of the
+/// socket. (Not the socket's address in the last case: the verifier forbids turning a typed
+/// pointer into a number.)
+#[inline(always)]
+fn sock_id<M: Mem>(m: M, sk: *const u8, port_of: *const u8) -> Result<u64, ()> {
+    let cookie: u64 = m.read(sk, offset!(skc_cookie))?;
+    if cookie != 0 {
+        return Ok(cookie);
+    }
+    if let Ok(inode) = sock_inode(m, sk) {
+        return Ok(inode);
+    }
+    let net: *const u8 = m.read(sk, offset!(skc_net))?;
+    let netns: u32 = m.read(net, offset!(net_ns_inum))?;
+    let port: u16 = m.read(port_of, offset!(skc_num))?;
+    Ok(SOCK_ADDR | (netns as u64) << 16 | port as u64)
 }
 
 /// The head of a `struct sock_common`, copied in one helper call: each
@@ -181,48 +256,6 @@ impl SockFields {
             SockFields::Copied(head) => head.get(off),
         }
     }
-}
-
-#[inline(always)]
-fn listener_with_port_of<M: Mem>(
-    m: M,
-    sk: *const u8,
-    port_of: *const u8,
-) -> Result<Listener<M>, ()> {
-    let fields = SockFields::of(m, sk)?;
-    let family: u16 = fields.get(offset!(skc_family))?;
-    let port: u16 = if port_of == sk {
-        fields.get(offset!(skc_num))?
-    } else {
-        m.read(port_of, offset!(skc_num))?
-    };
-    let net: *const u8 = fields.get(offset!(skc_net))?;
-    let netns: u32 = m.read(net, offset!(net_ns_inum))?;
-    let addr = if family == AF_INET6 {
-        // As words: a typed load must not cross the address's inner arrays' end, and the
-        // compiler may split a 16-byte load any way it likes.
-        words_to_addr(fields.get(offset!(skc_v6_rcv_saddr))?)
-    } else {
-        words_to_addr([fields.get(offset!(skc_rcv_saddr))?, 0, 0, 0])
-    };
-    let cookie: u64 = fields.get(offset!(skc_cookie))?;
-    let sock = if cookie != 0 {
-        cookie
-    } else {
-        sock_inode(m, sk).unwrap_or(0)
-    };
-    Ok(Listener {
-        key: ListenerKey {
-            netns,
-            family,
-            port,
-            addr,
-            sock,
-        },
-        sk,
-        net,
-        m,
-    })
 }
 
 /// [`SOCK_INODE`] | the socket's inode number, for a socket the kernel has not given a cookie

@@ -118,10 +118,9 @@ fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Re
         (Counter::SyncookiesSent, EventKind::SyncookieSent)
     };
     let l = listener(m, sk)?;
-    let key = l.key;
     let c = count(&l, counter).ok_or(())?;
-    emit(c, &key, kind, || Details {
-        remote: Remote::of_skb(m, skb, key.family).unwrap_or_default(),
+    emit(c, kind, || Details {
+        remote: Remote::of_skb(m, skb, unsafe { (*c).id.family }).unwrap_or_default(),
         queues: q,
         retrans: 0,
     });

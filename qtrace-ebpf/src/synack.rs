@@ -12,13 +12,12 @@ use crate::{
 #[inline(always)]
 fn on_retransmit(sk: *const u8, req: *const u8) -> Result<(), ()> {
     let l = listener_of_request(Typed, sk, req)?;
-    let key = l.key;
     let c = count(&l, Counter::SynackRetransmits).ok_or(())?;
-    emit(c, &key, EventKind::SynackRetransmit, || {
+    emit(c, EventKind::SynackRetransmit, || {
         // num_retrans is incremented by the caller after this tracepoint: retransmit n+1.
         let n: u8 = Typed.read(req, offset!(req_num_retrans)).unwrap_or(0);
         Details {
-            remote: Remote::of_request(Typed, req, key.family).unwrap_or_default(),
+            remote: Remote::of_request(Typed, req, unsafe { (*c).id.family }).unwrap_or_default(),
             // Like a drop's: a SYN-queue length the helper fails to read is 0 alone.
             queues: AcceptQueue::read(Typed, sk)
                 .unwrap_or_default()

@@ -865,10 +865,6 @@ fn self_families(
                 vec![("map", "listeners".into())],
                 st(SelfStat::ListenerMapFull),
             ),
-            (
-                vec![("map", "accept_queued".into())],
-                st(SelfStat::AcceptMapFull),
-            ),
             (vec![("map", "clients".into())], st(SelfStat::ClientMapFull)),
             (
                 vec![("map", "connecting".into())],

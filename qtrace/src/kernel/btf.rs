@@ -184,6 +184,7 @@ impl KernelBtf {
             sk_uid: self.offset("sock", "sk_uid")?,
             socket_ino: self.socket_ino().unwrap_or(0),
             icsk_synq_len: self.offset("inet_connection_sock", "icsk_accept_queue.qlen")?,
+            tcp_rcvq_time: self.offset("tcp_sock", "rcvq_space.time")?,
             req_num_retrans: self.offset("request_sock", "num_retrans")?,
             skb_head: self.offset("sk_buff", "head")?,
             skb_network_header: self.offset("sk_buff", "network_header")?,

@@ -25,6 +25,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerStats {
     pub key: ListenerKey,
+    /// Its entry in the kernel's map: `key.sock`, or the stand-in for a socket that had
+    /// neither cookie nor inode (`qtrace_common::listener::SOCK_ADDR`).
+    pub entry: u64,
     /// Counted in the partition of users' listeners (`sk_uid` ≥ `--first-user-uid`).
     pub user: bool,
     pub counts: [u64; Counter::COUNT],
@@ -45,6 +48,7 @@ impl ListenerStats {
     pub fn empty(key: ListenerKey) -> Self {
         ListenerStats {
             key,
+            entry: key.sock,
             user: false,
             counts: [0; Counter::COUNT],
             wait_buckets: [0; WAIT_BUCKETS],
@@ -98,12 +102,16 @@ impl ListenerStats {
         }
     }
 
-    fn sum(key: ListenerKey, per_cpu: &[ListenerCounters]) -> Self {
+    /// An entry's counters summed over CPUs, under the key the CPUs that counted wrote in;
+    /// None while no CPU has (the instant between its creation and its first count).
+    fn sum(entry: u64, per_cpu: &[ListenerCounters]) -> Option<Self> {
+        let key = per_cpu.iter().map(|c| c.id).find(|id| id.netns != 0)?;
         let mut s = Self::empty(key);
+        s.entry = entry;
         for cpu in per_cpu {
             s.add_parts(&cpu.counts, &cpu.wait_buckets, cpu.wait_sum_ns);
         }
-        s
+        Some(s)
     }
 
     /// Sums the entries of each listening address (netns, family, address, port), whatever
@@ -114,7 +122,7 @@ impl ListenerStats {
             let key = ListenerKey { sock: 0, ..s.key };
             out.entry(key)
                 .and_modify(|sum| sum.add(&s))
-                .or_insert(ListenerStats { key, ..s });
+                .or_insert(ListenerStats { key, entry: 0, ..s });
         }
         out.into_values().collect()
     }
@@ -135,7 +143,7 @@ impl ListenerStats {
     }
 }
 
-type ListenerMap = PerCpuHashMap<MapData, ListenerKey, ListenerCounters>;
+type ListenerMap = PerCpuHashMap<MapData, u64, ListenerCounters>;
 
 /// The kernel's counter maps, taken out of the eBPF object so readers (the periodic table,
 /// every scrape) need not hold the tracer.
@@ -187,10 +195,11 @@ impl KernelCounters {
         let mut out = Vec::new();
         for (i, map) in maps.iter().enumerate() {
             for entry in map.iter() {
-                let (key, per_cpu) = entry.context("read the listener map")?;
-                let mut stats = ListenerStats::sum(key, &per_cpu);
-                stats.user = i == 1;
-                out.push(stats);
+                let (entry, per_cpu) = entry.context("read the listener map")?;
+                if let Some(mut stats) = ListenerStats::sum(entry, &per_cpu) {
+                    stats.user = i == 1;
+                    out.push(stats);
+                }
             }
         }
         out.sort_by_key(|s| s.key);
@@ -201,7 +210,7 @@ impl KernelCounters {
     pub fn forget(&self, gone: &[ListenerStats]) -> usize {
         let mut maps = crate::recover::lock(&self.listeners);
         gone.iter()
-            .filter(|s| maps[usize::from(s.user)].remove(&s.key).is_ok())
+            .filter(|s| maps[usize::from(s.user)].remove(&s.entry).is_ok())
             .count()
     }
 
@@ -253,7 +262,20 @@ mod tests {
         a.wait_buckets[3] = 1;
         b.wait_buckets[3] = 1;
         b.wait_sum_ns = 7;
-        let s = ListenerStats::sum(ListenerKey::default(), &[a, b]);
+        // Only the CPU that counted first wrote the key in.
+        b.id = ListenerKey {
+            netns: 4026531840,
+            port: 80,
+            sock: 9,
+            ..ListenerKey::default()
+        };
+        assert_eq!(
+            ListenerStats::sum(9, &[a, a]),
+            None,
+            "no CPU has counted yet"
+        );
+        let s = ListenerStats::sum(9, &[a, b]).unwrap();
+        assert_eq!((s.key, s.entry), (b.id, 9));
         assert_eq!(s.get(Counter::SynackRetransmits), 7);
         assert_eq!(s.wait_buckets[3], 2);
         assert_eq!(s.wait_sum_ns, 7);

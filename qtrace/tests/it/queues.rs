@@ -3,7 +3,7 @@
 //! TcpExt counters. Where this kernel gives a probe no tier, qtrace must say "unavailable"
 //! (JSON null), never 0 — that is what these tests check there instead.
 
-use std::{thread, time::Duration};
+use std::{io::Write, thread, time::Duration};
 
 use crate::common::{
     connect, connect_nonblocking, delta, listener, local_ports, require_root, Netns, Output, Qtrace,
@@ -150,7 +150,8 @@ fn syncookies_always() {
 }
 
 /// A server that waits 150 ms before each accept(): every wait lands in the log2 bucket
-/// (131 ms, 262 ms].
+/// (131 ms, 262 ms]. Each client writes 100 ms into its wait: data reaching a queued child
+/// must not restart its clock (the wait is read from the child's own stamp).
 #[test]
 fn accept_queue_wait_histogram() {
     require_root();
@@ -158,8 +159,10 @@ fn accept_queue_wait_histogram() {
     let ns = Netns::new();
     let (server, port) = listener(&ns, "127.0.0.1", 8);
     for _ in 0..3 {
-        let _client = connect(&ns, "127.0.0.1", port, 1);
-        thread::sleep(Duration::from_millis(150));
+        let mut client = connect(&ns, "127.0.0.1", port, 1);
+        thread::sleep(Duration::from_millis(100));
+        client[0].write_all(b"GET").unwrap();
+        thread::sleep(Duration::from_millis(50));
         server.accept().unwrap();
     }
     drop(server);

@@ -204,7 +204,7 @@ pub(super) fn guest_results(
         };
         let v: Value = serde_json::from_str(json.trim_end())
             .with_context(|| format!("a guest result in {}", log.display()))?;
-        let config = GUEST_CONFIGS
+        let config = ALL_CONFIGS
             .into_iter()
             .find(|c| v["config"] == c.name())
             .context("an unknown configuration")?;

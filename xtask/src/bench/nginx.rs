@@ -99,8 +99,8 @@ pub(super) fn guest_rounds(rounds: usize, round: Duration, qtrace: &Path) -> Res
     wrk_round(round)?;
     for r in 1..=rounds {
         eprintln!("bench: nginx round {r}/{rounds}");
-        let order = GUEST_CONFIGS.iter().cycle().skip(r % GUEST_CONFIGS.len());
-        for &config in order.take(GUEST_CONFIGS.len()) {
+        let order = NGINX_CONFIGS.iter().cycle().skip(r % NGINX_CONFIGS.len());
+        for &config in order.take(NGINX_CONFIGS.len()) {
             let running = config.start(qtrace)?;
             let rps = wrk_round(round)?;
             drop(running);
@@ -131,7 +131,7 @@ pub(super) fn section(console: &str, log: &Path, z: &Sizes) -> Result<String> {
             .or_default()
             .push(v["rps"].as_f64().unwrap_or(0.0));
     }
-    if rps.len() != GUEST_CONFIGS.len() {
+    if rps.len() != NGINX_CONFIGS.len() {
         bail!(
             "the benchmark guest did not run nginx under every configuration (console in {})",
             log.display()
@@ -150,7 +150,7 @@ pub(super) fn section(console: &str, log: &Path, z: &Sizes) -> Result<String> {
         z.guest_rounds, z.guest_round
     );
     s += "| configuration | requests/s (min / median / max) | ratio to no tracer (median) | target |\n|---|---|---|---|\n";
-    for c in GUEST_CONFIGS {
+    for c in NGINX_CONFIGS {
         let st = median(c);
         let ratio = st.1 / base;
         let target = match c {

@@ -270,6 +270,8 @@ fn first_line(err: &anyhow::Error) -> String {
                 && !l.starts_with(':')
                 && !l.starts_with("processed ")
                 && !l.starts_with("verification time")
+                // 6.x and later print the frame sizes after the time.
+                && !l.starts_with("stack depth")
         })
         .last();
     match reason {
@@ -420,8 +422,8 @@ mod tests {
         let err = anyhow!(
             "qt_ack_krp at kretprobe:f: the BPF_PROG_LOAD syscall returned Permission denied \
              (os error 13). Verifier output: 0: (bf) r6 = r1\n1: (79) r1 = *(u64 *)(r6 +104)\n\
-             R1 invalid mem access 'inv'\nprocessed 12 insns (limit 1000000)\n: Permission \
-             denied (os error 13)"
+             R1 invalid mem access 'inv'\nverification time 9 usec\nstack depth 80\n\
+             processed 12 insns (limit 1000000)\n: Permission denied (os error 13)"
         );
         assert_eq!(
             first_line(&err),
