@@ -47,7 +47,9 @@ pub enum ClientCounter {
     ConnectRefused,
     /// The SYN retries ran out (`tcp_syn_retries`; ETIMEDOUT).
     ConnectTimedOut,
-    /// Reset while the handshake was under way (ECONNRESET out of SYN_SENT/SYN_RECV).
+    /// Reset by the server before it sent a byte: an actively opened connection, established
+    /// (connect() succeeded), that got a reset (ECONNRESET) before receiving any data, as from
+    /// a server with `tcp_abort_on_overflow` and a full accept queue.
     ConnectReset,
     /// Any other error that ended the handshake (an ICMP host or network unreachable, …).
     ConnectOther,
@@ -92,6 +94,12 @@ pub struct ClientOffsets {
     /// `struct sock`: `sk_err`, `sk_protocol` (a plain u16 since 5.6).
     pub sk_err: u32,
     pub sk_protocol: u32,
+    /// `struct sock`: `sk_err_soft` and `sk_error_queue.next`, where a handshake's ICMP error
+    /// lies when it came while connect() held the socket (see the kernel program).
+    pub sk_err_soft: u32,
+    pub sk_error_queue: u32,
+    /// `struct sk_buff`'s `cb` plus `struct sock_exterr_skb`'s `ee`: the queued error.
+    pub skb_ee: u32,
     /// `struct inet_sock`: `inet_sport`, set when connect() got a local port and not cleared
     /// when the socket closes (unlike `skc_num`, which releasing the port zeroes before the
     /// state-change tracepoint runs).
@@ -99,6 +107,9 @@ pub struct ClientOffsets {
     /// `struct task_struct`: `group_leader`, `comm`.
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// `struct tcp_sock`: `bytes_received` (RFC 4898 tcpEStatsAppHCThruOctetsReceived; 0
+    /// until the first byte from the peer), for `reset`.
+    pub tcp_bytes_received: u32,
 }
 
 #[cfg(feature = "user")]

@@ -226,7 +226,9 @@ pub enum ConnectFailure {
     Refused,
     /// The SYN retries ran out (ETIMEDOUT).
     TimedOut,
-    /// Reset during the handshake (ECONNRESET).
+    /// Reset by the server before it sent a byte (ECONNRESET), after connect() succeeded: the
+    /// handshake as the server saw it did not complete (`tcp_abort_on_overflow` with a full
+    /// accept queue). In SYN_SENT the kernel reports a reset as ECONNREFUSED (`refused`).
     Reset,
     /// Any other error that ended the handshake.
     Other,
@@ -274,7 +276,7 @@ impl ConnectFailure {
             ConnectFailure::NoPort => "connect failed: no free local port (EADDRNOTAVAIL)",
             ConnectFailure::Refused => "connect refused (ECONNREFUSED)",
             ConnectFailure::TimedOut => "connect timed out: SYN retries exhausted (ETIMEDOUT)",
-            ConnectFailure::Reset => "connect reset during the handshake (ECONNRESET)",
+            ConnectFailure::Reset => "connection reset before the server's first byte (ECONNRESET)",
             ConnectFailure::Other => "connect failed (other error)",
             ConnectFailure::Aborted => "connect abandoned: closed by its owner mid-handshake",
         }

@@ -11,6 +11,10 @@
 //!   it before clearing the destination); one that got a port was closed by its owner
 //!   mid-handshake (close() or shutdown() in SYN_SENT: `tcp_close_state`).
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
+//!
+//! ECONNRESET never ends SYN_SENT (the kernel reports a reset there as ECONNREFUSED):
+//! `reset`, an established connection the server resets before its first byte, is counted by
+//! `client_reset.rs` on the same tracepoint.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -27,7 +31,7 @@ use qtrace_common::{
 
 use crate::{
     account::{submit, take},
-    kernel::{global_field, offset, probe_read, words_to_addr, Mem, Typed},
+    kernel::{offset, probe_read, words_to_addr, Mem, Typed},
     self_stats::self_stat,
 };
 
@@ -38,9 +42,14 @@ pub(crate) static QT_CLIENT_OFFSETS: Global<ClientOffsets> =
 /// A field of the client offsets user space resolved from the kernel's BTF.
 macro_rules! client_offset {
     ($field:ident) => {
-        global_field!(QT_CLIENT_OFFSETS, ClientOffsets, $field)
+        $crate::kernel::global_field!(
+            $crate::client::QT_CLIENT_OFFSETS,
+            qtrace_common::ClientOffsets,
+            $field
+        )
     };
 }
+pub(crate) use client_offset;
 
 /// Sized by user space (`--max-client-destinations`) before load.
 #[map]
@@ -53,14 +62,18 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 static QT_CONNECTING: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(16384, 0);
 
 // include/net/tcp_states.h, the same on every kernel.
-const TCP_SYN_SENT: i32 = 2;
-const TCP_CLOSE: i32 = 7;
-const IPPROTO_TCP: u16 = 6;
+pub(crate) const TCP_ESTABLISHED: i32 = 1;
+pub(crate) const TCP_SYN_SENT: i32 = 2;
+pub(crate) const TCP_CLOSE: i32 = 7;
+pub(crate) const IPPROTO_TCP: u16 = 6;
+// include/uapi/linux/errqueue.h.
+const SO_EE_ORIGIN_ICMP: u8 = 2;
+const SO_EE_ORIGIN_ICMP6: u8 = 3;
 
 /// The calling process: its tgid and its group leader's name (the thread's own name would
 /// make one series per worker thread).
 #[inline(always)]
-fn current_owner() -> ConnectOwner {
+pub(crate) fn current_owner() -> ConnectOwner {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let comm = probe_read::<*const u8>(task, client_offset!(task_group_leader))
@@ -95,7 +108,7 @@ fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
 /// event unless the destination's rate limit (as a listener's: `QT_EVENT_RATE` a second per
 /// CPU) or a full ring buffer stops it, either way counted.
 #[inline(always)]
-fn count(
+pub(crate) fn count(
     sk: *const u8,
     owner: ConnectOwner,
     counter: ClientCounter,
@@ -181,8 +194,11 @@ fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         return Ok(());
     }
     let err: i32 = Typed.read(sk, client_offset!(sk_err))?;
+    let soft = if err == 0 { soft_error(sk) } else { 0 };
     let failure = if err != 0 {
         ConnectFailure::of_errno(err)
+    } else if soft != 0 {
+        ConnectFailure::of_errno(soft)
     } else if probe_read::<u16>(sk, client_offset!(inet_sport))? == 0 {
         // Through the helper: inet_sock lies beyond the `struct sock` the tracepoint declares.
         ConnectFailure::NoPort
@@ -190,6 +206,33 @@ fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         ConnectFailure::Aborted
     };
     count(sk, owner, failure.counter(), failure.event())
+}
+
+/// The ICMP error a handshake got while connect() held the socket (owned by the user, so
+/// `tcp_v4/v6_err` left it soft: `sk_err_soft`, and a copy on the error queue), when the owner
+/// closes it before the kernel ends the handshake: what a non-blocking caller's SO_ERROR
+/// returned (SO_ERROR falls back to the soft error, and poll() reports the queued one at once),
+/// so its connect failed with it, not abandoned. SO_ERROR consumes `sk_err_soft`; the queued
+/// copy stays until the socket is destroyed. 0 when there is none.
+#[inline(always)]
+fn soft_error(sk: *const u8) -> i32 {
+    let soft: i32 = Typed.read(sk, client_offset!(sk_err_soft)).unwrap_or(0);
+    if soft != 0 {
+        return soft;
+    }
+    // Compared as numbers: an empty queue's head points at itself.
+    let head = (sk as u64).wrapping_add(client_offset!(sk_error_queue) as u64);
+    let skb = match probe_read::<u64>(sk, client_offset!(sk_error_queue)) {
+        Ok(skb) if skb != 0 && skb != head => skb as *const u8,
+        _ => return 0,
+    };
+    // `struct sock_extended_err`: ee_errno (u32), then ee_origin (u8).
+    match probe_read::<[u8; 5]>(skb, client_offset!(skb_ee)) {
+        Ok(ee) if ee[4] == SO_EE_ORIGIN_ICMP || ee[4] == SO_EE_ORIGIN_ICMP6 => {
+            i32::from_ne_bytes([ee[0], ee[1], ee[2], ee[3]])
+        }
+        _ => 0,
+    }
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]

@@ -426,11 +426,14 @@ pub fn destinations(prev: &Listeners, cur: &Listeners, secs: f64) -> String {
         .iter()
         .map(|d| {
             let then = before.and_then(|b| b.iter().find(|p| key(p) == key(d)));
-            let rates: Vec<f64> = counters
+            // A counter the daemon leaves out is unavailable on its kernel (`reset` before 5.11).
+            let rates: Vec<Option<f64>> = counters
                 .iter()
                 .map(|c| {
                     let was = then.map_or(0, |p| p.get(*c));
-                    d.get(*c).saturating_sub(was) as f64 / secs
+                    d.counters
+                        .contains_key(c.name())
+                        .then(|| d.get(*c).saturating_sub(was) as f64 / secs)
                 })
                 .collect();
             let census = side.census.iter().find(|n| n.netns == d.netns);
@@ -448,9 +451,13 @@ pub fn destinations(prev: &Listeners, cur: &Listeners, secs: f64) -> String {
                 std::net::SocketAddr::new(d.addr, d.port).to_string(),
                 format!("{}[{}]", d.comm, d.pid),
             ];
-            cells.extend(rates.iter().map(|r| format!("{r:.1}")));
+            cells.extend(
+                rates
+                    .iter()
+                    .map(|r| r.map_or("n/a".into(), |r| format!("{r:.1}"))),
+            );
             cells.push(format!("{in_use}/{usable}"));
-            (rates.iter().sum(), cells)
+            (rates.iter().flatten().sum(), cells)
         })
         .collect();
     rows.sort_by(|a, b| b.0.total_cmp(&a.0));

@@ -567,19 +567,24 @@ fn client_families(out: &mut Vec<Family>, clients: &Clients) {
     out.push(Family {
         name: "qtrace_connect_failures",
         help: "connect() calls whose handshake failed, by reason, per network namespace, \
-               process and destination. refused, timed_out, reset and other together are the \
+               process and destination. refused, timed_out and other together are the \
                namespace's Tcp AttemptFails from SYN_SENT; no_port (EADDRNOTAVAIL) has no \
-               kernel counter; aborted: closed by the process mid-handshake.",
+               kernel counter; aborted: closed by the process mid-handshake; reset: \
+               established, then reset by the server before its first byte (ECONNRESET, as \
+               from tcp_abort_on_overflow; absent before Linux 5.11).",
         kind: MetricType::Counter,
         samples: series
             .iter()
             .flat_map(|(labels, c)| {
-                ConnectFailure::ALL.into_iter().map(move |f| {
-                    (
-                        labels.with("reason", f.name()),
-                        Value::Counter(c.get(f.counter())),
-                    )
-                })
+                ConnectFailure::ALL
+                    .into_iter()
+                    .filter(|f| clients.shows(f.counter()))
+                    .map(move |f| {
+                        (
+                            labels.with("reason", f.name()),
+                            Value::Counter(c.get(f.counter())),
+                        )
+                    })
             })
             .collect(),
     });
@@ -1195,6 +1200,7 @@ mod tests {
         counts[ClientCounter::ConnectTimedOut as usize] = 1;
         counts[ClientCounter::SynRetransmits as usize] = 4;
         let mut c = Clients::capped(true, vec![ClientStats { key, counts }], 1000);
+        c.reset_available = true;
         let mut hist = qtrace_common::PortSearch::ZERO;
         hist.buckets[10] = 3;
         hist.buckets[17] = 1;

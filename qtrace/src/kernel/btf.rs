@@ -207,9 +207,13 @@ impl KernelBtf {
         Ok(ClientOffsets {
             sk_err: self.offset("sock", "sk_err")?,
             sk_protocol: self.offset("sock", "sk_protocol")?,
+            sk_err_soft: self.offset("sock", "sk_err_soft")?,
+            sk_error_queue: self.offset("sock", "sk_error_queue.next")?,
+            skb_ee: self.offset("sk_buff", "cb")? + self.offset("sock_exterr_skb", "ee")?,
             inet_sport: self.offset("inet_sock", "inet_sport")?,
             task_group_leader: self.offset("task_struct", "group_leader")?,
             task_comm: self.offset("task_struct", "comm")?,
+            tcp_bytes_received: self.offset("tcp_sock", "bytes_received")?,
         })
     }
 

@@ -18,8 +18,9 @@ use crate::run;
 const TOOLS: [&str; 6] = ["ip", "nft", "bpftool", "setpriv", "bash", "ss"];
 
 /// Modules the tests need that Debian's cloud kernels build as modules (a host loads them on
-/// demand; the guest has no modprobe): nftables, and sock_diag for TCP.
-pub const MODULES: [&str; 2] = ["nf_tables", "tcp_diag"];
+/// demand; the guest has no modprobe): nftables with its `reject` (ICMP errors for the client
+/// suite), sock_diag for TCP, and veth (namespaces linked as over a network).
+pub const MODULES: [&str; 4] = ["nf_tables", "nft_reject_inet", "tcp_diag", "veth"];
 
 pub fn build(
     out: &Path,

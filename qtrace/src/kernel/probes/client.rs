@@ -15,19 +15,33 @@ pub const AREA: Area = Area {
 fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
     // The state-change tracepoint sees every way a handshake ends (the errno is set before
     // the socket goes to CLOSE) at no per-packet cost; no function hook would see more.
+    tracepoints(
+        tier,
+        btf,
+        &[
+            Step {
+                program: "qt_client_state",
+                hook: Hook::Tracepoint("inet_sock_set_state"),
+            },
+            Step {
+                program: "qt_client_rtx",
+                hook: Hook::Tracepoint("tcp_retransmit_skb"),
+            },
+        ],
+    )
+}
+
+/// A client-side plan: its tracepoint `steps`, at the tracepoint tier alone, where the kernel's
+/// BTF has every member the client programs read.
+pub(super) fn tracepoints(
+    tier: Tier,
+    btf: &KernelBtf,
+    steps: &[Step],
+) -> Option<Result<Plan, String>> {
     (tier == Tier::Tracepoint).then(|| {
         btf.client_offsets().map_err(|e| format!("{e:#}"))?;
         Ok(Plan {
-            steps: vec![
-                Step {
-                    program: "qt_client_state",
-                    hook: Hook::Tracepoint("inet_sock_set_state"),
-                },
-                Step {
-                    program: "qt_client_rtx",
-                    hook: Hook::Tracepoint("tcp_retransmit_skb"),
-                },
-            ],
+            steps: steps.to_vec(),
         })
     })
 }

@@ -8,6 +8,7 @@
 mod accept;
 mod ack;
 mod client;
+mod client_reset;
 mod port_search;
 mod syn;
 mod synack;
@@ -69,12 +70,13 @@ pub struct Area {
     pub plan: fn(Tier, &KernelBtf) -> Option<Result<Plan, String>>,
 }
 
-pub const AREAS: [&Area; 6] = [
+pub const AREAS: [&Area; 7] = [
     &syn::AREA,
     &ack::AREA,
     &synack::AREA,
     &accept::AREA,
     &client::AREA,
+    &client_reset::AREA,
     &port_search::AREA,
 ];
 
@@ -82,6 +84,12 @@ pub const AREAS: [&Area; 6] = [
 /// they are unavailable (absent), never 0.
 pub fn client_available(statuses: &[ProbeStatus]) -> bool {
     attached(statuses, &client::AREA)
+}
+
+/// Whether `reset` is counted: the client probe and its reset program (socket storage in
+/// tracing programs, Linux 5.11) are attached; elsewhere `reset` is unavailable, never 0.
+pub fn client_reset_available(statuses: &[ProbeStatus]) -> bool {
+    client_available(statuses) && attached(statuses, &client_reset::AREA)
 }
 
 /// Whether the port-search probe is attached (fentry or kprobe tiers only): without it the
