@@ -6,14 +6,14 @@
 use libfuzzer_sys::fuzz_target;
 use qtrace_fuzz::{
     api::Line,
-    decode::{decode, to_record, Clock},
+    decode::{decode, to_record_named, ClientNames, Clock},
 };
 
 fuzz_target!(|data: &[u8]| {
     let Some(ev) = decode(data) else {
         return;
     };
-    let record = to_record(&ev, &Clock::new());
+    let record = to_record_named(&ev, &Clock::new(), &mut ClientNames::default());
     let line = serde_json::to_string(&record).expect("an event serializes");
     match serde_json::from_str(&line).expect("an event line reads back") {
         Line::Event(back) => assert_eq!(back, record),
