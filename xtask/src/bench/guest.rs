@@ -171,24 +171,35 @@ fn run_guest(qtrace: &Path, z: &Sizes, nginx_only: bool) -> Result<(String, Path
         &files,
         &init,
     )?;
+    // The churn's rounds and nginx's, each configuration starting its tracer (bpftrace
+    // compiles its scripts: minutes under emulation) on a busy two-core host.
+    let (console, log) = boot_bench_guest(&image, "bench-6.12", Duration::from_secs(3600))?;
+    Ok((console, log, image.release))
+}
+
+/// Boots a benchmark guest with the instruction-counting clock; its console, also kept in
+/// `logs/<name>.log` under the cache.
+pub(super) fn boot_bench_guest(
+    image: &crate::matrix::GuestImage,
+    name: &str,
+    timeout: Duration,
+) -> Result<(String, PathBuf)> {
     let (console, finished) = crate::matrix::qemu::boot(
         &image.vmlinux,
         &image.initrd,
         "",
         2048,
         crate::matrix::qemu::Clock::Instructions,
-        // The churn's rounds and nginx's, each configuration starting its tracer (bpftrace
-        // compiles its scripts: minutes under emulation) on a busy two-core host.
-        Duration::from_secs(3600),
+        timeout,
     )?;
-    let log = cache.join("logs/bench-6.12.log");
+    let log = crate::matrix::cache_dir()?.join(format!("logs/{name}.log"));
     std::fs::write(&log, &console)?;
     anyhow::ensure!(
         finished,
-        "the benchmark guest timed out (console in {})",
+        "the benchmark guest {name} timed out (console in {})",
         log.display()
     );
-    Ok((console, log, image.release))
+    Ok((console, log))
 }
 
 /// The guest's JSON lines after `marker`, each with the configuration it names.

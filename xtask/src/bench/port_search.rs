@@ -10,7 +10,7 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -228,21 +228,8 @@ pub(super) fn port_search(qtrace: &Path, z: &Sizes) -> Result<String> {
         &[],
         &init,
     )?;
-    let (console, finished) = crate::matrix::qemu::boot(
-        &image.vmlinux,
-        &image.initrd,
-        "",
-        2048,
-        crate::matrix::qemu::Clock::Instructions,
-        Duration::from_secs(1800),
-    )?;
-    let log: PathBuf = cache.join("logs/bench-ports-6.12.log");
-    std::fs::write(&log, &console)?;
-    anyhow::ensure!(
-        finished,
-        "the port-search guest timed out (console in {})",
-        log.display()
-    );
+    let (console, log) =
+        super::guest::boot_bench_guest(&image, "bench-ports-6.12", Duration::from_secs(1800))?;
     section(&console, &log, &image.release)
 }
 
