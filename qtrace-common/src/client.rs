@@ -14,7 +14,7 @@ pub struct ClientKey {
     /// Inode number of the socket's network namespace.
     pub netns: u32,
     /// The process (tgid) that called connect(); 0 when it could not be recorded (see
-    /// [`crate::SelfStat::ConnectingMapFull`]).
+    /// [`crate::SelfStat::ActiveOpensMapFull`]).
     pub pid: u32,
     /// Its name, NUL-padded (`/proc/<pid>/comm`).
     pub comm: [u8; 16],
@@ -26,12 +26,16 @@ pub struct ClientKey {
     pub dport: u16,
 }
 
-/// Who called connect() on a socket still in SYN_SENT: kept from connect() (where the caller is
-/// the current task) until the socket leaves SYN_SENT, whose tracepoint may run in softirq
-/// context (an RST, a retransmit timer) where the current task is anyone.
+/// Who called connect() on a socket, and when: kept from connect() (where the caller is the
+/// current task) until the socket leaves SYN_SENT for anything but ESTABLISHED, or leaves
+/// ESTABLISHED. Those tracepoints may run in softirq context (an RST, a retransmit timer)
+/// where the current task is anyone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectOwner {
+    /// `bpf_ktime_get_ns()` as the socket entered SYN_SENT, just before connect() looks for a
+    /// local port: where the port search's time starts.
+    pub connect_ns: u64,
     pub pid: u32,
     pub comm: [u8; 16],
 }

@@ -107,9 +107,9 @@ pub enum SelfStat {
     ReadFailed,
     /// A destination could not be added because the client map was full; its counts are lost.
     ClientMapFull,
-    /// A connecting socket's owner could not be recorded (map full): its failures count for
-    /// pid 0.
-    ConnectingMapFull,
+    /// An active open's owner could not be recorded (map full, `--max-client-sockets`): its
+    /// handshake failures count for pid 0, and a reset of it is not counted.
+    ActiveOpensMapFull,
     /// A namespace's port-search histogram could not be created (map full): its searches
     /// are lost.
     PortSearchMapFull,
@@ -123,7 +123,7 @@ impl SelfStat {
         SelfStat::ListenerMapFull,
         SelfStat::ReadFailed,
         SelfStat::ClientMapFull,
-        SelfStat::ConnectingMapFull,
+        SelfStat::ActiveOpensMapFull,
         SelfStat::PortSearchMapFull,
     ];
 }
@@ -136,7 +136,7 @@ impl SelfStat {
             SelfStat::ListenerMapFull => "listener_map_full",
             SelfStat::ReadFailed => "read_failed",
             SelfStat::ClientMapFull => "client_map_full",
-            SelfStat::ConnectingMapFull => "connecting_map_full",
+            SelfStat::ActiveOpensMapFull => "active_opens_map_full",
             SelfStat::PortSearchMapFull => "port_search_map_full",
         }
     }

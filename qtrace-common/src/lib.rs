@@ -34,8 +34,9 @@ pub mod maps {
     pub const SELF_STATS: &str = "QT_SELF_STATS";
     /// Per-CPU hash: [`crate::ClientKey`] → [`crate::ClientCounters`].
     pub const CLIENTS: &str = "QT_CLIENTS";
-    /// Hash: socket address → [`crate::ConnectOwner`], for sockets in SYN_SENT.
-    pub const CONNECTING: &str = "QT_CONNECTING";
+    /// Hash: socket address → [`crate::ConnectOwner`], for active opens from connect() until
+    /// they leave ESTABLISHED.
+    pub const ACTIVE_OPENS: &str = "QT_ACTIVE_OPENS";
     /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
     pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
 }

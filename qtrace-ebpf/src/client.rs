@@ -1,37 +1,54 @@
 //! The client side of the handshake: connect() failures by reason and SYN retransmits, per
 //! (network namespace, owning process, destination). Two tracepoints, no per-packet cost:
 //!
-//! - `sock:inet_sock_set_state(sk, oldstate, newstate)`: CLOSE→SYN_SENT happens inside
-//!   connect() (`tcp_v4/v6_connect`, before the local port is chosen), so the current task
-//!   is the owner and is kept per socket; leaving SYN_SENT ends the record, and SYN_SENT→CLOSE
-//!   is a failed handshake. The kernel sets `sk_err` before that transition (`tcp_reset`:
-//!   ECONNREFUSED; `tcp_write_err`: ETIMEDOUT, or the soft ICMP error; `tcp_v4_err`: the
-//!   ICMP's). With no error, a socket that never got a local port (`inet_sport` still 0)
-//!   failed in `inet_hash_connect` (EADDRNOTAVAIL: `tcp_v4/v6_connect`'s failure path closes
-//!   it before clearing the destination); one that got a port was closed by its owner
-//!   mid-handshake (close() or shutdown() in SYN_SENT: `tcp_close_state`).
+//! - `sock:inet_sock_set_state(sk, oldstate, newstate)`, one program for every state change:
+//!   - CLOSE→SYN_SENT happens inside connect() (`tcp_v4/v6_connect`, just before the local
+//!     port is chosen), so the current task is the owner: kept per socket with the time
+//!     (`QT_ACTIVE_OPENS`, where the port search's fexit finds its start, see
+//!     `port_search.rs`).
+//!   - SYN_SENT→CLOSE is a failed handshake. The kernel sets `sk_err` before that transition
+//!     (`tcp_reset`: ECONNREFUSED; `tcp_write_err`: ETIMEDOUT, or the soft ICMP error;
+//!     `tcp_v4_err`: the ICMP's). With no error, a socket that never got a local port
+//!     (`inet_sport` still 0) failed in `inet_hash_connect` (EADDRNOTAVAIL: `tcp_v4/v6_connect`'s
+//!     failure path closes it before clearing the destination); one that got a port was closed
+//!     by its owner mid-handshake (close() or shutdown() in SYN_SENT: `tcp_close_state`).
+//!   - Leaving ESTABLISHED ends the record; ESTABLISHED→CLOSE with ECONNRESET before a byte
+//!     arrived is `reset`: the handshake an SRE calls reset is one the server never completed
+//!     (with `net.ipv4.tcp_abort_on_overflow=1` and a full accept queue the client is
+//!     ESTABLISHED once it has the SYN-ACK, and the server answers its final ACK or first data
+//!     with a reset). In SYN_SENT the kernel turns a reset into ECONNREFUSED (`tcp_reset`), so
+//!     ECONNRESET never ends a handshake the client sees under way. `tcp_sock.bytes_received`
+//!     still 0 tells it from a reset later in the connection, and an application's own abort
+//!     (`tcp_disconnect`) sets its error only after the state change. The record also tells an
+//!     active open from a server's child, which never passes SYN_SENT: a child reset before
+//!     sending data is never counted.
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
 //!
-//! ECONNRESET never ends SYN_SENT (the kernel reports a reset there as ECONNREFUSED):
-//! `reset`, an established connection the server resets before its first byte, is counted by
-//! `client_reset.rs` on the same tracepoint.
+//! Cost per connection: one hash insert at connect(), one lookup as each socket leaves
+//! ESTABLISHED (a miss for the server's child), one delete; every other state change returns
+//! after comparing two integers. The record lives as long as the socket is connecting or
+//! established, so the map (`--max-client-sockets`) bounds the active opens qtrace follows;
+//! past it a failure counts unattributed (pid 0), a reset not at all, each counted in
+//! `SelfStat::ActiveOpensMapFull`.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
+    },
     macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuHashMap},
     programs::BtfTracePointContext,
     Global,
 };
 use qtrace_common::{
-    listener::AF_INET6, ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectFailure,
-    ConnectOwner, Event, EventKind, ListenerKey, SelfStat,
+    listener::AF_INET6, vocabulary::ECONNRESET, ClientCounter, ClientCounters, ClientKey,
+    ClientOffsets, ConnectFailure, ConnectOwner, Event, EventKind, ListenerKey, SelfStat,
 };
 
 use crate::{
     account::{submit, take},
-    kernel::{offset, probe_read, words_to_addr, Mem, Typed},
+    kernel::{offset, probe_read, words_to_addr, Mem, Typed, Untyped},
     self_stats::self_stat,
 };
 
@@ -49,37 +66,48 @@ macro_rules! client_offset {
         )
     };
 }
-pub(crate) use client_offset;
 
 /// Sized by user space (`--max-client-destinations`) before load.
 #[map]
 static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
     PerCpuHashMap::with_max_entries(4096, 0);
 
-/// Sockets in SYN_SENT → who called connect(). Sized by user space before load; every entry
-/// leaves with its socket's next state change, so it holds the handshakes under way.
+/// Active opens, from connect() until they leave SYN_SENT for anything but ESTABLISHED or
+/// leave ESTABLISHED → who called connect(), and when. Sized by user space before load
+/// (`--max-client-sockets`). Keyed by the socket's address: a socket always passes a state
+/// change before it is freed, which deletes its record, so a reused address finds none.
 #[map]
-static QT_CONNECTING: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(16384, 0);
+pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
 
 // include/net/tcp_states.h, the same on every kernel.
-pub(crate) const TCP_ESTABLISHED: i32 = 1;
-pub(crate) const TCP_SYN_SENT: i32 = 2;
-pub(crate) const TCP_CLOSE: i32 = 7;
-pub(crate) const IPPROTO_TCP: u16 = 6;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
 // include/uapi/linux/errqueue.h.
 const SO_EE_ORIGIN_ICMP: u8 = 2;
 const SO_EE_ORIGIN_ICMP6: u8 = 3;
 
 /// The calling process: its tgid and its group leader's name (the thread's own name would
-/// make one series per worker thread).
+/// make one series per worker thread). Typed (`bpf_get_current_task_btf`, Linux 5.11): two
+/// loads; untyped (5.10): two reads through the helper.
 #[inline(always)]
-pub(crate) fn current_owner() -> ConnectOwner {
+fn current_owner<M: Mem>(m: M) -> ConnectOwner {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let comm = probe_read::<*const u8>(task, client_offset!(task_group_leader))
-        .and_then(|leader| probe_read::<[u8; 16]>(leader, client_offset!(task_comm)))
+    let task = if M::TYPED {
+        unsafe { bpf_get_current_task_btf() as *const u8 }
+    } else {
+        unsafe { bpf_get_current_task() as *const u8 }
+    };
+    let comm = m
+        .read::<*const u8>(task, client_offset!(task_group_leader))
+        .and_then(|leader| m.read::<[u8; 16]>(leader, client_offset!(task_comm)))
         .unwrap_or_default();
-    ConnectOwner { pid, comm }
+    ConnectOwner {
+        connect_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        comm,
+    }
 }
 
 /// The destination of connecting socket `sk`, attributed to `owner`.
@@ -108,7 +136,7 @@ fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
 /// event unless the destination's rate limit (as a listener's: `QT_EVENT_RATE` a second per
 /// CPU) or a full ring buffer stops it, either way counted.
 #[inline(always)]
-pub(crate) fn count(
+fn count(
     sk: *const u8,
     owner: ConnectOwner,
     counter: ClientCounter,
@@ -166,33 +194,64 @@ pub(crate) fn count(
 /// be: attached mid-handshake, or the map was full, which is counted).
 #[inline(always)]
 fn owner_of(sk: *const u8) -> ConnectOwner {
-    unsafe { QT_CONNECTING.get(&(sk as u64)) }
+    unsafe { QT_ACTIVE_OPENS.get(&(sk as u64)) }
         .copied()
         .unwrap_or_default()
 }
 
 #[inline(always)]
-fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
-    // Every TCP state change passes here: only the client handshake's go further.
-    if old != TCP_SYN_SENT && new != TCP_SYN_SENT {
-        return Ok(());
-    }
-    let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
+fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
+    // Every state change of every TCP socket passes here: most return after these compares.
     let id = sk as u64;
     if new == TCP_SYN_SENT {
-        if QT_CONNECTING.insert(&id, &current_owner(), 0).is_err() {
-            self_stat(SelfStat::ConnectingMapFull);
+        let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
+        if protocol == IPPROTO_TCP && QT_ACTIVE_OPENS.insert(&id, &current_owner(m), 0).is_err() {
+            self_stat(SelfStat::ActiveOpensMapFull);
         }
         return Ok(());
     }
-    let owner = owner_of(sk);
-    let _ = QT_CONNECTING.remove(&id);
+    if old == TCP_SYN_SENT {
+        if new == TCP_ESTABLISHED {
+            // Connected: the record stays until the socket leaves ESTABLISHED (`reset`).
+            return Ok(());
+        }
+        let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
+        if protocol != IPPROTO_TCP {
+            return Ok(());
+        }
+        let owner = owner_of(sk);
+        let _ = QT_ACTIVE_OPENS.remove(&id);
+        return failed(sk, owner);
+    }
+    if old != TCP_ESTABLISHED {
+        return Ok(());
+    }
+    // Only active opens have a record: a server's child (or a socket connected before qtrace
+    // started) returns after one lookup.
+    let owner = match unsafe { QT_ACTIVE_OPENS.get(&id) } {
+        Some(owner) => *owner,
+        None => return Ok(()),
+    };
+    let _ = QT_ACTIVE_OPENS.remove(&id);
     if new != TCP_CLOSE {
         return Ok(());
     }
+    let err: i32 = Typed.read(sk, client_offset!(sk_err))?;
+    // Through the helper: tcp_sock lies beyond the `struct sock` the tracepoint declares.
+    if err != ECONNRESET || probe_read::<u64>(sk, client_offset!(tcp_bytes_received))? != 0 {
+        return Ok(());
+    }
+    count(
+        sk,
+        owner,
+        ClientCounter::ConnectReset,
+        EventKind::ConnectReset,
+    )
+}
+
+/// SYN_SENT→CLOSE: why the handshake ended, counted for its owner.
+#[inline(always)]
+fn failed(sk: *const u8, owner: ConnectOwner) -> Result<(), ()> {
     let err: i32 = Typed.read(sk, client_offset!(sk_err))?;
     let soft = if err == 0 { soft_error(sk) } else { 0 };
     let failure = if err != 0 {
@@ -237,7 +296,15 @@ fn soft_error(sk: *const u8) -> i32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn qt_client_state(ctx: BtfTracePointContext) -> i32 {
-    let _ = on_state(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    let _ = on_state(Typed, ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+/// `qt_client_state` for kernels without `bpf_get_current_task_btf` (before 5.11): the
+/// owner's name read through the helper.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn qt_client_state_untyped(ctx: BtfTracePointContext) -> i32 {
+    let _ = on_state(Untyped, ctx.arg(0), ctx.arg(1), ctx.arg(2));
     0
 }
 

@@ -18,8 +18,6 @@ mod ack;
 #[cfg(target_arch = "bpf")]
 mod client;
 #[cfg(target_arch = "bpf")]
-mod client_reset;
-#[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]
 mod port_search;

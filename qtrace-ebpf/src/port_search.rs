@@ -4,6 +4,11 @@
 //! (each towards the destination, or in TIME_WAIT), the search walks thousands of them under a
 //! lock per bucket: this shows it before connect() starts failing with EADDRNOTAVAIL. No
 //! tracepoint fires around the search, so the tracepoint tier has none.
+//!
+//! With the client probe attached, the fentry tier needs no entry hook: `tcp_v4/v6_connect`
+//! moves the socket to SYN_SENT right before the search, and the client probe's record of that
+//! moment (`client::QT_ACTIVE_OPENS`) is the start the exit reads (one trampoline and one map
+//! update fewer per connect()). Without it, the entry hook keeps its own start per thread.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -16,7 +21,8 @@ use qtrace_common::{PortSearch, SelfStat};
 
 use crate::{
     account::wait_bucket,
-    kernel::{offset, Mem, Untyped},
+    client::QT_ACTIVE_OPENS,
+    kernel::{offset, Mem, Typed, Untyped},
     self_stats::self_stat,
 };
 
@@ -56,10 +62,25 @@ fn exit() -> Result<(), ()> {
     if start == 0 {
         return Ok(());
     }
-    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     // The socket is an integer kept in a map: read through the helper at either tier.
-    let net: *const u8 = Untyped.read(sk as *const u8, offset!(skc_net))?;
-    let netns: u32 = Untyped.read(net, offset!(net_ns_inum))?;
+    record(Untyped, sk as *const u8, start)
+}
+
+/// The exit of a search whose start the client probe recorded as `sk` entered SYN_SENT.
+#[inline(always)]
+fn exit_after_connect(sk: *const u8) -> Result<(), ()> {
+    let start = unsafe { QT_ACTIVE_OPENS.get(&(sk as u64)) }
+        .ok_or(())?
+        .connect_ns;
+    record(Typed, sk, start)
+}
+
+/// One search of `sk`'s namespace that started at `start`, into its histogram.
+#[inline(always)]
+fn record<M: Mem>(m: M, sk: *const u8, start: u64) -> Result<(), ()> {
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
+    let net: *const u8 = m.read(sk, offset!(skc_net))?;
+    let netns: u32 = m.read(net, offset!(net_ns_inum))?;
     let h = match QT_PORT_SEARCH.get_ptr_mut(&netns) {
         Some(h) => h,
         None => {
@@ -89,6 +110,19 @@ pub fn qt_port_fe(ctx: FEntryContext) -> i32 {
 #[fexit(function = "inet_hash_connect")]
 pub fn qt_port_fx(_ctx: FExitContext) -> i32 {
     let _ = exit();
+    0
+}
+
+// The exits alone, the start from the client probe's record.
+#[fexit(function = "inet_hash_connect")]
+pub fn qt_port_fxc(ctx: FExitContext) -> i32 {
+    let _ = exit_after_connect(ctx.arg(1));
+    0
+}
+
+#[fexit(function = "inet6_hash_connect")]
+pub fn qt_port6_fxc(ctx: FExitContext) -> i32 {
+    let _ = exit_after_connect(ctx.arg(1));
     0
 }
 

@@ -116,6 +116,11 @@ pub struct TracerArgs {
     /// retransmits are counted; past it the loss is counted [default: 4096].
     #[arg(long, env = "QTRACE_MAX_CLIENT_DESTINATIONS")]
     pub max_client_destinations: Option<u32>,
+    /// Most sockets opened by connect() followed at once, from connect() until they leave
+    /// ESTABLISHED (who opened them, for failures and resets seen later); past it the loss is
+    /// counted [default: 65536].
+    #[arg(long, env = "QTRACE_MAX_CLIENT_SOCKETS")]
+    pub max_client_sockets: Option<u32>,
     /// Event ring buffer size in KiB, a power of two [default: 256].
     #[arg(long, env = "QTRACE_RINGBUF_KIB")]
     pub ringbuf_kib: Option<u32>,
@@ -144,6 +149,7 @@ pub struct TracerOptions {
     pub max_listeners: u32,
     pub first_user_uid: u32,
     pub max_client_destinations: u32,
+    pub max_client_sockets: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
     /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
@@ -415,6 +421,17 @@ impl TracerArgs {
                 format!("{max_client_destinations}: must be 1 to 1000000"),
             ));
         }
+        let max_client_sockets = self
+            .max_client_sockets
+            .or(file.max_client_sockets)
+            .unwrap_or(65536);
+        if !(1..=4_000_000).contains(&max_client_sockets) {
+            return Err(invalid(
+                "max_client_sockets",
+                "max-client-sockets",
+                format!("{max_client_sockets}: must be 1 to 4000000"),
+            ));
+        }
         let ringbuf_kib = self.ringbuf_kib.or(file.ringbuf_kib).unwrap_or(256);
         if !(4..=1 << 20).contains(&ringbuf_kib) || !ringbuf_kib.is_power_of_two() {
             return Err(invalid(
@@ -449,6 +466,7 @@ impl TracerArgs {
             max_listeners,
             first_user_uid: self.first_user_uid.or(file.first_user_uid).unwrap_or(1000),
             max_client_destinations,
+            max_client_sockets,
             ringbuf_kib,
             btf: self
                 .btf

@@ -33,9 +33,6 @@ pub struct Clients {
     pub census: Vec<NetnsCensus>,
     /// Whether the client probe is attached: without it every client counter is unavailable.
     pub available: bool,
-    /// Whether `reset` is counted (its program needs socket storage in tracing programs,
-    /// Linux 5.11): without it that one reason is unavailable.
-    pub reset_available: bool,
     /// Destinations with their own series, by key.
     pub rows: Vec<ClientStats>,
     /// The sum of the destinations past the cap (None when nothing was folded).
@@ -57,7 +54,6 @@ impl Clients {
             port_search: None,
             census: Vec::new(),
             available,
-            reset_available: false,
             rows: counted,
             other: other.map(|mut o| {
                 o.key = ClientKey::default();
@@ -145,11 +141,9 @@ impl CloseWaitAges {
 }
 
 impl Clients {
-    /// Whether counter `k` is exported: the rate limiter's is internal, and `reset` exists only
-    /// where it is counted (absent, not 0, elsewhere).
+    /// Whether counter `k` is exported: the rate limiter's is internal.
     pub fn shows(&self, k: ClientCounter) -> bool {
         k != ClientCounter::EventsRateLimited
-            && (k != ClientCounter::ConnectReset || self.reset_available)
     }
 
     /// The client side as the listener snapshot carries it (`clients`).
@@ -263,8 +257,8 @@ mod tests {
 
     /// Where the kernel cannot count `reset` (before 5.11), it is absent from the JSON, not 0.
     #[test]
-    fn reset_is_left_out_where_it_is_not_counted() {
-        let mut c = Clients::capped(true, vec![stats(1, 1)], 5);
+    fn every_reason_is_shown_and_the_rate_limiter_is_not() {
+        let c = Clients::capped(true, vec![stats(1, 1)], 5);
         let keys = |c: &Clients| -> Vec<String> {
             c.to_api().destinations.unwrap()[0]
                 .counters
@@ -272,8 +266,6 @@ mod tests {
                 .cloned()
                 .collect()
         };
-        assert!(!keys(&c).contains(&"connect_reset".to_string()));
-        c.reset_available = true;
         assert!(keys(&c).contains(&"connect_reset".to_string()));
         assert!(!keys(&c).contains(&"events_rate_limited".to_string()));
     }

@@ -31,10 +31,7 @@ use crate::{
     },
     kernel::{
         counters::{KernelCounters, ListenerStats, Occupancy},
-        probes::{
-            client_available, client_reset_available, port_search_available, ProbeStatus,
-            Visibility,
-        },
+        probes::{client_available, port_search_available, ProbeStatus, Visibility},
     },
     listener::ListenerId,
 };
@@ -342,7 +339,6 @@ impl Collector {
         counted.retain(|c| filter.admits_netns(c.netns()));
         let cap = self.max_destination_series.load(Ordering::Relaxed);
         let mut clients = Clients::capped(available, counted, cap);
-        clients.reset_available = client_reset_available(&self.probes);
         if port_search_available(&self.probes) {
             let mut searched = self.counters.port_search()?;
             searched.retain(|s| filter.admits_netns(s.netns));

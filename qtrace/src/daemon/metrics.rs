@@ -872,8 +872,8 @@ fn self_families(
             ),
             (vec![("map", "clients".into())], st(SelfStat::ClientMapFull)),
             (
-                vec![("map", "connecting".into())],
-                st(SelfStat::ConnectingMapFull),
+                vec![("map", "active_opens".into())],
+                st(SelfStat::ActiveOpensMapFull),
             ),
             (
                 vec![("map", "port_search".into())],
@@ -1200,7 +1200,6 @@ mod tests {
         counts[ClientCounter::ConnectTimedOut as usize] = 1;
         counts[ClientCounter::SynRetransmits as usize] = 4;
         let mut c = Clients::capped(true, vec![ClientStats { key, counts }], 1000);
-        c.reset_available = true;
         let mut hist = qtrace_common::PortSearch::ZERO;
         hist.buckets[10] = 3;
         hist.buckets[17] = 1;

@@ -74,8 +74,7 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
             true,
         )
         .map_max_entries(maps::CLIENTS, opts.max_client_destinations)
-        // Handshakes under way at once: as many as destinations are counted, at least 16384.
-        .map_max_entries(maps::CONNECTING, opts.max_client_destinations.max(16384))
+        .map_max_entries(maps::ACTIVE_OPENS, opts.max_client_sockets)
         .map_max_entries(maps::LISTENERS, opts.max_listeners)
         .map_max_entries(maps::USER_LISTENERS, opts.max_listeners)
         .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)

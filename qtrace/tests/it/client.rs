@@ -158,17 +158,82 @@ fn exhaust_ports(q: &Qtrace, ns: &Netns, addr: &'static str, port: u16) -> (Vec<
     for reason in ["refused", "timed_out", "reset", "other", "aborted"] {
         assert_eq!(
             failures_to(q, ns, addr, port, reason),
-            none_counted(q, reason),
+            Some(0.0),
             "{reason}"
         );
     }
     (held, no_port)
 }
 
-/// What a destination shows for a reason none of its connects failed with: 0, or nothing for
-/// `reset` where the kernel cannot count it (unavailable, not 0: before 5.11).
-fn none_counted(q: &Qtrace, reason: &str) -> Option<f64> {
-    (reason != "reset" || q.tier("client_reset").is_some()).then_some(0.0)
+/// `ns`'s port searches equal `connects` where the port-search probe attaches (fentry, kprobe),
+/// absent where it cannot (tracepoints only).
+fn assert_searches(q: &Qtrace, ns: &Netns, connects: u64) {
+    let searches = || {
+        let text = http_get(&q.web(), "/metrics", None).1;
+        let inode = ns.inode.to_string();
+        sample(
+            &text,
+            "qtrace_connect_port_search_seconds_count",
+            &[("netns", &inode)],
+        )
+    };
+    if q.tier("port_search").is_some() {
+        let mut seen = None;
+        wait_until(Duration::from_secs(10), || {
+            seen = searches();
+            seen == Some(connects as f64)
+        });
+        assert_eq!(seen, Some(connects as f64), "one search per connect()");
+    } else {
+        assert_eq!(searches(), None, "unavailable, not 0");
+    }
+}
+
+/// With the client probe on, the fentry tier times the search from the client probe's record
+/// of connect() to the search's exit; with it off (`--probes=-client`) the port-search probe
+/// keeps its own start (an entry hook). Either way, one search per connect(), failed ones
+/// included.
+#[test]
+fn port_search_times_every_connect_with_or_without_the_client_probe() {
+    require_root();
+    let q = Qtrace::start(&["--probes=-client"]);
+    let hooks = q.hooks("port_search");
+    match q.tier("port_search").as_deref() {
+        Some("fentry") => {
+            assert!(hooks.iter().any(|h| h.starts_with("fentry:")), "{hooks:?}")
+        }
+        Some(_) | None => {}
+    }
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
+    let (_l, port) = listener_on(&ns, "127.0.0.1", 7000, 512);
+    let (held, no_port) = ns.run(move || {
+        let (mut held, mut no_port) = (Vec::new(), 0u64);
+        for _ in 0..70 {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => held.push(s),
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => no_port += 1,
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+        (held, no_port)
+    });
+    assert_eq!((held.len(), no_port), (64, 6));
+    assert_searches(&q, &ns, 70);
+    drop(q);
+    let q = start();
+    if q.tier("port_search").as_deref() == Some("fentry") {
+        let hooks = q.hooks("port_search");
+        assert!(hooks.iter().all(|h| h.starts_with("fexit:")), "{hooks:?}");
+    }
+    let ns = Netns::new();
+    let (_l, port) = listener_on(&ns, "::1", 7000, 512);
+    let held: Vec<_> = ns.run(move || {
+        (0..20)
+            .map(|_| TcpStream::connect(("::1", port)).unwrap())
+            .collect()
+    });
+    assert_searches(&q, &ns, held.len() as u64);
 }
 
 /// `ip_local_port_range` of 64 ports: 64 connects to one destination succeed, the next fail
@@ -189,28 +254,8 @@ fn connects_past_the_port_range_fail_as_no_port_per_destination() {
     let other = ns.run(move || TcpStream::connect(("127.0.0.1", free_port)));
     assert!(other.is_ok(), "{other:?}");
     assert_eq!(failures(&q, &ns, free_port, "no_port"), None);
-    // Every connect searched for a port, the failed ones too: timed where the port-search
-    // probe attaches (fentry, kprobe), absent where it cannot (tracepoints only).
-    let searches = || {
-        let text = http_get(&q.web(), "/metrics", None).1;
-        let inode = ns.inode.to_string();
-        sample(
-            &text,
-            "qtrace_connect_port_search_seconds_count",
-            &[("netns", &inode)],
-        )
-    };
-    if q.tier("port_search").is_some() {
-        let connects = held.len() as u64 + no_port + 1;
-        let mut seen = None;
-        wait_until(Duration::from_secs(10), || {
-            seen = searches();
-            seen == Some(connects as f64)
-        });
-        assert_eq!(seen, Some(connects as f64), "one search per connect()");
-    } else {
-        assert_eq!(searches(), None, "unavailable, not 0");
-    }
+    // Every connect searched for a port, the failed ones too.
+    assert_searches(&q, &ns, held.len() as u64 + no_port + 1);
     // doctor names the process and the destination, with the evidence.
     let report = doctor(&q);
     let who = format!(
@@ -641,7 +686,7 @@ fn icmp_rejected_connects_are_counted_as_other() {
         for reason in ["no_port", "refused", "timed_out", "reset", "aborted"] {
             assert_eq!(
                 failures_to(&q, &client, addr, port, reason),
-                none_counted(&q, reason),
+                Some(0.0),
                 "{with}: {reason}"
             );
         }
@@ -701,8 +746,8 @@ fn reset_seen(mut s: &TcpStream) -> bool {
 /// and the server answers the first two's data with a reset. Each client whose write or read
 /// failed with ECONNRESET is counted as `reset` for this process and that destination, and
 /// nothing else is: not a reset after the server's first byte, not the clients' own aborts
-/// (SO_LINGER 0), not the server's children those aborts reset. Where the kernel cannot
-/// count it (tracing programs without socket storage, before 5.11), `reset` is absent.
+/// (SO_LINGER 0), not the server's children those aborts reset. On every kernel (the owner is
+/// kept in a hash map, which tracing programs have everywhere).
 #[test]
 fn connections_reset_by_an_overflowing_server_are_counted_as_reset() {
     require_root();
@@ -750,11 +795,6 @@ fn connections_reset_by_an_overflowing_server_are_counted_as_reset() {
             &[("netns", &inode), ("reason", "reset")],
         )
     };
-    if q.tier("client_reset").is_none() {
-        // Unavailable, not 0: no series says "no resets".
-        assert_eq!(failures_to(&q, &client, v4, port, "reset"), None);
-        return;
-    }
     assert_eq!(
         counted_to(&q, &client, v4, port, "reset", resets),
         Some(resets as f64)

@@ -457,6 +457,22 @@ impl Qtrace {
         qtrace_testkit::probe_tier(&self.ready, probe).unwrap()
     }
 
+    /// Where the named probe's programs are attached (`fentry:FUNC`, `tp_btf:NAME`, …).
+    pub fn hooks(&self, probe: &str) -> Vec<String> {
+        let p = self.ready["probes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["probe"] == probe)
+            .unwrap_or_else(|| panic!("no probe {probe}: {}", self.ready));
+        p["hooks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Stops qtrace with `signal` and collects everything it printed.
     pub fn stop(mut self, signal: i32) -> Output {
         let bpf = bpf_fds(self.child.id());

@@ -167,7 +167,7 @@ pub(super) const ALL_CONFIGS: [Config; 8] = [
 ];
 
 /// `--probes` value that leaves the client side's probes off.
-const NO_CLIENT: &str = "--probes=-client,-client_reset,-port_search";
+const NO_CLIENT: &str = "--probes=-client,-port_search";
 
 pub(super) const BPFTRACE_TOOLS: [&str; 2] = ["/usr/sbin/tcpsynbl.bt", "/usr/sbin/tcpaccept.bt"];
 

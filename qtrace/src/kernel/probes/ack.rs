@@ -3,7 +3,7 @@
 
 use qtrace_common::Counter;
 
-use super::{by_arity, Area, Hook, Plan, Step, Tier};
+use super::{by_arity, Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
 const V4: &str = "tcp_v4_syn_recv_sock";
@@ -19,7 +19,7 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
+fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     Some(plan_for(tier, btf))
 }
 

@@ -1,8 +1,8 @@
 //! The client side of the handshake: `sock:inet_sock_set_state` (connect() failures by
-//! reason) and `tcp:tcp_retransmit_skb` (SYN retransmits), on every tier. Twin of
-//! `qtrace-ebpf/src/client.rs`.
+//! reason, resets before the first byte) and `tcp:tcp_retransmit_skb` (SYN retransmits), on
+//! every tier. Twin of `qtrace-ebpf/src/client.rs`.
 
-use super::{Area, Hook, Plan, Step, Tier};
+use super::{Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
 pub const AREA: Area = Area {
@@ -12,15 +12,22 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
+fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     // The state-change tracepoint sees every way a handshake ends (the errno is set before
     // the socket goes to CLOSE) at no per-packet cost; no function hook would see more.
+    // `bpf_get_current_task_btf` (5.11) reads the owner's name with two loads; before it,
+    // through the helper.
+    let state = if btf.func_params("bpf_get_current_task_btf").is_some() {
+        "qt_client_state"
+    } else {
+        "qt_client_state_untyped"
+    };
     tracepoints(
         tier,
         btf,
         &[
             Step {
-                program: "qt_client_state",
+                program: state,
                 hook: Hook::Tracepoint("inet_sock_set_state"),
             },
             Step {

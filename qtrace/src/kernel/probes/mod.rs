@@ -8,7 +8,6 @@
 mod accept;
 mod ack;
 mod client;
-mod client_reset;
 mod port_search;
 mod syn;
 mod synack;
@@ -60,23 +59,27 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
+/// An area's plan for a tier (see [`Area::plan`]).
+pub type PlanFn = fn(Tier, &KernelBtf, &[ProbeStatus]) -> Option<Result<Plan, String>>;
+
 /// A probe area: one module here and one in `qtrace-ebpf/src/`.
 pub struct Area {
     pub name: &'static str,
     /// The counters this area feeds at its best tier.
     pub feeds: &'static [Counter],
-    /// The plan for a tier on this kernel, or why the kernel cannot offer that tier; None
-    /// when the area has no programs of that tier (a tracepoint-only area).
-    pub plan: fn(Tier, &KernelBtf) -> Option<Result<Plan, String>>,
+    /// The plan for a tier on this kernel, given the areas attached before it (in [`AREAS`]'
+    /// order), or why the kernel cannot offer that tier; None when the area has no programs of
+    /// that tier (a tracepoint-only area).
+    pub plan: PlanFn,
 }
 
-pub const AREAS: [&Area; 7] = [
+pub const AREAS: [&Area; 6] = [
     &syn::AREA,
     &ack::AREA,
     &synack::AREA,
     &accept::AREA,
+    // Before port_search, whose fentry tier reads the client probe's record.
     &client::AREA,
-    &client_reset::AREA,
     &port_search::AREA,
 ];
 
@@ -84,12 +87,6 @@ pub const AREAS: [&Area; 7] = [
 /// they are unavailable (absent), never 0.
 pub fn client_available(statuses: &[ProbeStatus]) -> bool {
     attached(statuses, &client::AREA)
-}
-
-/// Whether `reset` is counted: the client probe and its reset program (socket storage in
-/// tracing programs, Linux 5.11) are attached; elsewhere `reset` is unavailable, never 0.
-pub fn client_reset_available(statuses: &[ProbeStatus]) -> bool {
-    client_available(statuses) && attached(statuses, &client_reset::AREA)
 }
 
 /// Whether the port-search probe is attached (fentry or kprobe tiers only): without it the
@@ -177,15 +174,22 @@ pub fn attach_all(
 ) -> Result<Vec<ProbeStatus>> {
     check_names(off)?;
     let mut kernel = Kernel { ebpf, btf };
-    Ok(AREAS
-        .iter()
-        .map(|area| {
-            if off.iter().any(|o| o == area.name) {
-                return turned_off(area.name);
-            }
-            attach_area(area.name, |tier| (area.plan)(tier, kbtf), best, &mut kernel)
-        })
-        .collect())
+    let mut statuses = Vec::with_capacity(AREAS.len());
+    for area in AREAS {
+        let status = if off.iter().any(|o| o == area.name) {
+            turned_off(area.name)
+        } else {
+            let before = &statuses[..];
+            attach_area(
+                area.name,
+                |tier| (area.plan)(tier, kbtf, before),
+                best,
+                &mut kernel,
+            )
+        };
+        statuses.push(status);
+    }
+    Ok(statuses)
 }
 
 /// Every name in `names` is a probe area's.

@@ -1,7 +1,7 @@
 //! Time connect() spends choosing a local port: `inet_hash_connect()` and
 //! `inet6_hash_connect()`, entry to return. Twin of `qtrace-ebpf/src/port_search.rs`.
 
-use super::{Area, Hook, Plan, Step, Tier};
+use super::{attached, client, Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
 const V4: &str = "inet_hash_connect";
@@ -14,11 +14,13 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
-    Some(plan_for(tier, btf))
+fn plan(tier: Tier, btf: &KernelBtf, before: &[ProbeStatus]) -> Option<Result<Plan, String>> {
+    Some(plan_for(tier, btf, attached(before, &client::AREA)))
 }
 
-fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
+/// `with_client`: the client probe is attached, and its record of each connect() is the
+/// search's start.
+fn plan_for(tier: Tier, btf: &KernelBtf, with_client: bool) -> Result<Plan, String> {
     for func in [V4, V6] {
         match btf.func_params(func) {
             Some(2) => {}
@@ -28,6 +30,10 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
     }
     let step = |program, hook| Step { program, hook };
     let steps = match tier {
+        Tier::Fentry if with_client => vec![
+            step("qt_port_fxc", Hook::Fexit(V4)),
+            step("qt_port6_fxc", Hook::Fexit(V6)),
+        ],
         Tier::Fentry => vec![
             step("qt_port_fe", Hook::Fentry(V4)),
             step("qt_port_fx", Hook::Fexit(V4)),

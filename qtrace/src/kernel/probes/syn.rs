@@ -2,7 +2,7 @@
 
 use qtrace_common::Counter;
 
-use super::{Area, Hook, Plan, Step, Tier};
+use super::{Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
 const FUNC: &str = "tcp_conn_request";
@@ -19,7 +19,7 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, btf: &KernelBtf) -> Option<Result<Plan, String>> {
+fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     let (enter, exit) = match tier {
         Tier::Fentry => (
             Step {

@@ -2,7 +2,7 @@
 
 use qtrace_common::Counter;
 
-use super::{Area, Hook, Plan, Step, Tier};
+use super::{Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
 pub const AREA: Area = Area {
@@ -11,7 +11,7 @@ pub const AREA: Area = Area {
     plan,
 };
 
-fn plan(tier: Tier, _btf: &KernelBtf) -> Option<Result<Plan, String>> {
+fn plan(tier: Tier, _btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     // The tracepoint fires exactly where TCPSynRetrans is counted: no other hook is better.
     (tier == Tier::Tracepoint).then(|| {
         Ok(Plan {
