@@ -36,8 +36,9 @@ pub struct ConnectOwner {
     /// `bpf_ktime_get_ns()` as the socket entered SYN_SENT, just before connect() looks for a
     /// local port: where the port search's time starts.
     pub connect_ns: u64,
-    pub pid: u32,
+    /// After the u64: 8-byte aligned, so it is copied as two words.
     pub comm: [u8; 16],
+    pub pid: u32,
 }
 
 /// Indexes into [`ClientCounters::counts`]. Each is exact: one kernel event, one increment.

@@ -12,7 +12,7 @@
 //! listener's copy, 0: it waited no time, and is counted so.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock},
     macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
@@ -32,9 +32,19 @@ static QT_ACCEPT_ENTRY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096
 
 /// How long `child` waited in the accept queue, from its own stamp.
 #[inline(always)]
-fn queued_for(child: *const u8) -> u64 {
-    // Through the helper: tcp_sock lies beyond the `struct sock` the hook declares.
-    let stamp_us: u64 = probe_read(child, offset!(tcp_rcvq_time)).unwrap_or(0);
+fn queued_for<M: Mem>(child: *const u8) -> u64 {
+    let stamp_us: u64 = if M::TYPED {
+        // tcp_sock lies beyond the `struct sock` the hook declares: the helper gives it typed
+        // (one call, then a load), or NULL for a child that is not TCP (`inet_csk_accept`
+        // also serves DCCP before 6.16, whose sockets have no such stamp).
+        let tp = unsafe { bpf_skc_to_tcp_sock(child.cast_mut().cast()) } as *const u8;
+        if tp.is_null() {
+            return 0;
+        }
+        Typed.read(tp, offset!(tcp_rcvq_time)).unwrap_or(0)
+    } else {
+        probe_read(child, offset!(tcp_rcvq_time)).unwrap_or(0)
+    };
     if stamp_us == 0 {
         return 0;
     }
@@ -47,7 +57,7 @@ fn accepted<M: Mem>(m: M, sk: *const u8, child: *const u8) -> Result<(), ()> {
         return Ok(());
     }
     let c = count(&listener(m, sk)?, Counter::Accepted).ok_or(())?;
-    observe_wait(c, queued_for(child));
+    observe_wait(c, queued_for::<M>(child));
     Ok(())
 }
 

@@ -99,15 +99,24 @@ fn current_owner<M: Mem>(m: M) -> ConnectOwner {
     } else {
         unsafe { bpf_get_current_task() as *const u8 }
     };
-    let comm = m
-        .read::<*const u8>(task, client_offset!(task_group_leader))
-        .and_then(|leader| m.read::<[u8; 16]>(leader, client_offset!(task_comm)))
-        .unwrap_or_default();
-    ConnectOwner {
+    let mut owner = ConnectOwner {
         connect_ns: unsafe { bpf_ktime_get_ns() },
+        comm: [0; 16],
         pid,
-        comm,
+    };
+    // As two words, loaded and stored: a byte array is copied a byte at a time.
+    if let Ok(words) = m
+        .read::<*const u8>(task, client_offset!(task_group_leader))
+        .and_then(|leader| m.read::<[u64; 2]>(leader, client_offset!(task_comm)))
+    {
+        // SAFETY: `comm` follows a u64 in a repr(C) struct, so it is 8-byte aligned.
+        unsafe {
+            core::ptr::addr_of_mut!(owner.comm)
+                .cast::<[u64; 2]>()
+                .write(words)
+        };
     }
+    owner
 }
 
 /// The destination of connecting socket `sk`, attributed to `owner`.
