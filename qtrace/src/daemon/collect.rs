@@ -325,7 +325,8 @@ impl Collector {
         let gone: Vec<ListenerStats> = gone.into_iter().map(|(s, _)| s).collect();
         r.deleted += self.counters.forget(&gone) as u64;
         r.suspects = kept.iter().map(|(s, since)| (s.key, *since)).collect();
-        (r.deleted, kept.into_iter().map(|(s, _)| s).collect())
+        let deleted = r.deleted + self.counters.unidentified_deleted();
+        (deleted, kept.into_iter().map(|(s, _)| s).collect())
     }
 
     /// The kernel's client counts in the namespaces the filter admits, capped for export.

@@ -1,7 +1,13 @@
 //! The kernel's counters: the per-CPU listener and self-accounting maps, read and summed
 //! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
-use std::sync::Mutex;
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -105,7 +111,15 @@ impl ListenerStats {
     /// An entry's counters summed over CPUs, under the key the CPUs that counted wrote in;
     /// None while no CPU has (the instant between its creation and its first count).
     fn sum(entry: u64, per_cpu: &[ListenerCounters]) -> Option<Self> {
-        let key = per_cpu.iter().map(|c| c.id).find(|id| id.netns != 0)?;
+        let mut ids = per_cpu.iter().map(|c| c.id).filter(|id| id.netns != 0);
+        let first = ids.next()?;
+        // close() zeroes a listener's port: a CPU whose first count came after it (a
+        // request's SYN-ACK retransmit) wrote port 0. Any copy made while it listened wins.
+        let key = if first.port != 0 {
+            first
+        } else {
+            ids.find(|id| id.port != 0).unwrap_or(first)
+        };
         let mut s = Self::empty(key);
         s.entry = entry;
         for cpu in per_cpu {
@@ -156,6 +170,10 @@ pub struct KernelCounters {
     self_stats: PerCpuArray<MapData, u64>,
     clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
     port_search: PerCpuHashMap<MapData, u32, PortSearch>,
+    /// Listener entries no CPU had written its key into at the last reading (partition,
+    /// entry), and how many such entries were deleted (see [`Self::listeners`]).
+    unidentified: Mutex<HashSet<(bool, u64)>>,
+    unidentified_deleted: AtomicU64,
 }
 
 /// How full the listener maps are: entries in each partition, and the size of each.
@@ -186,24 +204,48 @@ impl KernelCounters {
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
             clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
             port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
+            unidentified: Mutex::new(HashSet::new()),
+            unidentified_deleted: AtomicU64::new(0),
         })
     }
 
     /// Every listening socket the kernel has counted something for, sorted by key.
+    ///
+    /// An entry no CPU has written its key into is the instant between its creation and its
+    /// first count, unless reading the socket failed in the kernel (then it holds no count
+    /// either): one still unidentified at the next reading is deleted, so it cannot hold a
+    /// slot for good.
     pub fn listeners(&self) -> Result<Vec<ListenerStats>> {
-        let maps = crate::recover::lock(&self.listeners);
+        let mut maps = crate::recover::lock(&self.listeners);
         let mut out = Vec::new();
+        let mut unidentified = Vec::new();
         for (i, map) in maps.iter().enumerate() {
             for entry in map.iter() {
                 let (entry, per_cpu) = entry.context("read the listener map")?;
-                if let Some(mut stats) = ListenerStats::sum(entry, &per_cpu) {
-                    stats.user = i == 1;
-                    out.push(stats);
+                match ListenerStats::sum(entry, &per_cpu) {
+                    Some(mut stats) => {
+                        stats.user = i == 1;
+                        out.push(stats);
+                    }
+                    None => unidentified.push((i == 1, entry)),
                 }
             }
         }
+        let mut before = crate::recover::lock(&self.unidentified);
+        let (stale, now) = twice(&before, unidentified);
+        for (user, entry) in stale {
+            if maps[usize::from(user)].remove(&entry).is_ok() {
+                self.unidentified_deleted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *before = now;
         out.sort_by_key(|s| s.key);
         Ok(out)
+    }
+
+    /// Listener entries deleted because no CPU ever wrote their key (see [`Self::listeners`]).
+    pub fn unidentified_deleted(&self) -> u64 {
+        self.unidentified_deleted.load(Ordering::Relaxed)
     }
 
     /// Deletes the entries of sockets that no longer exist; returns how many went.
@@ -249,9 +291,40 @@ pub fn wait_bucket_le_seconds(b: usize) -> f64 {
     (1u64 << b) as f64 / 1e6
 }
 
+/// Of `now`, those also in `before` (seen twice), and the rest, kept for the next time.
+fn twice<K: std::hash::Hash + Eq>(before: &HashSet<K>, now: Vec<K>) -> (Vec<K>, HashSet<K>) {
+    let (stale, fresh): (Vec<K>, Vec<K>) = now.into_iter().partition(|k| before.contains(k));
+    (stale, fresh.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_unidentified_at_two_readings_goes() {
+        let (stale, next) = twice(&HashSet::new(), vec![1, 2]);
+        assert!(stale.is_empty());
+        // 1 got its key in between; 2 did not; 3 is new.
+        let (stale, next) = twice(&next, vec![2, 3]);
+        assert_eq!(stale, vec![2]);
+        assert_eq!(next, HashSet::from([3]));
+    }
+
+    #[test]
+    fn a_copy_of_the_key_made_while_listening_wins_over_one_made_after_close() {
+        let mut a = ListenerCounters::ZERO;
+        let mut b = ListenerCounters::ZERO;
+        let key = ListenerKey {
+            netns: 4026531840,
+            port: 80,
+            ..ListenerKey::default()
+        };
+        a.id = ListenerKey { port: 0, ..key };
+        b.id = key;
+        let s = ListenerStats::sum(7, &[a, b]).unwrap();
+        assert_eq!(s.key, key);
+    }
 
     #[test]
     fn sums_over_cpus() {
