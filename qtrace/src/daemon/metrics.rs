@@ -918,7 +918,7 @@ fn self_families(
     out.push(counter(
         "qtrace_kernel_listener_entries_reclaimed",
         "Kernel listener map entries deleted because their socket had closed or its network \
-         namespace was gone.",
+         namespace was gone, or the kernel could not name their socket twice in a row.",
         vec![(vec![], scrape.reclaimed)],
     ));
     out.push(gauge(
