@@ -24,9 +24,9 @@
 //!     sending data is never counted.
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
 //!
-//! Cost per connection: one hash insert at connect(), one lookup as each socket leaves
-//! ESTABLISHED (a miss for the server's child), one delete; every other state change returns
-//! after comparing two integers. The record lives as long as the socket is connecting or
+//! Cost per connection: one hash insert at connect(), one delete as each socket leaves
+//! ESTABLISHED (a miss for the server's child; a lookup first for a reset); every other state
+//! change returns after comparing two integers. The record lives as long as the socket is connecting or
 //! established, so the map (`--max-client-sockets`) bounds the active opens qtrace follows;
 //! past it a failure counts unattributed (pid 0), a reset not at all, each counted in
 //! `SelfStat::ActiveOpensMapFull`.
@@ -235,19 +235,20 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
     if old != TCP_ESTABLISHED {
         return Ok(());
     }
-    // Only active opens have a record: a server's child (or a socket connected before qtrace
-    // started) returns after one lookup.
+    // Leaving ESTABLISHED ends an active open's record. Only a reset needs what it holds: any
+    // other way out is one delete (a miss for a server's child, or a socket connected before
+    // qtrace started).
+    if new != TCP_CLOSE || Typed.read::<i32>(sk, client_offset!(sk_err))? != ECONNRESET {
+        let _ = QT_ACTIVE_OPENS.remove(&id);
+        return Ok(());
+    }
     let owner = match unsafe { QT_ACTIVE_OPENS.get(&id) } {
         Some(owner) => *owner,
         None => return Ok(()),
     };
     let _ = QT_ACTIVE_OPENS.remove(&id);
-    if new != TCP_CLOSE {
-        return Ok(());
-    }
-    let err: i32 = Typed.read(sk, client_offset!(sk_err))?;
     // Through the helper: tcp_sock lies beyond the `struct sock` the tracepoint declares.
-    if err != ECONNRESET || probe_read::<u64>(sk, client_offset!(tcp_bytes_received))? != 0 {
+    if probe_read::<u64>(sk, client_offset!(tcp_bytes_received))? != 0 {
         return Ok(());
     }
     count(
