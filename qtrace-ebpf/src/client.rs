@@ -32,7 +32,7 @@
 //! `SelfStat::ActiveOpensMapFull`.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
     },
@@ -76,8 +76,13 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 /// leave ESTABLISHED → who called connect(), and when. Sized by user space before load
 /// (`--max-client-sockets`). Keyed by the socket's address: a socket always passes a state
 /// change before it is freed, which deletes its record, so a reused address finds none.
+/// Allocated as used (`BPF_F_NO_PREALLOC`): its bound is large, and from 6.1 the kernel takes
+/// run-time elements from per-CPU caches, cheaper than the preallocated map's free list
+/// (which walks every CPU's list once the inserting CPU's runs dry: records are inserted at
+/// connect() and deleted wherever the socket leaves ESTABLISHED).
 #[map]
-pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
+pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 // include/net/tcp_states.h, the same on every kernel.
 const TCP_ESTABLISHED: i32 = 1;
