@@ -411,6 +411,15 @@ fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
     let clients = crate::common::connect(&ns, "127.0.0.1", port, 5);
     let served = accept(5);
     drop(clients);
+    // The server closes once it has every client's FIN: a close racing the FIN (a loaded
+    // guest) is a simultaneous close, which leaves both ends in TIME_WAIT.
+    assert!(
+        wait_until(Duration::from_secs(10), || ss_count(
+            &ns,
+            &["state", "close-wait"]
+        ) == 5),
+        "the clients' FINs did not arrive"
+    );
     drop(served);
     // CLOSE_WAIT on the server side: the clients close, the server never does.
     let clients = crate::common::connect(&ns, "127.0.0.1", port, 4);
