@@ -396,19 +396,30 @@ fn ss_count(ns: &Netns, filter: &[&str]) -> u64 {
 /// equal `ss`'s count, against the range minus the reserved ports.
 #[test]
 fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
+    census_matches_ss("127.0.0.1");
+}
+
+/// The same over IPv6 (its own sock_diag dump).
+#[test]
+fn ipv6_time_wait_close_wait_and_ephemeral_ports_match_ss() {
+    census_matches_ss("::1");
+}
+
+fn census_matches_ss(addr: &'static str) {
     require_root();
     let q = Qtrace::start(&[]);
     let ns = Netns::new();
+    // The range and the reserved ports are net.ipv4's, for IPv6 too.
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
     ns.sysctl("net.ipv4.ip_local_reserved_ports", "40000-40003");
-    let (server, port) = listener_on(&ns, "127.0.0.1", 7300, 64);
+    let (server, port) = listener_on(&ns, addr, 7300, 64);
     let accept = |n: usize| -> Vec<TcpStream> {
         (0..n)
             .map(|_| TcpStream::from(server.accept().unwrap().0.try_clone().unwrap()))
             .collect()
     };
     // TIME_WAIT on the client side: the clients close first, then the server.
-    let clients = crate::common::connect(&ns, "127.0.0.1", port, 5);
+    let clients = crate::common::connect(&ns, addr, port, 5);
     let served = accept(5);
     drop(clients);
     // The server closes once it has every client's FIN: a close racing the FIN (a loaded
@@ -422,7 +433,7 @@ fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
     );
     drop(served);
     // CLOSE_WAIT on the server side: the clients close, the server never does.
-    let clients = crate::common::connect(&ns, "127.0.0.1", port, 4);
+    let clients = crate::common::connect(&ns, addr, port, 4);
     let leaked = accept(4);
     drop(clients);
     let (inode, pid, me) = (ns.inode.to_string(), std::process::id().to_string(), comm());
@@ -504,8 +515,8 @@ fn time_wait_close_wait_and_ephemeral_ports_match_ss() {
             "qtrace_ephemeral_ports_in_use",
             &[
                 ("netns", &inode),
-                ("saddr", "127.0.0.1"),
-                ("addr", "127.0.0.1"),
+                ("saddr", addr),
+                ("addr", addr),
                 ("port", &port_s)
             ]
         ),
