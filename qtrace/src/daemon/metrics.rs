@@ -918,7 +918,7 @@ fn self_families(
     out.push(counter(
         "qtrace_kernel_listener_entries_reclaimed",
         "Kernel listener map entries deleted because their socket had closed or its network \
-         namespace was gone, or the kernel could not name their socket twice in a row.",
+         namespace was gone, or the kernel could not name their socket for 10 s.",
         vec![(vec![], scrape.reclaimed)],
     ));
     out.push(gauge(

@@ -2,11 +2,13 @@
 //! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
+    hash::Hash,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -171,8 +173,8 @@ pub struct KernelCounters {
     clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
     port_search: PerCpuHashMap<MapData, u32, PortSearch>,
     /// Listener entries no CPU had written its key into at the last reading (partition,
-    /// entry), and how many such entries were deleted (see [`Self::listeners`]).
-    unidentified: Mutex<HashSet<(bool, u64)>>,
+    /// entry), since when, and how many such entries were deleted (see [`Self::listeners`]).
+    unidentified: Mutex<HashMap<(bool, u64), Instant>>,
     unidentified_deleted: AtomicU64,
 }
 
@@ -204,7 +206,7 @@ impl KernelCounters {
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
             clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
             port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
-            unidentified: Mutex::new(HashSet::new()),
+            unidentified: Mutex::new(HashMap::new()),
             unidentified_deleted: AtomicU64::new(0),
         })
     }
@@ -213,8 +215,8 @@ impl KernelCounters {
     ///
     /// An entry no CPU has written its key into is the instant between its creation and its
     /// first count, unless reading the socket failed in the kernel (then it holds no count
-    /// either): one still unidentified at the next reading is deleted, so it cannot hold a
-    /// slot for good.
+    /// either): one still unidentified [`UNIDENTIFIED_FOR`] later is deleted, so it cannot
+    /// hold a slot for good. By time, not by readings: callers read concurrently.
     pub fn listeners(&self) -> Result<Vec<ListenerStats>> {
         let mut maps = crate::recover::lock(&self.listeners);
         let mut out = Vec::new();
@@ -232,7 +234,7 @@ impl KernelCounters {
             }
         }
         let mut before = crate::recover::lock(&self.unidentified);
-        let (stale, now) = twice(&before, unidentified);
+        let (stale, now) = still_unidentified(&before, unidentified, Instant::now());
         for (user, entry) in stale {
             if maps[usize::from(user)].remove(&entry).is_ok() {
                 self.unidentified_deleted.fetch_add(1, Ordering::Relaxed);
@@ -291,10 +293,29 @@ pub fn wait_bucket_le_seconds(b: usize) -> f64 {
     (1u64 << b) as f64 / 1e6
 }
 
-/// Of `now`, those also in `before` (seen twice), and the rest, kept for the next time.
-fn twice<K: std::hash::Hash + Eq>(before: &HashSet<K>, now: Vec<K>) -> (Vec<K>, HashSet<K>) {
-    let (stale, fresh): (Vec<K>, Vec<K>) = now.into_iter().partition(|k| before.contains(k));
-    (stale, fresh.into_iter().collect())
+/// How long an entry may stay without its key before it is deleted: a kernel program writes
+/// the key a few instructions after it creates the entry.
+const UNIDENTIFIED_FOR: Duration = Duration::from_secs(10);
+
+/// Of the entries unidentified `now` (at time `at`), those unidentified since
+/// [`UNIDENTIFIED_FOR`] ago or longer by `before`, and the rest with the time each was first
+/// seen, for the next reading.
+fn still_unidentified<K: Hash + Eq>(
+    before: &HashMap<K, Instant>,
+    now: Vec<K>,
+    at: Instant,
+) -> (Vec<K>, HashMap<K, Instant>) {
+    let mut stale = Vec::new();
+    let mut kept = HashMap::new();
+    for k in now {
+        let since = before.get(&k).copied().unwrap_or(at);
+        if at.duration_since(since) >= UNIDENTIFIED_FOR {
+            stale.push(k);
+        } else {
+            kept.insert(k, since);
+        }
+    }
+    (stale, kept)
 }
 
 #[cfg(test)]
@@ -302,13 +323,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_unidentified_at_two_readings_goes() {
-        let (stale, next) = twice(&HashSet::new(), vec![1, 2]);
+    fn an_entry_unidentified_for_long_goes_and_a_new_one_stays() {
+        let t0 = Instant::now();
+        let (stale, next) = still_unidentified(&HashMap::new(), vec![1, 2], t0);
+        assert!(stale.is_empty());
+        // A concurrent reading right after deletes nothing.
+        let (stale, next) = still_unidentified(&next, vec![1, 2], t0);
         assert!(stale.is_empty());
         // 1 got its key in between; 2 did not; 3 is new.
-        let (stale, next) = twice(&next, vec![2, 3]);
+        let t1 = t0 + UNIDENTIFIED_FOR;
+        let (stale, next) = still_unidentified(&next, vec![2, 3], t1);
         assert_eq!(stale, vec![2]);
-        assert_eq!(next, HashSet::from([3]));
+        assert_eq!(next, HashMap::from([(3, t1)]));
     }
 
     #[test]
