@@ -26,10 +26,10 @@
 //!
 //! Cost per connection: one hash insert at connect(), one delete as each socket leaves
 //! ESTABLISHED (a miss for the server's child; a lookup first for a reset); every other state
-//! change returns after comparing two integers. The record lives as long as the socket is connecting or
-//! established, so the map (`--max-client-sockets`) bounds the active opens qtrace follows;
-//! past it a failure counts unattributed (pid 0), a reset not at all, each counted in
-//! `SelfStat::ActiveOpensMapFull`.
+//! change returns after comparing two integers. The record lives as long as the socket is
+//! connecting or established, so the map (`--max-client-sockets`) bounds the active opens
+//! qtrace follows; past it a failure counts unattributed (pid 0), a reset not at all, each
+//! counted in `SelfStat::ActiveOpensMapFull`.
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -76,10 +76,10 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 /// leave ESTABLISHED → who called connect(), and when. Sized by user space before load
 /// (`--max-client-sockets`). Keyed by the socket's address: a socket always passes a state
 /// change before it is freed, which deletes its record, so a reused address finds none.
-/// Allocated as used (`BPF_F_NO_PREALLOC`): its bound is large, and from 6.1 the kernel takes
-/// run-time elements from per-CPU caches, cheaper than the preallocated map's free list
-/// (which walks every CPU's list once the inserting CPU's runs dry: records are inserted at
-/// connect() and deleted wherever the socket leaves ESTABLISHED).
+/// Allocated as used (`BPF_F_NO_PREALLOC`): its bound is large and most of it is idle on most
+/// hosts. An insert costs the same either way (BENCHMARKS.md 1b, session 10). A state change
+/// the kernel skips the program for (another BPF program already running on that CPU: a
+/// recursion miss in `bpftool prog`) leaves its record behind until the address is reused.
 #[map]
 pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> =
     HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
