@@ -32,7 +32,7 @@
 //! counted in `SelfStat::ActiveOpensMapFull`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
     },
@@ -76,13 +76,15 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 /// leave ESTABLISHED → who called connect(), and when. Sized by user space before load
 /// (`--max-client-sockets`). Keyed by the socket's address: a socket always passes a state
 /// change before it is freed, which deletes its record, so a reused address finds none.
-/// Allocated as used (`BPF_F_NO_PREALLOC`): its bound is large and most of it is idle on most
-/// hosts. An insert costs the same either way (BENCHMARKS.md 1b, session 10). A state change
-/// the kernel skips the program for (another BPF program already running on that CPU: a
-/// recursion miss in `bpftool prog`) leaves its record behind until the address is reused.
+/// Preallocated: a map that allocates as used (`BPF_F_NO_PREALLOC`) costs the same per insert
+/// (BENCHMARKS.md 1b, session 10) but takes its elements from per-CPU caches refilled
+/// asynchronously, so an insert in a burst can fail with ENOMEM and lose an owner. With it, a
+/// test that counts every timed-out connect() for its process failed once among parallel
+/// tests (the cause not confirmed; that is the one way such an insert fails). A state
+/// change the kernel skips the program for (another BPF program already running on that CPU:
+/// a recursion miss in `bpftool prog`) leaves its record behind until the address is reused.
 #[map]
-pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> =
-    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
 
 // include/net/tcp_states.h, the same on every kernel.
 const TCP_ESTABLISHED: i32 = 1;
