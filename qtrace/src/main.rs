@@ -8,6 +8,7 @@
 //! [`listener`], [`build_info`], [`inputs`] (bounds on what qtrace reads from files and
 //! people) and [`recover`] (locks a panic cannot poison for good).
 
+mod aging;
 mod api;
 mod build_info;
 mod cli;

@@ -255,7 +255,8 @@ mod tests {
         assert!(ages.first_seen.is_empty());
     }
 
-    /// Where the kernel cannot count `reset` (before 5.11), it is absent from the JSON, not 0.
+    /// Every reason is in the JSON, `reset` too (counted on every kernel); the rate limiter's
+    /// internal count is not.
     #[test]
     fn every_reason_is_shown_and_the_rate_limiter_is_not() {
         let c = Clients::capped(true, vec![stats(1, 1)], 5);

@@ -119,7 +119,7 @@ pub struct Collector {
 #[derive(Default)]
 struct Reclaim {
     /// Entries missing from the last dump, and since when.
-    suspects: HashMap<qtrace_common::ListenerKey, Instant>,
+    suspects: crate::aging::Aging<qtrace_common::ListenerKey>,
     deleted: u64,
 }
 
@@ -312,21 +312,12 @@ impl Collector {
     /// [`RECLAIM_AFTER`] (see [`Reclaim`]); returns how many were deleted so far, and the
     /// entries still to export.
     fn reclaim(&self, unmatched: Vec<ListenerStats>) -> (u64, Vec<ListenerStats>) {
-        let now = Instant::now();
         let mut r = crate::recover::lock(&self.reclaim);
-        let since: Vec<Instant> = unmatched
-            .iter()
-            .map(|s| r.suspects.get(&s.key).copied().unwrap_or(now))
-            .collect();
-        let (gone, kept): (Vec<_>, Vec<_>) = unmatched
-            .into_iter()
-            .zip(since)
-            .partition(|(_, since)| now.duration_since(*since) >= RECLAIM_AFTER);
-        let gone: Vec<ListenerStats> = gone.into_iter().map(|(s, _)| s).collect();
+        let (gone, kept) = r
+            .suspects
+            .split(unmatched, |s| s.key, Instant::now(), RECLAIM_AFTER);
         r.deleted += self.counters.forget(&gone) as u64;
-        r.suspects = kept.iter().map(|(s, since)| (s.key, *since)).collect();
-        let deleted = r.deleted + self.counters.unidentified_deleted();
-        (deleted, kept.into_iter().map(|(s, _)| s).collect())
+        (r.deleted + self.counters.unidentified_deleted(), kept)
     }
 
     /// The kernel's client counts in the namespaces the filter admits, capped for export.

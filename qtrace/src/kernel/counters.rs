@@ -2,8 +2,6 @@
 //! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
 use std::{
-    collections::HashMap,
-    hash::Hash,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
@@ -22,6 +20,7 @@ use qtrace_common::{
 };
 
 use crate::{
+    aging::Aging,
     api::{self, AcceptWait, Counters, Family},
     kernel::{
         clients::{self, ClientStats, PortSearchStats},
@@ -174,7 +173,7 @@ pub struct KernelCounters {
     port_search: PerCpuHashMap<MapData, u32, PortSearch>,
     /// Listener entries no CPU had written its key into at the last reading (partition,
     /// entry), since when, and how many such entries were deleted (see [`Self::listeners`]).
-    unidentified: Mutex<HashMap<(bool, u64), Instant>>,
+    unidentified: Mutex<Aging<(bool, u64)>>,
     unidentified_deleted: AtomicU64,
 }
 
@@ -206,7 +205,7 @@ impl KernelCounters {
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
             clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
             port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
-            unidentified: Mutex::new(HashMap::new()),
+            unidentified: Mutex::new(Aging::default()),
             unidentified_deleted: AtomicU64::new(0),
         })
     }
@@ -233,14 +232,17 @@ impl KernelCounters {
                 }
             }
         }
-        let mut before = crate::recover::lock(&self.unidentified);
-        let (stale, now) = still_unidentified(&before, unidentified, Instant::now());
+        let (stale, _) = crate::recover::lock(&self.unidentified).split(
+            unidentified,
+            |k| *k,
+            Instant::now(),
+            UNIDENTIFIED_FOR,
+        );
         for (user, entry) in stale {
             if maps[usize::from(user)].remove(&entry).is_ok() {
                 self.unidentified_deleted.fetch_add(1, Ordering::Relaxed);
             }
         }
-        *before = now;
         out.sort_by_key(|s| s.key);
         Ok(out)
     }
@@ -297,45 +299,9 @@ pub fn wait_bucket_le_seconds(b: usize) -> f64 {
 /// the key a few instructions after it creates the entry.
 const UNIDENTIFIED_FOR: Duration = Duration::from_secs(10);
 
-/// Of the entries unidentified `now` (at time `at`), those unidentified since
-/// [`UNIDENTIFIED_FOR`] ago or longer by `before`, and the rest with the time each was first
-/// seen, for the next reading.
-fn still_unidentified<K: Hash + Eq>(
-    before: &HashMap<K, Instant>,
-    now: Vec<K>,
-    at: Instant,
-) -> (Vec<K>, HashMap<K, Instant>) {
-    let mut stale = Vec::new();
-    let mut kept = HashMap::new();
-    for k in now {
-        let since = before.get(&k).copied().unwrap_or(at);
-        if at.duration_since(since) >= UNIDENTIFIED_FOR {
-            stale.push(k);
-        } else {
-            kept.insert(k, since);
-        }
-    }
-    (stale, kept)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_entry_unidentified_for_long_goes_and_a_new_one_stays() {
-        let t0 = Instant::now();
-        let (stale, next) = still_unidentified(&HashMap::new(), vec![1, 2], t0);
-        assert!(stale.is_empty());
-        // A concurrent reading right after deletes nothing.
-        let (stale, next) = still_unidentified(&next, vec![1, 2], t0);
-        assert!(stale.is_empty());
-        // 1 got its key in between; 2 did not; 3 is new.
-        let t1 = t0 + UNIDENTIFIED_FOR;
-        let (stale, next) = still_unidentified(&next, vec![2, 3], t1);
-        assert_eq!(stale, vec![2]);
-        assert_eq!(next, HashMap::from([(3, t1)]));
-    }
 
     #[test]
     fn a_copy_of_the_key_made_while_listening_wins_over_one_made_after_close() {
