@@ -459,18 +459,7 @@ impl Qtrace {
 
     /// Where the named probe's programs are attached (`fentry:FUNC`, `tp_btf:NAME`, …).
     pub fn hooks(&self, probe: &str) -> Vec<String> {
-        let p = self.ready["probes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["probe"] == probe)
-            .unwrap_or_else(|| panic!("no probe {probe}: {}", self.ready));
-        p["hooks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|h| h.as_str().map(str::to_string))
-            .collect()
+        qtrace_testkit::probe_hooks(&self.ready, probe).unwrap()
     }
 
     /// Stops qtrace with `signal` and collects everything it printed.

@@ -247,13 +247,29 @@ pub fn ready_listen(ready: &serde_json::Value) -> Result<String> {
 /// The tier `probe` got by qtrace's `ready` line (`run --json`): `None` when it got none
 /// (unavailable on this kernel). A probe the line does not list is an error, not "none".
 pub fn probe_tier(ready: &serde_json::Value, probe: &str) -> Result<Option<String>> {
-    let p = ready["probes"]
+    Ok(probe_status(ready, probe)?["tier"]
+        .as_str()
+        .map(str::to_string))
+}
+
+/// Where `probe`'s programs are attached by qtrace's `ready` line (`fentry:FUNC`,
+/// `tp_btf:NAME`, …): none when it got no tier.
+pub fn probe_hooks(ready: &serde_json::Value, probe: &str) -> Result<Vec<String>> {
+    Ok(probe_status(ready, probe)?["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str().map(str::to_string))
+        .collect())
+}
+
+fn probe_status<'a>(ready: &'a serde_json::Value, probe: &str) -> Result<&'a serde_json::Value> {
+    ready["probes"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|p| p["probe"] == probe)
-        .with_context(|| format!("qtrace's ready line lists no probe {probe}: {ready}"))?;
-    Ok(p["tier"].as_str().map(str::to_string))
+        .with_context(|| format!("qtrace's ready line lists no probe {probe}: {ready}"))
 }
 
 /// The BPF programs loaded now whose name is `name`, as `bpftool -j prog show name` describes
