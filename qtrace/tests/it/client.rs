@@ -97,10 +97,33 @@ fn counted_to(
     want: u64,
 ) -> Option<f64> {
     let mut last = None;
-    wait_until(Duration::from_secs(10), || {
+    let settled = wait_until(Duration::from_secs(10), || {
         last = failures_to(q, ns, addr, port, reason);
         last == Some(want as f64)
     });
+    if !settled {
+        // For the caller's failing assertion: whose series the counts went to (pid 0 when the
+        // owner's record was missing), qtrace's own losses, and the kernel's recursion misses.
+        let text = http_get(&q.web(), "/metrics", None).1;
+        let inode = format!("netns=\"{}\"", ns.inode);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                (l.starts_with("qtrace_connect_failures_total") && l.contains(&inode))
+                    || l.starts_with("qtrace_kernel_map_full_total")
+                    || l.starts_with("qtrace_events_lost_total")
+            })
+            .collect();
+        let progs = Command::new("bpftool")
+            .args(["prog", "show", "name", "qt_client_state"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        eprintln!(
+            "{want} {reason} to {addr}:{port} not counted:\n{}\n{progs}",
+            lines.join("\n")
+        );
+    }
     last
 }
 
