@@ -39,6 +39,10 @@ pub mod maps {
     pub const ACTIVE_OPENS: &str = "QT_ACTIVE_OPENS";
     /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
     pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
+    /// Array of one u32, set to 1 by the loader when the port search's kprobe tier takes its
+    /// start from the client probe: the client probe then also fills the connecting thread's
+    /// slot as the socket enters SYN_SENT.
+    pub const PORT_START_AT_CONNECT: &str = "QT_PORT_START_AT_CONNECT";
 }
 
 /// Names of the globals the loader fills in before the programs are verified.

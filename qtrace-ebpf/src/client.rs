@@ -4,8 +4,8 @@
 //! - `sock:inet_sock_set_state(sk, oldstate, newstate)`, one program for every state change:
 //!   - CLOSE→SYN_SENT happens inside connect() (`tcp_v4/v6_connect`, just before the local
 //!     port is chosen), so the current task is the owner: kept per socket with the time
-//!     (`QT_ACTIVE_OPENS`, where the port search's fexit finds its start, see
-//!     `port_search.rs`).
+//!     (`QT_ACTIVE_OPENS`, where the port search's fexit finds its start; at the kprobe tier
+//!     the thread's slot too, see `port_search.rs`).
 //!   - SYN_SENT→CLOSE is a failed handshake. The kernel sets `sk_err` before that transition
 //!     (`tcp_reset`: ECONNREFUSED; `tcp_write_err`: ETIMEDOUT, or the soft ICMP error;
 //!     `tcp_v4_err`: the ICMP's). With no error, a socket that never got a local port
@@ -49,6 +49,7 @@ use qtrace_common::{
 use crate::{
     account::{submit, take},
     kernel::{offset, probe_read, words_to_addr, Mem, Typed, Untyped},
+    port_search,
     self_stats::self_stat,
 };
 
@@ -220,8 +221,10 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
     // Every state change of every TCP socket passes here: most return after these compares.
     let id = sk as u64;
     if new == TCP_SYN_SENT {
+        let owner = current_owner(m);
+        port_search::connecting(sk, owner.connect_ns);
         let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
-        if protocol == IPPROTO_TCP && QT_ACTIVE_OPENS.insert(&id, &current_owner(m), 0).is_err() {
+        if protocol == IPPROTO_TCP && QT_ACTIVE_OPENS.insert(&id, &owner, 0).is_err() {
             self_stat(SelfStat::ActiveOpensMapFull);
         }
         return Ok(());

@@ -5,16 +5,20 @@
 //! lock per bucket: this shows it before connect() starts failing with EADDRNOTAVAIL. No
 //! tracepoint fires around the search, so the tracepoint tier has none.
 //!
-//! With the client probe attached, the fentry tier needs no entry hook: `tcp_v4/v6_connect`
-//! moves the socket to SYN_SENT right before the search, and the client probe's record of that
-//! moment (`client::QT_ACTIVE_OPENS`) is the start the exit reads (one trampoline and one map
-//! update fewer per connect()). Without it, the entry hook keeps its own start per thread.
+//! With the client probe attached, no entry hook is needed: `tcp_v4/v6_connect` moves the
+//! socket to SYN_SENT right before the search, and the client probe's tracepoint at that
+//! moment is the start. The fentry tier's exit finds it in the client's record of the socket
+//! (`client::QT_ACTIVE_OPENS`); a kretprobe has no arguments to find a socket by, so at the
+//! kprobe tier the tracepoint also fills the thread's slot the return reads
+//! (`QT_PORT_START_AT_CONNECT` switches that on). Either way one hook and one map update fewer
+//! per connect() than an entry hook of its own (BENCHMARKS.md 1b), which is what remains with
+//! `--probes=-client`.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use qtrace_common::{PortSearch, SelfStat};
@@ -26,10 +30,16 @@ use crate::{
     self_stats::self_stat,
 };
 
-/// pid_tgid → [start ns, socket], between the search's entry and return. A thread's slot is
-/// written at entry and zeroed at return in place, and reused by its next connect().
+/// pid_tgid → [start ns, network namespace], between the search's start and return. A
+/// thread's slot is written at the start and zeroed at return in place, and reused by its next
+/// connect().
 #[map]
 static QT_PORT_START: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
+
+/// 1 when the client probe's SYN_SENT is the start of the kprobe tier's search (set by the
+/// loader before the returns attach).
+#[map]
+static QT_PORT_START_AT_CONNECT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Sized by user space before load: one entry per network namespace.
 #[map]
@@ -39,10 +49,38 @@ static QT_PORT_SEARCH: PerCpuHashMap<u32, PortSearch> = PerCpuHashMap::with_max_
 #[map]
 static QT_PORT_ZERO: PerCpuArray<PortSearch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Called by the client probe as `sk` enters SYN_SENT at `now`, just before its search: the
+/// start, when the kprobe tier's returns read it.
 #[inline(always)]
-fn enter(sk: u64) {
+pub(crate) fn connecting(sk: *const u8, now: u64) {
+    if QT_PORT_START_AT_CONNECT.get(0).is_some_and(|on| *on != 0) {
+        enter_at(Typed, sk, now);
+    }
+}
+
+/// An entry hook's start of `sk`'s search.
+#[inline(always)]
+fn enter<M: Mem>(m: M, sk: *const u8) {
+    enter_at(m, sk, unsafe { bpf_ktime_get_ns() });
+}
+
+#[inline(always)]
+fn enter_at<M: Mem>(m: M, sk: *const u8, now: u64) {
+    if let Ok(netns) = netns_of(m, sk) {
+        start(netns, now);
+    }
+}
+
+#[inline(always)]
+fn netns_of<M: Mem>(m: M, sk: *const u8) -> Result<u32, ()> {
+    let net: *const u8 = m.read(sk, offset!(skc_net))?;
+    m.read(net, offset!(net_ns_inum))
+}
+
+#[inline(always)]
+fn start(netns: u32, now: u64) {
     let id = bpf_get_current_pid_tgid();
-    let start = [unsafe { bpf_ktime_get_ns() }, sk];
+    let start = [now, netns as u64];
     match QT_PORT_START.get_ptr_mut(&id) {
         // Only this thread touches its slot.
         Some(slot) => unsafe { *slot = start },
@@ -57,13 +95,15 @@ fn exit() -> Result<(), ()> {
     let slot = QT_PORT_START
         .get_ptr_mut(&bpf_get_current_pid_tgid())
         .ok_or(())?;
-    // Zero: this return is accounted for (a return without its entry finds zero).
-    let [start, sk] = unsafe { core::ptr::replace(slot, [0, 0]) };
+    // Zero: this return is accounted for (a return without its start finds zero).
+    // Only the start: a zero start is a slot accounted for (a 16-byte replace compiles to a
+    // call of memset).
+    let [start, netns] = unsafe { *slot };
+    unsafe { core::ptr::write_volatile(slot.cast::<u64>(), 0) };
     if start == 0 {
         return Ok(());
     }
-    // The socket is an integer kept in a map: read through the helper at either tier.
-    record(Untyped, sk as *const u8, start)
+    record(netns as u32, start)
 }
 
 /// The exit of a search whose start the client probe recorded as `sk` entered SYN_SENT.
@@ -72,15 +112,13 @@ fn exit_after_connect(sk: *const u8) -> Result<(), ()> {
     let start = unsafe { QT_ACTIVE_OPENS.get(&(sk as u64)) }
         .ok_or(())?
         .connect_ns;
-    record(Typed, sk, start)
+    record(netns_of(Typed, sk)?, start)
 }
 
-/// One search of `sk`'s namespace that started at `start`, into its histogram.
+/// One search in namespace `netns` that started at `start`, into its histogram.
 #[inline(always)]
-fn record<M: Mem>(m: M, sk: *const u8, start: u64) -> Result<(), ()> {
+fn record(netns: u32, start: u64) -> Result<(), ()> {
     let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    let net: *const u8 = m.read(sk, offset!(skc_net))?;
-    let netns: u32 = m.read(net, offset!(net_ns_inum))?;
     let h = match QT_PORT_SEARCH.get_ptr_mut(&netns) {
         Some(h) => h,
         None => {
@@ -103,7 +141,7 @@ fn record<M: Mem>(m: M, sk: *const u8, start: u64) -> Result<(), ()> {
 // inet_hash_connect(death_row, sk), inet6_hash_connect(death_row, sk) -> int
 #[fentry(function = "inet_hash_connect")]
 pub fn qt_port_fe(ctx: FEntryContext) -> i32 {
-    enter(ctx.arg::<u64>(1));
+    enter(Typed, ctx.arg(1));
     0
 }
 
@@ -128,7 +166,7 @@ pub fn qt_port6_fxc(ctx: FExitContext) -> i32 {
 
 #[fentry(function = "inet6_hash_connect")]
 pub fn qt_port6_fe(ctx: FEntryContext) -> i32 {
-    enter(ctx.arg::<u64>(1));
+    enter(Typed, ctx.arg(1));
     0
 }
 
@@ -138,11 +176,12 @@ pub fn qt_port6_fx(_ctx: FExitContext) -> i32 {
     0
 }
 
-// One program at both functions: kprobes see no types.
+// One program at both functions: kprobes see no types. The entry only without the client
+// probe; the return either way.
 #[kprobe]
 pub fn qt_port_kp(ctx: ProbeContext) -> u32 {
-    if let Some(sk) = ctx.arg::<u64>(1) {
-        enter(sk);
+    if let Some(sk) = ctx.arg::<*const u8>(1) {
+        enter(Untyped, sk);
     }
     0
 }

@@ -33,5 +33,5 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
         ],
         Tier::Tracepoint => return Err("no tracepoint fires on accept()".into()),
     };
-    Ok(Plan { steps })
+    Ok(Plan::new(steps))
 }

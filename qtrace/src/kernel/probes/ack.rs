@@ -53,13 +53,11 @@ fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
                             receiving socket before Linux 6.15"
                     .into());
             }
-            return Ok(Plan {
-                steps: vec![Step {
-                    program: "qt_ack_tp",
-                    hook: Hook::Tracepoint("kfree_skb"),
-                }],
-            });
+            return Ok(Plan::new(vec![Step {
+                program: "qt_ack_tp",
+                hook: Hook::Tracepoint("kfree_skb"),
+            }]));
         }
     };
-    Ok(Plan { steps })
+    Ok(Plan::new(steps))
 }

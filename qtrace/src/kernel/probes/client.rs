@@ -47,8 +47,6 @@ pub(super) fn tracepoints(
 ) -> Option<Result<Plan, String>> {
     (tier == Tier::Tracepoint).then(|| {
         btf.client_offsets().map_err(|e| format!("{e:#}"))?;
-        Ok(Plan {
-            steps: steps.to_vec(),
-        })
+        Ok(Plan::new(steps.to_vec()))
     })
 }

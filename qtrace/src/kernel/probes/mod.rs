@@ -16,6 +16,7 @@ use std::{collections::HashSet, fmt};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
+    maps::Array,
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Program},
     Btf, Ebpf,
 };
@@ -57,6 +58,18 @@ pub struct Step {
 /// What a probe area attaches at one tier (every tier of an area sees all it feeds).
 pub struct Plan {
     pub steps: Vec<Step>,
+    /// A one-entry u32 array map set to 1 before the steps attach (and back to 0 if they
+    /// fail): a program already attached does work for this plan only when it is.
+    pub switch: Option<&'static str>,
+}
+
+impl Plan {
+    pub fn new(steps: Vec<Step>) -> Self {
+        Plan {
+            steps,
+            switch: None,
+        }
+    }
 }
 
 /// An area's plan for a tier (see [`Area::plan`]).
@@ -142,7 +155,7 @@ impl Visibility {
 /// without a kernel.
 pub trait Attach {
     /// Loads and attaches every step of one tier's plan.
-    fn attach(&mut self, steps: &[Step]) -> Result<()>;
+    fn attach(&mut self, plan: &Plan) -> Result<()>;
     /// Detaches and unloads a program after a failed tier.
     fn unload(&mut self, program: &str);
 }
@@ -154,8 +167,18 @@ struct Kernel<'a> {
 }
 
 impl Attach for Kernel<'_> {
-    fn attach(&mut self, steps: &[Step]) -> Result<()> {
-        attach_plan(self.ebpf, self.btf, steps)
+    fn attach(&mut self, plan: &Plan) -> Result<()> {
+        let Some(switch) = plan.switch else {
+            return attach_plan(self.ebpf, self.btf, &plan.steps);
+        };
+        set_switch(self.ebpf, switch, 1)?;
+        let attached = attach_plan(self.ebpf, self.btf, &plan.steps);
+        if attached.is_err() {
+            if let Err(err) = set_switch(self.ebpf, switch, 0) {
+                tracing::warn!("{err:#}");
+            }
+        }
+        attached
     }
 
     fn unload(&mut self, program: &str) {
@@ -242,7 +265,7 @@ pub fn attach_area(
                 continue;
             }
         };
-        match attach.attach(&plan.steps) {
+        match attach.attach(&plan) {
             Ok(()) => {
                 status.tier = Some(tier);
                 status.hooks = plan.steps.iter().map(|s| s.hook.to_string()).collect();
@@ -290,6 +313,16 @@ fn first_line(err: &anyhow::Error) -> String {
         Some(r) => format!("{summary} (verifier: {r})"),
         None => summary.to_string(),
     }
+}
+
+fn set_switch(ebpf: &mut Ebpf, name: &str, on: u32) -> Result<()> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} is not in the eBPF object"))?;
+    let mut array: Array<_, u32> = Array::try_from(map)?;
+    array
+        .set(0, on, 0)
+        .with_context(|| format!("set {name} to {on}"))
 }
 
 fn attach_plan(ebpf: &mut Ebpf, btf: &Btf, steps: &[Step]) -> Result<()> {
@@ -376,8 +409,8 @@ mod tests {
     }
 
     impl Attach for Fake {
-        fn attach(&mut self, steps: &[Step]) -> Result<()> {
-            for s in steps {
+        fn attach(&mut self, plan: &Plan) -> Result<()> {
+            for s in &plan.steps {
                 if !self.works.contains(&s.program) {
                     anyhow::bail!(
                         "{} at {}: load failed. Verifier output: …",
@@ -399,32 +432,26 @@ mod tests {
     /// unless `tp` is false, one tracepoint.
     fn plan(kprobe_refused: bool, tp: bool) -> impl Fn(Tier) -> Option<Result<Plan, String>> {
         move |tier| match tier {
-            Tier::Fentry => Some(Ok(Plan {
-                steps: vec![
-                    Step {
-                        program: "fe",
-                        hook: Hook::Fentry("f"),
-                    },
-                    Step {
-                        program: "fx",
-                        hook: Hook::Fexit("f"),
-                    },
-                ],
-            })),
+            Tier::Fentry => Some(Ok(Plan::new(vec![
+                Step {
+                    program: "fe",
+                    hook: Hook::Fentry("f"),
+                },
+                Step {
+                    program: "fx",
+                    hook: Hook::Fexit("f"),
+                },
+            ]))),
             Tier::Kprobe if kprobe_refused => Some(Err("f takes 9 arguments".into())),
-            Tier::Kprobe => Some(Ok(Plan {
-                steps: vec![Step {
-                    program: "kp",
-                    hook: Hook::Kprobe("f"),
-                }],
-            })),
+            Tier::Kprobe => Some(Ok(Plan::new(vec![Step {
+                program: "kp",
+                hook: Hook::Kprobe("f"),
+            }]))),
             Tier::Tracepoint => tp.then(|| {
-                Ok(Plan {
-                    steps: vec![Step {
-                        program: "tp",
-                        hook: Hook::Tracepoint("t"),
-                    }],
-                })
+                Ok(Plan::new(vec![Step {
+                    program: "tp",
+                    hook: Hook::Tracepoint("t"),
+                }]))
             }),
         }
     }

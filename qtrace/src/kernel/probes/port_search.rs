@@ -1,6 +1,8 @@
 //! Time connect() spends choosing a local port: `inet_hash_connect()` and
 //! `inet6_hash_connect()`, entry to return. Twin of `qtrace-ebpf/src/port_search.rs`.
 
+use qtrace_common::maps;
+
 use super::{attached, client, Area, Hook, Plan, ProbeStatus, Step, Tier};
 use crate::kernel::btf::KernelBtf;
 
@@ -18,8 +20,8 @@ fn plan(tier: Tier, btf: &KernelBtf, before: &[ProbeStatus]) -> Option<Result<Pl
     Some(plan_for(tier, btf, attached(before, &client::AREA)))
 }
 
-/// `with_client`: the client probe is attached, and its record of each connect() is the
-/// search's start.
+/// `with_client`: the client probe is attached, and its tracepoint at each connect()'s
+/// SYN_SENT is the search's start.
 fn plan_for(tier: Tier, btf: &KernelBtf, with_client: bool) -> Result<Plan, String> {
     for func in [V4, V6] {
         match btf.func_params(func) {
@@ -40,6 +42,17 @@ fn plan_for(tier: Tier, btf: &KernelBtf, with_client: bool) -> Result<Plan, Stri
             step("qt_port6_fe", Hook::Fentry(V6)),
             step("qt_port6_fx", Hook::Fexit(V6)),
         ],
+        // The client probe's SYN_SENT fills the thread's slot the returns read, once switched
+        // on (a kretprobe has no socket to find the client's record by).
+        Tier::Kprobe if with_client => {
+            return Ok(Plan {
+                steps: vec![
+                    step("qt_port_krp", Hook::Kretprobe(V4)),
+                    step("qt_port_krp", Hook::Kretprobe(V6)),
+                ],
+                switch: Some(maps::PORT_START_AT_CONNECT),
+            })
+        }
         Tier::Kprobe => vec![
             step("qt_port_kp", Hook::Kprobe(V4)),
             step("qt_port_kp", Hook::Kprobe(V6)),
@@ -48,5 +61,5 @@ fn plan_for(tier: Tier, btf: &KernelBtf, with_client: bool) -> Result<Plan, Stri
         ],
         Tier::Tracepoint => return Err("no tracepoint fires around the port search".into()),
     };
-    Ok(Plan { steps })
+    Ok(Plan::new(steps))
 }

@@ -72,5 +72,5 @@ fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, S
             steps.push(Step { program, hook });
         }
     }
-    Some(Ok(Plan { steps }))
+    Some(Ok(Plan::new(steps)))
 }

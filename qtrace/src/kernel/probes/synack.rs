@@ -14,11 +14,9 @@ pub const AREA: Area = Area {
 fn plan(tier: Tier, _btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     // The tracepoint fires exactly where TCPSynRetrans is counted: no other hook is better.
     (tier == Tier::Tracepoint).then(|| {
-        Ok(Plan {
-            steps: vec![Step {
-                program: "qt_synack_tp",
-                hook: Hook::Tracepoint("tcp_retransmit_synack"),
-            }],
-        })
+        Ok(Plan::new(vec![Step {
+            program: "qt_synack_tp",
+            hook: Hook::Tracepoint("tcp_retransmit_synack"),
+        }]))
     })
 }
