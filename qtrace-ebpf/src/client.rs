@@ -82,8 +82,9 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 /// asynchronously, so an insert in a burst can fail with ENOMEM and lose an owner. With it, a
 /// test that counts every timed-out connect() for its process failed once among parallel
 /// tests (the cause not confirmed; that is the one way such an insert fails). A state
-/// change the kernel skips the program for (another BPF program already running on that CPU:
-/// a recursion miss in `bpftool prog`) leaves its record behind until the address is reused.
+/// change the kernel skips the program for (the same program already running on that CPU: a
+/// recursion miss, exported by user space) leaves its record behind until the address is
+/// reused.
 #[map]
 pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
 

@@ -94,7 +94,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let state = State::new(
         Collector::new(
             tracer.counters.clone(),
-            tracer.program_ids.clone(),
+            tracer.programs.clone(),
             tracer.probes.clone(),
             daemon.filter.clone(),
         ),

@@ -306,7 +306,7 @@ pub fn top(opts: TopOptions) -> Result<()> {
         let tracer = Tracer::start(&settings.tracer)?;
         let collector = Collector::new(
             tracer.counters.clone(),
-            tracer.program_ids.clone(),
+            tracer.programs.clone(),
             tracer.probes.clone(),
             Default::default(),
         );

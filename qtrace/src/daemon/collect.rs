@@ -32,6 +32,7 @@ use crate::{
     kernel::{
         counters::{KernelCounters, ListenerStats, Occupancy},
         probes::{client_available, port_search_available, ProbeStatus, Visibility},
+        programs::{ProgramStats, Programs},
     },
     listener::ListenerId,
 };
@@ -67,17 +68,10 @@ impl ListenerView {
     }
 }
 
-/// One attached program's run statistics (kernel.bpf_stats_enabled=1).
-pub struct ProgramRuntime {
-    pub name: String,
-    pub runs: u64,
-    pub run_time: Duration,
-}
-
 pub struct Scrape {
     pub listeners: Vec<ListenerView>,
-    /// None when the kernel does not collect them (kernel.bpf_stats_enabled=0).
-    pub programs: Option<Vec<ProgramRuntime>>,
+    /// The attached programs' run statistics and recursion misses.
+    pub programs: Vec<ProgramStats>,
     pub self_stats: [u64; SelfStat::COUNT],
     /// Network namespaces whose queues could not be sampled (no CAP_SYS_ADMIN, or gone).
     pub netns_unreadable: usize,
@@ -97,7 +91,7 @@ pub struct Scrape {
 /// Collects [`Scrape`]s: the kernel's counters, the filter, and the owner cache.
 pub struct Collector {
     pub counters: std::sync::Arc<KernelCounters>,
-    pub program_ids: Vec<u32>,
+    pub programs: std::sync::Arc<Programs>,
     pub probes: Vec<ProbeStatus>,
     pub vis: Visibility,
     owners: Mutex<Owners>,
@@ -130,12 +124,12 @@ pub const RECLAIM_AFTER: Duration = Duration::from_secs(30);
 impl Collector {
     pub fn new(
         counters: std::sync::Arc<KernelCounters>,
-        program_ids: Vec<u32>,
+        programs: std::sync::Arc<Programs>,
         probes: Vec<ProbeStatus>,
         filter: Filter,
     ) -> Self {
         Self {
-            program_ids,
+            programs,
             vis: Visibility::of(&probes),
             counters,
             probes,
@@ -293,7 +287,7 @@ impl Collector {
             listeners: rows.into_values().collect(),
             occupancy,
             reclaimed,
-            programs: self.program_runtimes(),
+            programs: self.programs.stats(),
             self_stats: self.counters.self_stats()?,
             netns_unreadable: sampled.unreadable.len(),
             netns_unattributed: reckoning
@@ -337,22 +331,6 @@ impl Collector {
             clients.port_search = Some(searched);
         }
         Ok(clients)
-    }
-
-    fn program_runtimes(&self) -> Option<Vec<ProgramRuntime>> {
-        let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
-        if enabled.trim() != "1" {
-            return None;
-        }
-        let mine = aya::programs::loaded_programs()
-            .flatten()
-            .filter(|p| self.program_ids.contains(&p.id()))
-            .map(|p| ProgramRuntime {
-                name: p.name_as_str().unwrap_or("?").to_string(),
-                runs: p.run_count(),
-                run_time: p.run_time(),
-            });
-        Some(mine.collect())
     }
 }
 

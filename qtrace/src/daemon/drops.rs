@@ -382,7 +382,7 @@ mod tests {
                 owner: None,
                 unclassified: n,
             }],
-            programs: None,
+            programs: Vec::new(),
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),

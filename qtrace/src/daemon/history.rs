@@ -138,7 +138,7 @@ mod tests {
     fn scrape(views: Vec<ListenerView>) -> Scrape {
         Scrape {
             listeners: views,
-            programs: None,
+            programs: Vec::new(),
             self_stats: Default::default(),
             netns_unreadable: 0,
             netns_unattributed: Vec::new(),

@@ -969,34 +969,56 @@ fn self_families(
         "Network namespaces whose queues could not be sampled (entering them needs CAP_SYS_ADMIN).",
         scrape.netns_unreadable,
     ));
-    if let Some(programs) = &scrape.programs {
+    // Runs and run time only while the kernel keeps them (kernel.bpf_stats_enabled=1);
+    // recursion misses wherever it reports them (5.12+): absent, never 0, where it does not.
+    let timed: Vec<_> = scrape
+        .programs
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), p.runs?)))
+        .collect();
+    if !timed.is_empty() {
+        let per_program = |value: fn(&(u64, std::time::Duration)) -> Value| {
+            timed
+                .iter()
+                .map(|(name, runs)| {
+                    (
+                        Labels::plain(vec![("program", name.clone().into())]),
+                        value(runs),
+                    )
+                })
+                .collect()
+        };
         out.push(Family {
             name: "qtrace_bpf_program_runs",
             help: "Invocations of each attached program (kernel.bpf_stats_enabled=1).",
             kind: MetricType::Counter,
-            samples: programs
-                .iter()
-                .map(|p| {
-                    (
-                        Labels::plain(vec![("program", p.name.clone().into())]),
-                        Value::Counter(p.runs),
-                    )
-                })
-                .collect(),
+            samples: per_program(|(n, _)| Value::Counter(*n)),
         });
         out.push(Family {
             name: "qtrace_bpf_program_run_seconds",
             help: "Time spent in each attached program (kernel.bpf_stats_enabled=1).",
             kind: MetricType::Counter,
-            samples: programs
-                .iter()
-                .map(|p| {
-                    (
-                        Labels::plain(vec![("program", p.name.clone().into())]),
-                        Value::Seconds(p.run_time.as_secs_f64()),
-                    )
-                })
-                .collect(),
+            samples: per_program(|(_, t)| Value::Seconds(t.as_secs_f64())),
+        });
+    }
+    let missed: Vec<_> = scrape
+        .programs
+        .iter()
+        .filter_map(|p| {
+            Some((
+                Labels::plain(vec![("program", p.name.clone().into())]),
+                Value::Counter(p.recursion_misses?),
+            ))
+        })
+        .collect();
+    if !missed.is_empty() {
+        out.push(Family {
+            name: "qtrace_bpf_program_recursion_misses",
+            help: "Times the kernel skipped an attached program because it was already running \
+                   on that CPU (an event in a softirq that interrupted it): events no counter \
+                   saw, like a full map's (Linux 5.12+).",
+            kind: MetricType::Counter,
+            samples: missed,
         });
     }
     out.push(Family {
@@ -1042,7 +1064,7 @@ mod tests {
     use super::*;
     use crate::{
         api::{Owner, Tier},
-        daemon::collect::ProgramRuntime,
+        kernel::programs::ProgramStats,
     };
 
     /// The probes of a kernel without fentry and kprobes (this project's CI machine): the
@@ -1154,11 +1176,11 @@ mod tests {
                 ),
                 view(4026531840, "0.0.0.0", 22, &[], 0),
             ],
-            programs: Some(vec![ProgramRuntime {
+            programs: vec![ProgramStats {
                 name: "qt_ack_tp".into(),
-                runs: 8,
-                run_time: Duration::from_micros(3),
-            }]),
+                runs: Some((8, Duration::from_micros(3))),
+                recursion_misses: Some(2),
+            }],
             self_stats,
             netns_unreadable: 1,
             netns_unattributed: vec![(4026531840, 0), (4026532000, 0)],

@@ -11,6 +11,7 @@ use crate::{
         btf::{KernelBtf, LoadedBtf},
         counters::KernelCounters,
         probes::{self, ProbeStatus},
+        programs::Programs,
     },
 };
 
@@ -22,8 +23,8 @@ pub struct Tracer {
     pub probes: Vec<ProbeStatus>,
     /// The counter maps, shared with whoever reads them (table, scrapes).
     pub counters: std::sync::Arc<KernelCounters>,
-    /// Kernel ids of the programs attached, for their run-time statistics.
-    pub program_ids: Vec<u32>,
+    /// The programs attached, for their statistics.
+    pub programs: std::sync::Arc<Programs>,
 }
 
 impl Tracer {
@@ -37,15 +38,12 @@ impl Tracer {
         // The parsed BTF (tens of MB) is gone now, and is never parsed again.
         heap::trim();
         let counters = KernelCounters::take(&mut ebpf)?.into();
-        let program_ids = ebpf
-            .programs()
-            .filter_map(|(_, p)| Some(p.info().ok()?.id()))
-            .collect();
+        let programs = Programs::of(&ebpf).into();
         Ok(Self {
             ebpf,
             probes,
             counters,
-            program_ids,
+            programs,
         })
     }
 }

@@ -605,6 +605,7 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_listener_series_overflow",
     "qtrace_bpf_program_runs_total",
     "qtrace_bpf_program_run_seconds_total",
+    "qtrace_bpf_program_recursion_misses_total",
     "qtrace_connect_failures_total",
     "qtrace_syn_retransmits_total",
     "qtrace_connect_port_search_seconds",
