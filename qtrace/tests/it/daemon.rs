@@ -581,46 +581,6 @@ fn bpf_program_run_time_follows_the_kernel_switch() {
     assert!(!off.contains("qtrace_bpf_program_runs_total"), "{off}");
 }
 
-/// Each attached program's recursion misses (the kernel skipping it because it was already
-/// running on that CPU: events no counter saw) are exported, whatever kernel.bpf_stats_enabled
-/// says, as the kernel counts them, where the kernel reports them (5.12+); before, absent,
-/// never 0.
-#[test]
-fn recursion_misses_are_exported_where_the_kernel_reports_them() {
-    require_root();
-    let q = Qtrace::start(&[]);
-    let metrics = http_get(&q.web(), "/metrics", None).1;
-    // Read after the scrape: every instance's count only grows.
-    let kernel = qtrace_testkit::bpf_programs_named("qt_client_state").unwrap();
-    q.stop(libc::SIGTERM);
-    families_are_known(&metrics);
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut version = release
-        .split(['.', '-'])
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (version.next().unwrap(), version.next().unwrap());
-    let family = "qtrace_bpf_program_recursion_misses_total";
-    if (major, minor) < (5, 12) {
-        assert!(!metrics.contains(family), "{metrics}");
-        return;
-    }
-    // The client programs attach on every kernel of the matrix.
-    for program in ["qt_client_state", "qt_client_rtx"] {
-        assert!(
-            sample(&metrics, family, &[("program", program)]).is_some(),
-            "no {family} for {program}: {metrics}"
-        );
-    }
-    let ours = sample(&metrics, family, &[("program", "qt_client_state")]).unwrap();
-    // bpftool leaves the field out while it is 0.
-    assert!(
-        kernel
-            .iter()
-            .any(|p| p["recursion_misses"].as_f64().unwrap_or(0.0) >= ours),
-        "{ours} misses: not what the kernel counted: {kernel:?}"
-    );
-}
-
 /// `GET path` with `Accept-Encoding: gzip`: the response head and the raw body bytes.
 fn get_gzip(addr: &str, path: &str) -> (String, Vec<u8>) {
     use std::io::Read;
