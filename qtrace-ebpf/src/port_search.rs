@@ -95,9 +95,8 @@ fn exit() -> Result<(), ()> {
     let slot = QT_PORT_START
         .get_ptr_mut(&bpf_get_current_pid_tgid())
         .ok_or(())?;
-    // Zero: this return is accounted for (a return without its start finds zero).
-    // Only the start: a zero start is a slot accounted for (a 16-byte replace compiles to a
-    // call of memset).
+    // The start zeroed: this return is accounted for (a return without its start finds zero).
+    // The start alone: a 16-byte replace compiles to a call of memset.
     let [start, netns] = unsafe { *slot };
     unsafe { core::ptr::write_volatile(slot.cast::<u64>(), 0) };
     if start == 0 {
