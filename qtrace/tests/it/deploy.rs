@@ -184,7 +184,11 @@ fn every_alert_is_unit_tested_firing_and_silent_and_names_its_listener() {
         } else if metrics.iter().any(|m| {
             !matches!(
                 m.as_str(),
-                "qtrace_probe_info" | "qtrace_events_lost_total" | "qtrace_build_info"
+                "qtrace_probe_info"
+                    | "qtrace_events_lost_total"
+                    | "qtrace_build_info"
+                    | "qtrace_kernel_map_full_total"
+                    | "qtrace_bpf_program_recursion_misses_total"
             )
         }) {
             for label in ["$labels.netns", "$labels.addr", "$labels.port"] {
