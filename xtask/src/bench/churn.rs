@@ -263,7 +263,9 @@ pub(super) fn start_bpftrace(tools: &[&str]) -> Result<Vec<Interrupted>> {
 }
 
 /// BPF programs that ran: name, run count, total run time (ns).
-pub(super) type Programs = Vec<(String, u64, u64)>;
+/// (name, invocations, run time in ns, recursion misses: runs the kernel skipped because the
+/// program was already running on that CPU).
+pub(super) type Programs = Vec<(String, u64, u64, u64)>;
 
 /// Connections/s of each configuration over the timed rounds, and the programs that ran in
 /// its statistics round.
@@ -350,13 +352,13 @@ impl Churn {
     /// Mean run time per invocation of each program that ran, by configuration.
     pub(super) fn run_times(&self, configs: &[Config]) -> String {
         let mut s = String::from(
-            "| configuration | program | invocations | mean ns per invocation |\n|---|---|---|---|\n",
+            "| configuration | program | invocations | mean ns per invocation | recursion misses |\n|---|---|---|---|---|\n",
         );
         for c in configs {
-            for (name, cnt, ns_total) in self.programs.get(c).into_iter().flatten() {
+            for (name, cnt, ns_total, missed) in self.programs.get(c).into_iter().flatten() {
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {cnt} | {:.0} |",
+                    "| {} | {name} | {cnt} | {:.0} | {missed} |",
                     c.name(),
                     *ns_total as f64 / (*cnt).max(1) as f64
                 );
@@ -411,6 +413,8 @@ pub(super) fn prog_runtimes(prefix: &str) -> Result<Programs> {
                     p["name"].as_str().unwrap().to_string(),
                     cnt,
                     p["run_time_ns"].as_u64().unwrap_or(0),
+                    // bpftool leaves it out while it is 0 (and before 5.12, which has none).
+                    p["recursion_misses"].as_u64().unwrap_or(0),
                 )
             })
         })

@@ -203,14 +203,19 @@ impl StormCost {
 }
 
 /// A storm's rows for the BPF programs that ran in it (kernel.bpf_stats_enabled=1): their
-/// invocations and mean run time, against the per-invocation target.
+/// invocations and mean run time, against the per-invocation target, and the runs the kernel
+/// skipped (recursion misses: events no counter saw).
 pub(super) fn program_rows(programs: &Programs) -> String {
     let mut s = String::new();
-    for (name, cnt, ns_total) in programs {
+    for (name, cnt, ns_total, missed) in programs {
         let _ = writeln!(
             s,
             "| {name}: invocations, mean ns per invocation | {cnt}, {:.0} | ≤ 250 ns |",
             *ns_total as f64 / (*cnt).max(1) as f64
+        );
+        let _ = writeln!(
+            s,
+            "| {name}: runs the kernel skipped (recursion misses) | {missed} | 0 |"
         );
     }
     s
