@@ -37,6 +37,9 @@ pub mod maps {
     /// Hash: socket address → [`crate::ConnectOwner`], for active opens from connect() until
     /// they leave ESTABLISHED.
     pub const ACTIVE_OPENS: &str = "QT_ACTIVE_OPENS";
+    /// Array of `--client-slots` records: the direct-mapped front of [`ACTIVE_OPENS`], a
+    /// socket's record in the slot its address hashes to when that slot is free.
+    pub const OPEN_SLOTS: &str = "QT_OPEN_SLOTS";
     /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
     pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
     /// Array of one u32, set to 1 by the loader when the port search's kprobe tier takes its
@@ -57,4 +60,6 @@ pub mod globals {
     pub const FIRST_USER_UID: &str = "QT_FIRST_USER_UID";
     /// [`crate::ClientOffsets`]: the members only the client programs read.
     pub const CLIENT_OFFSETS: &str = "QT_CLIENT_OFFSETS";
+    /// u32: the number of [`crate::maps::OPEN_SLOTS`] less one (a power of two less one).
+    pub const OPEN_SLOT_MASK: &str = "QT_OPEN_SLOT_MASK";
 }

@@ -24,12 +24,19 @@
 //!     sending data is never counted.
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
 //!
-//! Cost per connection: one hash insert at connect(), one delete as each socket leaves
-//! ESTABLISHED (a miss for the server's child; a lookup first for a reset); every other state
-//! change returns after comparing two integers. The record lives as long as the socket is
-//! connecting or established, so the map (`--max-client-sockets`) bounds the active opens
-//! qtrace follows; past it a failure counts unattributed (pid 0), a reset not at all, each
-//! counted in `SelfStat::ActiveOpensMapFull`.
+//! Cost per connection: one record written at connect(), cleared as the socket leaves
+//! ESTABLISHED (nothing to clear for the server's child; a lookup first for a reset); every
+//! other state change returns after comparing two integers. The record is kept in the socket's
+//! slot of a direct-mapped array (`QT_OPEN_SLOTS`, a few instructions each way) when the slot
+//! is free, else in a hash (`QT_ACTIVE_OPENS`, `--max-client-sockets`): exact either way,
+//! and the hash is not even looked at while it holds nothing. The record lives as long as the
+//! socket is connecting or established; past the hash's bound a failure counts unattributed
+//! (pid 0), a reset not at all, each counted in `SelfStat::ActiveOpensMapFull`.
+
+use core::{
+    intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -37,7 +44,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::BtfTracePointContext,
     Global,
 };
@@ -74,7 +81,9 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
     PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Active opens, from connect() until they leave SYN_SENT for anything but ESTABLISHED or
-/// leave ESTABLISHED → who called connect(), and when. Sized by user space before load
+/// leave ESTABLISHED → who called connect(), and when: those whose slot in `QT_OPEN_SLOTS` was
+/// taken by another live socket, and every one on kernels without BPF's compare-and-swap
+/// (before 5.12, `qt_client_state_untyped`). Sized by user space before load
 /// (`--max-client-sockets`). Keyed by the socket's address: a socket always passes a state
 /// change before it is freed, which deletes its record, so a reused address finds none.
 /// Preallocated: a map that allocates as used (`BPF_F_NO_PREALLOC`) costs the same per insert
@@ -86,7 +95,38 @@ static QT_CLIENTS: PerCpuHashMap<ClientKey, ClientCounters> =
 /// recursion miss, exported by user space) leaves its record behind until the address is
 /// reused.
 #[map]
-pub(crate) static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
+static QT_ACTIVE_OPENS: HashMap<u64, ConnectOwner> = HashMap::with_max_entries(65536, 0);
+
+/// A record in the socket's own slot of [`QT_OPEN_SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct OpenSlot {
+    /// The socket the slot's record is for, 0 when free. Claimed with a compare-and-swap (two
+    /// CPUs may connect sockets of the same slot at once), cleared by that socket alone: its
+    /// state changes are serialized by the kernel, and no other socket writes a slot it holds.
+    sk: u64,
+    owner: ConnectOwner,
+}
+
+/// The direct-mapped front of `QT_ACTIVE_OPENS`: a socket's record goes into the slot its
+/// address hashes to when that slot is free, where writing, finding and clearing it are a few
+/// inlined instructions against a hash's helper calls, bucket lock and element free list (the
+/// dearest part of the client side: BENCHMARKS.md, session 12). A busy slot (another live
+/// socket's) sends the record to the hash: nothing is lost to a collision. Sized by user space
+/// (`--client-slots`, 32,768 of 40 bytes by default); with more connecting or established
+/// client sockets than slots, the rest go to the hash, which they would all use without this.
+#[map]
+static QT_OPEN_SLOTS: Array<OpenSlot> = Array::with_max_entries(1, 0);
+
+/// The number of `QT_OPEN_SLOTS` less one, a power of two less one (set by user space).
+#[unsafe(no_mangle)]
+static QT_OPEN_SLOT_MASK: Global<u32> = Global::new(0);
+
+/// Records put into `QT_ACTIVE_OPENS` minus those deleted from it, never fewer than it holds
+/// (an insert that replaces a leftover counts too): while 0, a socket not in its slot has no
+/// record, and the hash is not looked at.
+#[map]
+static QT_OPENS_SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 
 // include/net/tcp_states.h, the same on every kernel.
 const TCP_ESTABLISHED: i32 = 1;
@@ -208,25 +248,146 @@ fn count(
     Ok(())
 }
 
+/// Socket `sk` as a plain number, which its records are keyed by: its distance from this map.
+/// The verifier allows no arithmetic on a typed socket pointer (the slot's hash multiplies it)
+/// but makes the difference of two pointers a number for programs trusted with kernel addresses
+/// (CAP_PERFMON), and the map's address stays put while the programs run.
+#[inline(always)]
+pub(crate) fn id_of(sk: *const u8) -> u64 {
+    (sk as u64).wrapping_sub(addr_of!(QT_OPEN_SLOTS) as u64)
+}
+
+#[inline(always)]
+fn slot_of(sk: u64) -> Option<*mut OpenSlot> {
+    // Fibonacci hashing: sockets are slab objects a few KiB apart, so their addresses' low
+    // bits say little; the product's upper half mixes all of them.
+    let i = (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & QT_OPEN_SLOT_MASK.load();
+    QT_OPEN_SLOTS.get_ptr_mut(i)
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one) to the count of records in the hash.
+#[inline(always)]
+fn spill(n: u64) {
+    if let Some(p) = QT_OPENS_SPILLED.get_ptr_mut(0) {
+        // SAFETY: a map value, changed in place by a BPF atomic add (its result unused: the
+        // plain `lock xadd` every kernel verifies).
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, n) };
+    }
+}
+
+/// Whether the hash may hold records (true if that cannot be told).
+#[inline(always)]
+fn any_spilled() -> bool {
+    QT_OPENS_SPILLED
+        .get_ptr(0)
+        .is_none_or(|p| unsafe { read_volatile(p) } != 0)
+}
+
+/// Keeps `owner` as `sk`'s record: in its slot when `slots` (the compare-and-swap verifies
+/// only on 5.12+) and the slot is free, else in the hash.
+#[inline(always)]
+fn remember(sk: u64, owner: &ConnectOwner, slots: bool) {
+    if slots {
+        if let Some(slot) = slot_of(sk) {
+            // SAFETY: `slot` points into the map's value. A slot holding this very address is
+            // a leftover (a skipped state change of an earlier socket there): this socket's now.
+            let (held, _) = unsafe {
+                atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(addr_of_mut!((*slot).sk), 0, sk)
+            };
+            let mine = held == 0 || held == sk;
+            if mine {
+                unsafe { addr_of_mut!((*slot).owner).write(*owner) };
+                // A leftover of this address in the hash would outlive this record.
+                if any_spilled() {
+                    unspill(sk);
+                }
+                return;
+            }
+        }
+    }
+    if QT_ACTIVE_OPENS.insert(&sk, owner, 0).is_err() {
+        self_stat(SelfStat::ActiveOpensMapFull);
+    } else {
+        spill(1);
+    }
+}
+
+/// Deletes `sk`'s record from the hash; whether it had one.
+#[inline(always)]
+fn unspill(sk: u64) -> bool {
+    let gone = QT_ACTIVE_OPENS.remove(&sk).is_ok();
+    if gone {
+        spill(u64::MAX);
+    }
+    gone
+}
+
+// The records come back initialized whether found or not (pid 0 when not): an `Option` of one
+// leaves its payload undefined when `None`, and LLVM then copies uninitialized registers,
+// which the verifier rejects.
+
+/// `sk`'s record (pid 0 when it has none), and whether it has one.
+#[inline(always)]
+pub(crate) fn recall(sk: u64) -> (bool, ConnectOwner) {
+    let mut owner = ConnectOwner::default();
+    if let Some(slot) = slot_of(sk) {
+        // SAFETY: `slot` points into the map's value.
+        if unsafe { read_volatile(addr_of_mut!((*slot).sk)) } == sk {
+            owner = unsafe { (*slot).owner };
+            return (true, owner);
+        }
+    }
+    if !any_spilled() {
+        return (false, owner);
+    }
+    match unsafe { QT_ACTIVE_OPENS.get(&sk) } {
+        Some(o) => (true, *o),
+        None => (false, owner),
+    }
+}
+
+/// Ends `sk`'s record.
+#[inline(always)]
+fn forget(sk: u64) {
+    if let Some(slot) = slot_of(sk) {
+        // SAFETY: `slot` points into the map's value; only `sk` clears a slot it holds.
+        if unsafe { read_volatile(addr_of_mut!((*slot).sk)) } == sk {
+            unsafe { write_volatile(addr_of_mut!((*slot).sk), 0) };
+            return;
+        }
+    }
+    if any_spilled() {
+        unspill(sk);
+    }
+}
+
+/// Ends `sk`'s record and returns it, as [`recall`] does.
+#[inline(always)]
+fn take_record(sk: u64) -> (bool, ConnectOwner) {
+    let found = recall(sk);
+    if found.0 {
+        forget(sk);
+    }
+    found
+}
+
 /// Who called connect() on `sk`, as recorded when it entered SYN_SENT (pid 0 if it could not
 /// be: attached mid-handshake, or the map was full, which is counted).
 #[inline(always)]
 fn owner_of(sk: *const u8) -> ConnectOwner {
-    unsafe { QT_ACTIVE_OPENS.get(&(sk as u64)) }
-        .copied()
-        .unwrap_or_default()
+    recall(id_of(sk)).1
 }
 
 #[inline(always)]
 fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
     // Every state change of every TCP socket passes here: most return after these compares.
-    let id = sk as u64;
     if new == TCP_SYN_SENT {
         let owner = current_owner(m);
         port_search::connecting(sk, owner.connect_ns);
         let protocol: u16 = Typed.read(sk, client_offset!(sk_protocol))?;
-        if protocol == IPPROTO_TCP && QT_ACTIVE_OPENS.insert(&id, &owner, 0).is_err() {
-            self_stat(SelfStat::ActiveOpensMapFull);
+        if protocol == IPPROTO_TCP {
+            // The typed program loads only where the compare-and-swap verifies (5.12+).
+            remember(id_of(sk), &owner, M::TYPED);
         }
         return Ok(());
     }
@@ -239,25 +400,22 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         if protocol != IPPROTO_TCP {
             return Ok(());
         }
-        let owner = owner_of(sk);
-        let _ = QT_ACTIVE_OPENS.remove(&id);
+        let (_, owner) = take_record(id_of(sk));
         return failed(sk, owner);
     }
     if old != TCP_ESTABLISHED {
         return Ok(());
     }
     // Leaving ESTABLISHED ends an active open's record. Only a reset needs what it holds: any
-    // other way out is one delete (a miss for a server's child, or a socket connected before
-    // qtrace started).
+    // other way out just ends it (nothing to end for a server's child, or a socket connected
+    // before qtrace started).
     if new != TCP_CLOSE || Typed.read::<i32>(sk, client_offset!(sk_err))? != ECONNRESET {
-        let _ = QT_ACTIVE_OPENS.remove(&id);
+        forget(id_of(sk));
         return Ok(());
     }
-    let owner = match unsafe { QT_ACTIVE_OPENS.get(&id) } {
-        Some(owner) => *owner,
-        None => return Ok(()),
+    let (true, owner) = take_record(id_of(sk)) else {
+        return Ok(());
     };
-    let _ = QT_ACTIVE_OPENS.remove(&id);
     // Through the helper: tcp_sock lies beyond the `struct sock` the tracepoint declares.
     if probe_read::<u64>(sk, client_offset!(tcp_bytes_received))? != 0 {
         return Ok(());

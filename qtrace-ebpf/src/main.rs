@@ -5,6 +5,10 @@
 //! own losses in the leaf module `self_stats`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has no compare-and-swap or fetch-and-add in `core::sync::atomic` (rustc's
+// target leaves `atomic_cas` off); the intrinsics lower to BPF's atomics (`client.rs`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Map keys and values go by reference: passed by value, a map value (the listener counters)
 // would be copied onto the 512-byte BPF stack, which the linker then rejects.
 #![allow(clippy::needless_borrows_for_generic_args)]

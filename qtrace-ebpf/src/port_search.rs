@@ -8,7 +8,7 @@
 //! With the client probe attached, no entry hook is needed: `tcp_v4/v6_connect` moves the
 //! socket to SYN_SENT right before the search, and the client probe's tracepoint at that
 //! moment is the start. The fentry tier's exit finds it in the client's record of the socket
-//! (`client::QT_ACTIVE_OPENS`); a kretprobe has no arguments to find a socket by, so at the
+//! (`client::recall`); a kretprobe has no arguments to find a socket by, so at the
 //! kprobe tier the tracepoint also fills the thread's slot the return reads
 //! (`QT_PORT_START_AT_CONNECT` switches that on). Either way one hook and one map update fewer
 //! per connect() than an entry hook of its own (BENCHMARKS.md 1b), which is what remains with
@@ -25,7 +25,7 @@ use qtrace_common::{PortSearch, SelfStat};
 
 use crate::{
     account::wait_bucket,
-    client::QT_ACTIVE_OPENS,
+    client,
     kernel::{offset, Mem, Typed, Untyped},
     self_stats::self_stat,
 };
@@ -108,9 +108,10 @@ fn exit() -> Result<(), ()> {
 /// The exit of a search whose start the client probe recorded as `sk` entered SYN_SENT.
 #[inline(always)]
 fn exit_after_connect(sk: *const u8) -> Result<(), ()> {
-    let start = unsafe { QT_ACTIVE_OPENS.get(&(sk as u64)) }
-        .ok_or(())?
-        .connect_ns;
+    let (true, owner) = client::recall(client::id_of(sk)) else {
+        return Err(());
+    };
+    let start = owner.connect_ns;
     record(netns_of(Typed, sk)?, start)
 }
 

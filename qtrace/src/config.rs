@@ -121,6 +121,11 @@ pub struct TracerArgs {
     /// counted [default: 65536].
     #[arg(long, env = "QTRACE_MAX_CLIENT_SOCKETS")]
     pub max_client_sockets: Option<u32>,
+    /// Slots for those sockets' records in front of --max-client-sockets' hash, a power of two:
+    /// a socket whose slot (by its address) is free is followed there at a fraction of the
+    /// hash's cost, the others in the hash [default: 32768].
+    #[arg(long, env = "QTRACE_CLIENT_SLOTS")]
+    pub client_slots: Option<u32>,
     /// Event ring buffer size in KiB, a power of two [default: 256].
     #[arg(long, env = "QTRACE_RINGBUF_KIB")]
     pub ringbuf_kib: Option<u32>,
@@ -150,6 +155,7 @@ pub struct TracerOptions {
     pub first_user_uid: u32,
     pub max_client_destinations: u32,
     pub max_client_sockets: u32,
+    pub client_slots: u32,
     pub ringbuf_kib: u32,
     pub btf: PathBuf,
     /// Probe areas turned off by `--probes -NAME` (names checked when attaching).
@@ -432,6 +438,14 @@ impl TracerArgs {
                 format!("{max_client_sockets}: must be 1 to 4000000"),
             ));
         }
+        let client_slots = self.client_slots.or(file.client_slots).unwrap_or(32768);
+        if !(1..=1 << 22).contains(&client_slots) || !client_slots.is_power_of_two() {
+            return Err(invalid(
+                "client_slots",
+                "client-slots",
+                format!("{client_slots}: must be a power of two from 1 to 4194304"),
+            ));
+        }
         let ringbuf_kib = self.ringbuf_kib.or(file.ringbuf_kib).unwrap_or(256);
         if !(4..=1 << 20).contains(&ringbuf_kib) || !ringbuf_kib.is_power_of_two() {
             return Err(invalid(
@@ -467,6 +481,7 @@ impl TracerArgs {
             first_user_uid: self.first_user_uid.or(file.first_user_uid).unwrap_or(1000),
             max_client_destinations,
             max_client_sockets,
+            client_slots,
             ringbuf_kib,
             btf: self
                 .btf

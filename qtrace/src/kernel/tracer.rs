@@ -64,6 +64,7 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
         .override_global(globals::HOOKS, &hooks, true)
         .override_global(globals::EVENT_RATE, &opts.event_rate, true)
         .override_global(globals::FIRST_USER_UID, &opts.first_user_uid, true)
+        .override_global(globals::OPEN_SLOT_MASK, &(opts.client_slots - 1), true)
         // Zeroes where the kernel lacks a member: the client probe then refuses to attach
         // (see `probes::client`), and nothing else reads them.
         .override_global(
@@ -73,6 +74,7 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
         )
         .map_max_entries(maps::CLIENTS, opts.max_client_destinations)
         .map_max_entries(maps::ACTIVE_OPENS, opts.max_client_sockets)
+        .map_max_entries(maps::OPEN_SLOTS, opts.client_slots)
         .map_max_entries(maps::LISTENERS, opts.max_listeners)
         .map_max_entries(maps::USER_LISTENERS, opts.max_listeners)
         .map_max_entries(maps::EVENTS, opts.ringbuf_kib * 1024)

@@ -93,6 +93,10 @@ fn bad_option_values_name_the_option() {
             "invalid event_rate (--event-rate): 0",
         ),
         (
+            &["run", "--client-slots", "1000"][..],
+            "invalid client_slots (--client-slots): 1000: must be a power of two",
+        ),
+        (
             &["run", "--web.listen-address", "localhost"][..],
             "invalid web_listen_address (--web.listen-address)",
         ),

@@ -334,8 +334,19 @@ fn doctor(q: &Qtrace) -> serde_json::Value {
 /// test mid-handshake are `aborted` (no AttemptFails: the kernel counts none for them).
 #[test]
 fn refused_and_timed_out_connects_are_counted_as_the_callers_saw_them() {
+    refused_and_timed_out(&[]);
+}
+
+/// The same with one record slot for every socket on the host: all but the one socket holding
+/// it at a time (this test's or any other's) go to the hash, and are counted the same.
+#[test]
+fn refused_and_timed_out_connects_are_counted_with_their_records_in_the_hash() {
+    refused_and_timed_out(&["--client-slots", "1"]);
+}
+
+fn refused_and_timed_out(args: &[&str]) {
     require_root();
-    let q = start();
+    let q = start_with(args);
     let ns = Netns::new();
     ns.sysctl("net.ipv4.tcp_syn_retries", "1");
     let (closed, silent) = (7100u16, 7200u16);
@@ -806,8 +817,19 @@ fn reset_seen(mut s: &TcpStream) -> bool {
 /// kept in a hash map, which tracing programs have everywhere).
 #[test]
 fn connections_reset_by_an_overflowing_server_are_counted_as_reset() {
+    reset_by_an_overflowing_server(&[]);
+}
+
+/// The same with one record slot (see
+/// `refused_and_timed_out_connects_are_counted_with_their_records_in_the_hash`).
+#[test]
+fn connections_reset_with_their_records_in_the_hash_are_counted_as_reset() {
+    reset_by_an_overflowing_server(&["--client-slots", "1"]);
+}
+
+fn reset_by_an_overflowing_server(args: &[&str]) {
     require_root();
-    let q = start();
+    let q = start_with(args);
     let (server, client, v4, _) = linked(3);
     server.sysctl("net.ipv4.tcp_abort_on_overflow", "1");
     let (_listener, port) = listener_on(&server, "0.0.0.0", 7700, 1);

@@ -15,9 +15,13 @@ pub const AREA: Area = Area {
 fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, String>> {
     // The state-change tracepoint sees every way a handshake ends (the errno is set before
     // the socket goes to CLOSE) at no per-packet cost; no function hook would see more.
-    // `bpf_get_current_task_btf` (5.11) reads the owner's name with two loads; before it,
-    // through the helper.
-    let state = if btf.func_params("bpf_get_current_task_btf").is_some() {
+    // `bpf_get_current_task_btf` (5.11) reads the owner's name with two loads, and BPF's
+    // compare-and-swap (5.12, with the recursion-miss count `bpf_prog_stats.misses`: BTF has
+    // no type for an instruction set) claims a record's slot; before both, through the helper
+    // and into the hash alone.
+    let typed = btf.func_params("bpf_get_current_task_btf").is_some()
+        && btf.offset("bpf_prog_stats", "misses").is_ok();
+    let state = if typed {
         "qt_client_state"
     } else {
         "qt_client_state_untyped"
