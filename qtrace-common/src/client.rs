@@ -143,3 +143,16 @@ impl PortSearch {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PortSearch {}
+
+/// One CPU's copy of a slot of the per-CPU port-search array: the histogram of namespace
+/// `netns` on that CPU (0: the slot is free on that CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSearchSlot {
+    pub netns: u32,
+    pub _pad: u32,
+    pub hist: PortSearch,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PortSearchSlot {}

@@ -13,6 +13,7 @@ pub mod vocabulary;
 
 pub use client::{
     ClientCounter, ClientCounters, ClientKey, ClientOffsets, ConnectOwner, PortSearch,
+    PortSearchSlot,
 };
 pub use counters::{Counter, ListenerCounters, SelfStat, WAIT_BUCKETS};
 pub use event::{Event, EventKind};
@@ -40,7 +41,11 @@ pub mod maps {
     /// Array of `--client-slots` records: the direct-mapped front of [`ACTIVE_OPENS`], a
     /// socket's record in the slot its address hashes to when that slot is free.
     pub const OPEN_SLOTS: &str = "QT_OPEN_SLOTS";
-    /// Per-CPU hash: network namespace inode → [`crate::PortSearch`].
+    /// Per-CPU array of [`crate::PortSearchSlot`]: each CPU's histograms of the namespaces
+    /// that took a slot on that CPU (by a hash of the inode), before [`PORT_SEARCH`].
+    pub const PORT_SEARCH_SLOTS: &str = "QT_PORT_SEARCH_SLOTS";
+    /// Per-CPU hash: network namespace inode → [`crate::PortSearch`], for the namespaces whose
+    /// slot another took on that CPU.
     pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
     /// Array of one u32, set to 1 by the loader when the port search's kprobe tier takes its
     /// start from the client probe: the client probe then also fills the connecting thread's

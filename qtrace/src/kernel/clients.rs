@@ -1,11 +1,11 @@
 //! The client counters: the per-CPU map of (namespace, process, destination) → connect()
 //! failures by reason and SYN retransmits, summed over CPUs whenever someone asks.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, PerCpuHashMap};
-use qtrace_common::{ClientCounter, ClientCounters, ClientKey, PortSearch};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use qtrace_common::{ClientCounter, ClientCounters, ClientKey, PortSearch, PortSearchSlot};
 
 use crate::listener::ip;
 
@@ -68,24 +68,41 @@ pub struct PortSearchStats {
     pub hist: PortSearch,
 }
 
-/// Every namespace whose connects searched for a port, sorted by namespace.
+/// Every namespace whose connects searched for a port, sorted by namespace: each CPU's slots
+/// (a namespace's histogram on a CPU where it took its slot) and the hash's entries (on CPUs
+/// where another namespace had), added up.
 pub fn read_port_search(
+    slots: &PerCpuArray<MapData, PortSearchSlot>,
     map: &PerCpuHashMap<MapData, u32, PortSearch>,
 ) -> Result<Vec<PortSearchStats>> {
-    let mut out = Vec::new();
+    let mut sums: BTreeMap<u32, PortSearch> = BTreeMap::new();
+    for i in 0..slots.len() {
+        let per_cpu = slots.get(&i, 0).context("read the port-search slots")?;
+        for slot in per_cpu.iter().filter(|s| s.netns != 0) {
+            add(
+                sums.entry(slot.netns).or_insert(PortSearch::ZERO),
+                &slot.hist,
+            );
+        }
+    }
     for entry in map.iter() {
         let (netns, per_cpu) = entry.context("read the port-search map")?;
-        let mut hist = PortSearch::ZERO;
+        let hist = sums.entry(netns).or_insert(PortSearch::ZERO);
         for cpu in per_cpu.iter() {
-            for (total, v) in hist.buckets.iter_mut().zip(cpu.buckets) {
-                *total += v;
-            }
-            hist.sum_ns += cpu.sum_ns;
+            add(hist, cpu);
         }
-        out.push(PortSearchStats { netns, hist });
     }
-    out.sort_by_key(|s| s.netns);
-    Ok(out)
+    Ok(sums
+        .into_iter()
+        .map(|(netns, hist)| PortSearchStats { netns, hist })
+        .collect())
+}
+
+fn add(total: &mut PortSearch, h: &PortSearch) {
+    for (t, v) in total.buckets.iter_mut().zip(h.buckets) {
+        *t += v;
+    }
+    total.sum_ns += h.sum_ns;
 }
 
 /// Every destination the kernel counted something for, sorted by key.

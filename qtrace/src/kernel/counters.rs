@@ -16,7 +16,7 @@ use aya::{
 };
 use qtrace_common::{
     maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey,
-    PortSearch, SelfStat, WAIT_BUCKETS,
+    PortSearch, PortSearchSlot, SelfStat, WAIT_BUCKETS,
 };
 
 use crate::{
@@ -170,6 +170,7 @@ pub struct KernelCounters {
     capacity: usize,
     self_stats: PerCpuArray<MapData, u64>,
     clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
+    port_search_slots: PerCpuArray<MapData, PortSearchSlot>,
     port_search: PerCpuHashMap<MapData, u32, PortSearch>,
     /// Listener entries no CPU had written its key into at the last reading (partition,
     /// entry), since when, and how many such entries were deleted (see [`Self::listeners`]).
@@ -204,6 +205,7 @@ impl KernelCounters {
             ]),
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
             clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
+            port_search_slots: PerCpuArray::try_from(take(maps::PORT_SEARCH_SLOTS)?)?,
             port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
             unidentified: Mutex::new(Aging::default()),
             unidentified_deleted: AtomicU64::new(0),
@@ -277,7 +279,7 @@ impl KernelCounters {
 
     /// Each namespace's port-search histogram.
     pub fn port_search(&self) -> Result<Vec<PortSearchStats>> {
-        clients::read_port_search(&self.port_search)
+        clients::read_port_search(&self.port_search_slots, &self.port_search)
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

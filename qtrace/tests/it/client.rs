@@ -272,6 +272,54 @@ fn port_search_times_every_connect_with_or_without_the_client_probe() {
     assert_searches(&q, &ns, held.len() as u64);
 }
 
+/// The kernel keeps each CPU's port-search histograms in 64 slots, a namespace in the slot its
+/// inode hashes to (this formula, `qtrace-ebpf/src/port_search.rs`) unless another took it
+/// first on that CPU, then in a hash. Two namespaces of one slot, their connects on one CPU:
+/// the second's (or both, if a namespace of another test was first) go to the hash, and each
+/// namespace's searches are counted all the same.
+#[test]
+fn port_searches_of_namespaces_sharing_a_slot_are_all_counted() {
+    require_root();
+    let q = start();
+    let slot = |ns: &Netns| (u64::from(ns.inode).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) & 63;
+    let mut made: Vec<Netns> = Vec::new();
+    let pair = loop {
+        let ns = Netns::new();
+        if let Some(i) = made.iter().position(|m| slot(m) == slot(&ns)) {
+            break [made.swap_remove(i), ns];
+        }
+        assert!(made.len() < 64, "65 namespaces in 64 slots");
+        made.push(ns);
+    };
+    drop(made);
+    for (n, ns) in (5u64..).zip(&pair) {
+        let (_l, port) = listener_on(ns, "127.0.0.1", 7000, 64);
+        let held: Vec<_> = ns.run(move || {
+            on_cpu_0();
+            (0..n)
+                .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+                .collect()
+        });
+        assert_searches(&q, ns, held.len() as u64);
+    }
+}
+
+/// Keeps the calling thread on CPU 0.
+fn on_cpu_0() {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and the syscall take it by pointer.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// `ip_local_port_range` of 64 ports: 64 connects to one destination succeed, the next fail
 /// with EADDRNOTAVAIL, each counted as `no_port` for this process and that destination; a
 /// second destination still gets ports, as the kernel reuses a local port towards another
@@ -814,7 +862,7 @@ fn reset_seen(mut s: &TcpStream) -> bool {
 /// failed with ECONNRESET is counted as `reset` for this process and that destination, and
 /// nothing else is: not a reset after the server's first byte, not the clients' own aborts
 /// (SO_LINGER 0), not the server's children those aborts reset. On every kernel (the owner is
-/// kept in a hash map, which tracing programs have everywhere).
+/// kept in a slot array or a hash map, which tracing programs have everywhere).
 #[test]
 fn connections_reset_by_an_overflowing_server_are_counted_as_reset() {
     reset_by_an_overflowing_server(&[]);
