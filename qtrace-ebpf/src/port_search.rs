@@ -51,7 +51,8 @@ static QT_PORT_SEARCH: PerCpuHashMap<u32, PortSearch> = PerCpuHashMap::with_max_
 /// finding it is a few inlined instructions against the hash's helper call and bucket walk.
 /// Only the running CPU writes its copy of a slot, and a slot once taken stays with its
 /// namespace (as a hash entry does), so no count moves or is lost; user space adds each CPU's
-/// slots and the hash's entries up per namespace. 64 slots of 208 bytes per CPU.
+/// slots and the hash's entries up per namespace. 64 slots of 208 bytes per CPU: the first
+/// half for the IPv4 search's exit, the second for IPv6's (see [`slot_of`]).
 #[map]
 static QT_PORT_SEARCH_SLOTS: PerCpuArray<PortSearchSlot> = PerCpuArray::with_max_entries(64, 0);
 
@@ -101,7 +102,7 @@ fn start(netns: u32, now: u64) {
 }
 
 #[inline(always)]
-fn exit() -> Result<(), ()> {
+fn exit(half: u32) -> Result<(), ()> {
     let slot = QT_PORT_START
         .get_ptr_mut(&bpf_get_current_pid_tgid())
         .ok_or(())?;
@@ -112,24 +113,29 @@ fn exit() -> Result<(), ()> {
     if start == 0 {
         return Ok(());
     }
-    record(netns as u32, start)
+    record(netns as u32, start, half)
 }
 
 /// The exit of a search whose start the client probe recorded as `sk` entered SYN_SENT.
 #[inline(always)]
-fn exit_after_connect(sk: *const u8) -> Result<(), ()> {
+fn exit_after_connect(sk: *const u8, half: u32) -> Result<(), ()> {
     let (true, owner) = client::recall(client::id_of(sk)) else {
         return Err(());
     };
     let start = owner.connect_ns;
-    record(netns_of(Typed, sk)?, start)
+    record(netns_of(Typed, sk)?, start, half)
 }
 
-/// One search in namespace `netns` that started at `start`, into its histogram.
+/// Which half of the slots an exit program uses.
+const V4: u32 = 0;
+const V6: u32 = 32;
+
+/// One search in namespace `netns` that started at `start`, into its histogram (a slot in
+/// `half`).
 #[inline(always)]
-fn record(netns: u32, start: u64) -> Result<(), ()> {
+fn record(netns: u32, start: u64, half: u32) -> Result<(), ()> {
     let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
-    let h = match slot_of(netns) {
+    let h = match slot_of(netns, half) {
         Some(h) => h,
         None => hashed(netns)?,
     };
@@ -141,13 +147,18 @@ fn record(netns: u32, start: u64) -> Result<(), ()> {
     Ok(())
 }
 
-/// This CPU's histogram of `netns` in its slot, taking the slot if it is free on this CPU.
+/// This CPU's histogram of `netns` in its slot of `half`, taking the slot if it is free on
+/// this CPU.
 #[inline(always)]
-fn slot_of(netns: u32) -> Option<*mut PortSearch> {
-    let i = (u64::from(netns).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & 63;
+fn slot_of(netns: u32, half: u32) -> Option<*mut PortSearch> {
+    let i = (u64::from(netns).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & 31 | half;
     let slot = QT_PORT_SEARCH_SLOTS.get_ptr_mut(i)?;
-    // SAFETY: this CPU's copy of the slot, which only this CPU writes (as every per-CPU value
-    // here: the kernel does not run a program again on a CPU where it is running).
+    // SAFETY: this CPU's copy of the slot, which only this CPU writes, and of a half that only
+    // this program writes. fexit programs run with migration disabled, not preemption: on a
+    // kernel booted with preempt=full the IPv4 and IPv6 exits (two programs) of two tasks on
+    // one CPU can interleave, which the halves keep apart; one program does not run twice at
+    // once on a CPU (the kernel skips and counts the second run). (The hash's per-CPU values
+    // are shared by both exits: such an interleaving could lose a count there.)
     let s = unsafe { &mut *slot };
     if s.netns != netns {
         if s.netns != 0 {
@@ -183,20 +194,20 @@ pub fn qt_port_fe(ctx: FEntryContext) -> i32 {
 
 #[fexit(function = "inet_hash_connect")]
 pub fn qt_port_fx(_ctx: FExitContext) -> i32 {
-    let _ = exit();
+    let _ = exit(V4);
     0
 }
 
 // The exits alone, the start from the client probe's record.
 #[fexit(function = "inet_hash_connect")]
 pub fn qt_port_fxc(ctx: FExitContext) -> i32 {
-    let _ = exit_after_connect(ctx.arg(1));
+    let _ = exit_after_connect(ctx.arg(1), V4);
     0
 }
 
 #[fexit(function = "inet6_hash_connect")]
 pub fn qt_port6_fxc(ctx: FExitContext) -> i32 {
-    let _ = exit_after_connect(ctx.arg(1));
+    let _ = exit_after_connect(ctx.arg(1), V6);
     0
 }
 
@@ -208,7 +219,7 @@ pub fn qt_port6_fe(ctx: FEntryContext) -> i32 {
 
 #[fexit(function = "inet6_hash_connect")]
 pub fn qt_port6_fx(_ctx: FExitContext) -> i32 {
-    let _ = exit();
+    let _ = exit(V6);
     0
 }
 
@@ -224,6 +235,7 @@ pub fn qt_port_kp(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn qt_port_krp(_ctx: RetProbeContext) -> u32 {
-    let _ = exit();
+    // Both families: kprobe programs run with preemption disabled, so nothing interleaves.
+    let _ = exit(V4);
     0
 }

@@ -185,16 +185,43 @@ impl Config {
         }
     }
 
-    /// The least ratio to no tracer the issue asks for.
-    pub(super) fn target(self) -> &'static str {
+    /// The target the issues set for this configuration's ratio to no tracer, marked met or
+    /// missed against the `ratios` of the same run (by configuration).
+    pub(super) fn verdict(self, ratios: &BTreeMap<Config, f64>) -> String {
+        let Some(&ratio) = ratios.get(&self) else {
+            return String::new();
+        };
+        let mark = |met: bool| if met { "met" } else { "missed" };
+        let at_least = |target: f64| format!("≥ {target:.2}: {}", mark(ratio >= target));
+        // The same tiers with the client probes on.
+        let with_client = match self {
+            Self::QtraceNoClient => Some(Self::Qtrace),
+            Self::QtraceFentryNoClient => Some(Self::QtraceFentry),
+            _ => None,
+        };
         match self {
-            Self::QtraceFentry => "≥ 0.98",
-            Self::QtraceKprobe => "≥ 0.95",
+            Self::QtraceFentry => at_least(0.98),
+            Self::QtraceKprobe => at_least(0.95),
             Self::QtraceNoClient | Self::QtraceFentryNoClient => {
-                "with the client probes: within 0.01 of this"
+                let with = with_client.and_then(|c| ratios.get(&c));
+                match with {
+                    Some(with) => format!(
+                        "with the client probes: within 0.01 of this: {} ({:.1} points)",
+                        mark(ratio - with <= 0.01),
+                        (ratio - with) * 100.0
+                    ),
+                    None => "with the client probes: within 0.01 of this".to_string(),
+                }
             }
-            Self::Bpftrace => "peer: qtrace must lose less",
-            Self::NoTracer | Self::Qtrace | Self::QtraceFentryNoAccept => "",
+            Self::Bpftrace => {
+                let qtrace = ratios
+                    .iter()
+                    .filter(|(c, _)| !matches!(c, Self::NoTracer | Self::Bpftrace))
+                    .map(|(_, r)| *r);
+                let least = qtrace.fold(f64::INFINITY, f64::min);
+                format!("peer: qtrace must lose less: {}", mark(least > ratio))
+            }
+            Self::NoTracer | Self::Qtrace | Self::QtraceFentryNoAccept => String::new(),
         }
     }
 
@@ -332,18 +359,21 @@ impl Churn {
                 .with_context(|| format!("no rounds of {}", c.name()))
         };
         let base = of(Config::NoTracer)?;
+        let mut ratios = BTreeMap::new();
+        for &c in configs {
+            ratios.insert(c, of(c)?.1 / base.1);
+        }
         let mut s = String::from(
             "| configuration | connections/s (min / median / max) | ratio to no tracer (median) | target |\n|---|---|---|---|\n",
         );
         for &c in configs {
-            let st = of(c)?;
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.3} | {} |",
                 c.name(),
-                fmt3(st),
-                st.1 / base.1,
-                c.target()
+                fmt3(of(c)?),
+                ratios[&c],
+                c.verdict(&ratios)
             );
         }
         Ok(s)
@@ -419,4 +449,39 @@ pub(super) fn prog_runtimes(prefix: &str) -> Result<Programs> {
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_is_marked_met_or_missed_against_the_same_run() {
+        let mut churn = Churn::default();
+        for (c, cps) in [
+            (Config::NoTracer, 1000.0),
+            (Config::QtraceFentry, 985.0),
+            (Config::QtraceKprobe, 940.0),
+            (Config::QtraceFentryNoClient, 990.0),
+            (Config::Bpftrace, 760.0),
+        ] {
+            churn.add(c, true, cps, Vec::new());
+        }
+        let configs = [
+            Config::NoTracer,
+            Config::QtraceFentry,
+            Config::QtraceKprobe,
+            Config::QtraceFentryNoClient,
+            Config::Bpftrace,
+        ];
+        let s = churn.rates(&configs).unwrap();
+        for row in [
+            "| qtrace, fentry tier | 985 / 985 / 985 | 0.985 | ≥ 0.98: met |",
+            "| qtrace, forced to kprobes | 940 / 940 / 940 | 0.940 | ≥ 0.95: missed |",
+            "| 0.990 | with the client probes: within 0.01 of this: met (0.5 points) |",
+            "| 0.760 | peer: qtrace must lose less: met |",
+        ] {
+            assert!(s.contains(row), "{row} in\n{s}");
+        }
+    }
 }
