@@ -55,7 +55,7 @@ use qtrace_common::{
 
 use crate::{
     account::{submit, take},
-    kernel::{offset, probe_read, words_to_addr, Mem, Typed, Untyped},
+    kernel::{offset, probe_read, slot_hash, words_to_addr, Mem, Typed, Untyped},
     port_search,
     self_stats::self_stat,
 };
@@ -259,10 +259,7 @@ pub(crate) fn id_of(sk: *const u8) -> u64 {
 
 #[inline(always)]
 fn slot_of(sk: u64) -> Option<*mut OpenSlot> {
-    // Fibonacci hashing: sockets are slab objects a few KiB apart, so their addresses' low
-    // bits say little; the product's upper half mixes all of them.
-    let i = (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & QT_OPEN_SLOT_MASK.load();
-    QT_OPEN_SLOTS.get_ptr_mut(i)
+    QT_OPEN_SLOTS.get_ptr_mut(slot_hash(sk) & QT_OPEN_SLOT_MASK.load())
 }
 
 /// Adds `n` (wrapping: `u64::MAX` takes one) to the count of records in the hash.
@@ -312,14 +309,12 @@ fn remember(sk: u64, owner: &ConnectOwner, slots: bool) {
     }
 }
 
-/// Deletes `sk`'s record from the hash; whether it had one.
+/// Deletes `sk`'s record from the hash, if it has one there.
 #[inline(always)]
-fn unspill(sk: u64) -> bool {
-    let gone = QT_ACTIVE_OPENS.remove(&sk).is_ok();
-    if gone {
+fn unspill(sk: u64) {
+    if QT_ACTIVE_OPENS.remove(&sk).is_ok() {
         spill(u64::MAX);
     }
-    gone
 }
 
 // The records come back initialized whether found or not (pid 0 when not): an `Option` of one

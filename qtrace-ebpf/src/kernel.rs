@@ -275,6 +275,14 @@ fn sock_inode<M: Mem>(m: M, sk: *const u8) -> Result<u64, ()> {
     Ok(SOCK_INODE | ino)
 }
 
+/// A slot index's bits from a key whose own low bits say little (socket addresses, slab objects
+/// a few KiB apart; namespace inode numbers): Fibonacci hashing, the product's upper half, to
+/// be masked to a power-of-two table. The tests that aim at a slot compute the same.
+#[inline(always)]
+pub fn slot_hash(key: u64) -> u32 {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+}
+
 /// An address assembled from 32-bit words: zeroing part of a byte array instead compiles to
 /// a call to a byte-by-byte memset.
 #[inline(always)]

@@ -26,7 +26,7 @@ use qtrace_common::{PortSearch, PortSearchSlot, SelfStat};
 use crate::{
     account::wait_bucket,
     client,
-    kernel::{offset, Mem, Typed, Untyped},
+    kernel::{offset, slot_hash, Mem, Typed, Untyped},
     self_stats::self_stat,
 };
 
@@ -151,7 +151,7 @@ fn record(netns: u32, start: u64, half: u32) -> Result<(), ()> {
 /// this CPU.
 #[inline(always)]
 fn slot_of(netns: u32, half: u32) -> Option<*mut PortSearch> {
-    let i = (u64::from(netns).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & 31 | half;
+    let i = slot_hash(u64::from(netns)) & 31 | half;
     let slot = QT_PORT_SEARCH_SLOTS.get_ptr_mut(i)?;
     // SAFETY: this CPU's copy of the slot, which only this CPU writes, and of a half that only
     // this program writes. fexit programs run with migration disabled, not preemption: on a

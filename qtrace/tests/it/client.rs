@@ -273,7 +273,7 @@ fn port_search_times_every_connect_with_or_without_the_client_probe() {
 }
 
 /// The kernel keeps each CPU's port-search histograms of IPv4 connects in 32 slots, a
-/// namespace in the slot its inode hashes to (this formula, `qtrace-ebpf/src/port_search.rs`)
+/// namespace in the slot its inode hashes to (this formula, `slot_hash` in `qtrace-ebpf/src/kernel.rs`)
 /// unless another took it first on that CPU, then in a hash. Two namespaces of one slot, their
 /// connects on one CPU: the second's (or both, if a namespace of another test was first) go to
 /// the hash, and each namespace's searches are counted all the same.

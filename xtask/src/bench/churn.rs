@@ -193,26 +193,20 @@ impl Config {
         };
         let mark = |met: bool| if met { "met" } else { "missed" };
         let at_least = |target: f64| format!("≥ {target:.2}: {}", mark(ratio >= target));
-        // The same tiers with the client probes on.
-        let with_client = match self {
-            Self::QtraceNoClient => Some(Self::Qtrace),
-            Self::QtraceFentryNoClient => Some(Self::QtraceFentry),
-            _ => None,
+        // Against the same tiers with the client probes on.
+        let within_of = |with_client: Self| match ratios.get(&with_client) {
+            Some(with) => format!(
+                "with the client probes: within 0.01 of this: {} ({:.1} points)",
+                mark(ratio - with <= 0.01),
+                (ratio - with) * 100.0
+            ),
+            None => "with the client probes: within 0.01 of this".to_string(),
         };
         match self {
             Self::QtraceFentry => at_least(0.98),
             Self::QtraceKprobe => at_least(0.95),
-            Self::QtraceNoClient | Self::QtraceFentryNoClient => {
-                let with = with_client.and_then(|c| ratios.get(&c));
-                match with {
-                    Some(with) => format!(
-                        "with the client probes: within 0.01 of this: {} ({:.1} points)",
-                        mark(ratio - with <= 0.01),
-                        (ratio - with) * 100.0
-                    ),
-                    None => "with the client probes: within 0.01 of this".to_string(),
-                }
-            }
+            Self::QtraceNoClient => within_of(Self::Qtrace),
+            Self::QtraceFentryNoClient => within_of(Self::QtraceFentry),
             Self::Bpftrace => {
                 let qtrace = ratios
                     .iter()
