@@ -57,6 +57,15 @@ pub struct HookLayout {
     pub syn_decisions_hooked: u32,
     /// Value of `SKB_DROP_REASON_NO_SOCKET` (the syncookie path's failed syn_recv_sock).
     pub drop_reason_no_socket: u32,
+    /// Byte offset of ListenOverflows in `struct linux_mib` (`LINUX_MIB_LISTENOVERFLOWS`, with
+    /// ListenDrops the next counter), 0 when BTF does not place them so: the `syn` probe then
+    /// tells a drop by the listener's `sk_drops`, which other CPUs move too.
+    pub mib_listen_overflows: u32,
+    /// `net.mib.net_statistics`: a namespace's per-CPU TcpExt counters.
+    pub net_mib: u32,
+    /// `bpf_array.pptrs`: a per-CPU array's per-CPU pointers, from which a program learns its
+    /// CPU's offset into the per-CPU areas.
+    pub array_pptrs: u32,
     pub _pad: u32,
 }
 

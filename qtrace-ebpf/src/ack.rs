@@ -1,7 +1,9 @@
 //! Final ACK at a listener: `tcp_v4_syn_recv_sock()` / `tcp_v6_syn_recv_sock()`.
 //!
 //! A NULL child means the kernel dropped the ACK (`tcp_listendrop()`); the accept queue being
-//! full is the overflow case (ListenOverflows at the third packet). With
+//! full is the overflow case (ListenOverflows at the third packet), told by this CPU's
+//! ListenOverflows before and after the call (`mib.rs`): the queue itself, read at return,
+//! may have been emptied by an accept() on another CPU since the kernel's check. With
 //! `tcp_abort_on_overflow=1`, `tcp_check_req()` then answers with a reset — but only there:
 //! the syncookie and Fast Open paths call syn_recv_sock without `req_unhash` and send none.
 //!
@@ -10,9 +12,9 @@
 //! loads the one that matches the running kernel's BTF.
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fexit, kprobe, kretprobe, map},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
     maps::PerCpuArray,
-    programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use qtrace_common::{Counter, EventKind};
 
@@ -22,9 +24,12 @@ use crate::{
         hook, listener, listener_of_request, offset, skb_is_ipv4, AcceptQueue, Listener, Mem,
         Remote, Typed, Untyped,
     },
+    mib::ListenMib,
 };
 
-/// syn_recv_sock returned `child`; `v6_exit`: this is `tcp_v6_syn_recv_sock()`'s return.
+/// syn_recv_sock returned `child`; `v6_exit`: this is `tcp_v6_syn_recv_sock()`'s return;
+/// `overflow`: whether the kernel counted ListenOverflows in the call, if known.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn on_return<M: Mem>(
     m: M,
@@ -34,6 +39,7 @@ fn on_return<M: Mem>(
     req_unhash: u64,
     child: *const u8,
     v6_exit: bool,
+    overflow: impl FnOnce() -> Option<bool>,
 ) -> Result<(), ()> {
     if !child.is_null() {
         return Ok(());
@@ -44,6 +50,7 @@ fn on_return<M: Mem>(
     if v6_exit && skb_is_ipv4(m, skb)? {
         return Ok(());
     }
+    let overflow = overflow();
     let l = listener_of_request(m, sk, req)?;
     let family = l.family()?;
     dropped(
@@ -52,20 +59,23 @@ fn on_return<M: Mem>(
         #[inline(always)]
         || Remote::of_request(m, req, family).unwrap_or_default(),
         req_unhash != 0,
+        overflow,
     )
 }
 
 /// Counts a dropped final ACK, and the reset `tcp_check_req()` answers it with when
-/// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there).
+/// `tcp_abort_on_overflow=1` (`may_reset`: the drop happened there); `overflow` as in
+/// [`on_return`], else the accept queue as it is now tells.
 #[inline(always)]
 fn dropped<M: Mem>(
     sk: *const u8,
     l: &Listener<M>,
     remote: impl Fn() -> Remote,
     may_reset: bool,
+    overflow: Option<bool>,
 ) -> Result<(), ()> {
     let acceptq = AcceptQueue::read(l.m, sk)?;
-    let (counter, kind) = if acceptq.full() {
+    let (counter, kind) = if overflow.unwrap_or_else(|| acceptq.full()) {
         (
             Counter::DropAcceptQueueFullAck,
             EventKind::DropAcceptQueueFullAck,
@@ -101,15 +111,46 @@ fn dropped<M: Mem>(
 /// and in which function they trace.
 #[inline(always)]
 fn fexit_return(ctx: &FExitContext, ret: usize, v6_exit: bool) {
+    let req: *const u8 = ctx.arg(2);
     let _ = on_return(
         Typed,
         ctx.arg(0),
         ctx.arg(1),
-        ctx.arg(2),
+        req,
         ctx.arg(4),
         ctx.arg(ret),
         v6_exit,
+        #[inline(always)]
+        || overflowed(req as u64),
     );
+}
+
+/// Whether this CPU's ListenOverflows moved since the entry of the call for `req`, which
+/// ends that entry; None when no entry of this call was kept (its program skipped).
+#[inline(always)]
+fn overflowed(req: u64) -> Option<bool> {
+    let slot = QT_ACK_ENTRY.get_ptr_mut(0)?;
+    // SAFETY: this CPU's map value, written by this call's entry.
+    let e = unsafe { &mut *slot };
+    if e.req != req {
+        return None;
+    }
+    e.req = 0;
+    e.mib.since().map(|(_, overflow)| overflow)
+}
+
+// (sk, skb, req, ...): the same first arguments on every kernel, for both families.
+
+#[fentry(function = "tcp_v4_syn_recv_sock")]
+pub fn qt_ack4_fe(ctx: FEntryContext) -> i32 {
+    remember(Typed, ctx.arg(0), ctx.arg(2), 0);
+    0
+}
+
+#[fentry(function = "tcp_v6_syn_recv_sock")]
+pub fn qt_ack6_fe(ctx: FEntryContext) -> i32 {
+    remember(Typed, ctx.arg(0), ctx.arg(2), 0);
+    0
 }
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
@@ -143,30 +184,37 @@ struct Entry {
     sk: u64,
     req: u64,
     req_unhash: u64,
+    /// This CPU's ListenOverflows and ListenDrops at entry.
+    mib: ListenMib,
 }
 
 /// One slot per CPU: syn_recv_sock runs in softirq context and nests only as
 /// tcp_v6_syn_recv_sock() → tcp_v4_syn_recv_sock() for a dual-stack listener's IPv4 request;
-/// the inner entry overwrites the slot with the same request, the inner return counts and
-/// clears it, and the outer return finds it empty: one count.
+/// the inner entry overwrites the slot with the same request and counters, the inner return
+/// counts and clears it, and the outer return finds it empty (the kretprobe) or skips the
+/// IPv4 packet (fexit): one count.
 #[map]
 static QT_ACK_ENTRY: PerCpuArray<Entry> = PerCpuArray::with_max_entries(1, 0);
 
-#[kprobe]
-pub fn qt_ack_kp(ctx: ProbeContext) -> u32 {
-    if let (Some(sk), Some(req), Some(req_unhash), Some(slot)) = (
-        ctx.arg(0),
-        ctx.arg(2),
-        ctx.arg(4),
-        QT_ACK_ENTRY.get_ptr_mut(0),
-    ) {
+/// Keeps the call's request and this CPU's counters for its return.
+#[inline(always)]
+fn remember<M: Mem>(m: M, sk: *const u8, req: *const u8, req_unhash: u64) {
+    if let Some(slot) = QT_ACK_ENTRY.get_ptr_mut(0) {
         unsafe {
             *slot = Entry {
-                sk,
-                req,
+                sk: sk as u64,
+                req: req as u64,
                 req_unhash,
+                mib: ListenMib::read(m, sk),
             }
         };
+    }
+}
+
+#[kprobe]
+pub fn qt_ack_kp(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(req), Some(req_unhash)) = (ctx.arg(0), ctx.arg(2), ctx.arg(4)) {
+        remember(Untyped, sk, req, req_unhash);
     }
     0
 }
@@ -185,6 +233,8 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
                 e.req_unhash,
                 ctx.ret(),
                 false,
+                #[inline(always)]
+                || e.mib.since().map(|(_, overflow)| overflow),
             );
         }
     }
@@ -213,6 +263,7 @@ fn on_drop(skb: *const u8, reason: u32, sk: *const u8) -> Result<(), ()> {
         #[inline(always)]
         || Remote::of_skb(Typed, skb, family).unwrap_or_default(),
         from_check_req,
+        None,
     )
 }
 

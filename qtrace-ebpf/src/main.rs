@@ -1,8 +1,9 @@
 //! qtrace's kernel programs. Each probe area is one module, named like its loader in
 //! `qtrace/src/kernel/probes/`. Struct offsets and prototype facts arrive as globals from user
 //! space (see `qtrace_common::kernel`), so nothing here depends on one kernel's layout.
-//! `account` counts and emits events, `kernel` reads kernel memory, and both record qtrace's
-//! own losses in the leaf module `self_stats`.
+//! `account` counts and emits events, `kernel` reads kernel memory, `mib` the kernel's own
+//! per-CPU listen-drop counters, and all record qtrace's own losses in the leaf module
+//! `self_stats`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The BPF target has no compare-and-swap or fetch-and-add in `core::sync::atomic` (rustc's
@@ -23,6 +24,8 @@ mod ack;
 mod client;
 #[cfg(target_arch = "bpf")]
 mod kernel;
+#[cfg(target_arch = "bpf")]
+mod mib;
 #[cfg(target_arch = "bpf")]
 mod port_search;
 #[cfg(target_arch = "bpf")]

@@ -1,13 +1,20 @@
 //! SYN at a listener: `tcp_conn_request()` (reached from tcp_v4/v6_conn_request).
 //!
 //! Entry snapshots the listener (drop count, queues, syncookie mode); exit compares. The
-//! kernel calls `tcp_listendrop()`, which bumps `sk_drops`, on every path that drops the SYN,
-//! so a changed `sk_drops` is a drop. Which check dropped it, and whether a syncookie went
-//! out, is taken from the kernel's own decisions where it has functions for them, seen on the
-//! same CPU while this `tcp_conn_request()` runs: `tcp_syn_flood_action()` (SYN queue full:
-//! cookie or drop, counting TCPReqQFullDrop) and `cookie_v4/v6_init_sequence()` (counting
-//! SyncookiesSent). Predicting them from the queues alone is ambiguous: the SYN-queue test
-//! changed from `>=` to `>` in stable kernels, invisibly to BTF.
+//! kernel calls `tcp_listendrop()` on every path that drops the SYN, which bumps the
+//! listener's `sk_drops` and this CPU's ListenDrops of its namespace, and counts ListenOverflows
+//! on this CPU first when the accept queue was full. The kernel takes no lock on a listener
+//! for a SYN, so other CPUs drop SYNs and final ACKs of the same listener meanwhile: a changed
+//! `sk_drops` only says some CPU dropped one. Whether this SYN was dropped, and whether for a
+//! full accept queue, is this CPU's ListenDrops and ListenOverflows read before and after
+//! (softirqs do not nest on a CPU, so nothing else moves them in between); they are read only
+//! when `sk_drops` moved, as a SYN that is queued leaves it be. Which other check dropped it,
+//! and whether a syncookie went out, is taken from the kernel's own decisions where it has
+//! functions for them, seen on the same CPU while this `tcp_conn_request()` runs:
+//! `tcp_syn_flood_action()` (SYN queue full: cookie or drop, counting TCPReqQFullDrop) and
+//! `cookie_v4/v6_init_sequence()` (counting SyncookiesSent). Predicting them from the queues
+//! alone is ambiguous: the SYN-queue test changed from `>=` to `>` in stable kernels,
+//! invisibly to BTF.
 
 use aya_ebpf::{
     macros::{fentry, fexit, kprobe, kretprobe, map},
@@ -19,6 +26,7 @@ use qtrace_common::{Counter, EventKind};
 use crate::{
     account::{count, emit, Details},
     kernel::{hook, listener, net_sysctl_u8, offset, Mem, Queues, Remote, Typed, Untyped},
+    mib::ListenMib,
 };
 
 #[derive(Clone, Copy)]
@@ -28,12 +36,15 @@ struct Entry {
     sk: u64,
     skb: u64,
     queues: Queues,
+    /// The listener's `sk_drops`: unchanged at exit, nothing was dropped.
     drops: u32,
     syncookies: u8,
     /// `tcp_syn_flood_action()` ran: FLOOD_DROP or FLOOD_COOKIE.
     flood: u8,
     /// A syncookie was generated.
     cookie: u8,
+    /// This CPU's ListenOverflows and ListenDrops at entry.
+    mib: ListenMib,
 }
 
 const FLOOD_DROP: u8 = 1;
@@ -60,6 +71,7 @@ fn enter<M: Mem>(m: M, sk: *const u8, skb: *const u8) -> Result<(), ()> {
         syncookies: 0,
         flood: 0,
         cookie: 0,
+        mib: ListenMib::read(m, sk),
     };
     // Only a prediction needs the state before the SYN; a seen decision reads the queues at
     // exit, which a dropped SYN or a syncookie leaves as they were. Every SYN pays for this.
@@ -71,19 +83,34 @@ fn enter<M: Mem>(m: M, sk: *const u8, skb: *const u8) -> Result<(), ()> {
     Ok(())
 }
 
+/// Whether this SYN was dropped, and whether the kernel found the accept queue full for it
+/// (None: not known, where this CPU's counters were not found).
+#[inline(always)]
+fn drop_seen<M: Mem>(m: M, e: &Entry, sk: *const u8) -> Result<(bool, Option<bool>), ()> {
+    let drops: u32 = m.read(sk, offset!(sk_drops))?;
+    if drops == e.drops {
+        return Ok((false, Some(false)));
+    }
+    Ok(match e.mib.since() {
+        Some((dropped, overflow)) => (dropped, Some(overflow)),
+        None => (true, None),
+    })
+}
+
 /// `args`: the listener and the SYN, from the exit's own context when it has them typed.
 #[inline(always)]
-fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Result<(), ()> {
+fn exit<M: Mem>(m: M, args: impl FnOnce(u64, u64) -> (*const u8, *const u8)) -> Result<(), ()> {
     let slot = QT_SYN_ENTRY.get_ptr_mut(0).ok_or(())?;
-    let e = unsafe { *slot };
+    // SAFETY: this CPU's map value, written by this SYN's entry.
+    let e = unsafe { &mut *slot };
     if e.sk == 0 {
         return Ok(());
     }
-    unsafe { (*slot).sk = 0 };
-    let (sk, skb) = args(&e);
-    let drops: u32 = m.read(sk, offset!(sk_drops))?;
+    let (sk, skb) = args(e.sk, e.skb);
+    e.sk = 0;
+    let e = &*e;
     let exact = exact();
-    let dropped = drops != e.drops;
+    let (dropped, overflow) = drop_seen(m, e, sk)?;
     let cookie = if exact {
         e.cookie != 0
     } else {
@@ -104,9 +131,11 @@ fn exit<M: Mem>(m: M, args: impl FnOnce(&Entry) -> (*const u8, *const u8)) -> Re
         } else {
             e.syncookies == 0 && q.synq_full()
         };
-        if synq_full {
+        // ListenOverflows on this CPU is the kernel's own "accept queue full"; without it,
+        // the queue as it is now.
+        if overflow != Some(true) && synq_full {
             (Counter::DropSynQueueFull, EventKind::DropSynQueueFull)
-        } else if q.acceptq.full() {
+        } else if overflow.unwrap_or_else(|| q.acceptq.full()) {
             (
                 Counter::DropAcceptQueueFullSyn,
                 EventKind::DropAcceptQueueFullSyn,
@@ -137,7 +166,7 @@ pub fn qt_syn_fe(ctx: FEntryContext) -> i32 {
 
 #[fexit(function = "tcp_conn_request")]
 pub fn qt_syn_fx(ctx: FExitContext) -> i32 {
-    let _ = exit(Typed, |_| (ctx.arg(2), ctx.arg(3)));
+    let _ = exit(Typed, |_, _| (ctx.arg(2), ctx.arg(3)));
     0
 }
 
@@ -151,7 +180,7 @@ pub fn qt_syn_kp(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn qt_syn_krp(_ctx: RetProbeContext) -> u32 {
-    let _ = exit(Untyped, |e| (e.sk as *const u8, e.skb as *const u8));
+    let _ = exit(Untyped, |sk, skb| (sk as *const u8, skb as *const u8));
     0
 }
 

@@ -113,26 +113,16 @@ impl KernelBtf {
 
     /// Value of enumerator `name` of enum `ty`.
     pub fn enum_value(&self, ty: &str, name: &str) -> Option<u64> {
-        match self.types.from_id(self.types.id_of(ty)?)? {
-            TypeVariant::Enum(e) => e
-                .named_value_list()
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| match v.value {
-                    Integer32Value::Signed(s) => s as u64,
-                    Integer32Value::Unsigned(u) => u as u64,
-                }),
-            TypeVariant::Enum64(e) => {
-                e.named_value_list()
-                    .iter()
-                    .find(|v| v.name == name)
-                    .map(|v| match v.value {
-                        Integer64Value::Signed(s) => s as u64,
-                        Integer64Value::Unsigned(u) => u,
-                    })
-            }
-            _ => None,
-        }
+        enumerator_of(&self.types.from_id(self.types.id_of(ty)?)?, name)
+    }
+
+    /// Value of enumerator `name` of any enum, named or not (the SNMP counters' enum has no
+    /// name).
+    pub fn enumerator(&self, name: &str) -> Option<u64> {
+        self.types
+            .get()
+            .values()
+            .find_map(|t| enumerator_of(t, name))
     }
 
     /// Every offset the kernel programs use.
@@ -225,8 +215,21 @@ impl KernelBtf {
             drop_reason_no_socket: self
                 .enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET")
                 .map_or(0, |v| v as u32),
+            mib_listen_overflows: self.mib_listen_overflows().unwrap_or(0),
+            net_mib: self.offset("net", "mib.net_statistics").unwrap_or(0),
+            array_pptrs: self.offset("bpf_array", "pptrs").unwrap_or(0),
             _pad: 0,
         }
+    }
+
+    /// Byte offset of ListenOverflows in `struct linux_mib`, when BTF has both it and
+    /// ListenDrops right after it (read as one pair), and where the per-CPU copies are found.
+    fn mib_listen_overflows(&self) -> Option<u32> {
+        let overflows = self.enumerator("LINUX_MIB_LISTENOVERFLOWS")?;
+        let drops = self.enumerator("LINUX_MIB_LISTENDROPS")?;
+        self.offset("net", "mib.net_statistics").ok()?;
+        self.offset("bpf_array", "pptrs").ok()?;
+        (overflows > 0 && drops == overflows + 1).then(|| overflows as u32 * 8)
     }
 
     /// The functions where the kernel decides "SYN queue full" and "send a syncookie", when
@@ -248,6 +251,30 @@ impl KernelBtf {
             return None;
         }
         self.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+    }
+}
+
+/// Value of enumerator `name` if `t` is an enum that has it.
+fn enumerator_of(t: &TypeVariant, name: &str) -> Option<u64> {
+    match t {
+        TypeVariant::Enum(e) => {
+            e.named_value_list()
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| match v.value {
+                    Integer32Value::Signed(s) => s as u64,
+                    Integer32Value::Unsigned(u) => u as u64,
+                })
+        }
+        TypeVariant::Enum64(e) => e
+            .named_value_list()
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| match v.value {
+                Integer64Value::Signed(s) => s as u64,
+                Integer64Value::Unsigned(u) => u,
+            }),
+        _ => None,
     }
 }
 
@@ -383,6 +410,30 @@ mod tests {
             expected
         );
         assert_eq!(k.enum_value("skb_drop_reason", "NO_SUCH_REASON"), None);
+    }
+
+    /// ListenOverflows and ListenDrops side by side in the SNMP counters' enum, as bpftool
+    /// reads it, and found where the per-CPU copies are.
+    #[test]
+    fn listen_mib_counters_match_bpftool() {
+        let val = |name: &str| {
+            bpftool_raw()
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("'{name}' ")))
+                .map(|l| field(l, "val").parse::<u64>().unwrap())
+                .unwrap()
+        };
+        let k = kernel();
+        let overflows = val("LINUX_MIB_LISTENOVERFLOWS");
+        assert_eq!(val("LINUX_MIB_LISTENDROPS"), overflows + 1);
+        let h = k.hook_layout();
+        assert_eq!(h.mib_listen_overflows as u64, overflows * 8);
+        assert_eq!(
+            h.net_mib,
+            bpftool_offset("net", "mib") + bpftool_offset("netns_mib", "net_statistics")
+        );
+        assert!(h.array_pptrs > bpftool_offset("bpf_array", "aux"), "{h:?}");
+        assert_eq!(k.enumerator("LINUX_MIB_NO_SUCH_COUNTER"), None);
     }
 
     #[test]

@@ -248,3 +248,118 @@ fn counts_land_on_their_own_listener() {
     }
     assert_eq!(sum, delta(&before, &after, "TCPSynRetrans"));
 }
+
+/// SYNs for one listener handled at the same moment on two CPUs (the kernel takes no lock on
+/// a listener for a SYN), at an accept queue an application keeps about full: SYNs queued,
+/// SYNs and final ACKs dropped at the full queue, side by side. A drop on one CPU must not be
+/// taken for the SYN another CPU is handling: every drop counted once, with the namespace,
+/// and every SYN once. (Each loopback connect() has its SYN handled on its own CPU, in the
+/// softirq its send runs.)
+#[test]
+fn syns_on_two_cpus_at_once_are_each_counted_once() {
+    require_root();
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: needs two CPUs, this machine has {cpus}");
+        return;
+    }
+    let qtrace = Qtrace::start(&[]);
+    let ns = Netns::new();
+    ns.sysctl("net.ipv4.tcp_syncookies", "0");
+    let (server, port) = listener(&ns, "127.0.0.1", 8);
+    server.set_nonblocking(true).unwrap();
+    let before = ns.tcp_ext();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let syns: u64 = thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                drop(server.accept());
+                thread::sleep(Duration::from_micros(300));
+            }
+        });
+        let clients: Vec<_> = (0..2)
+            .map(|cpu| {
+                let ns = &ns;
+                s.spawn(move || {
+                    ns.run(move || {
+                        pin_to_cpu(cpu);
+                        connect_and_close(port, Duration::from_secs(2))
+                    })
+                })
+            })
+            .collect();
+        let syns = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        syns
+    });
+    drop(server);
+    let after = ns.tcp_ext();
+    let out = qtrace.stop(libc::SIGTERM);
+    let counted = |name| delta(&before, &after, name);
+    let (overflows, drops_kernel) = (counted("ListenOverflows"), counted("ListenDrops"));
+    eprintln!(
+        "{syns} SYNs; kernel: ListenOverflows {overflows}, ListenDrops {drops_kernel}, \
+         TCPReqQFullDrop {}",
+        counted("TCPReqQFullDrop")
+    );
+    if out.tier("syn").is_none() {
+        return syn_unavailable(&out, out.listener(&ns, "127.0.0.1", port));
+    }
+    let c = out.counters(&ns, "127.0.0.1", port);
+    eprintln!("qtrace: {c}");
+    let n = |name: &str| c[name].as_u64().unwrap_or(0);
+    assert!(
+        n("syn_queued") > 0 && n("drop_accept_queue_full_syn") > 0,
+        "the scenario must queue some SYNs and drop others: {c}"
+    );
+    if let Some(sum) = drops(c) {
+        assert_eq!(sum, drops_kernel, "drops: {c}");
+    }
+    assert_eq!(n("drop_syn_queue_full"), counted("TCPReqQFullDrop"), "{c}");
+    if c["drop_accept_queue_full_ack"].is_u64() {
+        assert_eq!(
+            n("drop_accept_queue_full_syn") + n("drop_accept_queue_full_ack"),
+            overflows,
+            "{c}"
+        );
+    }
+    assert_eq!(
+        n("syn_queued") + n("drop_syn_queue_full") + n("drop_accept_queue_full_syn"),
+        syns,
+        "every SYN once: {c}"
+    );
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; the call reads `set` only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
+    }
+}
+
+/// Non-blocking connects to 127.0.0.1:`port` for `how_long`, each socket closed at once (its
+/// SYN, handled in the connect() call, is never sent again); returns how many were made.
+fn connect_and_close(port: u16, how_long: Duration) -> u64 {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < how_long {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        // Closed with a reset, not into TIME_WAIT: the ports are reused at once.
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        match s.connect(&addr.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            other => panic!("non-blocking connect to {addr}: {other:?}"),
+        }
+        n += 1;
+    }
+    n
+}

@@ -188,7 +188,8 @@ pub(super) fn boot_bench_guest(
         &image.vmlinux,
         &image.initrd,
         "",
-        2048,
+        // One CPU: the instruction-counting clock runs the guest's CPUs in turn on one thread.
+        (2048, 1),
         crate::matrix::qemu::Clock::Instructions,
         timeout,
     )?;

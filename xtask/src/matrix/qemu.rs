@@ -19,13 +19,13 @@ pub enum Clock {
     Instructions,
 }
 
-/// Boots `kernel` with `initrd` and `memory_mib` of RAM, returns the console output; kills the
-/// VM after `timeout`.
+/// Boots `kernel` with `initrd`, `memory_mib` of RAM and `cpus` CPUs, returns the console
+/// output; kills the VM after `timeout`.
 pub fn boot(
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
-    memory_mib: u32,
+    (memory_mib, cpus): (u32, u32),
     clock: Clock,
     timeout: Duration,
 ) -> Result<(String, bool)> {
@@ -36,7 +36,7 @@ pub fn boot(
     }
     let machine = Machine {
         memory_mib,
-        cpus: 1,
+        cpus,
         extra,
         console_log: None,
     };

@@ -25,7 +25,17 @@ fn plan(tier: Tier, btf: &KernelBtf, _: &[ProbeStatus]) -> Option<Result<Plan, S
 
 fn plan_for(tier: Tier, btf: &KernelBtf) -> Result<Plan, String> {
     let steps = match tier {
+        // The entries keep this CPU's listen-drop counters for the returns (the kernel's own
+        // "accept queue full" verdict); the kprobe tier's entry does the same.
         Tier::Fentry => vec![
+            Step {
+                program: "qt_ack4_fe",
+                hook: Hook::Fentry(V4),
+            },
+            Step {
+                program: "qt_ack6_fe",
+                hook: Hook::Fentry(V6),
+            },
             by_arity(btf, V4, &[(6, "qt_ack4_fx6"), (7, "qt_ack4_fx7")])?,
             by_arity(btf, V6, &[(6, "qt_ack6_fx6"), (7, "qt_ack6_fx7")])?,
         ],
