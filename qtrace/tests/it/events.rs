@@ -52,7 +52,14 @@ impl Reader {
                 .filter(|l| l.contains(what))
                 .count()
         };
-        wait_until(Duration::from_secs(30), || count() as u64 >= n);
+        let t = std::time::Instant::now();
+        if !wait_until(Duration::from_secs(60), || count() as u64 >= n) {
+            eprintln!(
+                "the reader printed {} of {n} lines with {what} in {:?}",
+                count(),
+                t.elapsed()
+            );
+        }
     }
 
     /// Stops it with SIGINT; everything it printed.
@@ -216,10 +223,16 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         "the reading reader lost events: {gaps:?} ({})",
         q.ready
     );
-    let lost = http_get(&q.web(), "/metrics", None).1;
-    let lost: Vec<&str> = lost
+    let metrics = http_get(&q.web(), "/metrics", None).1;
+    // What the daemon saw, for a failure to say where the events went missing.
+    let port_label = format!("port=\"{port}\"");
+    let lost: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("qtrace_events_lost"))
+        .filter(|l| {
+            l.starts_with("qtrace_events_lost")
+                || l.starts_with("qtrace_bpf_program_recursion_misses")
+                || (l.starts_with("qtrace_synack_retransmits_total") && l.contains(&port_label))
+        })
         .collect();
     assert_eq!(
         live_out.lines().filter(|l| l.contains("\"event\"")).count() as u64,
