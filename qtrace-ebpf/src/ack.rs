@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// syn_recv_sock returned `child`; `v6_exit`: this is `tcp_v6_syn_recv_sock()`'s return;
-/// `overflow`: whether the kernel counted ListenOverflows in the call, if known.
+/// `overflow`: whether the kernel counted ListenDrops and ListenOverflows in the call, if known.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn on_return<M: Mem>(
@@ -39,7 +39,7 @@ fn on_return<M: Mem>(
     req_unhash: u64,
     child: *const u8,
     v6_exit: bool,
-    overflow: impl FnOnce() -> Option<bool>,
+    overflow: impl FnOnce() -> Option<(bool, bool)>,
 ) -> Result<(), ()> {
     if !child.is_null() {
         return Ok(());
@@ -50,7 +50,13 @@ fn on_return<M: Mem>(
     if v6_exit && skb_is_ipv4(m, skb)? {
         return Ok(());
     }
-    let overflow = overflow();
+    // The kernel's verdict where this CPU's counters were read: a NULL child it counted no
+    // drop for (a duplicate of a request another CPU completed, on the syncookie path) is
+    // not a drop.
+    let overflow = match overflow() {
+        Some((false, _)) => return Ok(()),
+        seen => seen.map(|(_, overflow)| overflow),
+    };
     let l = listener_of_request(m, sk, req)?;
     let family = l.family()?;
     dropped(
@@ -125,10 +131,11 @@ fn fexit_return(ctx: &FExitContext, ret: usize, v6_exit: bool) {
     );
 }
 
-/// Whether this CPU's ListenOverflows moved since the entry of the call for `req`, which
-/// ends that entry; None when no entry of this call was kept (its program skipped).
+/// Whether this CPU's ListenDrops and ListenOverflows moved since the entry of the call for
+/// `req`, which ends that entry; None when no entry of this call was kept (its program
+/// skipped) or its counters were not found.
 #[inline(always)]
-fn overflowed(req: u64) -> Option<bool> {
+fn overflowed(req: u64) -> Option<(bool, bool)> {
     let slot = QT_ACK_ENTRY.get_ptr_mut(0)?;
     // SAFETY: this CPU's map value, written by this call's entry.
     let e = unsafe { &mut *slot };
@@ -136,7 +143,7 @@ fn overflowed(req: u64) -> Option<bool> {
         return None;
     }
     e.req = 0;
-    e.mib.since().map(|(_, overflow)| overflow)
+    e.mib.since()
 }
 
 // (sk, skb, req, ...): the same first arguments on every kernel, for both families.
@@ -234,7 +241,7 @@ pub fn qt_ack_krp(ctx: RetProbeContext) -> u32 {
                 ctx.ret(),
                 false,
                 #[inline(always)]
-                || e.mib.since().map(|(_, overflow)| overflow),
+                || e.mib.since(),
             );
         }
     }

@@ -423,7 +423,10 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
     )
 }
 
-/// SYN_SENT→CLOSE: why the handshake ended, counted for its owner.
+/// SYN_SENT→CLOSE: why the handshake ended, counted for its owner. `getsockopt(SO_ERROR)`
+/// takes `sk_err` without the socket's lock: an owner that reads it between the kernel
+/// setting it and this state change (5.10's timeout wakes the owner in that instant) leaves
+/// none here, and its failure counts as `aborted`.
 #[inline(always)]
 fn failed(sk: *const u8, owner: ConnectOwner) -> Result<(), ()> {
     let err: i32 = Typed.read(sk, client_offset!(sk_err))?;

@@ -40,6 +40,10 @@ impl ListenMib {
             // A typed load makes it a pointer the verifier would not let this CPU's offset be
             // added to: as a number.
             let percpu = number(cpu, m.read::<u64>(net, hook!(net_mib))?);
+            // A typed load that faults reads 0.
+            if percpu == 0 {
+                return Err(());
+            }
             let addr = percpu
                 .wrapping_add(cpu_offset(cpu)?)
                 .wrapping_add(hook!(mib_listen_overflows) as u64);
@@ -75,9 +79,15 @@ struct Cpu {
 #[map]
 static QT_CPU: PerCpuArray<Cpu> = PerCpuArray::with_max_entries(1, 0);
 
-/// This CPU's offset into the per-CPU areas (`__per_cpu_offset[cpu]`): the distance from this
-/// array's per-CPU pointer (`bpf_array.pptrs[0]`) to this CPU's copy of its value, which a
-/// lookup returns (`cpu`). Found on the CPU's first call and kept in that copy.
+/// A second per-CPU array, to check [`cpu_offset`] against.
+#[map]
+static QT_CPU_CHECK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's offset into the per-CPU areas (`__per_cpu_offset[cpu]`): the distance from a
+/// per-CPU array's per-CPU pointer (`bpf_array.pptrs[0]`) to this CPU's copy of its value,
+/// which a lookup returns (`cpu`). Found on the CPU's first call, checked against a second
+/// array's (a wrong offset would read memory that never moves, and every drop would pass for
+/// a queued SYN), and kept in that copy.
 #[inline(always)]
 fn cpu_offset(cpu: *mut Cpu) -> Result<u64, ()> {
     // SAFETY: this CPU's map value, written only by programs on this CPU, which do not nest
@@ -87,11 +97,21 @@ fn cpu_offset(cpu: *mut Cpu) -> Result<u64, ()> {
     if known != 0 {
         return Ok(known);
     }
-    let array = number(cpu, addr_of!(QT_CPU) as u64);
-    let pptr: u64 = probe_read(array as *const u8, hook!(array_pptrs))?;
-    let off = number(cpu, cpu as u64).wrapping_sub(pptr);
+    let check = QT_CPU_CHECK.get_ptr_mut(0).ok_or(())?;
+    let off = offset_in(cpu, addr_of!(QT_CPU) as u64, cpu as u64)?;
+    if offset_in(cpu, addr_of!(QT_CPU_CHECK) as u64, check as u64)? != off {
+        return Err(());
+    }
     unsafe { (*cpu).off = off };
     Ok(off)
+}
+
+/// The distance from per-CPU array `array`'s per-CPU pointer to `value`, its value on this CPU.
+#[inline(always)]
+fn offset_in(cpu: *mut Cpu, array: u64, value: u64) -> Result<u64, ()> {
+    let array = number(cpu, array);
+    let pptr: u64 = probe_read(array as *const u8, hook!(array_pptrs))?;
+    Ok(number(cpu, value).wrapping_sub(pptr))
 }
 
 /// `addr` as a plain number: the verifier lets a program do no arithmetic on a map's address
