@@ -66,7 +66,6 @@ pub struct HookLayout {
     /// `bpf_array.pptrs`: a per-CPU array's per-CPU pointers, from which a program learns its
     /// CPU's offset into the per-CPU areas.
     pub array_pptrs: u32,
-    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

@@ -215,21 +215,27 @@ impl KernelBtf {
             drop_reason_no_socket: self
                 .enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET")
                 .map_or(0, |v| v as u32),
-            mib_listen_overflows: self.mib_listen_overflows().unwrap_or(0),
-            net_mib: self.offset("net", "mib.net_statistics").unwrap_or(0),
-            array_pptrs: self.offset("bpf_array", "pptrs").unwrap_or(0),
-            _pad: 0,
+            ..self.listen_mib()
         }
     }
 
-    /// Byte offset of ListenOverflows in `struct linux_mib`, when BTF has both it and
-    /// ListenDrops right after it (read as one pair), and where the per-CPU copies are found.
-    fn mib_listen_overflows(&self) -> Option<u32> {
-        let overflows = self.enumerator("LINUX_MIB_LISTENOVERFLOWS")?;
-        let drops = self.enumerator("LINUX_MIB_LISTENDROPS")?;
-        self.offset("net", "mib.net_statistics").ok()?;
-        self.offset("bpf_array", "pptrs").ok()?;
-        (overflows > 0 && drops == overflows + 1).then(|| overflows as u32 * 8)
+    /// Where this CPU's ListenOverflows and ListenDrops are found (`mib_listen_overflows`,
+    /// `net_mib`, `array_pptrs`), all 0 unless BTF places every part, with ListenDrops right
+    /// after ListenOverflows (read as one pair).
+    fn listen_mib(&self) -> HookLayout {
+        let found = || -> Option<HookLayout> {
+            let overflows = self.enumerator("LINUX_MIB_LISTENOVERFLOWS")?;
+            let drops = self.enumerator("LINUX_MIB_LISTENDROPS")?;
+            (overflows > 0 && drops == overflows + 1).then_some(())?;
+            Some(HookLayout {
+                // `struct linux_mib` is an array of unsigned longs.
+                mib_listen_overflows: overflows as u32 * 8,
+                net_mib: self.offset("net", "mib.net_statistics").ok()?,
+                array_pptrs: self.offset("bpf_array", "pptrs").ok()?,
+                ..HookLayout::default()
+            })
+        };
+        found().unwrap_or_default()
     }
 
     /// The functions where the kernel decides "SYN queue full" and "send a syncookie", when
@@ -432,7 +438,12 @@ mod tests {
             h.net_mib,
             bpftool_offset("net", "mib") + bpftool_offset("netns_mib", "net_statistics")
         );
-        assert!(h.array_pptrs > bpftool_offset("bpf_array", "aux"), "{h:?}");
+        // `pptrs` is in bpf_array's one anonymous union.
+        assert_eq!(
+            h.array_pptrs,
+            bpftool_offset("bpf_array", "(anon)"),
+            "{h:?}"
+        );
         assert_eq!(k.enumerator("LINUX_MIB_NO_SUCH_COUNTER"), None);
     }
 
