@@ -24,6 +24,12 @@ pub struct ClientKey {
     pub family: u16,
     /// Destination port, host byte order.
     pub dport: u16,
+    /// Zero: a hash key's padding must be.
+    pub _pad: u32,
+    /// The namespace's cookie (`net->net_cookie`: made when the namespace is, on 5.12+; 0 on
+    /// older kernels until something asks for it). The kernel hands a deleted namespace's
+    /// inode number to the next one created; the cookie tells them apart.
+    pub netns_cookie: u64,
 }
 
 /// Who called connect() on a socket, and when: kept from connect() (where the caller is the
@@ -149,8 +155,9 @@ unsafe impl aya::Pod for PortSearch {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSearchSlot {
-    pub netns: u32,
-    pub _pad: u32,
+    /// The namespace as the port-search maps key it (the hash too): its inode number in the
+    /// low half, the low half of its cookie ([`ClientKey::netns_cookie`]) above it.
+    pub netns: u64,
     pub hist: PortSearch,
 }
 

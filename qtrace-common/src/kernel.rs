@@ -25,6 +25,9 @@ pub struct Offsets {
     pub net_ns_inum: u32,
     pub net_syncookies: u32,
     pub net_abort_on_overflow: u32,
+    /// `net_cookie`: unique to a namespace (an inode number is handed on to the next
+    /// namespace once one is deleted); 0 where BTF lacks it (it cannot be the first member).
+    pub net_cookie: u32,
     // struct sock
     pub sk_drops: u32,
     pub sk_ack_backlog: u32,

@@ -21,12 +21,13 @@
 //!     still 0 tells it from a reset later in the connection, and an application's own abort
 //!     (`tcp_disconnect`) sets its error only after the state change. The record also tells an
 //!     active open from a server's child, which never passes SYN_SENT: a child reset before
-//!     sending data is never counted.
+//!     sending data is never counted (a leftover record at a child's address is cleared as
+//!     the child is cloned, LISTEN→SYN_RECV).
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
 //!
 //! Cost per connection: one record written at connect(), cleared as the socket leaves
-//! ESTABLISHED (nothing to clear for the server's child; a lookup first for a reset); every
-//! other state change returns after comparing two integers. The record is kept in the socket's
+//! ESTABLISHED (for the server's child, a look at its slot as it is cloned; a lookup first for
+//! a reset); every other state change returns after comparing two integers. The record is kept in the socket's
 //! slot of a direct-mapped array (`QT_OPEN_SLOTS`, a few instructions each way) when the slot
 //! is free, else in a hash (`QT_ACTIVE_OPENS`, `--max-client-sockets`): exact either way,
 //! and the hash is not even looked at while it holds nothing. The record lives as long as the
@@ -55,7 +56,7 @@ use qtrace_common::{
 
 use crate::{
     account::{submit, take},
-    kernel::{offset, probe_read, slot_hash, words_to_addr, Mem, Typed, Untyped},
+    kernel::{netns_cookie, offset, probe_read, slot_hash, words_to_addr, Mem, Typed, Untyped},
     port_search,
     self_stats::self_stat,
 };
@@ -132,6 +133,7 @@ static QT_OPENS_SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
 const IPPROTO_TCP: u16 = 6;
 // include/uapi/linux/errqueue.h.
 const SO_EE_ORIGIN_ICMP: u8 = 2;
@@ -174,6 +176,7 @@ fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
     let family: u16 = Typed.read(sk, offset!(skc_family))?;
     let net: *const u8 = Typed.read(sk, offset!(skc_net))?;
     let netns: u32 = Typed.read(net, offset!(net_ns_inum))?;
+    let netns_cookie = netns_cookie(Typed, net);
     let dport: u16 = Typed.read(sk, offset!(skc_dport))?;
     let daddr = if family == AF_INET6 {
         words_to_addr(Typed.read(sk, offset!(skc_v6_daddr))?)
@@ -187,6 +190,8 @@ fn key_of(sk: *const u8, owner: ConnectOwner) -> Result<ClientKey, ()> {
         daddr,
         family,
         dport: u16::from_be(dport),
+        _pad: 0,
+        netns_cookie,
     })
 }
 
@@ -399,6 +404,12 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         return failed(sk, owner);
     }
     if old != TCP_ESTABLISHED {
+        if old == TCP_LISTEN {
+            // A listener's child, just cloned (LISTEN→SYN_RECV): no record can be its own. A
+            // leftover at its address (an earlier socket's last state change skipped: a
+            // recursion miss) would count the child's reset for that socket's owner.
+            forget(id_of(sk));
+        }
         return Ok(());
     }
     // Leaving ESTABLISHED ends an active open's record. Only a reset needs what it holds: any

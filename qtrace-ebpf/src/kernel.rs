@@ -283,6 +283,17 @@ pub fn slot_hash(key: u64) -> u32 {
     (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
+/// Namespace `net`'s cookie (see `Offsets::net_cookie`); 0 where this kernel has none, or
+/// has not made it (before 5.12, only when something asked).
+#[inline(always)]
+pub fn netns_cookie<M: Mem>(m: M, net: *const u8) -> u64 {
+    let off = offset!(net_cookie);
+    if off == 0 {
+        return 0;
+    }
+    m.read(net, off).unwrap_or(0)
+}
+
 /// An address assembled from 32-bit words: zeroing part of a byte array instead compiles to
 /// a call to a byte-by-byte memset.
 #[inline(always)]

@@ -26,11 +26,11 @@ use qtrace_common::{PortSearch, PortSearchSlot, SelfStat};
 use crate::{
     account::wait_bucket,
     client,
-    kernel::{offset, slot_hash, Mem, Typed, Untyped},
+    kernel::{netns_cookie, offset, slot_hash, Mem, Typed, Untyped},
     self_stats::self_stat,
 };
 
-/// pid_tgid → [start ns, network namespace], between the search's start and return. A
+/// pid_tgid → [start ns, network namespace (see [`netns_of`])], between the search's start and return. A
 /// thread's slot is written at the start and zeroed at return in place, and reused by its next
 /// connect().
 #[map]
@@ -41,10 +41,10 @@ static QT_PORT_START: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4
 #[map]
 static QT_PORT_START_AT_CONNECT: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Sized by user space before load: one entry per network namespace whose slot another
-/// namespace took on that CPU.
+/// Sized by user space before load: one entry per network namespace (see [`netns_of`]) whose
+/// slot another namespace took on that CPU.
 #[map]
-static QT_PORT_SEARCH: PerCpuHashMap<u32, PortSearch> = PerCpuHashMap::with_max_entries(4096, 0);
+static QT_PORT_SEARCH: PerCpuHashMap<u64, PortSearch> = PerCpuHashMap::with_max_entries(4096, 0);
 
 /// The direct-mapped front of `QT_PORT_SEARCH`: on each CPU, a namespace's histogram lives in
 /// the slot its inode hashes to if no other namespace took that slot on that CPU first, where
@@ -82,16 +82,19 @@ fn enter_at<M: Mem>(m: M, sk: *const u8, now: u64) {
     }
 }
 
+/// `sk`'s namespace: its inode number, and its cookie's low half above it (`PortSearchSlot`:
+/// the kernel hands a deleted namespace's inode number on; the cookie tells the two apart).
 #[inline(always)]
-fn netns_of<M: Mem>(m: M, sk: *const u8) -> Result<u32, ()> {
+fn netns_of<M: Mem>(m: M, sk: *const u8) -> Result<u64, ()> {
     let net: *const u8 = m.read(sk, offset!(skc_net))?;
-    m.read(net, offset!(net_ns_inum))
+    let inode: u32 = m.read(net, offset!(net_ns_inum))?;
+    Ok(u64::from(inode) | netns_cookie(m, net) << 32)
 }
 
 #[inline(always)]
-fn start(netns: u32, now: u64) {
+fn start(netns: u64, now: u64) {
     let id = bpf_get_current_pid_tgid();
-    let start = [now, netns as u64];
+    let start = [now, netns];
     match QT_PORT_START.get_ptr_mut(&id) {
         // Only this thread touches its slot.
         Some(slot) => unsafe { *slot = start },
@@ -113,7 +116,7 @@ fn exit(half: u32) -> Result<(), ()> {
     if start == 0 {
         return Ok(());
     }
-    record(netns as u32, start, half)
+    record(netns, start, half)
 }
 
 /// The exit of a search whose start the client probe recorded as `sk` entered SYN_SENT.
@@ -133,7 +136,7 @@ const V6: u32 = 32;
 /// One search in namespace `netns` that started at `start`, into its histogram (a slot in
 /// `half`).
 #[inline(always)]
-fn record(netns: u32, start: u64, half: u32) -> Result<(), ()> {
+fn record(netns: u64, start: u64, half: u32) -> Result<(), ()> {
     let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     let h = match slot_of(netns, half) {
         Some(h) => h,
@@ -150,8 +153,9 @@ fn record(netns: u32, start: u64, half: u32) -> Result<(), ()> {
 /// This CPU's histogram of `netns` in its slot of `half`, taking the slot if it is free on
 /// this CPU.
 #[inline(always)]
-fn slot_of(netns: u32, half: u32) -> Option<*mut PortSearch> {
-    let i = slot_hash(u64::from(netns)) & 31 | half;
+fn slot_of(netns: u64, half: u32) -> Option<*mut PortSearch> {
+    // By the inode alone: the tests that aim namespaces at one slot compute the same.
+    let i = slot_hash(netns & 0xffff_ffff) & 31 | half;
     let slot = QT_PORT_SEARCH_SLOTS.get_ptr_mut(i)?;
     // SAFETY: this CPU's copy of the slot, which only this CPU writes, and of a half that only
     // this program writes. fexit programs run with migration disabled, not preemption: on a
@@ -171,7 +175,7 @@ fn slot_of(netns: u32, half: u32) -> Option<*mut PortSearch> {
 
 /// This CPU's histogram of `netns` in the hash, created on first use.
 #[inline(always)]
-fn hashed(netns: u32) -> Result<*mut PortSearch, ()> {
+fn hashed(netns: u64) -> Result<*mut PortSearch, ()> {
     match QT_PORT_SEARCH.get_ptr_mut(&netns) {
         Some(h) => Ok(h),
         None => {

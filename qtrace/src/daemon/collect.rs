@@ -277,7 +277,8 @@ impl Collector {
         for r in rows.values_mut() {
             r.owner = owners.remove(&r.id);
         }
-        let mut clients = self.clients(&filter)?;
+        let live: HashMap<u32, u64> = sampled.netns_cookies.iter().copied().collect();
+        let mut clients = self.clients(&filter, &live)?;
         clients.census = crate::recover::lock(&self.close_wait_ages).attribute(
             sampled.census,
             &connection_owners,
@@ -314,11 +315,12 @@ impl Collector {
         (r.deleted + self.counters.unidentified_deleted(), kept)
     }
 
-    /// The kernel's client counts in the namespaces the filter admits, capped for export.
-    fn clients(&self, filter: &Filter) -> Result<Clients> {
+    /// The kernel's client counts in the namespaces the filter admits, each namespace's own
+    /// (`live`: the sampled namespaces' cookies), capped for export.
+    fn clients(&self, filter: &Filter, live: &HashMap<u32, u64>) -> Result<Clients> {
         let available = client_available(&self.probes);
         let mut counted = if available {
-            self.counters.clients()?
+            self.counters.clients(live)?
         } else {
             Vec::new()
         };
@@ -326,7 +328,7 @@ impl Collector {
         let cap = self.max_destination_series.load(Ordering::Relaxed);
         let mut clients = Clients::capped(available, counted, cap);
         if port_search_available(&self.probes) {
-            let mut searched = self.counters.port_search()?;
+            let mut searched = self.counters.port_search(live)?;
             searched.retain(|s| filter.admits_netns(s.netns));
             clients.port_search = Some(searched);
         }

@@ -167,6 +167,7 @@ impl KernelBtf {
             net_ns_inum: self.offset("net", "ns.inum")?,
             net_syncookies: self.offset("net", "ipv4.sysctl_tcp_syncookies")?,
             net_abort_on_overflow: self.offset("net", "ipv4.sysctl_tcp_abort_on_overflow")?,
+            net_cookie: self.offset("net", "net_cookie").unwrap_or(0),
             sk_drops: self.offset("sock", "sk_drops")?,
             sk_ack_backlog: self.offset("sock", "sk_ack_backlog")?,
             sk_max_ack_backlog: self.offset("sock", "sk_max_ack_backlog")?,

@@ -1,7 +1,10 @@
 //! The client counters: the per-CPU map of (namespace, process, destination) → connect()
 //! failures by reason and SYN retransmits, summed over CPUs whenever someone asks.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
@@ -61,6 +64,32 @@ impl ClientStats {
     }
 }
 
+/// The namespaces alive now, by inode number, with their cookies where the kernel tells them
+/// (`SO_NETNS_COOKIE`, 5.14+). The kernel hands a deleted namespace's inode number to the next
+/// namespace created, and the programs keep each namespace's counts under its inode and its
+/// cookie (`ClientKey::netns_cookie`; 0 before 5.12, where the kernel makes one only when
+/// asked): counts whose cookie is not the live namespace's of that inode were a dead one's,
+/// and are left out, so the new namespace starts from zero. Where either cookie is unknown,
+/// counts stay under the inode.
+#[derive(Clone, Copy)]
+pub struct Namespaces<'a>(pub &'a HashMap<u32, u64>);
+
+impl Namespaces<'_> {
+    /// Whether counts kept for namespace `inode` with the low `mask` bits of its cookie,
+    /// `cookie`, are the live namespace's (or cannot be told from them).
+    fn owns(self, inode: u32, cookie: u64, mask: u64) -> bool {
+        cookie == 0 || self.0.get(&inode).is_none_or(|&live| live & mask == cookie)
+    }
+
+    /// The inode of a port-search map's namespace (see `PortSearchSlot::netns`), if its
+    /// counts are the live namespace's.
+    fn port_search(self, netns: u64) -> Option<u32> {
+        let inode = netns as u32;
+        self.owns(inode, netns >> 32, u64::from(u32::MAX))
+            .then_some(inode)
+    }
+}
+
 /// One namespace's port-search histogram, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSearchStats {
@@ -73,21 +102,24 @@ pub struct PortSearchStats {
 /// where another namespace had), added up.
 pub fn read_port_search(
     slots: &PerCpuArray<MapData, PortSearchSlot>,
-    map: &PerCpuHashMap<MapData, u32, PortSearch>,
+    map: &PerCpuHashMap<MapData, u64, PortSearch>,
+    live: Namespaces,
 ) -> Result<Vec<PortSearchStats>> {
     let mut sums: BTreeMap<u32, PortSearch> = BTreeMap::new();
     for i in 0..slots.len() {
         let per_cpu = slots.get(&i, 0).context("read the port-search slots")?;
         for slot in per_cpu.iter().filter(|s| s.netns != 0) {
-            add(
-                sums.entry(slot.netns).or_insert(PortSearch::ZERO),
-                &slot.hist,
-            );
+            if let Some(inode) = live.port_search(slot.netns) {
+                add(sums.entry(inode).or_insert(PortSearch::ZERO), &slot.hist);
+            }
         }
     }
     for entry in map.iter() {
         let (netns, per_cpu) = entry.context("read the port-search map")?;
-        let hist = sums.entry(netns).or_insert(PortSearch::ZERO);
+        let Some(inode) = live.port_search(netns) else {
+            continue;
+        };
+        let hist = sums.entry(inode).or_insert(PortSearch::ZERO);
         for cpu in per_cpu.iter() {
             add(hist, cpu);
         }
@@ -105,15 +137,39 @@ fn add(total: &mut PortSearch, h: &PortSearch) {
     total.sum_ns += h.sum_ns;
 }
 
-/// Every destination the kernel counted something for, sorted by key.
-pub fn read(map: &PerCpuHashMap<MapData, ClientKey, ClientCounters>) -> Result<Vec<ClientStats>> {
-    let mut out = Vec::new();
+/// Every destination the kernel counted something for, sorted by key (cookie zeroed).
+pub fn read(
+    map: &PerCpuHashMap<MapData, ClientKey, ClientCounters>,
+    live: Namespaces,
+) -> Result<Vec<ClientStats>> {
+    let mut counted = Vec::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.context("read the client map")?;
-        out.push(ClientStats::sum(key, &per_cpu));
+        counted.push(ClientStats::sum(key, &per_cpu));
     }
-    out.sort_by_key(|s| s.key);
-    Ok(out)
+    Ok(live.clients(counted))
+}
+
+impl Namespaces<'_> {
+    /// `counted` without a dead namespace's entries, those differing by cookie alone (a dead
+    /// namespace's whose inode is not taken, or whose successor's cookie is not known, beside
+    /// the live one's) summed into one series, sorted by key.
+    fn clients(self, counted: Vec<ClientStats>) -> Vec<ClientStats> {
+        let mut merged: BTreeMap<ClientKey, ClientStats> = BTreeMap::new();
+        for mut c in counted {
+            if !self.owns(c.netns(), c.key.netns_cookie, u64::MAX) {
+                continue;
+            }
+            c.key.netns_cookie = 0;
+            match merged.get_mut(&c.key) {
+                Some(sum) => sum.add(&c),
+                None => {
+                    merged.insert(c.key, c);
+                }
+            }
+        }
+        merged.into_values().collect()
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +196,36 @@ mod tests {
         assert_eq!(s.get(ClientCounter::ConnectNoPort), 5);
         assert_eq!(s.comm(), "java");
         assert_eq!(s.daddr().to_string(), "10.0.0.5");
+    }
+
+    /// A namespace that took a deleted one's inode number starts from zero; entries of one
+    /// namespace differing only in a cookie the kernel did not tell are one series.
+    #[test]
+    fn a_dead_namespaces_counts_are_not_the_next_ones() {
+        let entry = |netns, cookie, no_port| {
+            let mut counts = [0; ClientCounter::COUNT];
+            counts[ClientCounter::ConnectNoPort as usize] = no_port;
+            let key = ClientKey {
+                netns,
+                netns_cookie: cookie,
+                dport: 80,
+                ..Default::default()
+            };
+            ClientStats { key, counts }
+        };
+        let live = HashMap::from([(7, 0x1_0000_00c8)]);
+        let live = Namespaces(&live);
+        let counted = vec![
+            entry(7, 100, 5),           // the dead namespace that had inode 7
+            entry(7, 0x1_0000_00c8, 1), // the live one
+            entry(8, 300, 2),           // a namespace not sampled (unreadable, filtered, gone)
+            entry(8, 0, 3),             // and its cookie not made (before 5.12)
+        ];
+        assert_eq!(live.clients(counted), vec![entry(7, 0, 1), entry(8, 0, 5)]);
+        // The port-search maps keep the cookie's low half above the inode.
+        assert_eq!(live.port_search(7 | 0xc8 << 32), Some(7));
+        assert_eq!(live.port_search(7 | 100 << 32), None);
+        assert_eq!(live.port_search(7), Some(7));
+        assert_eq!(live.port_search(8 | 300 << 32), Some(8));
     }
 }

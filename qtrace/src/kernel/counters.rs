@@ -2,6 +2,7 @@
 //! per listener whenever someone asks (a scrape, a table); nothing is cached in user space.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
@@ -171,7 +172,7 @@ pub struct KernelCounters {
     self_stats: PerCpuArray<MapData, u64>,
     clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
     port_search_slots: PerCpuArray<MapData, PortSearchSlot>,
-    port_search: PerCpuHashMap<MapData, u32, PortSearch>,
+    port_search: PerCpuHashMap<MapData, u64, PortSearch>,
     /// Listener entries no CPU had written its key into at the last reading (partition,
     /// entry), since when, and how many such entries were deleted (see [`Self::listeners`]).
     unidentified: Mutex<Aging<(bool, u64)>>,
@@ -272,14 +273,20 @@ impl KernelCounters {
         }
     }
 
-    /// Every destination whose connects the kernel counted something for, sorted by key.
-    pub fn clients(&self) -> Result<Vec<ClientStats>> {
-        clients::read(&self.clients)
+    /// Every destination whose connects the kernel counted something for, sorted by key, as
+    /// the namespaces holding their inode numbers now see them (`live`: their cookies, see
+    /// [`clients::Namespaces`]).
+    pub fn clients(&self, live: &HashMap<u32, u64>) -> Result<Vec<ClientStats>> {
+        clients::read(&self.clients, clients::Namespaces(live))
     }
 
-    /// Each namespace's port-search histogram.
-    pub fn port_search(&self) -> Result<Vec<PortSearchStats>> {
-        clients::read_port_search(&self.port_search_slots, &self.port_search)
+    /// Each namespace's port-search histogram, likewise.
+    pub fn port_search(&self, live: &HashMap<u32, u64>) -> Result<Vec<PortSearchStats>> {
+        clients::read_port_search(
+            &self.port_search_slots,
+            &self.port_search,
+            clients::Namespaces(live),
+        )
     }
 
     /// qtrace's own losses, summed over CPUs, indexed by [`SelfStat`].

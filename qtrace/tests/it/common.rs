@@ -187,6 +187,29 @@ pub fn bracket(ip: &str) -> String {
     }
 }
 
+/// A namespace with the inode number of one deleted before it: namespaces are made, given
+/// counts by `leave` (called with the namespace and how many went before it, returning what it
+/// left there), and deleted, until the kernel hands one of their inode numbers (freed
+/// asynchronously, then handed out lowest first) to a new one. That namespace, and what its
+/// predecessor was left.
+pub fn netns_reusing_an_inode<T: Copy>(mut leave: impl FnMut(&Netns, usize) -> T) -> (Netns, T) {
+    let mut dead = HashMap::new();
+    loop {
+        let ns = Netns::new();
+        if let Some(&old) = dead.get(&ns.inode) {
+            return (ns, old);
+        }
+        assert!(
+            dead.len() < 30,
+            "the kernel reused no namespace inode number in 30 tries"
+        );
+        let left = leave(&ns, dead.len());
+        dead.insert(ns.inode, left);
+        drop(ns);
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// Connects `n` clients from inside the namespace. Connect returns once the client has the
 /// SYN-ACK, whether or not the server ever sees the final ACK.
 pub fn connect(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<TcpStream> {
@@ -196,6 +219,53 @@ pub fn connect(ns: &Netns, ip: &'static str, port: u16, n: usize) -> Vec<TcpStre
             .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
             .collect()
     })
+}
+
+/// The children in `listener`'s accept queue (on a listener, TCP_INFO's `tcpi_unacked` is its
+/// `sk_ack_backlog`).
+pub fn accept_queue_len(listener: &Socket) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_unacked
+}
+
+/// Connects `n` clients to `listener` one at a time, each once the one before is a child in
+/// the accept queue. A client's connect() returns when it has the SYN-ACK; on a machine with
+/// more than one CPU the server may not have taken the final ACK yet, and a SYN then finds
+/// the request still in a backlog-1 listener's SYN queue ("full": a syncookie, not a queued
+/// request).
+pub fn connect_queued(
+    ns: &Netns,
+    listener: &Socket,
+    ip: &'static str,
+    port: u16,
+    n: usize,
+) -> Vec<TcpStream> {
+    let before = accept_queue_len(listener);
+    (0..n as u32)
+        .map(|i| {
+            let c = connect(ns, ip, port, 1).remove(0);
+            assert!(
+                wait_until(Duration::from_secs(10), || accept_queue_len(listener)
+                    > before + i),
+                "connection {i} never reached the accept queue"
+            );
+            c
+        })
+        .collect()
 }
 
 pub fn local_ports(clients: &[TcpStream]) -> Vec<u64> {
@@ -229,7 +299,7 @@ pub fn connect_nonblocking(ns: &Netns, ip: &'static str, port: u16, n: usize) ->
 pub fn overflow_at_syn(ns: &Netns) -> (Socket, u16, u64) {
     let (server, port) = listener(ns, "127.0.0.1", 1);
     let before = ns.tcp_ext();
-    let full = connect(ns, "127.0.0.1", port, 2);
+    let full = connect_queued(ns, &server, "127.0.0.1", port, 2);
     let clients = connect_nonblocking(ns, "127.0.0.1", port, 18);
     ns.wait_for(&before, "ListenOverflows", 18, Duration::from_secs(10));
     // Closing the clients stops their SYN retries: no drop after the reading below.

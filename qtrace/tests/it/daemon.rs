@@ -328,14 +328,15 @@ fn prometheus_scrapes_the_drop_series() {
         ))
         .arg(format!("--web.listen-address={prom_addr}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
         .spawn()
         .expect("prometheus (apt package prometheus; `cargo xtask setup` installs it)");
     let query = format!(
         "/api/v1/query?query=qtrace_listen_drops_total%7Bport%3D%22{port}%22%2Creason%3D%22accept_queue_full_ack%22%7D"
     );
     let expected = o.overflows().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: a cold Prometheus among parallel tests on two CPUs has taken over 30 s.
+    let deadline = Instant::now() + Duration::from_secs(90);
     let found = loop {
         if let Ok(std::net::TcpStream { .. }) = std::net::TcpStream::connect(&prom_addr) {
             let (_, body) = http_get(&prom_addr, &query, None);
@@ -349,10 +350,24 @@ fn prometheus_scrapes_the_drop_series() {
         }
         thread::sleep(Duration::from_millis(250));
     };
+    // What Prometheus made of its target, for a failure's message.
+    let targets = match found {
+        Some(_) => String::new(),
+        None => match qtrace_testkit::scrape::http_get(&prom_addr, "/api/v1/targets", None) {
+            Ok((_, body)) => body,
+            Err(e) => format!("none: {e:#}"),
+        },
+    };
     let _ = prom.kill();
     let _ = prom.wait();
     qtrace.stop(libc::SIGTERM);
-    let r = found.expect("Prometheus never returned the series");
+    let Some(r) = found else {
+        let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        panic!(
+            "Prometheus never returned the series; its targets: {targets}; its log, last lines first: {tail:#?}"
+        );
+    };
     assert_eq!(r["metric"]["netns"], ns.inode.to_string(), "{r}");
     assert_eq!(r["value"][1], expected, "{r}");
 }

@@ -6,7 +6,8 @@
 use std::{io::Write, thread, time::Duration};
 
 use crate::common::{
-    connect, connect_nonblocking, delta, listener, local_ports, require_root, Netns, Output, Qtrace,
+    connect, connect_nonblocking, connect_queued, delta, listener, local_ports, require_root,
+    Netns, Output, Qtrace,
 };
 use serde_json::Value;
 
@@ -57,7 +58,7 @@ fn accept_queue_full_at_syn() {
     let before = ns.tcp_ext();
     // The queue is full before the other SYNs come: sent together, they could all reach the
     // SYN queue first (an emulated CPU defers the handshakes) and take the syncookie path.
-    let full = connect(&ns, "127.0.0.1", port, 2);
+    let full = connect_queued(&ns, &server, "127.0.0.1", port, 2);
     let clients = connect_nonblocking(&ns, "127.0.0.1", port, 18);
     ns.wait_for(&before, "ListenOverflows", 18, Duration::from_secs(10));
     drop((full, clients));

@@ -339,29 +339,17 @@ fn a_namespace_that_reuses_an_inode_starts_from_zero() {
     require_root();
     let q = Qtrace::start(&[]);
     const PORT: u16 = 40123;
-    // Namespaces that had a counted listener on PORT, by inode, until a new namespace gets
-    // one of their inode numbers (freed asynchronously, then handed out lowest first).
-    let mut dead = std::collections::HashMap::new();
-    let (ns, old) = loop {
-        let ns = Netns::new();
-        if let Some(&old) = dead.get(&ns.inode) {
-            break (ns, old);
-        }
-        assert!(
-            dead.len() < 30,
-            "the kernel reused no namespace inode number in 30 tries"
-        );
-        let (server, n) = retransmits_at(&ns, PORT, 1);
+    // Namespaces that had a counted listener on PORT, until one reuses an inode.
+    let (ns, old) = crate::common::netns_reusing_an_inode(|ns, _| {
+        let (server, n) = retransmits_at(ns, PORT, 1);
         assert!(wait_until(Duration::from_secs(10), || {
-            api_sockets(&q, &ns, PORT)
+            api_sockets(&q, ns, PORT)
                 .iter()
                 .any(|l| l["counters"]["synack_retransmits"].as_u64() >= Some(n))
         }));
-        dead.insert(ns.inode, n);
         drop(server);
-        drop(ns);
-        thread::sleep(Duration::from_millis(300));
-    };
+        n
+    });
     let (server, n) = retransmits_at(&ns, PORT, 2);
     let mine = cookie(&server);
     let mut seen = Vec::new();
