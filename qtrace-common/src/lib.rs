@@ -44,8 +44,8 @@ pub mod maps {
     /// Per-CPU array of [`crate::PortSearchSlot`]: each CPU's histograms of the namespaces
     /// that took a slot on that CPU (by a hash of the inode), before [`PORT_SEARCH`].
     pub const PORT_SEARCH_SLOTS: &str = "QT_PORT_SEARCH_SLOTS";
-    /// Per-CPU hash: network namespace inode → [`crate::PortSearch`], for the namespaces whose
-    /// slot another took on that CPU.
+    /// Per-CPU hash: network namespace inode → [`crate::PortSearchSlot`] (the namespace and
+    /// its histogram), for the namespaces whose slot another took on that CPU.
     pub const PORT_SEARCH: &str = "QT_PORT_SEARCH";
     /// Array of one u32, set to 1 by the loader when the port search's kprobe tier takes its
     /// start from the client probe: the client probe then also fills the connecting thread's

@@ -21,8 +21,8 @@
 //!     still 0 tells it from a reset later in the connection, and an application's own abort
 //!     (`tcp_disconnect`) sets its error only after the state change. The record also tells an
 //!     active open from a server's child, which never passes SYN_SENT: a child reset before
-//!     sending data is never counted (a leftover record at a child's address is cleared as
-//!     the child is cloned, LISTEN→SYN_RECV).
+//!     sending data is never counted (a leftover record in a child's slot is cleared as the
+//!     child is cloned, LISTEN→SYN_RECV).
 //! - `tcp:tcp_retransmit_skb(sk, skb, …)` in SYN_SENT: a SYN retransmit.
 //!
 //! Cost per connection: one record written at connect(), cleared as the socket leaves
@@ -346,17 +346,24 @@ pub(crate) fn recall(sk: u64) -> (bool, ConnectOwner) {
     }
 }
 
+/// Ends `sk`'s record in its slot; false when the slot holds none of `sk`'s.
+#[inline(always)]
+fn clear_slot(sk: u64) -> bool {
+    let Some(slot) = slot_of(sk) else {
+        return false;
+    };
+    // SAFETY: `slot` points into the map's value; only `sk` clears a slot it holds.
+    let mine = unsafe { read_volatile(addr_of_mut!((*slot).sk)) } == sk;
+    if mine {
+        unsafe { write_volatile(addr_of_mut!((*slot).sk), 0) };
+    }
+    mine
+}
+
 /// Ends `sk`'s record.
 #[inline(always)]
 fn forget(sk: u64) {
-    if let Some(slot) = slot_of(sk) {
-        // SAFETY: `slot` points into the map's value; only `sk` clears a slot it holds.
-        if unsafe { read_volatile(addr_of_mut!((*slot).sk)) } == sk {
-            unsafe { write_volatile(addr_of_mut!((*slot).sk), 0) };
-            return;
-        }
-    }
-    if any_spilled() {
+    if !clear_slot(sk) && any_spilled() {
         unspill(sk);
     }
 }
@@ -407,8 +414,10 @@ fn on_state<M: Mem>(m: M, sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         if old == TCP_LISTEN {
             // A listener's child, just cloned (LISTEN→SYN_RECV): no record can be its own. A
             // leftover at its address (an earlier socket's last state change skipped: a
-            // recursion miss) would count the child's reset for that socket's owner.
-            forget(id_of(sk));
+            // recursion miss) would count the child's reset for that socket's owner. Cleared
+            // where it is cheap, in the slot; one in the hash stays (a helper call and a
+            // bucket lock on every accepted connection: on 5.10, whose records are all there).
+            clear_slot(id_of(sk));
         }
         return Ok(());
     }

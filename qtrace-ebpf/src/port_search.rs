@@ -41,24 +41,27 @@ static QT_PORT_START: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4
 #[map]
 static QT_PORT_START_AT_CONNECT: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Sized by user space before load: one entry per network namespace (see [`netns_of`]) whose
-/// slot another namespace took on that CPU.
+/// Sized by user space before load: by inode number, one entry per network namespace whose
+/// slot another namespace took on that CPU, holding the namespace (see [`netns_of`]) its
+/// histogram is for (see [`own`]).
 #[map]
-static QT_PORT_SEARCH: PerCpuHashMap<u64, PortSearch> = PerCpuHashMap::with_max_entries(4096, 0);
+static QT_PORT_SEARCH: PerCpuHashMap<u32, PortSearchSlot> =
+    PerCpuHashMap::with_max_entries(4096, 0);
 
 /// The direct-mapped front of `QT_PORT_SEARCH`: on each CPU, a namespace's histogram lives in
-/// the slot its inode hashes to if no other namespace took that slot on that CPU first, where
-/// finding it is a few inlined instructions against the hash's helper call and bucket walk.
-/// Only the running CPU writes its copy of a slot, and a slot once taken stays with its
-/// namespace (as a hash entry does), so no count moves or is lost; user space adds each CPU's
-/// slots and the hash's entries up per namespace. 64 slots of 208 bytes per CPU: the first
-/// half for the IPv4 search's exit, the second for IPv6's (see [`slot_of`]).
+/// the slot its inode hashes to if no other live namespace took that slot on that CPU first,
+/// where finding it is a few inlined instructions against the hash's helper call and bucket
+/// walk. Only the running CPU writes its copy of a slot, and a slot once taken stays with its
+/// namespace (as a hash entry does) until another takes that namespace's inode number (see
+/// [`own`]), so no live namespace's count moves or is lost; user space adds each CPU's slots
+/// and the hash's entries up per namespace. 64 slots of 272 bytes per CPU: the first half
+/// for the IPv4 search's exit, the second for IPv6's (see [`slot_of`]).
 #[map]
 static QT_PORT_SEARCH_SLOTS: PerCpuArray<PortSearchSlot> = PerCpuArray::with_max_entries(64, 0);
 
-/// A zeroed histogram to insert new namespaces from (kept off the BPF stack).
+/// A zeroed entry to insert new namespaces from (kept off the BPF stack).
 #[map]
-static QT_PORT_ZERO: PerCpuArray<PortSearch> = PerCpuArray::with_max_entries(1, 0);
+static QT_PORT_ZERO: PerCpuArray<PortSearchSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Called by the client probe as `sk` enters SYN_SENT at `now`, just before its search: the
 /// start, when the kprobe tier's returns read it.
@@ -164,29 +167,59 @@ fn slot_of(netns: u64, half: u32) -> Option<*mut PortSearch> {
     // once on a CPU (the kernel skips and counts the second run). (The hash's per-CPU values
     // are shared by both exits: such an interleaving could lose a count there.)
     let s = unsafe { &mut *slot };
-    if s.netns != netns {
-        if s.netns != 0 {
-            return None;
+    own(s, netns).then(|| core::ptr::addr_of_mut!(s.hist))
+}
+
+/// Whether this CPU's entry `s` (a slot, or the hash's entry of the inode) is now `netns`'s:
+/// a free one (0) is taken; one of the namespace that had this inode number before (both
+/// cookies made, and different: two live namespaces never share an inode, and a cookie once
+/// made never changes) is taken and zeroed, so the key space stays that of the inodes in
+/// use; one of the same inode whose cookie was not made when it was taken (0: before 5.12,
+/// until something asks) is kept as it is.
+#[inline(always)]
+fn own(s: &mut PortSearchSlot, netns: u64) -> bool {
+    if s.netns == netns {
+        return true;
+    }
+    if s.netns == 0 {
+        s.netns = netns;
+        return true;
+    }
+    if s.netns as u32 != netns as u32 {
+        return false;
+    }
+    if s.netns >> 32 != 0 && netns >> 32 != 0 {
+        for b in s.hist.buckets.iter_mut() {
+            // SAFETY: a map value of this CPU's, as above. Stores one by one: a zeroed
+            // struct written at once compiles to a call of memset.
+            unsafe { core::ptr::write_volatile(b, 0) };
         }
+        s.hist.sum_ns = 0;
         s.netns = netns;
     }
-    Some(core::ptr::addr_of_mut!(s.hist))
+    true
 }
 
 /// This CPU's histogram of `netns` in the hash, created on first use.
 #[inline(always)]
 fn hashed(netns: u64) -> Result<*mut PortSearch, ()> {
-    match QT_PORT_SEARCH.get_ptr_mut(&netns) {
-        Some(h) => Ok(h),
+    let inode = netns as u32;
+    let entry = match QT_PORT_SEARCH.get_ptr_mut(&inode) {
+        Some(e) => e,
         None => {
             let zero = QT_PORT_ZERO.get_ptr(0).ok_or(())?;
             // EEXIST from a racing CPU is fine: the lookup below finds its entry.
-            let _ = QT_PORT_SEARCH.insert(&netns, unsafe { &*zero }, BPF_NOEXIST as u64);
-            QT_PORT_SEARCH.get_ptr_mut(&netns).ok_or_else(|| {
+            let _ = QT_PORT_SEARCH.insert(&inode, unsafe { &*zero }, BPF_NOEXIST as u64);
+            QT_PORT_SEARCH.get_ptr_mut(&inode).ok_or_else(|| {
                 self_stat(SelfStat::PortSearchMapFull);
-            })
+            })?
         }
-    }
+    };
+    // SAFETY: this CPU's value of the entry (see `slot_of` on interleaving exits).
+    let e = unsafe { &mut *entry };
+    // The entry is keyed by this inode: always this namespace's once `own` has looked.
+    own(e, netns);
+    Ok(core::ptr::addr_of_mut!(e.hist))
 }
 
 // inet_hash_connect(death_row, sk), inet6_hash_connect(death_row, sk) -> int

@@ -101,6 +101,9 @@ pub struct Collector {
     /// `--max-destination-series`, reloadable with SIGHUP.
     pub max_destination_series: AtomicUsize,
     close_wait_ages: Mutex<CloseWaitAges>,
+    /// Client entries of dead namespaces whose inode numbers live ones hold (see
+    /// [`Self::clients`]), with the live one's cookie.
+    dead_clients: Mutex<crate::aging::Aging<(qtrace_common::ClientKey, u64)>>,
 }
 
 /// Kernel entries whose socket no collect finds any more. An entry missing from one dump may
@@ -139,6 +142,7 @@ impl Collector {
             reclaim: Mutex::new(Reclaim::default()),
             max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
             close_wait_ages: Mutex::new(CloseWaitAges::default()),
+            dead_clients: Mutex::new(crate::aging::Aging::default()),
         }
     }
 
@@ -320,7 +324,21 @@ impl Collector {
     fn clients(&self, filter: &Filter, live: &HashMap<u32, u64>) -> Result<Clients> {
         let available = client_available(&self.probes);
         let mut counted = if available {
-            self.counters.clients(live)?
+            let reading = self.counters.clients(live)?;
+            // An entry left out for the same live namespace's cookie at readings
+            // RECLAIM_AFTER apart was read while that namespace held its inode, which it held
+            // throughout: the entry's namespace died before, and counts nothing any more.
+            // Deleted: it would come back (summed) once the inode is free again, and it holds a
+            // place in the map.
+            let (overdue, _) = crate::recover::lock(&self.dead_clients).split(
+                reading.dead,
+                |d| *d,
+                Instant::now(),
+                RECLAIM_AFTER,
+            );
+            let keys: Vec<_> = overdue.into_iter().map(|(k, _)| k).collect();
+            self.counters.forget_clients(&keys);
+            reading.rows
         } else {
             Vec::new()
         };

@@ -102,27 +102,22 @@ pub struct PortSearchStats {
 /// where another namespace had), added up.
 pub fn read_port_search(
     slots: &PerCpuArray<MapData, PortSearchSlot>,
-    map: &PerCpuHashMap<MapData, u64, PortSearch>,
+    map: &PerCpuHashMap<MapData, u32, PortSearchSlot>,
     live: Namespaces,
 ) -> Result<Vec<PortSearchStats>> {
     let mut sums: BTreeMap<u32, PortSearch> = BTreeMap::new();
-    for i in 0..slots.len() {
-        let per_cpu = slots.get(&i, 0).context("read the port-search slots")?;
-        for slot in per_cpu.iter().filter(|s| s.netns != 0) {
-            if let Some(inode) = live.port_search(slot.netns) {
-                add(sums.entry(inode).or_insert(PortSearch::ZERO), &slot.hist);
+    let mut add_up = |per_cpu: &[PortSearchSlot]| {
+        for s in per_cpu.iter().filter(|s| s.netns != 0) {
+            if let Some(inode) = live.port_search(s.netns) {
+                add(sums.entry(inode).or_insert(PortSearch::ZERO), &s.hist);
             }
         }
+    };
+    for i in 0..slots.len() {
+        add_up(&slots.get(&i, 0).context("read the port-search slots")?);
     }
     for entry in map.iter() {
-        let (netns, per_cpu) = entry.context("read the port-search map")?;
-        let Some(inode) = live.port_search(netns) else {
-            continue;
-        };
-        let hist = sums.entry(inode).or_insert(PortSearch::ZERO);
-        for cpu in per_cpu.iter() {
-            add(hist, cpu);
-        }
+        add_up(&entry.context("read the port-search map")?.1);
     }
     Ok(sums
         .into_iter()
@@ -137,11 +132,19 @@ fn add(total: &mut PortSearch, h: &PortSearch) {
     total.sum_ns += h.sum_ns;
 }
 
-/// Every destination the kernel counted something for, sorted by key (cookie zeroed).
+/// The client map as the live namespaces see it.
+pub struct ClientReading {
+    /// Every destination the kernel counted something for, sorted by key (cookie zeroed).
+    pub rows: Vec<ClientStats>,
+    /// The entries of dead namespaces whose inode numbers live ones hold, each with the
+    /// cookie of the live one (the entry's namespace is dead for as long as that one lives).
+    pub dead: Vec<(ClientKey, u64)>,
+}
+
 pub fn read(
     map: &PerCpuHashMap<MapData, ClientKey, ClientCounters>,
     live: Namespaces,
-) -> Result<Vec<ClientStats>> {
+) -> Result<ClientReading> {
     let mut counted = Vec::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.context("read the client map")?;
@@ -154,10 +157,12 @@ impl Namespaces<'_> {
     /// `counted` without a dead namespace's entries, those differing by cookie alone (a dead
     /// namespace's whose inode is not taken, or whose successor's cookie is not known, beside
     /// the live one's) summed into one series, sorted by key.
-    fn clients(self, counted: Vec<ClientStats>) -> Vec<ClientStats> {
+    fn clients(self, counted: Vec<ClientStats>) -> ClientReading {
         let mut merged: BTreeMap<ClientKey, ClientStats> = BTreeMap::new();
+        let mut dead = Vec::new();
         for mut c in counted {
             if !self.owns(c.netns(), c.key.netns_cookie, u64::MAX) {
+                dead.push((c.key, self.0[&c.netns()]));
                 continue;
             }
             c.key.netns_cookie = 0;
@@ -168,7 +173,10 @@ impl Namespaces<'_> {
                 }
             }
         }
-        merged.into_values().collect()
+        ClientReading {
+            rows: merged.into_values().collect(),
+            dead,
+        }
     }
 }
 
@@ -221,7 +229,9 @@ mod tests {
             entry(8, 300, 2),           // a namespace not sampled (unreadable, filtered, gone)
             entry(8, 0, 3),             // and its cookie not made (before 5.12)
         ];
-        assert_eq!(live.clients(counted), vec![entry(7, 0, 1), entry(8, 0, 5)]);
+        let reading = live.clients(counted);
+        assert_eq!(reading.rows, vec![entry(7, 0, 1), entry(8, 0, 5)]);
+        assert_eq!(reading.dead, vec![(entry(7, 100, 5).key, 0x1_0000_00c8)]);
         // The port-search maps keep the cookie's low half above the inode.
         assert_eq!(live.port_search(7 | 0xc8 << 32), Some(7));
         assert_eq!(live.port_search(7 | 100 << 32), None);

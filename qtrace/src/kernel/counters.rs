@@ -17,14 +17,14 @@ use aya::{
 };
 use qtrace_common::{
     maps, ClientCounters, ClientKey, Counter, DropReason, ListenerCounters, ListenerKey,
-    PortSearch, PortSearchSlot, SelfStat, WAIT_BUCKETS,
+    PortSearchSlot, SelfStat, WAIT_BUCKETS,
 };
 
 use crate::{
     aging::Aging,
     api::{self, AcceptWait, Counters, Family},
     kernel::{
-        clients::{self, ClientStats, PortSearchStats},
+        clients::{self, PortSearchStats},
         probes::Visibility,
     },
     listener::{ip, ListenerId},
@@ -170,9 +170,10 @@ pub struct KernelCounters {
     /// Entries each listener map holds at most.
     capacity: usize,
     self_stats: PerCpuArray<MapData, u64>,
-    clients: PerCpuHashMap<MapData, ClientKey, ClientCounters>,
+    /// Locked to delete dead namespaces' entries (`forget_clients`).
+    clients: Mutex<PerCpuHashMap<MapData, ClientKey, ClientCounters>>,
     port_search_slots: PerCpuArray<MapData, PortSearchSlot>,
-    port_search: PerCpuHashMap<MapData, u64, PortSearch>,
+    port_search: PerCpuHashMap<MapData, u32, PortSearchSlot>,
     /// Listener entries no CPU had written its key into at the last reading (partition,
     /// entry), since when, and how many such entries were deleted (see [`Self::listeners`]).
     unidentified: Mutex<Aging<(bool, u64)>>,
@@ -205,7 +206,7 @@ impl KernelCounters {
                 PerCpuHashMap::try_from(take(maps::USER_LISTENERS)?)?,
             ]),
             self_stats: PerCpuArray::try_from(take(maps::SELF_STATS)?)?,
-            clients: PerCpuHashMap::try_from(take(maps::CLIENTS)?)?,
+            clients: Mutex::new(PerCpuHashMap::try_from(take(maps::CLIENTS)?)?),
             port_search_slots: PerCpuArray::try_from(take(maps::PORT_SEARCH_SLOTS)?)?,
             port_search: PerCpuHashMap::try_from(take(maps::PORT_SEARCH)?)?,
             unidentified: Mutex::new(Aging::default()),
@@ -276,8 +277,17 @@ impl KernelCounters {
     /// Every destination whose connects the kernel counted something for, sorted by key, as
     /// the namespaces holding their inode numbers now see them (`live`: their cookies, see
     /// [`clients::Namespaces`]).
-    pub fn clients(&self, live: &HashMap<u32, u64>) -> Result<Vec<ClientStats>> {
-        clients::read(&self.clients, clients::Namespaces(live))
+    pub fn clients(&self, live: &HashMap<u32, u64>) -> Result<clients::ClientReading> {
+        clients::read(
+            &crate::recover::lock(&self.clients),
+            clients::Namespaces(live),
+        )
+    }
+
+    /// Deletes these client entries; how many there were.
+    pub fn forget_clients(&self, keys: &[ClientKey]) -> usize {
+        let mut map = crate::recover::lock(&self.clients);
+        keys.iter().filter(|k| map.remove(k).is_ok()).count()
     }
 
     /// Each namespace's port-search histogram, likewise.
