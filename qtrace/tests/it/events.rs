@@ -194,6 +194,11 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         .write_all(b"{\"request\":\"events\",\"since_ns\":1}\n")
         .unwrap();
     let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
+    // Once the reader prints a marker from the namespace (a refused connect), it is
+    // subscribed: the bursts reach it live. `--since` alone could come too late, the
+    // daemon's history (every namespace's events, 4,096) filled meanwhile by parallel tests'.
+    ns.run(|| std::net::TcpStream::connect(("127.0.0.1", 1)).unwrap_err());
+    live.wait_for("connect_refused", 1);
     let before = ns.tcp_ext();
     let _clients = half_open(&ns, port, 400);
     ns.wait_for(&before, "TCPSynRetrans", 800, Duration::from_secs(30)); // both bursts
@@ -212,7 +217,7 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         stable >= 5
     });
     let retransmits = delta(&before, &after, "TCPSynRetrans");
-    live.wait_for("\"event\"", retransmits);
+    live.wait_for("\"synack_retransmit\"", retransmits);
     let (status, _) = http_get(&q.web(), "/healthz", None);
     assert_eq!(status, 200, "daemon still serving");
     let live_out = live.stop();
@@ -235,7 +240,10 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         })
         .collect();
     assert_eq!(
-        live_out.lines().filter(|l| l.contains("\"event\"")).count() as u64,
+        live_out
+            .lines()
+            .filter(|l| l.contains("\"synack_retransmit\""))
+            .count() as u64,
         retransmits,
         "{lost:?}"
     );
