@@ -155,10 +155,27 @@ unsafe impl aya::Pod for PortSearch {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSearchSlot {
-    /// The namespace as the port-search maps key it (the hash too): its inode number in the
-    /// low half, the low half of its cookie ([`ClientKey::netns_cookie`]) above it.
+    /// The namespace its histogram is for, as [`Self::netns`] makes it (0: none).
     pub netns: u64,
     pub hist: PortSearch,
+}
+
+impl PortSearchSlot {
+    /// A namespace as the port-search maps keep it: its inode number in the low half, the low
+    /// half of its cookie ([`ClientKey::netns_cookie`]) above it.
+    pub const fn netns(inode: u32, cookie: u64) -> u64 {
+        inode as u64 | cookie << 32
+    }
+
+    /// The inode number of such a namespace.
+    pub const fn inode(netns: u64) -> u32 {
+        netns as u32
+    }
+
+    /// The low half of its cookie (0: not made when it was read).
+    pub const fn cookie(netns: u64) -> u64 {
+        netns >> 32
+    }
 }
 
 #[cfg(feature = "user")]

@@ -27,9 +27,9 @@
 //!
 //! Cost per connection: one record written at connect(), cleared as the socket leaves
 //! ESTABLISHED (for the server's child, a look at its slot as it is cloned; a lookup first for
-//! a reset); every other state change returns after comparing two integers. The record is kept in the socket's
-//! slot of a direct-mapped array (`QT_OPEN_SLOTS`, a few instructions each way) when the slot
-//! is free, else in a hash (`QT_ACTIVE_OPENS`, `--max-client-sockets`): exact either way,
+//! a reset); every other state change returns after comparing two integers. The record is
+//! kept in the socket's slot of a direct-mapped array (`QT_OPEN_SLOTS`, a few instructions
+//! each way) when the slot is free, else in a hash (`QT_ACTIVE_OPENS`, `--max-client-sockets`): exact either way,
 //! and the hash is not even looked at while it holds nothing. The record lives as long as the
 //! socket is connecting or established; past the hash's bound a failure counts unattributed
 //! (pid 0), a reset not at all, each counted in `SelfStat::ActiveOpensMapFull`.

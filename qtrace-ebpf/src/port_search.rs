@@ -30,9 +30,9 @@ use crate::{
     self_stats::self_stat,
 };
 
-/// pid_tgid → [start ns, network namespace (see [`netns_of`])], between the search's start and return. A
-/// thread's slot is written at the start and zeroed at return in place, and reused by its next
-/// connect().
+/// pid_tgid → [start ns, network namespace (see [`netns_of`])], between the search's start
+/// and return. A thread's slot is written at the start and zeroed at return in place, and
+/// reused by its next connect().
 #[map]
 static QT_PORT_START: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
 
@@ -85,13 +85,13 @@ fn enter_at<M: Mem>(m: M, sk: *const u8, now: u64) {
     }
 }
 
-/// `sk`'s namespace: its inode number, and its cookie's low half above it (`PortSearchSlot`:
-/// the kernel hands a deleted namespace's inode number on; the cookie tells the two apart).
+/// `sk`'s namespace, with its cookie (`PortSearchSlot::netns`: the kernel hands a deleted
+/// namespace's inode number on; the cookie tells the two apart).
 #[inline(always)]
 fn netns_of<M: Mem>(m: M, sk: *const u8) -> Result<u64, ()> {
     let net: *const u8 = m.read(sk, offset!(skc_net))?;
     let inode: u32 = m.read(net, offset!(net_ns_inum))?;
-    Ok(u64::from(inode) | netns_cookie(m, net) << 32)
+    Ok(PortSearchSlot::netns(inode, netns_cookie(m, net)))
 }
 
 #[inline(always)]
@@ -158,7 +158,7 @@ fn record(netns: u64, start: u64, half: u32) -> Result<(), ()> {
 #[inline(always)]
 fn slot_of(netns: u64, half: u32) -> Option<*mut PortSearch> {
     // By the inode alone: the tests that aim namespaces at one slot compute the same.
-    let i = slot_hash(netns & 0xffff_ffff) & 31 | half;
+    let i = slot_hash(PortSearchSlot::inode(netns).into()) & 31 | half;
     let slot = QT_PORT_SEARCH_SLOTS.get_ptr_mut(i)?;
     // SAFETY: this CPU's copy of the slot, which only this CPU writes, and of a half that only
     // this program writes. fexit programs run with migration disabled, not preemption: on a
@@ -185,10 +185,10 @@ fn own(s: &mut PortSearchSlot, netns: u64) -> bool {
         s.netns = netns;
         return true;
     }
-    if s.netns as u32 != netns as u32 {
+    if PortSearchSlot::inode(s.netns) != PortSearchSlot::inode(netns) {
         return false;
     }
-    if s.netns >> 32 != 0 && netns >> 32 != 0 {
+    if PortSearchSlot::cookie(s.netns) != 0 && PortSearchSlot::cookie(netns) != 0 {
         for b in s.hist.buckets.iter_mut() {
             // SAFETY: a map value of this CPU's, as above. Stores one by one: a zeroed
             // struct written at once compiles to a call of memset.
@@ -203,7 +203,7 @@ fn own(s: &mut PortSearchSlot, netns: u64) -> bool {
 /// This CPU's histogram of `netns` in the hash, created on first use.
 #[inline(always)]
 fn hashed(netns: u64) -> Result<*mut PortSearch, ()> {
-    let inode = netns as u32;
+    let inode = PortSearchSlot::inode(netns);
     let entry = match QT_PORT_SEARCH.get_ptr_mut(&inode) {
         Some(e) => e,
         None => {

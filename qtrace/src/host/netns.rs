@@ -22,7 +22,6 @@ pub struct Namespace {
 /// The calling thread's network namespace's cookie (`SO_NETNS_COOKIE`, 5.14+): unlike its
 /// inode number, never reused by a later namespace. None on older kernels.
 pub fn cookie() -> Option<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
     // A socket is made in the calling thread's namespace, whichever that is.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -35,7 +34,7 @@ pub fn cookie() -> Option<u64> {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            libc::SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
             &mut len,
         )

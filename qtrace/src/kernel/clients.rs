@@ -84,9 +84,35 @@ impl Namespaces<'_> {
     /// The inode of a port-search map's namespace (see `PortSearchSlot::netns`), if its
     /// counts are the live namespace's.
     fn port_search(self, netns: u64) -> Option<u32> {
-        let inode = netns as u32;
-        self.owns(inode, netns >> 32, u64::from(u32::MAX))
+        let inode = PortSearchSlot::inode(netns);
+        let cookie = PortSearchSlot::cookie(netns);
+        self.owns(inode, cookie, u64::from(u32::MAX))
             .then_some(inode)
+    }
+
+    /// `counted` without a dead namespace's entries, those differing by cookie alone (a dead
+    /// namespace's whose inode is not taken, or whose successor's cookie is not known, beside
+    /// the live one's) summed into one series, sorted by key.
+    fn clients(self, counted: Vec<ClientStats>) -> ClientReading {
+        let mut merged: BTreeMap<ClientKey, ClientStats> = BTreeMap::new();
+        let mut dead = Vec::new();
+        for mut c in counted {
+            if !self.owns(c.netns(), c.key.netns_cookie, u64::MAX) {
+                dead.push((c.key, self.0[&c.netns()]));
+                continue;
+            }
+            c.key.netns_cookie = 0;
+            match merged.get_mut(&c.key) {
+                Some(sum) => sum.add(&c),
+                None => {
+                    merged.insert(c.key, c);
+                }
+            }
+        }
+        ClientReading {
+            rows: merged.into_values().collect(),
+            dead,
+        }
     }
 }
 
@@ -141,6 +167,7 @@ pub struct ClientReading {
     pub dead: Vec<(ClientKey, u64)>,
 }
 
+/// The client map, summed over CPUs, as the `live` namespaces see it.
 pub fn read(
     map: &PerCpuHashMap<MapData, ClientKey, ClientCounters>,
     live: Namespaces,
@@ -151,33 +178,6 @@ pub fn read(
         counted.push(ClientStats::sum(key, &per_cpu));
     }
     Ok(live.clients(counted))
-}
-
-impl Namespaces<'_> {
-    /// `counted` without a dead namespace's entries, those differing by cookie alone (a dead
-    /// namespace's whose inode is not taken, or whose successor's cookie is not known, beside
-    /// the live one's) summed into one series, sorted by key.
-    fn clients(self, counted: Vec<ClientStats>) -> ClientReading {
-        let mut merged: BTreeMap<ClientKey, ClientStats> = BTreeMap::new();
-        let mut dead = Vec::new();
-        for mut c in counted {
-            if !self.owns(c.netns(), c.key.netns_cookie, u64::MAX) {
-                dead.push((c.key, self.0[&c.netns()]));
-                continue;
-            }
-            c.key.netns_cookie = 0;
-            match merged.get_mut(&c.key) {
-                Some(sum) => sum.add(&c),
-                None => {
-                    merged.insert(c.key, c);
-                }
-            }
-        }
-        ClientReading {
-            rows: merged.into_values().collect(),
-            dead,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -233,9 +233,10 @@ mod tests {
         assert_eq!(reading.rows, vec![entry(7, 0, 1), entry(8, 0, 5)]);
         assert_eq!(reading.dead, vec![(entry(7, 100, 5).key, 0x1_0000_00c8)]);
         // The port-search maps keep the cookie's low half above the inode.
-        assert_eq!(live.port_search(7 | 0xc8 << 32), Some(7));
-        assert_eq!(live.port_search(7 | 100 << 32), None);
-        assert_eq!(live.port_search(7), Some(7));
-        assert_eq!(live.port_search(8 | 300 << 32), Some(8));
+        let netns = PortSearchSlot::netns;
+        assert_eq!(live.port_search(netns(7, 0xc8)), Some(7));
+        assert_eq!(live.port_search(netns(7, 100)), None);
+        assert_eq!(live.port_search(netns(7, 0)), Some(7));
+        assert_eq!(live.port_search(netns(8, 300)), Some(8));
     }
 }

@@ -706,7 +706,8 @@ fn destinations_past_the_series_cap_fold_into_other() {
     assert_eq!(failures(&q, &ns, 7401, "refused"), None);
 }
 
-/// Whether the kernel tells `ns`'s cookie (`SO_NETNS_COOKIE`, 5.14+).
+/// Whether the kernel tells `ns`'s cookie (`SO_NETNS_COOKIE`, 5.14+), as the daemon asks it
+/// (`host::netns::cookie`, which a test cannot import from the binary).
 fn cookie_told(ns: &Netns) -> bool {
     ns.run(|| {
         let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -717,7 +718,7 @@ fn cookie_told(ns: &Netns) -> bool {
             libc::getsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(&s),
                 libc::SOL_SOCKET,
-                71, // SO_NETNS_COOKIE
+                libc::SO_NETNS_COOKIE,
                 (&raw mut cookie).cast(),
                 &mut len,
             ) == 0
@@ -781,6 +782,12 @@ fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
 /// The namespace cookies in `q`'s client map of the entries for namespace `inode` and
 /// destination port `port` (bpftool's dump of the daemon's own `QT_CLIENTS`).
 fn client_entry_cookies(q: &Qtrace, inode: u32, port: u16) -> Vec<u64> {
+    use qtrace_common::ClientKey;
+    use std::mem::offset_of;
+    // The N bytes of a key's field at `at`, host byte order as the kernel wrote them.
+    fn field<const N: usize>(key: &[u8], at: usize) -> [u8; N] {
+        key[at..at + N].try_into().unwrap()
+    }
     let ids: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fdinfo", q.pid()))
         .unwrap()
         .filter_map(|f| std::fs::read_to_string(f.ok()?.path()).ok())
@@ -818,9 +825,11 @@ fn client_entry_cookies(q: &Qtrace, inode: u32, port: u16) -> Vec<u64> {
                 .map(byte)
                 .collect::<Vec<u8>>()
         })
-        // ClientKey: netns at 0, dport at 42, netns_cookie at 48, host byte order.
-        .filter(|k| k[0..4] == inode.to_ne_bytes() && k[42..44] == port.to_ne_bytes())
-        .map(|k| u64::from_ne_bytes(k[48..56].try_into().unwrap()))
+        .filter(|k| {
+            field(k, offset_of!(ClientKey, netns)) == inode.to_ne_bytes()
+                && field(k, offset_of!(ClientKey, dport)) == port.to_ne_bytes()
+        })
+        .map(|k| u64::from_ne_bytes(field(&k, offset_of!(ClientKey, netns_cookie))))
         .collect()
 }
 
