@@ -245,6 +245,11 @@ pub enum Line {
     Gap {
         missed: u64,
     },
+    /// This many of the events a reader asked for with `since_ns` are no longer kept (the
+    /// daemon keeps its last 4,096): first, before the ones that are.
+    Trimmed {
+        missed: u64,
+    },
 }
 
 /// A listener's counters by their [`Counter::name`]: `None` (JSON `null`) for what no
@@ -557,6 +562,8 @@ mod tests {
     fn gaps_and_ready_lines_have_their_type() {
         let gap = serde_json::to_string(&Line::Gap { missed: 7 }).unwrap();
         assert_eq!(gap, r#"{"type":"gap","missed":7}"#);
+        let trimmed = serde_json::to_string(&Line::Trimmed { missed: 7 }).unwrap();
+        assert_eq!(trimmed, r#"{"type":"trimmed","missed":7}"#);
         let ready = Ready {
             listen: "127.0.0.1:9860".parse().unwrap(),
             probes: vec![],

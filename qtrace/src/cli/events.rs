@@ -186,15 +186,13 @@ impl Output {
         Ok(())
     }
 
-    fn gap(&mut self, missed: u64) -> Result<()> {
+    /// A line that says events are missing, as JSON `line` or as `text`.
+    fn missing(&mut self, line: &Line, text: &str) -> Result<()> {
         if self.json {
-            serde_json::to_writer(&mut self.buf, &Line::Gap { missed })?;
+            serde_json::to_writer(&mut self.buf, line)?;
             writeln!(self.buf)?;
         } else {
-            writeln!(
-                self.buf,
-                "-- {missed} events missed: this reader fell behind --"
-            )?;
+            writeln!(self.buf, "-- {text} --")?;
         }
         Ok(())
     }
@@ -250,7 +248,18 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
         match parsed.context("a line from the daemon")? {
             Line::Event(r) if opts.filter.admits(&r) => out.record(&r)?,
             Line::Event(_) => {}
-            Line::Gap { missed } => out.gap(missed)?,
+            Line::Gap { missed } => out.missing(
+                &Line::Gap { missed },
+                &format!("{missed} events missed: this reader fell behind"),
+            )?,
+            Line::Trimmed { missed } => out.missing(
+                &Line::Trimmed { missed },
+                &format!(
+                    "{missed} earlier events of --since are no longer kept: the daemon keeps \
+                     its last {}",
+                    crate::daemon::events_socket::HISTORY
+                ),
+            )?,
         }
         // Written when no more lines are waiting: at once when events come one by one.
         if rx.is_empty() {

@@ -4,8 +4,9 @@
 //! event gets its listener's owner from the daemon's [`State`] (never from HTTP).
 //!
 //! Protocol: the client writes one JSON line, `{"request":"events","since_ns":N}` or
-//! `{"request":"listeners"}`; the daemon answers with JSON lines (events, and `{"type":"gap",
-//! "missed":N}` where a slow reader lost some) or one snapshot line.
+//! `{"request":"listeners"}`; the daemon answers with JSON lines (events, `{"type":"gap",
+//! "missed":N}` where a slow reader lost some, and first, for `since_ns`, `{"type":"trimmed",
+//! "missed":N}` when N of the events it asked for are no longer kept) or one snapshot line.
 
 use std::{
     collections::VecDeque,
@@ -27,7 +28,10 @@ use crate::{
 };
 
 /// Events kept for `--since`.
-const HISTORY: usize = 4096;
+pub const HISTORY: usize = 4096;
+/// Timestamps of events trimmed from the history kept, to tell a `--since` reader how many of
+/// the events it asked for are gone: 512 KiB at most.
+const TRIMMED_KEPT: usize = 16 * HISTORY;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
 
@@ -49,13 +53,84 @@ impl Published {
     }
 }
 
-/// A new reader's past events and its live queue.
-type Subscription = (Vec<Arc<Published>>, broadcast::Receiver<Arc<Published>>);
+/// A new reader's past events, how many more of those it asked for were trimmed, and its
+/// live queue.
+type Subscription = (
+    Vec<Arc<Published>>,
+    u64,
+    broadcast::Receiver<Arc<Published>>,
+);
+
+/// The last [`HISTORY`] events, and the times of those trimmed before them.
+#[derive(Default)]
+struct History {
+    events: VecDeque<Arc<Published>>,
+    trimmed: Trimmed,
+}
+
+impl History {
+    fn push(&mut self, event: Arc<Published>) {
+        if self.events.len() == HISTORY {
+            if let Some(old) = self.events.pop_front() {
+                self.trimmed.push(old.event.ts_ns);
+            }
+        }
+        self.events.push_back(event);
+    }
+
+    /// The events kept since `since_ns` (none for 0: live only), and how many more since then
+    /// were trimmed.
+    fn since(&self, since_ns: u64) -> (Vec<Arc<Published>>, u64) {
+        if since_ns == 0 {
+            return (Vec::new(), 0);
+        }
+        let kept = self
+            .events
+            .iter()
+            .filter(|r| r.event.ts_ns >= since_ns)
+            .cloned()
+            .collect();
+        (kept, self.trimmed.since(since_ns))
+    }
+}
+
+/// When the events trimmed from the history happened: the last [`TRIMMED_KEPT`] exactly, the
+/// ones before them as a count and the newest time among them.
+#[derive(Default)]
+struct Trimmed {
+    recent: VecDeque<u64>,
+    older: u64,
+    older_newest_ns: u64,
+}
+
+impl Trimmed {
+    fn push(&mut self, ts_ns: u64) {
+        if self.recent.len() == TRIMMED_KEPT {
+            if let Some(old) = self.recent.pop_front() {
+                self.older += 1;
+                self.older_newest_ns = self.older_newest_ns.max(old);
+            }
+        }
+        self.recent.push_back(ts_ns);
+    }
+
+    /// How many trimmed events happened at or after `since_ns`: exact among the last
+    /// [`TRIMMED_KEPT`]; the ones before them count whole once any of them may be that recent.
+    fn since(&self, since_ns: u64) -> u64 {
+        let recent = self.recent.iter().filter(|&&t| t >= since_ns).count() as u64;
+        let older = if self.older > 0 && since_ns <= self.older_newest_ns {
+            self.older
+        } else {
+            0
+        };
+        recent + older
+    }
+}
 
 /// Where events go: every reader's queue and the `--since` history.
 pub struct Hub {
     live: broadcast::Sender<Arc<Published>>,
-    history: Mutex<VecDeque<Arc<Published>>>,
+    history: Mutex<History>,
     state: Arc<State>,
 }
 
@@ -64,7 +139,7 @@ impl Hub {
     pub fn new(per_reader: usize, state: Arc<State>) -> Arc<Self> {
         Arc::new(Self {
             live: broadcast::channel(per_reader).0,
-            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            history: Mutex::new(History::default()),
             state,
         })
     }
@@ -81,10 +156,7 @@ impl Hub {
             line: OnceLock::new(),
         });
         let mut history = crate::recover::lock(&self.history);
-        if history.len() == HISTORY {
-            history.pop_front();
-        }
-        history.push_back(record.clone());
+        history.push(record.clone());
         let _ = self.live.send(record.clone()); // no reader is fine
         record
     }
@@ -94,12 +166,8 @@ impl Hub {
     fn subscribe(&self, since_ns: u64) -> Subscription {
         let history = crate::recover::lock(&self.history);
         let rx = self.live.subscribe();
-        let past = history
-            .iter()
-            .filter(|r| since_ns > 0 && r.event.ts_ns >= since_ns)
-            .cloned()
-            .collect();
-        (past, rx)
+        let (past, trimmed) = history.since(since_ns);
+        (past, trimmed, rx)
     }
 }
 
@@ -188,8 +256,12 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
         }
         Request::Events { since_ns } => since_ns,
     };
-    let (past, mut live) = hub.subscribe(since_ns);
+    let (past, trimmed, mut live) = hub.subscribe(since_ns);
     let mut text = String::new();
+    if trimmed > 0 {
+        text = serde_json::to_string(&Line::Trimmed { missed: trimmed }).expect("plain data");
+        text.push('\n');
+    }
     for r in past {
         text.push_str(r.line());
     }
@@ -280,4 +352,50 @@ pub fn listeners_snapshot(socket: &Path) -> Result<Listeners> {
     let mut line = String::new();
     std::io::BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).context("the daemon's listener snapshot")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published(ts_ns: u64) -> Arc<Published> {
+        let line = format!(
+            r#"{{"type":"event","time":"t","ts_ns":{ts_ns},"kind":"connect_refused","netns":1,
+            "family":"ipv4","laddr":"127.0.0.1","lport":1,"acceptq_len":0,"acceptq_max":0,
+            "synq_len":0,"synq_max":0}}"#
+        );
+        Arc::new(Published {
+            event: serde_json::from_str(&line).unwrap(),
+            line: OnceLock::new(),
+        })
+    }
+
+    #[test]
+    fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
+        let mut h = History::default();
+        for ts in 1..=HISTORY as u64 + 100 {
+            h.push(published(ts));
+        }
+        // Events 1..=100 were trimmed: asked from 51, it gets what is kept and 50 missing.
+        let (kept, trimmed) = h.since(51);
+        assert_eq!((kept.len(), trimmed), (HISTORY, 50));
+        assert_eq!(kept[0].event.ts_ns, 101);
+        // Asked from after the trimmed ones, nothing is missing; live only asks for nothing.
+        assert_eq!(h.since(101).1, 0);
+        let (kept, trimmed) = h.since(0);
+        assert!(kept.is_empty() && trimmed == 0);
+    }
+
+    #[test]
+    fn trimmed_times_past_their_bound_count_whole() {
+        let mut t = Trimmed::default();
+        for ts in 1..=TRIMMED_KEPT as u64 + 10 {
+            t.push(ts);
+        }
+        assert_eq!(t.recent.len(), TRIMMED_KEPT);
+        // The 10 oldest are a count: whole once the request reaches back to any of them.
+        assert_eq!(t.since(11), TRIMMED_KEPT as u64);
+        assert_eq!(t.since(5), TRIMMED_KEPT as u64 + 10);
+        assert_eq!(t.since(TRIMMED_KEPT as u64 + 10), 1);
+    }
 }
