@@ -135,17 +135,25 @@ pub(super) enum Config {
     QtraceFentryNoAccept,
     /// bpftrace's tcpsynbl.bt and tcpaccept.bt (Debian's bpftrace), side by side.
     Bpftrace,
+    /// Programs that do nothing, at the hooks qtrace's listener side takes at the fentry tier
+    /// (bpftrace): what those hooks cost before any program does any work, the floor under
+    /// `QtraceFentryNoClient`.
+    HooksFentry,
+    /// The same at the kprobe tier's hooks.
+    HooksKprobe,
 }
 
 pub(super) const HOST_CONFIGS: [Config; 3] =
     [Config::NoTracer, Config::Qtrace, Config::QtraceNoClient];
-pub(super) const GUEST_CONFIGS: [Config; 6] = [
+pub(super) const GUEST_CONFIGS: [Config; 8] = [
     Config::NoTracer,
     Config::QtraceFentry,
     Config::QtraceKprobe,
     Config::QtraceFentryNoClient,
     Config::QtraceFentryNoAccept,
     Config::Bpftrace,
+    Config::HooksFentry,
+    Config::HooksKprobe,
 ];
 /// 1c's: a real server's rounds are long, so only the default tiers and the peer.
 pub(super) const NGINX_CONFIGS: [Config; 4] = [
@@ -155,7 +163,7 @@ pub(super) const NGINX_CONFIGS: [Config; 4] = [
     Config::Bpftrace,
 ];
 /// Every configuration, to name one from a guest's result line.
-pub(super) const ALL_CONFIGS: [Config; 8] = [
+pub(super) const ALL_CONFIGS: [Config; 10] = [
     Config::NoTracer,
     Config::Qtrace,
     Config::QtraceFentry,
@@ -164,12 +172,37 @@ pub(super) const ALL_CONFIGS: [Config; 8] = [
     Config::QtraceFentryNoClient,
     Config::QtraceFentryNoAccept,
     Config::Bpftrace,
+    Config::HooksFentry,
+    Config::HooksKprobe,
 ];
 
 /// `--probes` value that leaves the client side's probes off.
 const NO_CLIENT: &str = "--probes=-client,-port_search";
 
 pub(super) const BPFTRACE_TOOLS: [&str; 2] = ["/usr/sbin/tcpsynbl.bt", "/usr/sbin/tcpaccept.bt"];
+
+/// The functions qtrace's listener side hooks for every connection (SYN, final ACK, accept;
+/// IPv4), each at its entry and return as the kprobe tier takes them; the fentry tier takes
+/// no entry of `inet_csk_accept`.
+const LISTENER_HOOKS: [&str; 3] = [
+    "tcp_conn_request",
+    "tcp_v4_syn_recv_sock",
+    "inet_csk_accept",
+];
+
+/// A bpftrace script of empty probes at [`LISTENER_HOOKS`]: `entry` and `ret` are bpftrace's
+/// probe types for a function's entry and return (bpftrace 0.17 has `kfunc`/`kretfunc` for
+/// fentry/fexit).
+fn empty_probes(entry: &str, ret: &str, fentry: bool) -> String {
+    let mut s = String::from("BEGIN { printf(\"Tracing\\n\"); }\n");
+    for f in LISTENER_HOOKS {
+        if !(fentry && f == "inet_csk_accept") {
+            s += &format!("{entry}:{f} {{ }}\n");
+        }
+        s += &format!("{ret}:{f} {{ }}\n");
+    }
+    s
+}
 
 impl Config {
     pub(super) fn name(self) -> &'static str {
@@ -182,7 +215,17 @@ impl Config {
             Self::QtraceFentryNoClient => "qtrace, fentry tier, without the client probes",
             Self::QtraceFentryNoAccept => "qtrace, fentry tier, --probes=-accept",
             Self::Bpftrace => "bpftrace tcpsynbl.bt + tcpaccept.bt",
+            Self::HooksFentry => "empty programs at the listener side's fentry-tier hooks",
+            Self::HooksKprobe => "empty programs at the listener side's kprobe-tier hooks",
         }
+    }
+
+    /// Whether this configuration runs qtrace.
+    fn is_qtrace(self) -> bool {
+        !matches!(
+            self,
+            Self::NoTracer | Self::Bpftrace | Self::HooksFentry | Self::HooksKprobe
+        )
     }
 
     /// The target the issues set for this configuration's ratio to no tracer, marked met or
@@ -193,6 +236,12 @@ impl Config {
         };
         let mark = |met: bool| if met { "met" } else { "missed" };
         let at_least = |target: f64| format!("≥ {target:.2}: {}", mark(ratio >= target));
+        let floor = |target: f64| {
+            format!(
+                "floor: the tier's ≥ {target:.2} leaves {:.1} points for every program and the client side's hooks",
+                (ratio - target) * 100.0
+            )
+        };
         // Against the same tiers with the client probes on.
         let within_of = |with_client: Self| match ratios.get(&with_client) {
             Some(with) => format!(
@@ -210,11 +259,14 @@ impl Config {
             Self::Bpftrace => {
                 let qtrace = ratios
                     .iter()
-                    .filter(|(c, _)| !matches!(c, Self::NoTracer | Self::Bpftrace))
+                    .filter(|(c, _)| c.is_qtrace())
                     .map(|(_, r)| *r);
                 let least = qtrace.fold(f64::INFINITY, f64::min);
                 format!("peer: qtrace must lose less: {}", mark(least > ratio))
             }
+            // The hooks alone: whether the tier's target is within reach of any programs there.
+            Self::HooksFentry => floor(0.98),
+            Self::HooksKprobe => floor(0.95),
             Self::NoTracer | Self::Qtrace | Self::QtraceFentryNoAccept => String::new(),
         }
     }
@@ -234,7 +286,17 @@ impl Config {
                 qtrace,
                 &["--attach", "fentry", "--probes=-accept"],
             )?),
-            Self::Bpftrace => Running::Bpftrace(start_bpftrace(&BPFTRACE_TOOLS)?),
+            Self::Bpftrace => Running::Bpftrace(start_bpftrace(
+                &BPFTRACE_TOOLS.map(|tool| vec![tool.to_string()]),
+            )?),
+            Self::HooksFentry => Running::Bpftrace(start_bpftrace(&[vec![
+                "-e".to_string(),
+                empty_probes("kfunc", "kretfunc", true),
+            ]])?),
+            Self::HooksKprobe => Running::Bpftrace(start_bpftrace(&[vec![
+                "-e".to_string(),
+                empty_probes("kprobe", "kretprobe", false),
+            ]])?),
         })
     }
 }
@@ -255,13 +317,15 @@ impl Drop for Interrupted {
     }
 }
 
-/// Starts bpftrace on each tool at once (its start-up compiles the script and reads the
-/// kernel's BTF: slow under emulation) and waits until each has attached (BEGIN has printed).
-pub(super) fn start_bpftrace(tools: &[&str]) -> Result<Vec<Interrupted>> {
+/// Starts bpftrace on each tool (its arguments: a script's path, or `-e` and a script) at
+/// once (its start-up compiles the script and reads the kernel's BTF: slow under emulation)
+/// and waits until each has attached (its BEGIN has printed "Tracing").
+pub(super) fn start_bpftrace(tools: &[Vec<String>]) -> Result<Vec<Interrupted>> {
     let mut children = Vec::new();
     for tool in tools {
         let child = Command::new("bpftrace")
-            .args(["-B", "line", tool])
+            .args(["-B", "line"])
+            .args(tool)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -274,7 +338,7 @@ pub(super) fn start_bpftrace(tools: &[&str]) -> Result<Vec<Interrupted>> {
         while !line.starts_with("Tracing") {
             line.clear();
             if out.read_line(&mut line)? == 0 {
-                bail!("bpftrace {tool} exited before tracing");
+                bail!("bpftrace {} exited before tracing", tool.join(" "));
             }
         }
         // Its per-event output goes on being read, as a terminal would.
@@ -458,6 +522,9 @@ mod tests {
             (Config::QtraceKprobe, 940.0),
             (Config::QtraceFentryNoClient, 990.0),
             (Config::Bpftrace, 760.0),
+            // Floors below the peer: not qtrace, so not what the peer is compared with.
+            (Config::HooksFentry, 700.0),
+            (Config::HooksKprobe, 600.0),
         ] {
             churn.add(c, true, cps, Vec::new());
         }
@@ -467,6 +534,8 @@ mod tests {
             Config::QtraceKprobe,
             Config::QtraceFentryNoClient,
             Config::Bpftrace,
+            Config::HooksFentry,
+            Config::HooksKprobe,
         ];
         let s = churn.rates(&configs).unwrap();
         for row in [
@@ -474,6 +543,8 @@ mod tests {
             "| qtrace, forced to kprobes | 940 / 940 / 940 | 0.940 | ≥ 0.95: missed |",
             "| 0.990 | with the client probes: within 0.01 of this: met (0.5 points) |",
             "| 0.760 | peer: qtrace must lose less: met |",
+            "| 0.700 | floor: the tier's ≥ 0.98 leaves -28.0 points for every program and the client side's hooks |",
+            "| 0.600 | floor: the tier's ≥ 0.95 leaves -35.0 points for every program and the client side's hooks |",
         ] {
             assert!(s.contains(row), "{row} in\n{s}");
         }
