@@ -788,32 +788,8 @@ fn client_entry_cookies(q: &Qtrace, inode: u32, port: u16) -> Vec<u64> {
     fn field<const N: usize>(key: &[u8], at: usize) -> [u8; N] {
         key[at..at + N].try_into().unwrap()
     }
-    let ids: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fdinfo", q.pid()))
-        .unwrap()
-        .filter_map(|f| std::fs::read_to_string(f.ok()?.path()).ok())
-        .filter_map(|info| {
-            let line = info.lines().find(|l| l.starts_with("map_id:"))?;
-            line["map_id:".len()..].trim().parse().ok()
-        })
-        .collect();
-    let json = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new("bpftool")
-            .arg("-j")
-            .args(args)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let maps = json(&["map", "show"]);
-    let id = maps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "QT_CLIENTS" && ids.contains(&m["id"].as_u64().unwrap()))
-        .expect("the daemon's client map")["id"]
-        .to_string();
     let byte = |v: &serde_json::Value| u8::from_str_radix(&v.as_str().unwrap()[2..], 16).unwrap();
-    json(&["map", "dump", "id", &id])
+    crate::common::daemon_map_dump(q, "QT_CLIENTS")
         .as_array()
         .unwrap()
         .iter()

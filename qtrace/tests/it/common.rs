@@ -688,3 +688,33 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_ephemeral_ports_available",
     "qtrace_ephemeral_ports_in_use",
 ];
+
+/// bpftool's JSON dump of the daemon `q`'s own map `name` (found among the maps its file
+/// descriptors hold). Keys and values are arrays of "0x.." byte strings.
+pub fn daemon_map_dump(q: &Qtrace, name: &str) -> Value {
+    let ids: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fdinfo", q.pid()))
+        .unwrap()
+        .filter_map(|f| std::fs::read_to_string(f.ok()?.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("map_id:"))?;
+            line["map_id:".len()..].trim().parse().ok()
+        })
+        .collect();
+    let json = |args: &[&str]| -> Value {
+        let out = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let maps = json(&["map", "show"]);
+    let id = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name && ids.contains(&m["id"].as_u64().unwrap()))
+        .unwrap_or_else(|| panic!("the daemon's map {name}"))["id"]
+        .to_string();
+    json(&["map", "dump", "id", &id])
+}

@@ -383,3 +383,44 @@ fn connect_and_close(port: u16, how_long: Duration) -> u64 {
     }
     n
 }
+
+/// Each CPU finds its offset into the per-CPU areas once and keeps it (`mib.rs`): the
+/// counters read around each SYN and final ACK then cost one read through the helper, not
+/// three. (bpftool's dump of the daemon's `QT_CPU`: per CPU, the offset, then the scratch
+/// word every run writes.)
+#[test]
+fn each_cpu_keeps_its_per_cpu_offset() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    if !matches!(q.tier("syn").as_deref(), Some("fentry" | "kprobe")) {
+        return; // nothing reads this CPU's counters at the tracepoint tier
+    }
+    let ns = Netns::new();
+    let (_server, port) = listener(&ns, "127.0.0.1", 128);
+    drop(connect(&ns, "127.0.0.1", port, 50));
+    let word = |bytes: &[Value], at: usize| {
+        let b: Vec<u8> = bytes[at..at + 8]
+            .iter()
+            .map(|v| u8::from_str_radix(&v.as_str().unwrap()[2..], 16).unwrap())
+            .collect();
+        u64::from_ne_bytes(b.try_into().unwrap())
+    };
+    let dump = crate::common::daemon_map_dump(&q, "QT_CPU");
+    let cpus = dump[0]["values"]
+        .as_array()
+        .expect("per-CPU values")
+        .clone();
+    let ran: Vec<(u64, u64)> = cpus
+        .iter()
+        .map(|c| {
+            let v = c["value"].as_array().unwrap();
+            (word(v, 0), word(v, 8))
+        })
+        .filter(|&(_, scratch)| scratch != 0)
+        .collect();
+    assert!(!ran.is_empty(), "no CPU read its counters: {dump}");
+    assert!(
+        ran.iter().all(|&(offset, _)| offset != 0),
+        "a CPU that read its counters kept no offset: {dump}"
+    );
+}

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 use crate::run;
 
-/// Matrix label, Debian suite. A new suite is one line here.
+/// Matrix label, Debian suite: the suite's cloud kernel. A new suite is one line here.
 pub const SUITES: [(&str, &str); 4] = [
     ("5.10", "bullseye"),
     ("6.1", "bookworm"),
@@ -20,6 +20,13 @@ pub const SUITES: [(&str, &str); 4] = [
     // Unstable: the newest kernel Debian builds (7.x in late 2026); its label stays while
     // its version moves.
     ("sid", "sid"),
+];
+
+/// Kernels of other flavours, by label: the suite and the package their kernel is reached
+/// from. Not in `all`: asked for by label (`--kernel 6.12-rt`).
+pub const FLAVOURS: [(&str, &str, &str); 1] = [
+    // PREEMPT_RT: softirqs run in threads and BPF programs can be preempted on their CPU.
+    ("6.12-rt", "trixie", "linux-image-rt-amd64"),
 ];
 
 /// Suites that have no `-updates` or `-security` companions.
@@ -114,15 +121,24 @@ fn fresh(path: &Path, max_age: Duration) -> bool {
         .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < max_age)
 }
 
-/// The current cloud kernel of the Debian suite whose matrix label is `label` (see `SUITES`).
+/// The current kernel whose matrix label is `label`: a suite's cloud kernel (see `SUITES`)
+/// or another flavour's (`FLAVOURS`).
 pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
-    let (_, suite) = SUITES.iter().find(|(l, _)| *l == label).with_context(|| {
-        let labels: Vec<&str> = SUITES.iter().map(|(l, _)| *l).collect();
-        format!(
-            "unknown kernel {label}: use {}, native or all",
-            labels.join(", ")
-        )
-    })?;
+    let suites = SUITES.iter().map(|&(l, suite)| (l, suite, META));
+    let (_, suite, meta) = suites
+        .chain(FLAVOURS)
+        .find(|(l, _, _)| *l == label)
+        .with_context(|| {
+            let labels: Vec<&str> = SUITES
+                .iter()
+                .map(|(l, _)| *l)
+                .chain(FLAVOURS.iter().map(|(l, _, _)| *l))
+                .collect();
+            format!(
+                "unknown kernel {label}: use {}, native or all",
+                labels.join(", ")
+            )
+        })?;
     let apt = cache.join("apt").join(suite);
     private_sources(&apt, suite)?;
     let stamp = apt.join("updated");
@@ -135,15 +151,21 @@ pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
     }
     let version = Command::new("apt-cache")
         .args(apt_options(&apt))
-        .args(["show", "--no-all-versions", META])
+        .args(["show", "--no-all-versions", meta])
         .output()?;
     let version = String::from_utf8_lossy(&version.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("Version: ").map(str::to_string))
-        .with_context(|| format!("{suite} has no {META}"))?;
-    let root = cache.join("kernels").join(format!("{suite}_{version}"));
+        .with_context(|| format!("{suite} has no {meta}"))?;
+    // A flavour's version is its suite's cloud kernel's: the package names them apart.
+    let name = if meta == META {
+        format!("{suite}_{version}")
+    } else {
+        format!("{suite}_{meta}_{version}")
+    };
+    let root = cache.join("kernels").join(name);
     if !root.join(".done").exists() {
-        let packages = kernel_packages(&apt)?;
+        let packages = kernel_packages(&apt, meta)?;
         eprintln!("vm-test: downloading {}", packages.join(" "));
         let debs = cache.join("debs").join(suite);
         let _ = fs::remove_dir_all(&debs);
@@ -203,11 +225,11 @@ pub fn fetch(cache: &Path, label: &str) -> Result<Kernel> {
     })
 }
 
-/// The packages that make up the suite's cloud kernel: the `linux-*` packages reachable from
-/// `META` by `Depends` (the kernel image, and since 7.x its separate binary and modules
-/// packages), whichever of them holds the vmlinuz.
-fn kernel_packages(apt: &Path) -> Result<Vec<String>> {
-    let mut seen = vec![META.to_string()];
+/// The packages that make up a kernel: the `linux-*` packages reachable from `meta` by
+/// `Depends` (the kernel image, and since 7.x its separate binary and modules packages),
+/// whichever of them holds the vmlinuz.
+fn kernel_packages(apt: &Path, meta: &str) -> Result<Vec<String>> {
+    let mut seen = vec![meta.to_string()];
     let mut next = 0;
     while let Some(package) = seen.get(next).cloned() {
         next += 1;
@@ -339,8 +361,15 @@ pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String
             })
             .with_context(|| format!("module {name} not in the kernel package"))?;
         let ko = decompress_module(file)?;
-        for dep in modinfo_depends(&ko) {
+        for dep in modinfo_list(&ko, "depends=") {
             visit(&dep, files, builtin, order)?;
+        }
+        // What the module needs at its init without linking to it: libcrc32c asks the crypto
+        // API for "crc32c", built into the cloud kernels, a module in the others.
+        for soft in soft_pre_deps(&ko) {
+            if let Some(provider) = provider_of(&soft, files)? {
+                visit(&provider, files, builtin, order)?;
+            }
         }
         order.push((canon, ko));
         Ok(())
@@ -374,13 +403,12 @@ fn decompress_module(path: &Path) -> Result<Vec<u8>> {
     Ok(ko)
 }
 
-/// The `depends=` entry of a module's .modinfo section (NUL-separated key=value strings).
-fn modinfo_depends(ko: &[u8]) -> Vec<String> {
-    ko.split(|b| *b == 0)
-        .find_map(|s| s.strip_prefix(b"depends="))
+/// The comma-separated list of a module's .modinfo `key` (`depends=`; NUL-separated
+/// key=value strings).
+fn modinfo_list(ko: &[u8], key: &str) -> Vec<String> {
+    modinfo(ko, key)
         .map(|d| {
-            String::from_utf8_lossy(d)
-                .split(',')
+            d.split(',')
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
                 .collect()
@@ -388,9 +416,70 @@ fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Every value of a module's .modinfo `key`.
+fn modinfo_all<'a>(ko: &'a [u8], key: &'a str) -> impl Iterator<Item = String> + 'a {
+    ko.split(|b| *b == 0)
+        .filter_map(move |s| s.strip_prefix(key.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn modinfo(ko: &[u8], key: &str) -> Option<String> {
+    modinfo_all(ko, key).next()
+}
+
+/// The `pre:` names of a module's `softdep=` (`pre: a b post: c`): modules or aliases.
+fn soft_pre_deps(ko: &[u8]) -> Vec<String> {
+    let Some(soft) = modinfo(ko, "softdep=") else {
+        return Vec::new();
+    };
+    let mut pre = false;
+    let mut out = Vec::new();
+    for word in soft.split_whitespace() {
+        match word {
+            "pre:" => pre = true,
+            "post:" => pre = false,
+            name if pre => out.push(name.to_string()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The module a soft dependency `name` stands for: the module of that name, else one under a
+/// `crypto` directory that has it as an alias (a generic implementation first: it loads on
+/// any CPU the emulator gives); None when there is none.
+fn provider_of(name: &str, files: &[PathBuf]) -> Result<Option<String>> {
+    let stem = |p: &PathBuf| {
+        let f = p.file_name().unwrap().to_string_lossy().into_owned();
+        f.split(".ko").next().unwrap_or_default().replace('-', "_")
+    };
+    let canon = name.replace('-', "_");
+    if files.iter().any(|p| stem(p) == canon) {
+        return Ok(Some(canon));
+    }
+    let mut candidates: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "crypto"))
+        .collect();
+    candidates.sort_by_key(|p| !stem(p).ends_with("_generic"));
+    for p in candidates {
+        if modinfo_all(&decompress_module(p)?, "alias=").any(|a| a == name) {
+            return Ok(Some(stem(p)));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::rewrite_sources;
+    use super::{rewrite_sources, soft_pre_deps};
+
+    #[test]
+    fn soft_dependencies_are_read_before_post() {
+        let ko = b"license=GPL\0softdep=pre: crc32c sha256 post: zstd\0depends=\0";
+        assert_eq!(soft_pre_deps(ko), ["crc32c", "sha256"]);
+        assert!(soft_pre_deps(b"depends=a\0").is_empty());
+    }
 
     const BOOKWORM: &str = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n";
 

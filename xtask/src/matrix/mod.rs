@@ -357,6 +357,16 @@ fn attach_tier(mode: &str) -> &str {
     }
 }
 
+/// How long a guest may take for every suite: 15 minutes (a cloud kernel takes 5 to 10 on
+/// two busy cores), twice that for the other flavours (PREEMPT_RT runs softirqs and
+/// interrupts in threads, slower to emulate: about 17 minutes).
+fn guest_limit(kernel: &str) -> Duration {
+    let flavour = kernels::FLAVOURS
+        .iter()
+        .any(|(label, _, _)| *label == kernel);
+    Duration::from_secs(if flavour { 1800 } else { 900 })
+}
+
 fn run_one(
     kernel: &str,
     mode: &str,
@@ -376,7 +386,7 @@ fn run_one(
                 // which the counting must survive (`queues::syns_on_two_cpus…`).
                 (1024, 2),
                 qemu::Clock::Real,
-                Duration::from_secs(900),
+                guest_limit(kernel),
             )?;
             let problem = if !finished {
                 Some("timed out".to_string())
