@@ -788,19 +788,11 @@ fn client_entry_cookies(q: &Qtrace, inode: u32, port: u16) -> Vec<u64> {
     fn field<const N: usize>(key: &[u8], at: usize) -> [u8; N] {
         key[at..at + N].try_into().unwrap()
     }
-    let byte = |v: &serde_json::Value| u8::from_str_radix(&v.as_str().unwrap()[2..], 16).unwrap();
     crate::common::daemon_map_dump(q, "QT_CLIENTS")
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            e["key"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(byte)
-                .collect::<Vec<u8>>()
-        })
+        .map(|e| crate::common::dump_bytes(&e["key"]))
         .filter(|k| {
             field(k, offset_of!(ClientKey, netns)) == inode.to_ne_bytes()
                 && field(k, offset_of!(ClientKey, dport)) == port.to_ne_bytes()

@@ -689,6 +689,15 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_ephemeral_ports_in_use",
 ];
 
+/// The bytes of a key or value in bpftool's JSON dump (an array of "0x.." strings).
+pub fn dump_bytes(v: &Value) -> Vec<u8> {
+    v.as_array()
+        .expect("an array of bytes")
+        .iter()
+        .map(|b| u8::from_str_radix(&b.as_str().unwrap()[2..], 16).unwrap())
+        .collect()
+}
+
 /// bpftool's JSON dump of the daemon `q`'s own map `name` (found among the maps its file
 /// descriptors hold). Keys and values are arrays of "0x.." byte strings.
 pub fn daemon_map_dump(q: &Qtrace, name: &str) -> Value {

@@ -398,13 +398,7 @@ fn each_cpu_keeps_its_per_cpu_offset() {
     let ns = Netns::new();
     let (_server, port) = listener(&ns, "127.0.0.1", 128);
     drop(connect(&ns, "127.0.0.1", port, 50));
-    let word = |bytes: &[Value], at: usize| {
-        let b: Vec<u8> = bytes[at..at + 8]
-            .iter()
-            .map(|v| u8::from_str_radix(&v.as_str().unwrap()[2..], 16).unwrap())
-            .collect();
-        u64::from_ne_bytes(b.try_into().unwrap())
-    };
+    let word = |bytes: &[u8], at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap());
     let dump = crate::common::daemon_map_dump(&q, "QT_CPU");
     let cpus = dump[0]["values"]
         .as_array()
@@ -413,8 +407,8 @@ fn each_cpu_keeps_its_per_cpu_offset() {
     let ran: Vec<(u64, u64)> = cpus
         .iter()
         .map(|c| {
-            let v = c["value"].as_array().unwrap();
-            (word(v, 0), word(v, 8))
+            let v = crate::common::dump_bytes(&c["value"]);
+            (word(&v, 0), word(&v, 8))
         })
         .filter(|&(_, scratch)| scratch != 0)
         .collect();
