@@ -8,7 +8,7 @@ pub use crate::config::TracerOptions;
 use crate::{
     host::heap,
     kernel::{
-        btf::{KernelBtf, LoadedBtf},
+        btf::KernelBtf,
         counters::KernelCounters,
         probes::{self, ProbeStatus},
         programs::Programs,
@@ -33,7 +33,7 @@ impl Tracer {
     }
 
     /// With the kernel's BTF already loaded (`opts.btf` is not read again).
-    pub fn start_with(opts: &TracerOptions, btf: LoadedBtf) -> Result<Self> {
+    pub fn start_with(opts: &TracerOptions, btf: KernelBtf) -> Result<Self> {
         let (mut ebpf, probes) = load_and_attach(opts, btf)?;
         // The parsed BTF (tens of MB) is gone now, and is never parsed again.
         heap::trim();
@@ -48,11 +48,9 @@ impl Tracer {
     }
 }
 
-fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec<ProbeStatus>)> {
-    let LoadedBtf { bytes, types: kbtf } = loaded;
-    let btf = Btf::parse(&bytes, Endianness::default())
+fn load_and_attach(opts: &TracerOptions, kbtf: KernelBtf) -> Result<(Ebpf, Vec<ProbeStatus>)> {
+    let btf = Btf::parse(kbtf.bytes(), Endianness::default())
         .with_context(|| format!("parse {} for attaching", opts.btf.display()))?;
-    drop(bytes);
     let offsets = kbtf
         .offsets()
         .context("resolve struct offsets from the kernel's BTF")?;
@@ -60,6 +58,9 @@ fn load_and_attach(opts: &TracerOptions, loaded: LoadedBtf) -> Result<(Ebpf, Vec
     let client_offsets = kbtf.client_offsets();
     tracing::debug!(?offsets, ?hooks, "kernel layout from BTF");
     let mut ebpf = EbpfLoader::new()
+        // The BTF qtrace was given (`--btf`), not necessarily sysfs's, which the loader reads
+        // by default.
+        .btf(Some(&btf))
         .override_global(globals::OFFSETS, &offsets, true)
         .override_global(globals::HOOKS, &hooks, true)
         .override_global(globals::EVENT_RATE, &opts.event_rate, true)
