@@ -86,31 +86,42 @@ fn dispatch(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::setup(),
         Task::Test { args } => {
-            setup::setup()?;
-            run(Command::new("cargo")
-                .args(["test", "--workspace", "--exclude", "qtrace-ebpf", "--"])
-                .args(&args))?;
+            let t = std::time::Instant::now();
+            stage("setup", setup::setup)?;
+            stage("unit and integration tests", || {
+                run(Command::new("cargo")
+                    .args(["test", "--workspace", "--exclude", "qtrace-ebpf", "--"])
+                    .args(&args))
+            })?;
             // Hostile clients, bad inputs, fuzzing: a few minutes (see stress.rs).
-            stress::stress(&stress::Options {
-                fuzz_seconds: 20,
-                fuzz_only: false,
-                after_host_tests: true,
+            stage("stress", || {
+                stress::stress(&stress::Options {
+                    fuzz_seconds: 20,
+                    fuzz_only: false,
+                    after_host_tests: true,
+                })
             })?;
             // The benchmark harness works (tiny sizes; no timing is asserted).
-            bench::bench(bench::Options {
-                smoke: true,
-                out: target_dir()?.join("BENCHMARKS.smoke.md"),
-                only: Vec::new(),
-                qtrace: None,
+            stage("benchmark smoke run", || {
+                bench::bench(bench::Options {
+                    smoke: true,
+                    out: target_dir()?.join("BENCHMARKS.smoke.md"),
+                    only: Vec::new(),
+                    qtrace: None,
+                })
             })?;
             // The kernel-facing suites on Debian's kernels in QEMU and natively.
-            matrix::vm_test(matrix::Options {
-                kernel: vec!["all".into()],
-                attach: vec![],
-                filter: args,
+            stage("kernel matrix", || {
+                matrix::vm_test(matrix::Options {
+                    kernel: vec!["all".into()],
+                    attach: vec![],
+                    filter: args.clone(),
+                })
             })?;
             // The artifacts users install, installed as they would.
-            dist::dist_test()
+            stage("dist-test", dist::dist_test)?;
+            eprintln!("xtask: every stage passed in {:.0?}", t.elapsed());
+            Ok(())
         }
         Task::FreshTest { args } => fresh::fresh_test(&args),
         Task::VmTest(opts) => {
@@ -140,6 +151,15 @@ fn dispatch(task: Task) -> Result<()> {
             run(Command::new(build_release()?).args(args))
         }
     }
+}
+
+/// Runs one stage of `cargo xtask test` and says how long it took (CI's time is bounded).
+fn stage(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let t = std::time::Instant::now();
+    let result = f();
+    let outcome = if result.is_ok() { "passed" } else { "FAILED" };
+    eprintln!("xtask: stage {name}: {outcome} in {:.0?}", t.elapsed());
+    result
 }
 
 /// Runs a command inheriting stdio; a non-zero exit is an error naming the command.

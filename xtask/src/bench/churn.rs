@@ -364,9 +364,9 @@ impl Churn {
     /// A warm-up round, then `rounds` rounds of every configuration, interleaved (each round
     /// starting with the next configuration), with BPF statistics off; then one
     /// more of each with kernel.bpf_stats_enabled=1 for the programs' run time (statistics
-    /// cost time of their own, so that round's rate is not used). `each` gets every
-    /// measurement as it comes: (configuration, timed, connections/s, programs named
-    /// `prefix…`).
+    /// cost time of their own, so that round's rate is not used, unless `rounds` is 0). `each`
+    /// gets every measurement as it comes: (configuration, timed, connections/s, programs
+    /// named `prefix…`).
     pub(super) fn run(
         ns: &Netns,
         configs: &[Config],
@@ -376,9 +376,14 @@ impl Churn {
         mut each: impl FnMut(Config, bool, f64, Programs),
     ) -> Result<()> {
         let stats = BpfStats::save()?;
-        // Not counted: a fresh kernel's first connections also grow its slab caches.
-        eprintln!("bench: churn warm-up round");
-        churn_round(ns, round, CLIENTS)?;
+        // No timed rounds (the smoke run, checking the harness): the statistics round's
+        // rates stand in for them, and no warm-up.
+        let smoke = rounds == 0;
+        if !smoke {
+            // Not counted: a fresh kernel's first connections also grow its slab caches.
+            eprintln!("bench: churn warm-up round");
+            churn_round(ns, round, CLIENTS)?;
+        }
         for r in 1..=rounds + 1 {
             eprintln!("bench: churn round {r}/{}", rounds + 1);
             let timed = r <= rounds;
@@ -395,6 +400,9 @@ impl Churn {
                 };
                 drop(running);
                 each(config, timed, cps, programs);
+                if smoke {
+                    each(config, true, cps, Vec::new());
+                }
             }
         }
         Ok(())

@@ -50,6 +50,20 @@ fn guest_churn_rounds(opts: &GuestOptions) -> Result<()> {
     profile_round(&ns, Duration::from_millis(opts.millis), &opts.qtrace)
 }
 
+/// How the guest's rounds ran, for the report.
+pub(super) fn rounds_phrase(z: &Sizes) -> String {
+    match z.guest_rounds {
+        0 => format!(
+            "one round of {:?} per configuration (a smoke run: no warm-up)",
+            z.guest_round
+        ),
+        n => format!(
+            "{n} rounds of {:?} per configuration, interleaved, after a warm-up round",
+            z.guest_round
+        ),
+    }
+}
+
 pub(super) const GUEST_MARKER: &str = "@@QTRACE bench ";
 pub(super) const PROFILE_MARKER: &str = "@@QTRACE profile ";
 
@@ -267,13 +281,12 @@ pub(super) fn guest_churn(qtrace: &Path, z: &Sizes) -> Result<String> {
     let _ = writeln!(
         s,
         "The same churn ({CLIENTS} clients, an accept loop) inside one guest booted from Debian's \
-         kernel: {} rounds of {:?} per configuration, interleaved, after a warm-up round. The \
-         guest's CPU is emulated (TCG, no KVM here) with its clock counting instructions \
+         kernel: {}. The guest's CPU is emulated (TCG, no KVM here) with its clock counting instructions \
          (`-icount shift=0`: one nanosecond per instruction), so its connections/s are \
          connections per 10⁹ guest instructions and the ratios compare instruction counts, \
          repeatable and untouched by the emulator's speed or the host's load. They leave out \
          what costs more than its instructions natively (cache misses, atomics).\n",
-        z.guest_rounds, z.guest_round
+        rounds_phrase(z)
     );
     s += &churn.rates(&GUEST_CONFIGS)?;
     s += "\nBPF programs that ran in one more round of each configuration, with kernel.bpf_stats_enabled=1 \

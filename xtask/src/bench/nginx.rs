@@ -95,8 +95,12 @@ fn wrk_round(round: Duration) -> Result<f64> {
 /// the churn's are, one `@@QTRACE nginx` JSON line per round.
 pub(super) fn guest_rounds(rounds: usize, round: Duration, qtrace: &Path) -> Result<()> {
     let _nginx = start()?;
-    eprintln!("bench: nginx warm-up round");
-    wrk_round(round)?;
+    // 0 (the smoke run): one round, no warm-up.
+    if rounds > 0 {
+        eprintln!("bench: nginx warm-up round");
+        wrk_round(round)?;
+    }
+    let rounds = rounds.max(1);
     for r in 1..=rounds {
         eprintln!("bench: nginx round {r}/{rounds}");
         let order = NGINX_CONFIGS.iter().cycle().skip(r % NGINX_CONFIGS.len());
@@ -145,9 +149,8 @@ pub(super) fn section(console: &str, log: &Path, z: &Sizes) -> Result<String> {
         "Debian's nginx (one worker) answers `GET /` with a 3-byte body (`return 200`) to wrk \
          (one thread, {CONNECTIONS} connections, `Connection: close`: every request on a new \
          connection), in the 1b guest with the same instruction-counting clock, so requests/s \
-         are requests per 10⁹ guest instructions: {} rounds of {:?} per configuration, \
-         interleaved, after a warm-up round.\n",
-        z.guest_rounds, z.guest_round
+         are requests per 10⁹ guest instructions: {}.\n",
+        super::guest::rounds_phrase(z)
     );
     s += "| configuration | requests/s (min / median / max) | ratio to no tracer (median) | target |\n|---|---|---|---|\n";
     for c in NGINX_CONFIGS {
