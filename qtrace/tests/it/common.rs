@@ -157,6 +157,16 @@ impl Netns {
         ));
     }
 
+    /// [`Self::drop_final_acks`] for the clients bound to `sports` only.
+    pub fn drop_final_acks_from(&self, port: u16, sports: &[u16]) {
+        let sports: Vec<_> = sports.iter().map(u16::to_string).collect();
+        self.nft(&format!(
+            "table inet qtrace_test {{\n chain input {{\n type filter hook input priority 0\n \
+             tcp dport {port} tcp sport {{ {} }} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n",
+            sports.join(", ")
+        ));
+    }
+
     pub fn allow_acks(&self) {
         self.nft("delete table inet qtrace_test");
     }
@@ -312,8 +322,9 @@ pub fn overflow_at_syn(ns: &Netns) -> (Socket, u16, u64) {
 }
 
 /// A backlog-1 listener whose final ACKs hit a full accept queue: two handshakes wait on
-/// their final ACK (dropped by nftables) while two more fill the queue; when the held ACKs
-/// come, after the first SYN-ACK retransmit, the kernel drops them. The listener closes as
+/// their final ACK (dropped by nftables, by their clients' ports) while two more fill the
+/// queue; when the held ACKs come, after a SYN-ACK retransmit once the queue is full, the
+/// kernel drops them. The listener closes as
 /// soon as the namespace has counted both, before the next retransmit. With the namespace's
 /// TcpExt counters around it; the clients stay open until the value is dropped.
 pub struct AckOverflow {
@@ -336,12 +347,32 @@ impl AckOverflow {
     pub fn provoke_from(ns: &Netns, listen_ip: &'static str, client_ip: &'static str) -> Self {
         let (server, port) = listener(ns, listen_ip, 1);
         let before = ns.tcp_ext();
-        ns.drop_final_acks(&[port]);
-        let held = connect(ns, client_ip, port, 2);
-        ns.allow_acks();
+        // Only the held clients' ACKs are dropped, so the queue fills before any of theirs
+        // passes, however long this takes: when all ACKs were dropped and let through again
+        // before the filling connects, a loaded machine once took past the held requests'
+        // first SYN-ACK retransmit (1 s), queued the held ones, and the filling connects' SYNs
+        // met a full queue.
+        const HELD: [u16; 2] = [40_001, 40_002];
+        ns.drop_final_acks_from(port, &HELD);
+        let held = ns.run(move || {
+            HELD.into_iter()
+                .map(|sport| {
+                    let addr: SocketAddr =
+                        format!("{}:{port}", bracket(client_ip)).parse().unwrap();
+                    let from: SocketAddr =
+                        format!("{}:{sport}", bracket(client_ip)).parse().unwrap();
+                    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+                    s.bind(&from.into()).unwrap();
+                    s.connect_timeout(&addr.into(), Duration::from_secs(5))
+                        .unwrap();
+                    TcpStream::from(s)
+                })
+                .collect()
+        });
         // backlog 1 holds two children (full means more than the backlog); these complete at once.
         let fill = connect(ns, client_ip, port, 2);
-        ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(10));
+        ns.allow_acks();
+        ns.wait_for(&before, "ListenOverflows", 2, Duration::from_secs(20));
         drop(server);
         let after = ns.tcp_ext();
         // Whether the kernel did its part, so a failure says which side missed it.
