@@ -149,21 +149,24 @@ impl Netns {
     /// Drops every pure ACK (the handshake's last packet) arriving for `ports` in this
     /// namespace, so their listeners keep retransmitting SYN-ACKs. Undone by `allow_acks`.
     pub fn drop_final_acks(&self, ports: &[u16]) {
-        let port: Vec<_> = ports.iter().map(u16::to_string).collect();
-        let port = format!("{{ {} }}", port.join(", "));
-        self.nft(&format!(
-            "table inet qtrace_test {{\n chain input {{\n type filter hook input priority 0\n \
-             tcp dport {port} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n"
-        ));
+        self.drop_final_acks_from(ports, &[]);
     }
 
-    /// [`Self::drop_final_acks`] for the clients bound to `sports` only.
-    pub fn drop_final_acks_from(&self, port: u16, sports: &[u16]) {
-        let sports: Vec<_> = sports.iter().map(u16::to_string).collect();
+    /// [`Self::drop_final_acks`] for the clients bound to `sports` only (all if empty).
+    pub fn drop_final_acks_from(&self, ports: &[u16], sports: &[u16]) {
+        let set = |ports: &[u16]| {
+            let ports: Vec<_> = ports.iter().map(u16::to_string).collect();
+            format!("{{ {} }}", ports.join(", "))
+        };
+        let from = if sports.is_empty() {
+            String::new()
+        } else {
+            format!("tcp sport {} ", set(sports))
+        };
         self.nft(&format!(
             "table inet qtrace_test {{\n chain input {{\n type filter hook input priority 0\n \
-             tcp dport {port} tcp sport {{ {} }} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n",
-            sports.join(", ")
+             tcp dport {} {from}tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n",
+            set(ports)
         ));
     }
 
@@ -353,7 +356,7 @@ impl AckOverflow {
         // first SYN-ACK retransmit (1 s), queued the held ones, and the filling connects' SYNs
         // met a full queue.
         const HELD: [u16; 2] = [40_001, 40_002];
-        ns.drop_final_acks_from(port, &HELD);
+        ns.drop_final_acks_from(&[port], &HELD);
         let held = ns.run(move || {
             HELD.into_iter()
                 .map(|sport| {

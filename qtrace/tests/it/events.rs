@@ -179,6 +179,28 @@ fn head_closes_the_pipe_and_events_exits_cleanly() {
     q.stop(libc::SIGTERM);
 }
 
+/// `n` connects refused in `ns` (nothing listens on port 1): one `connect_refused` event each.
+fn refuse(ns: &Netns, n: u64) {
+    ns.run(move || {
+        for _ in 0..n {
+            std::net::TcpStream::connect(("127.0.0.1", 1)).unwrap_err();
+        }
+    })
+}
+
+/// Refused connects for [`refuse_in_batches`].
+const BATCH: u64 = 500;
+
+/// `batches` batches of [`BATCH`] refused connects, each waited for in `live` (which has
+/// printed one already) before the next, so it is never more than a batch behind; how many.
+fn refuse_in_batches(ns: &Netns, live: &Reader, batches: u64) -> u64 {
+    for b in 1..=batches {
+        refuse(ns, BATCH);
+        live.wait_for("connect_refused", 1 + b * BATCH);
+    }
+    batches * BATCH
+}
+
 /// One reader stops reading: the daemon keeps serving and counting, another reader misses
 /// nothing, and the stuck one is told how many events it lost when it reads again.
 #[test]
@@ -199,22 +221,10 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         .write_all(b"{\"request\":\"events\",\"since_ns\":1}\n")
         .unwrap();
     let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
-    let refuse = |n: u64| {
-        ns.run(move || {
-            for _ in 0..n {
-                std::net::TcpStream::connect(("127.0.0.1", 1)).unwrap_err();
-            }
-        })
-    };
     // Once the reader prints one, it is subscribed: the batches reach it live.
-    refuse(1);
+    refuse(&ns, 1);
     live.wait_for("connect_refused", 1);
-    const BATCH: u64 = 500;
-    const SENT: u64 = 1 + 14 * BATCH;
-    for sent in (1 + BATCH..=SENT).step_by(BATCH as usize) {
-        refuse(BATCH);
-        live.wait_for("connect_refused", sent);
-    }
+    let sent = 1 + refuse_in_batches(&ns, &live, 14);
     let (status, _) = http_get(&q.web(), "/healthz", None);
     assert_eq!(status, 200, "daemon still serving");
     let live_out = live.stop();
@@ -226,7 +236,7 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     );
     assert_eq!(
         live_out.matches("\"connect_refused\"").count() as u64,
-        SENT,
+        sent,
         "every refused connect, once"
     );
 
@@ -249,17 +259,11 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
 #[test]
 fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
     require_root();
-    let q = Qtrace::start(&["--event-rate", "100000"]);
+    // The live reader's queue as the stuck-reader test's: other tests' events pass it too.
+    let q = Qtrace::start(&["--events-reader-queue", "4096", "--event-rate", "100000"]);
     let ns = Netns::new();
     let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
-    let refuse = |n: usize| {
-        ns.run(move || {
-            for _ in 0..n {
-                std::net::TcpStream::connect(("127.0.0.1", 1)).unwrap_err();
-            }
-        })
-    };
-    refuse(1);
+    refuse(&ns, 1);
     live.wait_for("connect_refused", 1);
     let first = live.lines.lock().unwrap()[0].clone();
     let since_ns = serde_json::from_str::<serde_json::Value>(&first).unwrap()["ts_ns"]
@@ -267,12 +271,8 @@ fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
         .unwrap();
     // More than the history holds, from this namespace alone, in batches the kernel's ring
     // and the live reader's queue take whole: none lost on the way, so all are published.
-    const BATCH: u64 = 500;
     const SENT: u64 = 1 + 10 * BATCH;
-    for sent in (1 + BATCH..=SENT).step_by(BATCH as usize) {
-        refuse(BATCH as usize);
-        live.wait_for("connect_refused", sent);
-    }
+    assert_eq!(1 + refuse_in_batches(&ns, &live, 10), SENT);
     let out = live.stop();
     assert!(!out.contains("\"gap\""), "the live reader fell behind");
     assert_eq!(out.matches("\"connect_refused\"").count() as u64, SENT);

@@ -159,11 +159,7 @@ fn in_two_lanes<T: Send>(
             .chain(kernels::SUITES.iter().map(|(label, _)| *label))
             .position(|l| l == k)
             .unwrap_or(usize::MAX / 4);
-        (
-            kernel * 2 + usize::from(m == "kprobe"),
-            k.clone(),
-            m.clone(),
-        )
+        kernel * 2 + usize::from(m == "kprobe")
     };
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(cost(&jobs[i])));
