@@ -551,6 +551,10 @@ fn census_matches_ss(addr: &'static str) {
     // The range and the reserved ports are net.ipv4's, for IPv6 too.
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40063");
     ns.sysctl("net.ipv4.ip_local_reserved_ports", "40000-40003");
+    // No TIME_WAIT reuse (the default reuses on loopback): the second connects' port search
+    // wraps this 60-port range and, once a second has passed, could take over one of the
+    // first clients' TIME_WAIT tuples, leaving four where `ss` is waited for five.
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
     let (server, port) = listener_on(&ns, addr, 7300, 64);
     let accept = |n: usize| -> Vec<TcpStream> {
         (0..n)

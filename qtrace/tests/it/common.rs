@@ -173,6 +173,34 @@ impl Netns {
     pub fn allow_acks(&self) {
         self.nft("delete table inet qtrace_test");
     }
+
+    /// Counts, from now on, the SYNs (not SYN-ACKs) that reach this namespace's TCP for
+    /// `port`: what the listener's `tcp_conn_request()` is given. A client's count of its
+    /// connects can be more: a packet may be lost before IP (a full per-CPU backlog of the
+    /// loopback device), counted in no namespace's TcpExt. Read with [`Self::syns_counted`].
+    pub fn count_syns(&self, port: u16) {
+        // An anonymous counter: named ones need nft_objref, a module the guests do not load.
+        self.nft(&format!(
+            "table inet qtrace_syns {{\n chain input {{\n type filter hook input priority 0\n \
+             tcp dport {port} tcp flags & (syn | ack) == syn counter\n }}\n}}\n"
+        ));
+    }
+
+    /// The SYNs [`Self::count_syns`] has counted.
+    pub fn syns_counted(&self) -> u64 {
+        let listed = sh(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(["nft", "-j", "list", "chain", "inet", "qtrace_syns", "input"]));
+        let v: Value = serde_json::from_str(&listed).unwrap();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["rule"]["expr"].as_array())
+            .flatten()
+            .find_map(|e| e["counter"]["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no SYN counter in {listed}"))
+    }
 }
 
 /// A listener that never accepts, bound to `ip` on an ephemeral port.

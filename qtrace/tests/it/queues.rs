@@ -7,7 +7,7 @@ use std::{io::Write, thread, time::Duration};
 
 use crate::common::{
     connect, connect_nonblocking, connect_queued, delta, listener, local_ports, require_root,
-    Netns, Output, Qtrace,
+    wait_until, Netns, Output, Qtrace,
 };
 use serde_json::Value;
 
@@ -269,9 +269,11 @@ fn syns_on_two_cpus_at_once_are_each_counted_once() {
     ns.sysctl("net.ipv4.tcp_syncookies", "0");
     let (server, port) = listener(&ns, "127.0.0.1", 8);
     server.set_nonblocking(true).unwrap();
+    ns.count_syns(port);
+    let backlog_drops = softnet_dropped();
     let before = ns.tcp_ext();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let syns: u64 = thread::scope(|s| {
+    let connects: u64 = thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 drop(server.accept());
@@ -290,19 +292,34 @@ fn syns_on_two_cpus_at_once_are_each_counted_once() {
                 })
             })
             .collect();
-        let syns = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        let connects = clients.into_iter().map(|c| c.join().unwrap()).sum();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        syns
+        connects
     });
+    // The SYNs the listener was given, not the connects: a packet may be lost on loopback
+    // before TCP (CI once, on 6.1: 1,441 of 1,442 connects counted, every kernel figure
+    // matching qtrace's; the per-CPU backlogs' drops below say whether that was it). Each
+    // SYN still on its way reaches the listener before it closes.
+    let mut syns = 0;
+    wait_until(Duration::from_secs(5), || {
+        syns = ns.syns_counted();
+        syns >= connects
+    });
+    let backlog_drops = softnet_dropped() - backlog_drops;
     drop(server);
     let after = ns.tcp_ext();
     let out = qtrace.stop(libc::SIGTERM);
     let counted = |name| delta(&before, &after, name);
     let (overflows, drops_kernel) = (counted("ListenOverflows"), counted("ListenDrops"));
     eprintln!(
-        "{syns} SYNs; kernel: ListenOverflows {overflows}, ListenDrops {drops_kernel}, \
-         TCPReqQFullDrop {}",
+        "{connects} connects, {syns} SYNs reached TCP, {backlog_drops} packets dropped by the \
+         machine's per-CPU backlogs; kernel: ListenOverflows {overflows}, ListenDrops \
+         {drops_kernel}, TCPReqQFullDrop {}",
         counted("TCPReqQFullDrop")
+    );
+    assert!(
+        syns <= connects,
+        "more SYNs than connects: {syns} > {connects}"
     );
     if out.tier("syn").is_none() {
         return syn_unavailable(&out, out.listener(&ns, "127.0.0.1", port));
@@ -330,6 +347,17 @@ fn syns_on_two_cpus_at_once_are_each_counted_once() {
         syns,
         "every SYN once: {c}"
     );
+}
+
+/// Packets the machine's per-CPU input backlogs dropped (`/proc/net/softnet_stat`'s second
+/// column, every namespace's).
+fn softnet_dropped() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
+        .sum()
 }
 
 /// The CPUs this thread may run on.

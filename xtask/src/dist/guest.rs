@@ -110,7 +110,7 @@ fn du_mib(dir: &Path) -> Result<u64> {
 /// Boots the guest with `files` (name in /dist, source) on its second disk; the console.
 pub fn boot(cache: &Path, rootfs: &Path, files: &[(&str, PathBuf)]) -> Result<String> {
     let kernel = kernels::fetch(cache, KERNEL)?;
-    let modules = kernels::module_closure(&kernel.modules, MODULES)?;
+    let modules = kernels::module_closure(&kernel.modules, MODULES, &[])?;
     let initrd = cache.join("dist/initramfs.cpio");
     initramfs::build(&initrd, &modules, &[], &[], INIT)?;
     let data = cache.join("dist/data.d");

@@ -22,6 +22,10 @@ const TOOLS: [&str; 6] = ["ip", "nft", "bpftool", "setpriv", "bash", "ss"];
 /// suite), sock_diag for TCP, and veth (namespaces linked as over a network).
 pub const MODULES: [&str; 4] = ["nf_tables", "nft_reject_inet", "tcp_diag", "veth"];
 
+/// Modules loaded where the kernel package has them as files: nftables' `counter` (the queues
+/// suite counts SYNs with it) is a module of its own in 5.10, part of nf_tables later.
+pub const MODULES_IF_PACKAGED: [&str; 1] = ["nft_counter"];
+
 pub fn build(
     out: &Path,
     modules: &[(String, Vec<u8>)],

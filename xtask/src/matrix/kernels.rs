@@ -331,8 +331,23 @@ fn decompress(data: &[u8]) -> Result<Option<Vec<u8>>> {
     Ok(Some(out.stdout))
 }
 
-/// Module files (decompressed) to load, dependencies first, skipping built-in ones.
-pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+/// The package's file of module `name` (`-` and `_` alike), compressed or not.
+fn module_file<'a>(name: &str, files: &'a [PathBuf]) -> Option<&'a PathBuf> {
+    let canon = name.replace('-', "_");
+    files.iter().find(|p| {
+        let f = p.file_name().unwrap().to_string_lossy().replace('-', "_");
+        f == format!("{canon}.ko") || f.starts_with(&format!("{canon}.ko."))
+    })
+}
+
+/// Module files (decompressed) to load, dependencies first, skipping built-in ones: each of
+/// `wanted`, and each of `if_packaged` that the package has as a module file (one a later
+/// kernel folded into another module is neither a file nor built in).
+pub fn module_closure(
+    modules_dir: &Path,
+    wanted: &[&str],
+    if_packaged: &[&str],
+) -> Result<Vec<(String, Vec<u8>)>> {
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let mut files = Vec::new();
     collect(modules_dir.join("kernel").as_path(), &mut files)?;
@@ -353,12 +368,7 @@ pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String
         {
             return Ok(());
         }
-        let file = files
-            .iter()
-            .find(|p| {
-                let f = p.file_name().unwrap().to_string_lossy().replace('-', "_");
-                f == format!("{canon}.ko") || f.starts_with(&format!("{canon}.ko."))
-            })
+        let file = module_file(&canon, files)
             .with_context(|| format!("module {name} not in the kernel package"))?;
         let ko = decompress_module(file)?;
         for dep in modinfo_list(&ko, "depends=") {
@@ -374,7 +384,10 @@ pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String
         order.push((canon, ko));
         Ok(())
     }
-    for w in wanted {
+    let packaged = if_packaged
+        .iter()
+        .filter(|m| module_file(m, &files).is_some());
+    for w in wanted.iter().chain(packaged) {
         visit(w, &files, &builtin, &mut order)?;
     }
     Ok(order)
