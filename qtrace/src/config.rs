@@ -197,6 +197,11 @@ pub struct DaemonArgs {
     /// the rest are summed into one series labelled `other` [default: 1000].
     #[arg(long, env = "QTRACE_MAX_DESTINATION_SERIES")]
     pub max_destination_series: Option<u32>,
+    /// How long a socket that closed, or a namespace that was deleted, keeps its last counts
+    /// exported before its series go and its kernel map entries are deleted: at least two
+    /// scrape intervals, so a scrape sees them (e.g. 1m) [default: 30s].
+    #[arg(long, env = "QTRACE_KEEP_CLOSED_FOR", value_name = "DURATION")]
+    pub keep_closed_for: Option<String>,
     /// Export only listeners on these ports (repeat or comma-separate).
     #[arg(
         long = "include-port",
@@ -282,6 +287,7 @@ pub struct DaemonOptions {
     pub web_config_file: Option<PathBuf>,
     pub max_listener_series: usize,
     pub max_destination_series: usize,
+    pub keep_closed_for: Duration,
     pub filter: Filter,
     pub events_socket: PathBuf,
     pub events_socket_group: Option<String>,
@@ -600,6 +606,15 @@ impl DaemonArgs {
                 self.podman_root.as_ref().or(file.podman_root.as_ref())
             }),
             runtimes_set: set_paths,
+            keep_closed_for: duration_in(
+                ("keep_closed_for", "keep-closed-for"),
+                self.keep_closed_for
+                    .as_ref()
+                    .or(file.keep_closed_for.as_ref()),
+                crate::daemon::collect::KEEP_CLOSED_FOR,
+                (Duration::from_secs(1), Duration::from_secs(86400)),
+                ("1s to 1d", "1m"),
+            )?,
             container_names_retry: duration_in(
                 ("container_names_retry", "container-names-retry"),
                 self.container_names_retry
@@ -712,6 +727,7 @@ mod tests {
         );
         let d = DaemonArgs::default().resolve(&file.daemon).unwrap();
         assert_eq!(d.max_listener_series, 5);
+        assert_eq!(d.keep_closed_for, Duration::from_secs(30));
         assert_eq!(d.listen, "127.0.0.1:9860".parse().unwrap());
         assert!(!d.filter.admits(1, 22) && d.filter.admits(1, 80));
     }
@@ -770,6 +786,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("web_listen_address"), "{e}");
+        let file = FileConfig::parse("keep_closed_for = \"500ms\"").unwrap();
+        let e = DaemonArgs::default()
+            .resolve(&file.daemon)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid keep_closed_for (--keep-closed-for): 500ms: must be 1s to 1d"
+        );
     }
 
     #[test]

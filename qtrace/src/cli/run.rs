@@ -106,6 +106,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .collector
         .max_destination_series
         .store(daemon.max_destination_series, Ordering::Relaxed);
+    state.collector.set_keep_closed_for(daemon.keep_closed_for);
     // The first collect, before anything is served, sets the drop ledger's bases: what each
     // listener and namespace had dropped before qtrace was there (see daemon::drops).
     if let Err(e) = state.collect().await {
@@ -202,9 +203,10 @@ fn reload(opts: &RunOptions, config: &ConfigArg, state: &State, web: &Web) {
                 .collector
                 .max_destination_series
                 .store(daemon.max_destination_series, Ordering::Relaxed);
+            state.collector.set_keep_closed_for(daemon.keep_closed_for);
             tracing::info!(
                 "reloaded the config file (filters, max_listener_series, \
-                 max_destination_series); the listen address, \
+                 max_destination_series, keep_closed_for); the listen address, \
                  queue_sample_interval and tracer settings take effect at restart"
             );
         }

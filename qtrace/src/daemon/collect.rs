@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -100,6 +100,8 @@ pub struct Collector {
     reclaim: Mutex<Reclaim>,
     /// `--max-destination-series`, reloadable with SIGHUP.
     pub max_destination_series: AtomicUsize,
+    /// `--keep-closed-for` in milliseconds, reloadable with SIGHUP.
+    keep_closed_for_ms: AtomicU64,
     close_wait_ages: Mutex<CloseWaitAges>,
     /// Client entries of dead namespaces whose inode numbers live ones hold (see
     /// [`Self::clients`]), with the live one's cookie.
@@ -109,7 +111,7 @@ pub struct Collector {
 /// Kernel entries whose socket no collect finds any more. An entry missing from one dump may
 /// belong to a socket made after the dump began; one missing from two consecutive dumps
 /// (and read before the second began) belongs to a socket that has closed, or to a namespace
-/// that is gone. Such an entry is still exported for [`RECLAIM_AFTER`], so scrapes see a
+/// that is gone. Such an entry is still exported for `--keep-closed-for`, so scrapes see a
 /// closed listener's last counts, then deleted: the maps hold only live sockets, and a socket
 /// that comes back on the same address, or a namespace that gets a dead one's inode number,
 /// starts from zero (Prometheus' reading of a series that goes away and comes back).
@@ -120,9 +122,9 @@ struct Reclaim {
     deleted: u64,
 }
 
-/// How long the counters of a closed socket stay exported before its entry is deleted: two
-/// scrapes at Prometheus' default interval.
-pub const RECLAIM_AFTER: Duration = Duration::from_secs(30);
+/// How long the counters of a closed socket stay exported before its entry is deleted, by
+/// default (`--keep-closed-for`): two scrapes at Prometheus' default interval.
+pub const KEEP_CLOSED_FOR: Duration = Duration::from_secs(30);
 
 impl Collector {
     pub fn new(
@@ -141,6 +143,7 @@ impl Collector {
             drops: Mutex::new(DropLedger::default()),
             reclaim: Mutex::new(Reclaim::default()),
             max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
+            keep_closed_for_ms: (KEEP_CLOSED_FOR.as_millis() as u64).into(),
             close_wait_ages: Mutex::new(CloseWaitAges::default()),
             dead_clients: Mutex::new(crate::aging::Aging::default()),
         }
@@ -307,14 +310,24 @@ impl Collector {
 }
 
 impl Collector {
+    /// How long a closed socket's or deleted namespace's counts stay exported.
+    pub fn keep_closed_for(&self) -> Duration {
+        Duration::from_millis(self.keep_closed_for_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_keep_closed_for(&self, d: Duration) {
+        self.keep_closed_for_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Deletes the entries missing from this dump and the one before, for
-    /// [`RECLAIM_AFTER`] (see [`Reclaim`]); returns how many were deleted so far, and the
+    /// `--keep-closed-for` (see [`Reclaim`]); returns how many were deleted so far, and the
     /// entries still to export.
     fn reclaim(&self, unmatched: Vec<ListenerStats>) -> (u64, Vec<ListenerStats>) {
         let mut r = crate::recover::lock(&self.reclaim);
-        let (gone, kept) = r
-            .suspects
-            .split(unmatched, |s| s.key, Instant::now(), RECLAIM_AFTER);
+        let (gone, kept) =
+            r.suspects
+                .split(unmatched, |s| s.key, Instant::now(), self.keep_closed_for());
         r.deleted += self.counters.forget(&gone) as u64;
         (r.deleted + self.counters.unidentified_deleted(), kept)
     }
@@ -326,7 +339,7 @@ impl Collector {
         let mut counted = if available {
             let reading = self.counters.clients(live)?;
             // An entry left out for the same live namespace's cookie at readings
-            // RECLAIM_AFTER apart was read while that namespace held its inode, which it held
+            // `--keep-closed-for` apart was read while that namespace held its inode, which it held
             // throughout: the entry's namespace died before, and counts nothing any more.
             // Deleted: it would come back (summed) once the inode is free again, and it holds a
             // place in the map.
@@ -334,7 +347,7 @@ impl Collector {
                 reading.dead,
                 |d| *d,
                 Instant::now(),
-                RECLAIM_AFTER,
+                self.keep_closed_for(),
             );
             let keys: Vec<_> = overdue.into_iter().map(|(k, _)| k).collect();
             self.counters.forget_clients(&keys);

@@ -738,7 +738,8 @@ fn cookie_told(ns: &Netns) -> bool {
 #[test]
 fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
     require_root();
-    let q = start();
+    // The dead namespace's entry goes after 2 s, not the 30 s of the default.
+    let q = start_with(&["--keep-closed-for", "2s"]);
     const PORT: u16 = 7411;
     let refused = |ns: &Netns, n: usize| {
         ns.run(move || {
@@ -770,10 +771,12 @@ fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
     // Its port searches likewise (where the port-search probe attaches; where the cookie is
     // not told, parallel tests' namespaces that had this inode before would add theirs).
     assert_searches(&q, &ns, want);
-    // The dead namespace's entry is deleted from the kernel's map once readings 30 s apart
-    // found it while the live namespace held the inode; the live one's stays.
+    // The dead namespace's entry is deleted from the kernel's map once readings
+    // `--keep-closed-for` apart found it while the live namespace held the inode; the live
+    // one's stays.
     let mut cookies = Vec::new();
-    let reclaimed = wait_until(Duration::from_secs(90), || {
+    // Sooner than the default 30 s would allow.
+    let reclaimed = wait_until(Duration::from_secs(25), || {
         // A reading a second: the daemon reads the maps when scraped.
         std::thread::sleep(Duration::from_secs(1));
         http_get(&q.web(), "/metrics", None);

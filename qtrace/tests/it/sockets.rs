@@ -273,12 +273,12 @@ fn a_user_cannot_crowd_out_a_service() {
     assert_eq!(counters["synack_retransmits"], expected, "{counters}");
 }
 
-/// Listeners in namespaces that are then deleted leave the kernel's maps within two collects;
-/// the entries gauge comes back down and the deletions are counted.
+/// Listeners in namespaces that are then deleted leave the kernel's maps within two collects
+/// and `--keep-closed-for`; the entries gauge comes back down and the deletions are counted.
 #[test]
 fn entries_of_closed_sockets_and_deleted_namespaces_are_reclaimed() {
     require_root();
-    let q = Qtrace::start(&[]);
+    let q = Qtrace::start(&["--keep-closed-for", "3s"]);
     let system_before = entries(&q, "system");
     let namespaces: Vec<Netns> = (0..20).map(|_| Netns::new()).collect();
     let befores: Vec<_> = namespaces.iter().map(|ns| ns.tcp_ext()).collect();
@@ -307,9 +307,10 @@ fn entries_of_closed_sockets_and_deleted_namespaces_are_reclaimed() {
     drop(held);
     drop(namespaces);
     // Each scrape collects: an entry missing from two dumps in a row is deleted once its
-    // socket has been gone for 30 s (its last counts stay exported until then).
+    // socket has been gone for `--keep-closed-for` (its last counts stay exported until then);
+    // sooner than the default 30 s would allow.
     assert!(
-        wait_until(Duration::from_secs(60), || ours(&q) == 0),
+        wait_until(Duration::from_secs(25), || ours(&q) == 0),
         "{} of the closed sockets still exported",
         ours(&q)
     );
