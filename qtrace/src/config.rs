@@ -274,6 +274,10 @@ pub struct DaemonArgs {
 
 pub const DEFAULT_EVENTS_SOCKET: &str = "/run/qtrace/events.sock";
 
+/// How long the counters of a closed socket stay exported before its entry is deleted, by
+/// default (`--keep-closed-for`): two scrapes at Prometheus' default interval.
+pub const DEFAULT_KEEP_CLOSED_FOR: Duration = Duration::from_secs(30);
+
 /// Loopback only: /api/listeners names processes, so exposing it is a choice (README, "Metrics").
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9860";
 
@@ -611,7 +615,7 @@ impl DaemonArgs {
                 self.keep_closed_for
                     .as_ref()
                     .or(file.keep_closed_for.as_ref()),
-                crate::daemon::collect::KEEP_CLOSED_FOR,
+                DEFAULT_KEEP_CLOSED_FOR,
                 (Duration::from_secs(1), Duration::from_secs(86400)),
                 ("1s to 1d", "1m"),
             )?,

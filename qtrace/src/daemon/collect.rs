@@ -122,10 +122,6 @@ struct Reclaim {
     deleted: u64,
 }
 
-/// How long the counters of a closed socket stay exported before its entry is deleted, by
-/// default (`--keep-closed-for`): two scrapes at Prometheus' default interval.
-pub const KEEP_CLOSED_FOR: Duration = Duration::from_secs(30);
-
 impl Collector {
     pub fn new(
         counters: std::sync::Arc<KernelCounters>,
@@ -143,7 +139,7 @@ impl Collector {
             drops: Mutex::new(DropLedger::default()),
             reclaim: Mutex::new(Reclaim::default()),
             max_destination_series: clients::DEFAULT_MAX_SERIES.into(),
-            keep_closed_for_ms: (KEEP_CLOSED_FOR.as_millis() as u64).into(),
+            keep_closed_for_ms: (crate::config::DEFAULT_KEEP_CLOSED_FOR.as_millis() as u64).into(),
             close_wait_ages: Mutex::new(CloseWaitAges::default()),
             dead_clients: Mutex::new(crate::aging::Aging::default()),
         }
