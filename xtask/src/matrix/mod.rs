@@ -36,11 +36,19 @@ const SUITES: [&str; 10] = [
     "client",
 ];
 
-/// The suites whose outcome does not depend on the attach tier, run in each kernel's `best`
-/// row only: the unit tests (their kernel-facing ones read BTF, whatever the tier), the CLI's
-/// refusals, and doctor's reading of counts and sysctls (the counts' exactness at each tier
-/// is what the other suites check). About a minute of each kprobe row's emulated time.
-const TIER_FREE: [&str; 3] = ["qtrace", "cli", "doctor"];
+/// Suites, and tests of other suites, whose outcome does not depend on the attach tier, run
+/// in each kernel's `best` row only: the unit tests (their kernel-facing ones read BTF,
+/// whatever the tier), the CLI's refusals, doctor's reading of counts and sysctls (the
+/// counts' exactness at each tier is what the other suites check), and the events socket's
+/// reader queues, fed by refused connects that the `client` probe sees at its tracepoint in
+/// both rows. Two to three minutes of each kprobe row when two guests share the machine.
+const TIER_FREE: [&str; 5] = [
+    "qtrace",
+    "cli",
+    "doctor",
+    "events::a_stuck_reader_costs_nothing_and_learns_what_it_missed",
+    "events::a_since_reader_is_told_how_many_of_its_events_were_trimmed",
+];
 
 /// libtest's options that print each test's time (unstable: with RUSTC_BOOTSTRAP=1).
 const REPORT_TIME: &str = "-Zunstable-options --report-time";
@@ -157,8 +165,9 @@ pub fn vm_test_alongside(
 }
 
 /// Runs `run` on every job, two at a time (two cores; one emulated guest keeps about one of
-/// them busy), the costliest first so that no lane idles at the end: newer kernels and the
-/// kprobe tier take longer, this machine's kernel least. Outcomes come back in `jobs`' order.
+/// them busy), the costliest first so that no lane idles at the end: newer kernels take
+/// longer, a kernel's best row longer than its kprobe row (which leaves out [`TIER_FREE`]),
+/// this machine's kernel least. Outcomes come back in `jobs`' order.
 fn in_two_lanes<T: Send>(
     jobs: Vec<(String, String)>,
     run: impl Fn(&(String, String)) -> Result<T> + Sync,
@@ -168,7 +177,7 @@ fn in_two_lanes<T: Send>(
             .chain(kernels::SUITES.iter().map(|(label, _)| *label))
             .position(|l| l == k)
             .unwrap_or(usize::MAX / 4);
-        kernel * 2 + usize::from(m == "kprobe")
+        kernel * 2 + usize::from(m != "kprobe")
     };
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(cost(&jobs[i])));
@@ -266,6 +275,31 @@ struct Suite {
     name: String,
     exe: PathBuf,
     args: Vec<String>,
+}
+
+impl Suite {
+    /// The arguments that run the suite at tier `attach` (`fentry`: all of them; lower: all
+    /// but [`TIER_FREE`]), or None where nothing of it runs there.
+    fn args_at(&self, attach: &str) -> Option<Vec<String>> {
+        if attach == "fentry" {
+            return Some(self.args.clone());
+        }
+        if TIER_FREE.contains(&self.name.as_str()) {
+            return None;
+        }
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .filter(|a| !TIER_FREE.contains(&a.as_str()))
+            .cloned()
+            .collect();
+        // With every named test left out, `--exact` and no name would run them all.
+        let named = |args: &[String]| {
+            args.iter()
+                .any(|a| a.starts_with(&format!("{}::", self.name)))
+        };
+        (named(&args) || !named(&self.args)).then_some(args)
+    }
 }
 
 impl Binaries {
@@ -390,14 +424,30 @@ fn init_script(b: &Binaries) -> String {
         "echo \"@@QTRACE probes $({} probes --json --attach $ATTACH 2>&1 | tr -d '\\n')\"",
         b.qtrace.display()
     );
-    for Suite { name, exe, args } in &b.suites {
-        let args: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
-        let args = args.join(" ");
-        let run = format!("echo '@@QTRACE begin {name}'\n{} --test-threads=1 {REPORT_TIME} {args} 2>&1\necho \"@@QTRACE end {name} rc=$?\"", exe.display());
-        if TIER_FREE.contains(&name.as_str()) {
-            let _ = writeln!(s, "if [ \"$ATTACH\" = fentry ]; then\n{run}\nfi");
+    for suite in &b.suites {
+        let run = |args: Option<Vec<String>>| match args {
+            None => ":".to_string(),
+            Some(args) => {
+                let args: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
+                format!(
+                    "echo '@@QTRACE begin {0}'\n{1} --test-threads=1 {REPORT_TIME} {2} 2>&1\n\
+                     echo \"@@QTRACE end {0} rc=$?\"",
+                    suite.name,
+                    suite.exe.display(),
+                    args.join(" ")
+                )
+            }
+        };
+        let (best, lower) = (suite.args_at("fentry"), suite.args_at("kprobe"));
+        if best == lower {
+            let _ = writeln!(s, "{}", run(best));
         } else {
-            let _ = writeln!(s, "{run}");
+            let _ = writeln!(
+                s,
+                "if [ \"$ATTACH\" = fentry ]; then\n{}\nelse\n{}\nfi",
+                run(best),
+                run(lower)
+            );
         }
     }
     s += "echo '@@QTRACE done'\npoweroff -f\n";
@@ -482,10 +532,11 @@ fn native(b: &Binaries, mode: &str) -> Result<(String, Option<String>)> {
         "@@QTRACE probes {}\n",
         String::from_utf8_lossy(&probes.stdout).trim()
     );
-    for Suite { name, exe, args } in &b.suites {
-        if attach != "fentry" && TIER_FREE.contains(&name.as_str()) {
+    for suite in &b.suites {
+        let Some(args) = suite.args_at(attach) else {
             continue;
-        }
+        };
+        let (name, exe) = (&suite.name, &suite.exe);
         let out = Command::new(exe)
             .arg("--test-threads=1")
             .args(REPORT_TIME.split(' '))
@@ -614,4 +665,58 @@ fn table(outcomes: &[Outcome]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suite(name: &str, args: &[&str]) -> Suite {
+        Suite {
+            name: name.into(),
+            exe: "/t".into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn kprobe_rows_leave_out_the_tier_free_suites_and_tests() {
+        let events = suite("events", &["--exact", "events::json", TIER_FREE[3]]);
+        assert_eq!(events.args_at("fentry"), Some(events.args.clone()));
+        assert_eq!(
+            events.args_at("kprobe"),
+            Some(vec!["--exact".to_string(), "events::json".to_string()])
+        );
+        // Every named test left out: nothing runs, not the whole binary.
+        assert_eq!(
+            suite("events", &["--exact", TIER_FREE[4]]).args_at("kprobe"),
+            None
+        );
+        assert_eq!(suite("cli", &["--exact", "cli::x"]).args_at("kprobe"), None);
+        assert_eq!(suite("qtrace", &[]).args_at("kprobe"), None);
+        let none = suite("queues", &["--exact", "queues::(no test selected)"]);
+        assert_eq!(none.args_at("kprobe"), Some(none.args.clone()));
+    }
+
+    #[test]
+    fn the_init_script_picks_each_suites_tests_by_tier() {
+        let b = Binaries {
+            qtrace: "/q".into(),
+            suites: vec![
+                suite("qtrace", &[]),
+                suite("events", &["--exact", "events::json", TIER_FREE[3]]),
+                suite("queues", &["--exact", "queues::a"]),
+            ],
+        };
+        let init = init_script(&b);
+        let (ifs, elses, fis) = ["if ", "else\n", "fi\n"]
+            .map(|w| init.matches(w).count())
+            .into();
+        assert_eq!((ifs, elses, fis), (2, 2, 2), "{init}");
+        assert_eq!(init.matches("@@QTRACE begin queues").count(), 1, "{init}");
+        assert!(
+            init.contains("else\n:\nfi"),
+            "the unit tests: nothing below fentry\n{init}"
+        );
+    }
 }
