@@ -784,19 +784,17 @@ mod tests {
             e.starts_with("invalid ringbuf_kib (--ringbuf-kib): 3: must be a power of two"),
             "{e}"
         );
-        let file = FileConfig::parse("web_listen_address = \"localhost\"").unwrap();
-        let e = DaemonArgs::default()
-            .resolve(&file.daemon)
-            .unwrap_err()
-            .to_string();
+        let daemon_error = |text: &str| {
+            let file = FileConfig::parse(text).unwrap();
+            DaemonArgs::default()
+                .resolve(&file.daemon)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = daemon_error("web_listen_address = \"localhost\"");
         assert!(e.contains("web_listen_address"), "{e}");
-        let file = FileConfig::parse("keep_closed_for = \"500ms\"").unwrap();
-        let e = DaemonArgs::default()
-            .resolve(&file.daemon)
-            .unwrap_err()
-            .to_string();
         assert_eq!(
-            e,
+            daemon_error("keep_closed_for = \"500ms\""),
             "invalid keep_closed_for (--keep-closed-for): 500ms: must be 1s to 1d"
         );
     }

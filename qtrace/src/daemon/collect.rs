@@ -335,8 +335,8 @@ impl Collector {
         let mut counted = if available {
             let reading = self.counters.clients(live)?;
             // An entry left out for the same live namespace's cookie at readings
-            // `--keep-closed-for` apart was read while that namespace held its inode, which it held
-            // throughout: the entry's namespace died before, and counts nothing any more.
+            // `--keep-closed-for` apart was read while that namespace held its inode, which it
+            // held throughout: the entry's namespace died before, and counts nothing any more.
             // Deleted: it would come back (summed) once the inode is free again, and it holds a
             // place in the map.
             let (overdue, _) = crate::recover::lock(&self.dead_clients).split(

@@ -757,6 +757,8 @@ fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
         assert_searches(&q, ns, n);
         n
     });
+    // No reading can find the dead namespace's entry dead before the live one exists.
+    let reused = std::time::Instant::now();
     refused(&ns, 1);
     let told = cookie_told(&ns);
     let want = if told { 1 } else { old + 1 };
@@ -775,7 +777,6 @@ fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
     // `--keep-closed-for` apart found it while the live namespace held the inode; the live
     // one's stays.
     let mut cookies = Vec::new();
-    // Sooner than the default 30 s would allow.
     let reclaimed = wait_until(Duration::from_secs(25), || {
         // A reading a second: the daemon reads the maps when scraped.
         std::thread::sleep(Duration::from_secs(1));
@@ -784,6 +785,12 @@ fn a_namespace_that_reuses_an_inode_starts_its_client_counts_from_zero() {
         cookies.len() == 1
     });
     assert!(reclaimed, "entries of inode {} left: {cookies:?}", ns.inode);
+    // Sooner than the default 30 s would allow: `--keep-closed-for` took effect.
+    assert!(
+        reused.elapsed() < Duration::from_secs(30),
+        "reclaimed {:?} after the inode's reuse",
+        reused.elapsed()
+    );
 }
 
 /// The namespace cookies in `q`'s client map of the entries for namespace `inode` and
