@@ -225,6 +225,143 @@ mod kind_name {
     }
 }
 
+/// A list of [`EventKind`]s as their names in JSON.
+mod kind_names {
+    use qtrace_common::EventKind;
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kinds: &[EventKind], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(kinds.iter().map(|k| k.name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<EventKind>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|n| super::parse_kind(n).map_err(de::Error::custom))
+            .collect()
+    }
+}
+
+/// Which events a reader wants; every given condition must hold. `qtrace events` takes it as
+/// flags and sends it with its request: the daemon queues for each reader only the events its
+/// filter admits, so a reader's bounded queue, and the gaps it is told of, are its own events'
+/// (a burst in another namespace costs a `--netns` reader nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct EventFilter {
+    /// Listener port (repeatable).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub port: Vec<u16>,
+    /// Listener address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<IpAddr>,
+    /// Event kind (repeatable): drop_syn_queue_full, drop_accept_queue_full_syn,
+    /// drop_accept_queue_full_ack, drop_other, synack_retransmit, overflow_reset, syncookie_sent;
+    /// on the client side connect_no_port, connect_refused, connect_timed_out, connect_reset,
+    /// connect_other, connect_aborted, syn_retransmit.
+    #[arg(long, value_parser = parse_kind)]
+    #[serde(skip_serializing_if = "Vec::is_empty", with = "kind_names")]
+    pub kind: Vec<EventKind>,
+    /// Network namespace inode.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    /// Owning process id of the listener.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Owning process name of the listener.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Kubernetes pod of the listener's owner: its name, or NAMESPACE/NAME.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Container of the listener's owner: its name, its id (or the id's first 12 or more
+    /// hex digits), or <runtime>://<id>.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// systemd unit of the listener's owner (the innermost, e.g. nginx.service).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+impl EventFilter {
+    /// No condition: every event.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Every condition, the owner's too: a daemon's record.
+    pub fn admits(&self, e: &Event) -> bool {
+        self.admits_at(e.netns, e.laddr, e.lport, e.kind, e.owner.as_deref())
+    }
+
+    /// Every condition, on an event's parts (the owner is the daemon's knowledge).
+    pub fn admits_at(
+        &self,
+        netns: u32,
+        addr: IpAddr,
+        port: u16,
+        kind: EventKind,
+        owner: Option<&Owner>,
+    ) -> bool {
+        self.admits_listener(netns, addr, port, kind)
+            && self.pid.is_none_or(|p| owner.is_some_and(|o| o.pid == p))
+            && self
+                .comm
+                .as_ref()
+                .is_none_or(|c| owner.is_some_and(|o| o.comm == *c))
+            && self.admits_workload(owner)
+    }
+
+    /// The conditions that need no owner.
+    pub fn admits_listener(&self, netns: u32, addr: IpAddr, port: u16, kind: EventKind) -> bool {
+        (self.port.is_empty() || self.port.contains(&port))
+            && self.addr.is_none_or(|a| a == addr)
+            && (self.kind.is_empty() || self.kind.contains(&kind))
+            && self.netns.is_none_or(|n| n == netns)
+    }
+
+    /// The workload filters (`--pod`, `--container`, `--unit`).
+    fn admits_workload(&self, o: Option<&Owner>) -> bool {
+        let pod = |want: &str, o: &Owner| {
+            !o.pod.is_empty() && (o.pod == want || format!("{}/{}", o.pod_namespace, o.pod) == want)
+        };
+        let container = |want: &str, o: &Owner| {
+            let id = o.container_id.split_once("://").map_or("", |(_, id)| id);
+            (!o.container.is_empty() && o.container == want)
+                || (!o.container_id.is_empty() && o.container_id == want)
+                || (want.len() >= 12 && id.starts_with(want))
+        };
+        self.pod
+            .as_deref()
+            .is_none_or(|p| o.is_some_and(|o| pod(p, o)))
+            && self
+                .container
+                .as_deref()
+                .is_none_or(|c| o.is_some_and(|o| container(c, o)))
+            && self
+                .unit
+                .as_deref()
+                .is_none_or(|u| o.is_some_and(|o| !o.unit.is_empty() && o.unit == u))
+    }
+
+    /// Whether any condition needs the owner, which only the daemon knows.
+    pub fn needs_owner(&self) -> bool {
+        self.pid.is_some()
+            || self.comm.is_some()
+            || self.pod.is_some()
+            || self.container.is_some()
+            || self.unit.is_some()
+    }
+}
+
 /// What a client asks the daemon's events socket, as one JSON line.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "lowercase")]
@@ -232,6 +369,9 @@ pub enum Request {
     Events {
         #[serde(default)]
         since_ns: u64,
+        /// Only the events this admits, and gaps counted among them; absent: every event.
+        #[serde(default, skip_serializing_if = "EventFilter::is_empty")]
+        filter: EventFilter,
     },
     Listeners,
 }

@@ -237,8 +237,8 @@ pub struct DaemonArgs {
     /// Group owning the events socket, whose members may read events [default: root's].
     #[arg(long, env = "QTRACE_EVENTS_SOCKET_GROUP", value_name = "GROUP")]
     pub events_socket_group: Option<String>,
-    /// Events queued for each `qtrace events` reader; a reader further behind is told how
-    /// many it missed [default: 1024].
+    /// Events queued for each `qtrace events` reader, of those its filters admit; a reader
+    /// further behind is told how many it missed [default: 1024].
     #[arg(long, env = "QTRACE_EVENTS_READER_QUEUE")]
     pub events_reader_queue: Option<u32>,
     /// How often every listener's queues are sampled for the last hour's history that

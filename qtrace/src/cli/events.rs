@@ -3,17 +3,17 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::Path,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use qtrace_common::{Event, EventKind};
+use qtrace_common::Event;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    api::{self, Line, Request},
+    api::{self, EventFilter, Line, Request},
     config::{Settings, SourceArgs},
     daemon::events_socket,
     kernel::{
@@ -38,101 +38,13 @@ pub struct EventsOptions {
     pub since: Option<Duration>,
 }
 
-/// Which events to show; every given condition must hold.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct EventFilter {
-    /// Listener port (repeatable).
-    #[arg(long)]
-    pub port: Vec<u16>,
-    /// Listener address.
-    #[arg(long)]
-    pub addr: Option<IpAddr>,
-    /// Event kind (repeatable): drop_syn_queue_full, drop_accept_queue_full_syn,
-    /// drop_accept_queue_full_ack, drop_other, synack_retransmit, overflow_reset, syncookie_sent;
-    /// on the client side connect_no_port, connect_refused, connect_timed_out, connect_reset,
-    /// connect_other, connect_aborted, syn_retransmit.
-    #[arg(long, value_parser = api::parse_kind)]
-    pub kind: Vec<EventKind>,
-    /// Network namespace inode.
-    #[arg(long)]
-    pub netns: Option<u32>,
-    /// Owning process id of the listener.
-    #[arg(long)]
-    pub pid: Option<i32>,
-    /// Owning process name of the listener.
-    #[arg(long)]
-    pub comm: Option<String>,
-    /// Kubernetes pod of the listener's owner: its name, or NAMESPACE/NAME.
-    #[arg(long)]
-    pub pod: Option<String>,
-    /// Container of the listener's owner: its name, its id (or the id's first 12 or more
-    /// hex digits), or <runtime>://<id>.
-    #[arg(long)]
-    pub container: Option<String>,
-    /// systemd unit of the listener's owner (the innermost, e.g. nginx.service).
-    #[arg(long)]
-    pub unit: Option<String>,
-}
-
+/// `--standalone` judges the kernel's event before it builds a record.
 impl EventFilter {
     /// The conditions a kernel event can be judged on by itself: `--standalone` builds the
     /// record only for the events that pass (it refuses the owner filters).
     pub fn admits_event(&self, ev: &Event) -> bool {
         let l = &ev.listener;
         self.admits_listener(l.netns, ip(l.family, l.addr), l.port, decode::kind(ev))
-    }
-
-    /// Every condition, the owner's too: a daemon's record.
-    pub fn admits(&self, r: &api::Event) -> bool {
-        self.admits_listener(r.netns, r.laddr, r.lport, r.kind)
-            && self
-                .pid
-                .is_none_or(|p| r.owner.as_ref().is_some_and(|o| o.pid == p))
-            && self
-                .comm
-                .as_ref()
-                .is_none_or(|c| r.owner.as_ref().is_some_and(|o| o.comm == *c))
-            && self.admits_workload(r.owner.as_deref())
-    }
-
-    /// The workload filters (`--pod`, `--container`, `--unit`).
-    fn admits_workload(&self, o: Option<&api::Owner>) -> bool {
-        let pod = |want: &str, o: &api::Owner| {
-            !o.pod.is_empty() && (o.pod == want || format!("{}/{}", o.pod_namespace, o.pod) == want)
-        };
-        let container = |want: &str, o: &api::Owner| {
-            let id = o.container_id.split_once("://").map_or("", |(_, id)| id);
-            (!o.container.is_empty() && o.container == want)
-                || (!o.container_id.is_empty() && o.container_id == want)
-                || (want.len() >= 12 && id.starts_with(want))
-        };
-        self.pod
-            .as_deref()
-            .is_none_or(|p| o.is_some_and(|o| pod(p, o)))
-            && self
-                .container
-                .as_deref()
-                .is_none_or(|c| o.is_some_and(|o| container(c, o)))
-            && self
-                .unit
-                .as_deref()
-                .is_none_or(|u| o.is_some_and(|o| !o.unit.is_empty() && o.unit == u))
-    }
-
-    /// Whether any filter needs the owner, which only the daemon knows.
-    fn needs_owner(&self) -> bool {
-        self.pid.is_some()
-            || self.comm.is_some()
-            || self.pod.is_some()
-            || self.container.is_some()
-            || self.unit.is_some()
-    }
-
-    fn admits_listener(&self, netns: u32, addr: IpAddr, port: u16, kind: EventKind) -> bool {
-        (self.port.is_empty() || self.port.contains(&port))
-            && self.addr.is_none_or(|a| a == addr)
-            && (self.kind.is_empty() || self.kind.contains(&kind))
-            && self.netns.is_none_or(|n| n == netns)
     }
 }
 
@@ -213,7 +125,13 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
         Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
         None => 0,
     };
-    let stream = events_socket::request(socket, &Request::Events { since_ns })?;
+    // The daemon filters, so this reader's queue and gaps are its own events'; the same
+    // filter here again costs little and keeps a daemon that predates it honest.
+    let request = Request::Events {
+        since_ns,
+        filter: opts.filter.clone(),
+    };
+    let stream = events_socket::request(socket, &request)?;
     // Blocking reads on a helper thread; the signal handlers stay with the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<String>>(1024);
     std::thread::spawn(move || {
@@ -355,6 +273,8 @@ pub fn to_human(r: &api::Event) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use qtrace_common::EventKind;
 
     use super::*;
     use crate::{

@@ -74,8 +74,28 @@ mod tests {
     fn requests_parse_and_errors_stay_short() {
         assert_eq!(
             parse_request(b"{\"request\":\"events\",\"since_ns\":5}\n").unwrap(),
-            Request::Events { since_ns: 5 }
+            Request::Events {
+                since_ns: 5,
+                filter: Default::default()
+            }
         );
+        // A filter: the kinds by their names; one the daemon does not know is refused.
+        let Request::Events { filter, .. } = parse_request(
+            br#"{"request":"events","filter":{"netns":7,"port":[80,443],"kind":["drop_other"]}}"#,
+        )
+        .unwrap() else {
+            panic!("an events request")
+        };
+        assert_eq!(
+            (filter.netns, filter.port, filter.kind),
+            (
+                Some(7),
+                vec![80, 443],
+                vec![qtrace_common::EventKind::DropOther]
+            )
+        );
+        let e = parse_request(br#"{"request":"events","filter":{"kind":["drop_it"]}}"#);
+        assert!(format!("{:#}", e.unwrap_err()).contains("unknown event kind"));
         assert_eq!(
             parse_request(b"{\"request\":\"listeners\"}").unwrap(),
             Request::Listeners

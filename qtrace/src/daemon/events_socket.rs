@@ -1,36 +1,40 @@
 //! The daemon's local events socket: live events to any number of readers, each with its own
-//! bounded backlog, plus a short history for `qtrace events --since`, and listener snapshots
-//! for `qtrace top`/`doctor`. Client addresses travel only here, never to /metrics. Each
-//! event gets its listener's owner from the daemon's [`State`] (never from HTTP).
+//! filter and bounded backlog, plus a short history for `qtrace events --since`, and listener
+//! snapshots for `qtrace top`/`doctor`. Client addresses travel only here, never to /metrics.
+//! Each event gets its listener's owner from the daemon's [`State`] (never from HTTP).
 //!
-//! Protocol: the client writes one JSON line, `{"request":"events","since_ns":N}` or
-//! `{"request":"listeners"}`; the daemon answers with JSON lines (events, `{"type":"gap",
-//! "missed":N}` where a slow reader lost some, and first, for `since_ns`, `{"type":"trimmed",
-//! "missed":N}` when N of the events it asked for are no longer kept) or one snapshot line.
+//! Protocol: the client writes one JSON line, `{"request":"events","since_ns":N,"filter":F}`
+//! (`filter` optional: an [`EventFilter`], e.g. `{"netns":4026531840,"kind":["drop_other"]}`)
+//! or `{"request":"listeners"}`; the daemon answers with JSON lines (the events the filter
+//! admits; `{"type":"gap","missed":N}` where the reader fell behind and lost N of them; and
+//! first, for `since_ns`, `{"type":"trimmed","missed":N}` when N of the events it asked for
+//! are no longer kept) or one snapshot line.
 
 use std::{
     collections::VecDeque,
+    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::{Arc, Mutex, OnceLock},
 };
 
 use anyhow::{Context, Result};
+use qtrace_common::EventKind;
 use tokio::{
     io::{AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{broadcast, watch},
+    sync::{watch, Notify},
 };
 
 use crate::{
-    api::{Event, Line, Listeners, Request},
+    api::{Event, EventFilter, Line, Listeners, Owner, Request},
     daemon::state::State,
 };
 
 /// Events kept for `--since`.
 pub const HISTORY: usize = 4096;
-/// Timestamps of events trimmed from the history kept, to tell a `--since` reader how many of
-/// the events it asked for are gone: 512 KiB at most.
+/// Trimmed events whose time and filter keys are kept, to tell a `--since` reader how many of
+/// the events it asked for are gone: 2.5 MiB at most.
 const TRIMMED_KEPT: usize = 16 * HISTORY;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
@@ -53,15 +57,7 @@ impl Published {
     }
 }
 
-/// A new reader's past events, how many more of those it asked for were trimmed, and its
-/// live queue.
-type Subscription = (
-    Vec<Arc<Published>>,
-    u64,
-    broadcast::Receiver<Arc<Published>>,
-);
-
-/// The last [`HISTORY`] events, and the times of those trimmed before them.
+/// The last [`HISTORY`] events, and what is left of those trimmed before them.
 #[derive(Default)]
 struct History {
     events: VecDeque<Arc<Published>>,
@@ -72,52 +68,83 @@ impl History {
     fn push(&mut self, event: Arc<Published>) {
         if self.events.len() == HISTORY {
             if let Some(old) = self.events.pop_front() {
-                self.trimmed.push(old.event.ts_ns);
+                self.trimmed.push(TrimmedEvent::of(&old.event));
             }
         }
         self.events.push_back(event);
     }
 
-    /// The events kept since `since_ns` (none for 0: live only), and how many more since then
-    /// were trimmed.
-    fn since(&self, since_ns: u64) -> (Vec<Arc<Published>>, u64) {
+    /// The events `filter` admits since `since_ns` (none for 0: live only), and how many more
+    /// of them were trimmed.
+    fn since(&self, since_ns: u64, filter: &EventFilter) -> (Vec<Arc<Published>>, u64) {
         if since_ns == 0 {
             return (Vec::new(), 0);
         }
         let kept = self
             .events
             .iter()
-            .filter(|r| r.event.ts_ns >= since_ns)
+            .filter(|r| r.event.ts_ns >= since_ns && filter.admits(&r.event))
             .cloned()
             .collect();
-        (kept, self.trimmed.since(since_ns))
+        (kept, self.trimmed.since(since_ns, filter))
     }
 }
 
-/// When the events trimmed from the history happened: the last [`TRIMMED_KEPT`] exactly, the
+/// What a reader's filter needs of a trimmed event (40 bytes; the owner is shared).
+struct TrimmedEvent {
+    ts_ns: u64,
+    owner: Option<Arc<Owner>>,
+    netns: u32,
+    port: u16,
+    kind: EventKind,
+    addr: IpAddr,
+}
+
+impl TrimmedEvent {
+    fn of(e: &Event) -> Self {
+        Self {
+            ts_ns: e.ts_ns,
+            owner: e.owner.clone(),
+            netns: e.netns,
+            port: e.lport,
+            kind: e.kind,
+            addr: e.laddr,
+        }
+    }
+}
+
+/// The events trimmed from the history: the last [`TRIMMED_KEPT`] as what a filter needs, the
 /// ones before them as a count and the newest time among them.
 #[derive(Default)]
 struct Trimmed {
-    recent: VecDeque<u64>,
+    recent: VecDeque<TrimmedEvent>,
     older: u64,
     older_newest_ns: u64,
 }
 
 impl Trimmed {
-    fn push(&mut self, ts_ns: u64) {
+    fn push(&mut self, event: TrimmedEvent) {
         if self.recent.len() == TRIMMED_KEPT {
             if let Some(old) = self.recent.pop_front() {
                 self.older += 1;
-                self.older_newest_ns = self.older_newest_ns.max(old);
+                self.older_newest_ns = self.older_newest_ns.max(old.ts_ns);
             }
         }
-        self.recent.push_back(ts_ns);
+        self.recent.push_back(event);
     }
 
-    /// How many trimmed events happened at or after `since_ns`: exact among the last
-    /// [`TRIMMED_KEPT`]; the ones before them count whole once any of them may be that recent.
-    fn since(&self, since_ns: u64) -> u64 {
-        let recent = self.recent.iter().filter(|&&t| t >= since_ns).count() as u64;
+    /// How many trimmed events `filter` admits at or after `since_ns`: exact among the last
+    /// [`TRIMMED_KEPT`]; the ones before them count whole (whatever their kind) once any of
+    /// them may be that recent, so the figure is then a bound.
+    fn since(&self, since_ns: u64, filter: &EventFilter) -> u64 {
+        let recent = self
+            .recent
+            .iter()
+            .filter(|t| {
+                t.ts_ns >= since_ns
+                    && filter.admits_at(t.netns, t.addr, t.port, t.kind, t.owner.as_deref())
+            })
+            .count() as u64;
         let older = if self.older > 0 && since_ns <= self.older_newest_ns {
             self.older
         } else {
@@ -127,24 +154,133 @@ impl Trimmed {
     }
 }
 
-/// Where events go: every reader's queue and the `--since` history.
+/// One reader: what it asked for, and its queue.
+struct Reader {
+    filter: EventFilter,
+    queue: Mutex<Queue>,
+    /// Set when the queue gains an entry (a permit waits if the reader is busy writing).
+    ready: Notify,
+}
+
+/// A reader's events not yet written, in order, bounded; where it lost some (the queue
+/// full), a count of them in their place.
+#[derive(Default)]
+struct Queue {
+    entries: VecDeque<Entry>,
+    events: usize,
+}
+
+enum Entry {
+    Event(Arc<Published>),
+    Gap(u64),
+}
+
+impl Reader {
+    /// Queues `event`, or counts it lost if `bound` events are queued already.
+    fn offer(&self, event: &Arc<Published>, bound: usize) {
+        let mut q = crate::recover::lock(&self.queue);
+        if q.events < bound {
+            q.entries.push_back(Entry::Event(event.clone()));
+            q.events += 1;
+        } else if let Some(Entry::Gap(n)) = q.entries.back_mut() {
+            *n += 1;
+        } else {
+            q.entries.push_back(Entry::Gap(1));
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Moves queued lines into `text` until it holds [`BATCH_BYTES`] or the queue is empty.
+    fn take(&self, text: &mut String) {
+        let mut q = crate::recover::lock(&self.queue);
+        while text.len() < BATCH_BYTES {
+            match q.entries.pop_front() {
+                Some(Entry::Event(e)) => {
+                    q.events -= 1;
+                    text.push_str(e.line());
+                }
+                Some(Entry::Gap(missed)) => {
+                    text.push_str(&serde_json::to_string(&Line::Gap { missed }).expect("plain"));
+                    text.push('\n');
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// The history and the readers, under one lock: an event published while a reader subscribes
+/// is in its past or in its queue, never in both or neither.
+#[derive(Default)]
+struct Shared {
+    history: History,
+    readers: Vec<Arc<Reader>>,
+}
+
+impl Shared {
+    /// Keeps `event` in the history and queues it for every reader whose filter admits it,
+    /// up to `per_reader` queued each.
+    fn publish(&mut self, event: &Arc<Published>, per_reader: usize) {
+        self.history.push(event.clone());
+        for reader in &self.readers {
+            if reader.filter.admits(&event.event) {
+                reader.offer(event, per_reader);
+            }
+        }
+    }
+
+    /// A new reader of what `filter` admits, its past since `since_ns`, and how many more of
+    /// those were trimmed.
+    fn subscribe(
+        &mut self,
+        since_ns: u64,
+        filter: EventFilter,
+    ) -> (Arc<Reader>, Vec<Arc<Published>>, u64) {
+        let (past, trimmed) = self.history.since(since_ns, &filter);
+        let reader = Arc::new(Reader {
+            filter,
+            queue: Mutex::default(),
+            ready: Notify::new(),
+        });
+        self.readers.push(reader.clone());
+        (reader, past, trimmed)
+    }
+}
+
+/// Where events go: each reader's queue (what its filter admits) and the `--since` history.
 pub struct Hub {
-    live: broadcast::Sender<Arc<Published>>,
-    history: Mutex<History>,
+    per_reader: usize,
+    shared: Mutex<Shared>,
     state: Arc<State>,
+}
+
+/// A subscribed reader, with its past events and how many more of those were trimmed; it
+/// leaves the hub when dropped.
+struct Subscription {
+    hub: Arc<Hub>,
+    reader: Arc<Reader>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut shared = crate::recover::lock(&self.hub.shared);
+        shared.readers.retain(|r| !Arc::ptr_eq(r, &self.reader));
+    }
 }
 
 impl Hub {
     /// `per_reader`: events queued for each reader before it is told it missed some.
     pub fn new(per_reader: usize, state: Arc<State>) -> Arc<Self> {
         Arc::new(Self {
-            live: broadcast::channel(per_reader).0,
-            history: Mutex::new(History::default()),
+            per_reader,
+            shared: Mutex::new(Shared::default()),
             state,
         })
     }
 
-    /// Hands an event to every reader, with its listener's owner when known.
+    /// Hands an event to every reader whose filter admits it, with its listener's owner when
+    /// known.
     pub fn publish(&self, mut record: Event) -> Arc<Published> {
         // Client events carry the process that called connect(); a listener's is looked up.
         if !record.kind.is_client() {
@@ -155,19 +291,24 @@ impl Hub {
             event: record,
             line: OnceLock::new(),
         });
-        let mut history = crate::recover::lock(&self.history);
-        history.push(record.clone());
-        let _ = self.live.send(record.clone()); // no reader is fine
+        crate::recover::lock(&self.shared).publish(&record, self.per_reader);
         record
     }
 
-    /// History since `since_ns`, then live events: `publish` sends while holding the history
-    /// lock, so no event is in neither or both.
-    fn subscribe(&self, since_ns: u64) -> Subscription {
-        let history = crate::recover::lock(&self.history);
-        let rx = self.live.subscribe();
-        let (past, trimmed) = history.since(since_ns);
-        (past, trimmed, rx)
+    /// A new reader of what `filter` admits: its past since `since_ns`, how many more of
+    /// those were trimmed, and from now on its queue.
+    fn subscribe(
+        self: &Arc<Self>,
+        since_ns: u64,
+        filter: EventFilter,
+    ) -> (Subscription, Vec<Arc<Published>>, u64) {
+        let (reader, past, trimmed) =
+            crate::recover::lock(&self.shared).subscribe(since_ns, filter);
+        let sub = Subscription {
+            hub: self.clone(),
+            reader,
+        };
+        (sub, past, trimmed)
     }
 }
 
@@ -248,15 +389,15 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     // Bounded in size and time; then the read side only watches for the client going away.
     let mut read = BufReader::new(read);
     let request = crate::daemon::events_request::read_request(&mut read).await?;
-    let since_ns = match request {
+    let (since_ns, filter) = match request {
         Request::Listeners => {
             let snapshot = serde_json::to_string(&hub.state.snapshot().await?)?;
             write.write_all(format!("{snapshot}\n").as_bytes()).await?;
             return Ok(());
         }
-        Request::Events { since_ns } => since_ns,
+        Request::Events { since_ns, filter } => (since_ns, filter),
     };
-    let (past, trimmed, mut live) = hub.subscribe(since_ns);
+    let (sub, past, trimmed) = hub.subscribe(since_ns, filter);
     let mut text = String::new();
     if trimmed > 0 {
         text = serde_json::to_string(&Line::Trimmed { missed: trimmed }).expect("plain data");
@@ -267,37 +408,16 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     }
     write.write_all(text.as_bytes()).await?;
     loop {
-        let r = tokio::select! {
-            r = live.recv() => r,
-            () = crate::daemon::events_request::closed(&mut read) => return Ok(()),
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        };
-        // What else is queued goes in the same write: a burst costs one write per
-        // BATCH_BYTES, not one per event.
+        // What is queued goes in one write: a burst costs one write per BATCH_BYTES, not one
+        // per event.
         text.clear();
-        let mut next = Some(r);
-        while let Some(r) = next.take() {
-            match r {
-                Ok(r) => text.push_str(r.line()),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let gap = serde_json::to_string(&Line::Gap { missed: n }).expect("plain data");
-                    text.push_str(&gap);
-                    text.push('\n');
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            }
-            if text.len() < BATCH_BYTES {
-                next = match live.try_recv() {
-                    Ok(r) => Some(Ok(r)),
-                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                        Some(Err(broadcast::error::RecvError::Lagged(n)))
-                    }
-                    Err(_) => None,
-                };
-            }
-        }
+        sub.reader.take(&mut text);
         if text.is_empty() {
-            return Ok(()); // closed
+            tokio::select! {
+                () = sub.reader.ready.notified() => continue,
+                () = crate::daemon::events_request::closed(&mut read) => return Ok(()),
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
         }
         write.write_all(text.as_bytes()).await?;
     }
@@ -332,6 +452,15 @@ fn limit_send_buffer(stream: &UnixStream) {
 /// Client side: connects to the daemon's socket and sends `request`.
 pub fn request(socket: &Path, request: &Request) -> Result<std::os::unix::net::UnixStream> {
     use std::io::Write;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    let most = crate::daemon::events_request::MAX_REQUEST;
+    anyhow::ensure!(
+        line.len() <= most,
+        "the request is {} bytes, more than the daemon reads ({most}): give fewer --port or \
+         --kind values, or shorter names",
+        line.len()
+    );
     let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "no qtrace daemon at {} (start it: `systemctl start qtrace`), or run with \
@@ -339,8 +468,6 @@ pub fn request(socket: &Path, request: &Request) -> Result<std::os::unix::net::U
             socket.display()
         )
     })?;
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
     (&stream).write_all(line.as_bytes())?;
     Ok(stream)
 }
@@ -359,15 +486,86 @@ mod tests {
     use super::*;
 
     fn published(ts_ns: u64) -> Arc<Published> {
+        published_in(1, ts_ns)
+    }
+
+    fn published_in(netns: u32, ts_ns: u64) -> Arc<Published> {
         let line = format!(
-            r#"{{"type":"event","time":"t","ts_ns":{ts_ns},"kind":"connect_refused","netns":1,
-            "family":"ipv4","laddr":"127.0.0.1","lport":1,"acceptq_len":0,"acceptq_max":0,
-            "synq_len":0,"synq_max":0}}"#
+            r#"{{"type":"event","time":"t","ts_ns":{ts_ns},"kind":"connect_refused",
+            "netns":{netns},"family":"ipv4","laddr":"127.0.0.1","lport":1,"acceptq_len":0,
+            "acceptq_max":0,"synq_len":0,"synq_max":0}}"#
         );
         Arc::new(Published {
             event: serde_json::from_str(&line).unwrap(),
             line: OnceLock::new(),
         })
+    }
+
+    fn in_netns(netns: u32) -> EventFilter {
+        EventFilter {
+            netns: Some(netns),
+            ..EventFilter::default()
+        }
+    }
+
+    /// Each line a reader would be written, in order: `e<ts>` for an event, `gap<n>`.
+    fn drained(reader: &Reader) -> Vec<String> {
+        let mut text = String::new();
+        let mut out = Vec::new();
+        loop {
+            text.clear();
+            reader.take(&mut text);
+            if text.is_empty() {
+                return out;
+            }
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                out.push(match v["type"].as_str() {
+                    Some("gap") => format!("gap{}", v["missed"]),
+                    _ => format!("e{}", v["ts_ns"]),
+                });
+            }
+        }
+    }
+
+    /// A reader's queue holds what its filter admits: another namespace's burst, however
+    /// large, neither fills it nor shows as a gap; its own events past the bound are counted
+    /// where they were lost, and the queue takes events again once read.
+    #[test]
+    fn a_reader_queues_and_loses_only_its_own_events() {
+        let mut shared = Shared::default();
+        let (mine, _, _) = shared.subscribe(0, in_netns(7));
+        let (all, _, _) = shared.subscribe(0, EventFilter::default());
+        shared.publish(&published_in(7, 1), 3);
+        for ts in 2..1000 {
+            shared.publish(&published_in(8, ts), 3);
+        }
+        for ts in 1000..1005 {
+            shared.publish(&published_in(7, ts), 3);
+        }
+        assert_eq!(drained(&mine), ["e1", "e1000", "e1001", "gap3"]);
+        assert_eq!(drained(&all), ["e1", "e2", "e3", "gap1001"]);
+        shared.publish(&published_in(7, 2000), 3);
+        assert_eq!(drained(&mine), ["e2000"]);
+        // A reader that leaves is no longer offered anything.
+        shared.readers.retain(|r| !Arc::ptr_eq(r, &all));
+        assert_eq!(shared.readers.len(), 1);
+    }
+
+    /// `--since` with a filter: the kept events it admits, and a trimmed count of its own.
+    #[test]
+    fn a_filtered_since_reader_counts_only_its_trimmed_events() {
+        let mut h = History::default();
+        for ts in 1..=HISTORY as u64 + 100 {
+            // Every tenth event is namespace 7's.
+            h.push(published_in(if ts % 10 == 0 { 7 } else { 8 }, ts));
+        }
+        let (kept, trimmed) = h.since(1, &in_netns(7));
+        assert_eq!(trimmed, 10, "events 10, 20, .. 100 were trimmed");
+        assert_eq!(kept.len(), HISTORY / 10);
+        assert!(kept.iter().all(|p| p.event.netns == 7));
+        let (kept, trimmed) = h.since(1, &in_netns(9));
+        assert!(kept.is_empty() && trimmed == 0);
     }
 
     #[test]
@@ -377,12 +575,13 @@ mod tests {
             h.push(published(ts));
         }
         // Events 1..=100 were trimmed: asked from 51, it gets what is kept and 50 missing.
-        let (kept, trimmed) = h.since(51);
+        let all = EventFilter::default();
+        let (kept, trimmed) = h.since(51, &all);
         assert_eq!((kept.len(), trimmed), (HISTORY, 50));
         assert_eq!(kept[0].event.ts_ns, 101);
         // Asked from after the trimmed ones, nothing is missing; live only asks for nothing.
-        assert_eq!(h.since(101).1, 0);
-        let (kept, trimmed) = h.since(0);
+        assert_eq!(h.since(101, &all).1, 0);
+        let (kept, trimmed) = h.since(0, &all);
         assert!(kept.is_empty() && trimmed == 0);
     }
 
@@ -390,12 +589,13 @@ mod tests {
     fn trimmed_times_past_their_bound_count_whole() {
         let mut t = Trimmed::default();
         for ts in 1..=TRIMMED_KEPT as u64 + 10 {
-            t.push(ts);
+            t.push(TrimmedEvent::of(&published(ts).event));
         }
         assert_eq!(t.recent.len(), TRIMMED_KEPT);
         // The 10 oldest are a count: whole once the request reaches back to any of them.
-        assert_eq!(t.since(11), TRIMMED_KEPT as u64);
-        assert_eq!(t.since(5), TRIMMED_KEPT as u64 + 10);
-        assert_eq!(t.since(TRIMMED_KEPT as u64 + 10), 1);
+        let all = EventFilter::default();
+        assert_eq!(t.since(11, &all), TRIMMED_KEPT as u64);
+        assert_eq!(t.since(5, &all), TRIMMED_KEPT as u64 + 10);
+        assert_eq!(t.since(TRIMMED_KEPT as u64 + 10, &all), 1);
     }
 }

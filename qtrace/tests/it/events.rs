@@ -206,13 +206,11 @@ fn refuse_in_batches(ns: &Netns, live: &Reader, batches: u64) -> u64 {
 #[test]
 fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     require_root();
-    // Every reader's queue holds 4,096 events, and every event of the host goes through it
-    // (filters such as --netns apply in the reader): other tests' daemons are separate, but
-    // their namespaces' events reach this daemon too. The live reader is fed batches of 500,
-    // each waited for before the next, so it stays far from 4,096 behind however loaded the
-    // machine, bursts of other tests included (with a 512-event queue and SYN-ACK retransmit
-    // bursts it was left to keep up with, it lost some on loaded machines); the stuck one,
-    // which reads nothing, falls 7,001 behind: more than its queue and its socket hold.
+    // Every reader's queue holds 4,096 events. The live reader (--netns) is fed batches of
+    // 500, each waited for before the next, so it stays far from 4,096 behind however loaded
+    // the machine; the stuck one, which asks for every event of the host (other tests'
+    // namespaces' too) and reads nothing, falls at least 7,001 behind: more than its queue
+    // and its socket hold.
     let q = Qtrace::start(&["--events-reader-queue", "4096", "--event-rate", "100000"]);
     let ns = Netns::new();
     let mut stuck = UnixStream::connect(q.events_socket()).unwrap();
@@ -253,13 +251,52 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     q.stop(libc::SIGTERM);
 }
 
+/// A reader's queue holds only what its filter admits: a `--netns` reader that stops reading
+/// while another namespace makes far more events than its queue holds loses none of its own
+/// and is told of no gap. (When readers filtered for themselves, every namespace's events
+/// went through every reader's queue, and a burst elsewhere showed as gaps.)
+#[test]
+fn a_filtered_reader_loses_nothing_to_other_namespaces() {
+    require_root();
+    let q = Qtrace::start(&["--events-reader-queue", "64", "--event-rate", "100000"]);
+    let (mine, other) = (Netns::new(), Netns::new());
+    let netns = mine.inode.to_string();
+    let (live, stopped) = (
+        Reader::start(&q, &["--json", "--netns", &netns]),
+        Reader::start(&q, &["--json", "--netns", &netns]),
+    );
+    refuse(&mine, 1);
+    live.wait_for("connect_refused", 1);
+    stopped.wait_for("connect_refused", 1);
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGSTOP) };
+    // 2,000 events elsewhere, then 20 of its own; once the live reader has these, the daemon
+    // has handled the burst before them (one ring, read in order).
+    refuse(&other, 2000);
+    refuse(&mine, 20);
+    live.wait_for("connect_refused", 21);
+    unsafe { libc::kill(stopped.child.id() as i32, libc::SIGCONT) };
+    stopped.wait_for("connect_refused", 21);
+    for (who, out) in [("live", live.stop()), ("stopped", stopped.stop())] {
+        assert!(
+            !out.contains("\"gap\""),
+            "the {who} reader was told of a gap:\n{out}"
+        );
+        assert_eq!(
+            out.matches("\"connect_refused\"").count(),
+            21,
+            "the {who} reader's events:\n{out}"
+        );
+    }
+    q.stop(libc::SIGTERM);
+}
+
 /// A `--since` reader whose events the daemon's history (its last 4,096, every namespace's)
 /// no longer holds is told how many first: every event of the namespace since the one it
 /// asked from is either delivered or counted missing, in JSON and in text.
 #[test]
 fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
     require_root();
-    // The live reader's queue as the stuck-reader test's: other tests' events pass it too.
+    // The live reader's queue as the stuck-reader test's.
     let q = Qtrace::start(&["--events-reader-queue", "4096", "--event-rate", "100000"]);
     let ns = Netns::new();
     let live = Reader::start(&q, &["--json", "--netns", &ns.inode.to_string()]);
@@ -277,8 +314,14 @@ fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
     assert!(!out.contains("\"gap\""), "the live reader fell behind");
     assert_eq!(out.matches("\"connect_refused\"").count() as u64, SENT);
 
+    // Asked with a filter, as `qtrace events --netns` asks: its count is this namespace's.
     let mut since = UnixStream::connect(q.events_socket()).unwrap();
-    writeln!(since, "{{\"request\":\"events\",\"since_ns\":{since_ns}}}").unwrap();
+    writeln!(
+        since,
+        "{{\"request\":\"events\",\"since_ns\":{since_ns},\"filter\":{{\"netns\":{}}}}}",
+        ns.inode
+    )
+    .unwrap();
     since
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
@@ -294,10 +337,12 @@ fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
         .iter()
         .filter(|l| l.contains(&inode) && l.contains("\"connect_refused\""))
         .count() as u64;
-    // Other namespaces' trimmed events count too: at least this namespace's.
-    assert!(
-        delivered + missed >= SENT,
-        "{delivered} delivered, {missed} missing of {SENT}"
+    // Exact while the daemon keeps what a filter needs of its last 65,536 trimmed events
+    // (the host's other tests would have to make some 60,000 events meanwhile to pass that).
+    assert_eq!(
+        (delivered + missed, delivered as usize),
+        (SENT, lines.len() - 1),
+        "{delivered} delivered, {missed} missing of {SENT}; only this namespace's lines"
     );
 
     // In text, the first line (the reader's `--since 10m` reaches back past the trimmed).
@@ -325,6 +370,25 @@ fn without_a_daemon_it_says_so() {
             && err.contains("--standalone"),
         "{err}"
     );
+}
+
+/// The filter travels in the request line, which the daemon reads up to 4,096 bytes: a longer
+/// one is refused before anything is sent, saying what to shorten.
+#[test]
+fn a_filter_too_long_to_send_is_refused() {
+    let ports: Vec<String> = (1..=2000).map(|p| format!("--port={p}")).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_qtrace"))
+        .args(["events", "--socket", "/nonexistent/qtrace.sock"])
+        .args(&ports)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("more than the daemon reads (4096): give fewer --port or --kind values"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 /// Owners are the daemon's knowledge: a standalone reader filtering by owner would print

@@ -40,14 +40,17 @@ const SUITES: [&str; 10] = [
 /// in each kernel's `best` row only: the unit tests (their kernel-facing ones read BTF,
 /// whatever the tier), the CLI's refusals, doctor's reading of counts and sysctls (the
 /// counts' exactness at each tier is what the other suites check), and the events socket's
-/// reader queues, fed by refused connects that the `client` probe sees at its tracepoint in
-/// both rows. Two to three minutes of each kprobe row when two guests share the machine.
-const TIER_FREE: [&str; 5] = [
+/// reader queues and filters, fed by refused connects that the `client` probe sees at its
+/// tracepoint in both rows. Two to three minutes of each kprobe row when two guests share the
+/// machine.
+const TIER_FREE: [&str; 7] = [
     "qtrace",
     "cli",
     "doctor",
     "events::a_stuck_reader_costs_nothing_and_learns_what_it_missed",
     "events::a_since_reader_is_told_how_many_of_its_events_were_trimmed",
+    "events::a_filtered_reader_loses_nothing_to_other_namespaces",
+    "events::a_filter_too_long_to_send_is_refused",
 ];
 
 /// libtest's options that print each test's time (unstable: with RUSTC_BOOTSTRAP=1).
