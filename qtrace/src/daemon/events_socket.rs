@@ -15,7 +15,10 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::Path,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use anyhow::{Context, Result};
@@ -154,6 +157,25 @@ impl Trimmed {
     }
 }
 
+/// Readers subscribed now, and the events all readers were not sent because their queue was
+/// full (each reader is told its own with a gap line), for /metrics.
+static READERS: AtomicUsize = AtomicUsize::new(0);
+static MISSED: AtomicU64 = AtomicU64::new(0);
+
+/// The events socket's own figures, for /metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub readers: usize,
+    pub missed: u64,
+}
+
+pub fn stats() -> Stats {
+    Stats {
+        readers: READERS.load(Ordering::Relaxed),
+        missed: MISSED.load(Ordering::Relaxed),
+    }
+}
+
 /// One reader: what it asked for, and its queue.
 struct Reader {
     filter: EventFilter,
@@ -182,10 +204,12 @@ impl Reader {
         if q.events < bound {
             q.entries.push_back(Entry::Event(event.clone()));
             q.events += 1;
-        } else if let Some(Entry::Gap(n)) = q.entries.back_mut() {
-            *n += 1;
         } else {
-            q.entries.push_back(Entry::Gap(1));
+            MISSED.fetch_add(1, Ordering::Relaxed);
+            match q.entries.back_mut() {
+                Some(Entry::Gap(n)) => *n += 1,
+                _ => q.entries.push_back(Entry::Gap(1)),
+            }
         }
         drop(q);
         self.ready.notify_one();
@@ -266,6 +290,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut shared = crate::recover::lock(&self.hub.shared);
         shared.readers.retain(|r| !Arc::ptr_eq(r, &self.reader));
+        READERS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -304,6 +329,7 @@ impl Hub {
     ) -> (Subscription, Vec<Arc<Published>>, u64) {
         let (reader, past, trimmed) =
             crate::recover::lock(&self.shared).subscribe(since_ns, filter);
+        READERS.fetch_add(1, Ordering::Relaxed);
         let sub = Subscription {
             hub: self.clone(),
             reader,

@@ -15,7 +15,7 @@ use axum::{
 };
 
 use crate::{
-    daemon::{http_limits, metrics, state::State, web_config::Web},
+    daemon::{metrics, state::State, web_config::Web},
     host::heap,
 };
 
@@ -115,8 +115,15 @@ async fn metrics_handler(
     let rendered = tokio::task::spawn_blocking(move || -> anyhow::Result<Body> {
         let sc = &s.collector;
         let max_series = s.max_series.load(Ordering::Relaxed);
-        let http = http_limits::stats();
-        let body = metrics::render(&scrape, &sc.probes, sc.vis, max_series, openmetrics, &http);
+        let servers = metrics::Servers::now();
+        let body = metrics::render(
+            &scrape,
+            &sc.probes,
+            sc.vis,
+            max_series,
+            openmetrics,
+            &servers,
+        );
         tracing::debug!(
             listeners = scrape.listeners.len(),
             ?collected,

@@ -22,6 +22,7 @@ use crate::{
     daemon::{
         clients::{Clients, CloseWaitOwner, NetnsCensus},
         collect::{ListenerView, Scrape},
+        events_socket::Stats as EventsStats,
         http_limits::Stats as HttpStats,
     },
     host::census::Lingering,
@@ -195,6 +196,21 @@ struct Series {
     unclassified: Option<u64>,
 }
 
+/// The daemon's own servers' figures: the HTTP server's and the events socket's.
+pub struct Servers {
+    pub http: HttpStats,
+    pub events: EventsStats,
+}
+
+impl Servers {
+    pub fn now() -> Self {
+        Self {
+            http: crate::daemon::http_limits::stats(),
+            events: crate::daemon::events_socket::stats(),
+        }
+    }
+}
+
 /// Renders the scrape as OpenMetrics text, or the classic Prometheus text format.
 pub fn render(
     scrape: &Scrape,
@@ -202,7 +218,7 @@ pub fn render(
     vis: Visibility,
     max_series: usize,
     openmetrics: bool,
-    http: &HttpStats,
+    servers: &Servers,
 ) -> String {
     // The last scrape's size, plus some: a multi-MB text is not grown by doubling each time.
     static LAST_SIZE: AtomicUsize = AtomicUsize::new(0);
@@ -211,7 +227,7 @@ pub fn render(
         out: String::with_capacity(last + last / 8),
         openmetrics,
     };
-    for f in &families(scrape, probes, vis, max_series, http) {
+    for f in &families(scrape, probes, vis, max_series, servers) {
         e.family(f);
     }
     if openmetrics {
@@ -359,7 +375,7 @@ fn families(
     probes: &[ProbeStatus],
     vis: Visibility,
     max_series: usize,
-    http: &HttpStats,
+    servers: &Servers,
 ) -> Vec<Family> {
     // Listeners the kernel counted for come first, so a burst of idle listeners cannot push
     // the ones with drops into `other`; within each group the order is stable (by key).
@@ -526,7 +542,7 @@ fn families(
     client_families(&mut out, &scrape.clients);
     port_search_family(&mut out, &scrape.clients);
     census_families(&mut out, &scrape.clients, max_series);
-    self_families(&mut out, scrape, probes, folded, http);
+    self_families(&mut out, scrape, probes, folded, servers);
     out
 }
 
@@ -836,7 +852,7 @@ fn self_families(
     scrape: &Scrape,
     probes: &[ProbeStatus],
     folded: usize,
-    http: &HttpStats,
+    servers: &Servers,
 ) {
     let st = |s: SelfStat| scrape.self_stats[s as usize];
     let counter = |name, help, samples: Vec<(Extra, u64)>| Family {
@@ -931,14 +947,29 @@ fn self_families(
         "HTTP connections closed or refused by qtrace: at the connection limit (the longest \
          idle first), or for a request header not sent in time or a connection idle too long.",
         vec![
-            (vec![("reason", "over_limit".into())], http.over_limit),
-            (vec![("reason", "timeout".into())], http.timed_out),
+            (
+                vec![("reason", "over_limit".into())],
+                servers.http.over_limit,
+            ),
+            (vec![("reason", "timeout".into())], servers.http.timed_out),
         ],
     ));
     out.push(gauge(
         "qtrace_http_connections",
         "HTTP connections open now.",
-        http.open,
+        servers.http.open,
+    ));
+    out.push(gauge(
+        "qtrace_events_readers",
+        "Readers of the local events socket (qtrace events) connected now.",
+        servers.events.readers,
+    ));
+    out.push(counter(
+        "qtrace_events_reader_missed",
+        "Events a local reader (qtrace events) was not sent because it had fallen behind by \
+         --events-reader-queue of the events its filters admit; each reader is told how many \
+         it missed, where it missed them.",
+        vec![(vec![], servers.events.missed)],
     ));
     if let Some(n) = scrape.names {
         out.push(counter(
@@ -1261,11 +1292,17 @@ mod tests {
         c
     }
 
-    fn http_stats() -> HttpStats {
-        HttpStats {
-            open: 3,
-            over_limit: 5,
-            timed_out: 2,
+    fn servers() -> Servers {
+        Servers {
+            http: HttpStats {
+                open: 3,
+                over_limit: 5,
+                timed_out: 2,
+            },
+            events: EventsStats {
+                readers: 2,
+                missed: 11,
+            },
         }
     }
 
@@ -1278,7 +1315,7 @@ mod tests {
             vis,
             max_series,
             openmetrics,
-            &http_stats(),
+            &servers(),
         ))
     }
 
@@ -1344,7 +1381,7 @@ mod tests {
                 Visibility::of(&probes),
                 2,
                 openmetrics,
-                &http_stats(),
+                &servers(),
             ));
             let want = match openmetrics {
                 false => include_str!("testdata/metrics-fentry.prom"),
@@ -1365,7 +1402,7 @@ mod tests {
                 Visibility::of(probes),
                 1000,
                 false,
-                &http_stats(),
+                &servers(),
             )
         };
         let blind = exposition(&probes());

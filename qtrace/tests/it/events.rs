@@ -12,7 +12,7 @@ use std::{
 
 use crate::common::{
     connect, delta, http_get, listener, listener_on, local_ports, overflow_at_syn, require_root,
-    wait_until, Netns, Qtrace,
+    sample, wait_until, Netns, Qtrace,
 };
 
 /// `qtrace events ARGS` on the daemon's socket, its output read as it comes.
@@ -247,7 +247,14 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
         .find(|l| l.contains("\"gap\""))
         .expect("the stuck reader is told about the gap");
     let v: serde_json::Value = serde_json::from_str(&gap).unwrap();
-    assert!(v["missed"].as_u64().unwrap() > 0, "{gap}");
+    let missed = v["missed"].as_u64().unwrap();
+    assert!(missed > 0, "{gap}");
+    // /metrics counts what readers missed (this one's at least), and the readers connected.
+    let (status, body) = http_get(&q.web(), "/metrics", None);
+    assert_eq!(status, 200);
+    let metric = |name| sample(&body, name, &[]).unwrap_or_else(|| panic!("no {name}")) as u64;
+    assert!(metric("qtrace_events_reader_missed_total") >= missed);
+    assert_eq!(metric("qtrace_events_readers"), 1, "the stuck reader");
     q.stop(libc::SIGTERM);
 }
 
