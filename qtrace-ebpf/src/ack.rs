@@ -57,6 +57,8 @@ fn on_return<M: Mem>(
         Some((false, _)) => return Ok(()),
         seen => seen.map(|(_, overflow)| overflow),
     };
+    // Inside a Fast Open SYN's tcp_conn_request(): this drop is the ACK path's, not the SYN's.
+    crate::syn::absorb_nested_drop(m, sk);
     let l = listener_of_request(m, sk, req)?;
     let family = l.family()?;
     dropped(

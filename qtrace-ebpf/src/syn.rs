@@ -184,6 +184,25 @@ pub fn qt_syn_krp(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// A drop the final-ACK probe counted inside this CPU's running `tcp_conn_request()` for
+/// listener `sk`: a Fast Open SYN whose child `syn_recv_sock()` could not make (the accept
+/// queue filled by another CPU since the SYN's own check, or no memory). The kernel counts
+/// that drop once, there, and queues the SYN as an ordinary one; the SYN's exit would take the
+/// moved `sk_drops` and ListenDrops for its own drop, so its baseline moves past them.
+#[inline(always)]
+pub fn absorb_nested_drop<M: Mem>(m: M, sk: *const u8) {
+    if let Some(slot) = QT_SYN_ENTRY.get_ptr_mut(0) {
+        // SAFETY: this CPU's map value; the running tcp_conn_request's entry wrote it.
+        let e = unsafe { &mut *slot };
+        if e.sk == sk as u64 {
+            if let Ok(drops) = m.read(sk, offset!(sk_drops)) {
+                e.drops = drops;
+            }
+            e.mib = ListenMib::read(m, sk);
+        }
+    }
+}
+
 /// Records one of the kernel's decisions in the running `tcp_conn_request()` of this CPU.
 #[inline(always)]
 fn decided(set: impl FnOnce(&mut Entry)) {
