@@ -247,7 +247,7 @@ mod kind_names {
 /// filter admits, so a reader's bounded queue, and the gaps it is told of, are its own events'
 /// (a burst in another namespace costs a `--netns` reader nothing).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EventFilter {
     /// Listener port (repeatable).
     #[arg(long)]
@@ -330,8 +330,10 @@ impl EventFilter {
 
     /// The workload filters (`--pod`, `--container`, `--unit`).
     fn admits_workload(&self, o: Option<&Owner>) -> bool {
+        // NAMESPACE/NAME compared in place: the daemon judges every event for every reader.
         let pod = |want: &str, o: &Owner| {
-            !o.pod.is_empty() && (o.pod == want || format!("{}/{}", o.pod_namespace, o.pod) == want)
+            !o.pod.is_empty()
+                && (o.pod == want || want.split_once('/') == Some((&o.pod_namespace, &o.pod)))
         };
         let container = |want: &str, o: &Owner| {
             let id = o.container_id.split_once("://").map_or("", |(_, id)| id);
@@ -386,10 +388,23 @@ pub enum Line {
         missed: u64,
     },
     /// This many of the events a reader asked for with `since_ns` are no longer kept (the
-    /// daemon keeps its last 4,096): first, before the ones that are.
+    /// daemon keeps its last 4,096): first, before the ones that are. `bound`: the request
+    /// reached back past what the daemon keeps of the trimmed ones, so `missed` is at most
+    /// that many (it counts all of those older ones, of every kind and namespace).
     Trimmed {
         missed: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        bound: bool,
     },
+    /// The daemon refused the request (a malformed line, an unknown kind or filter field):
+    /// the last line it writes.
+    Error {
+        message: String,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A listener's counters by their [`Counter::name`]: `None` (JSON `null`) for what no
@@ -702,8 +717,18 @@ mod tests {
     fn gaps_and_ready_lines_have_their_type() {
         let gap = serde_json::to_string(&Line::Gap { missed: 7 }).unwrap();
         assert_eq!(gap, r#"{"type":"gap","missed":7}"#);
-        let trimmed = serde_json::to_string(&Line::Trimmed { missed: 7 }).unwrap();
+        let trimmed = serde_json::to_string(&Line::Trimmed {
+            missed: 7,
+            bound: false,
+        })
+        .unwrap();
         assert_eq!(trimmed, r#"{"type":"trimmed","missed":7}"#);
+        let bound = serde_json::to_string(&Line::Trimmed {
+            missed: 7,
+            bound: true,
+        })
+        .unwrap();
+        assert_eq!(bound, r#"{"type":"trimmed","missed":7,"bound":true}"#);
         let ready = Ready {
             listen: "127.0.0.1:9860".parse().unwrap(),
             probes: vec![],

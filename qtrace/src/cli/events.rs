@@ -170,14 +170,19 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
                 &Line::Gap { missed },
                 &format!("{missed} events missed: this reader fell behind"),
             )?,
-            Line::Trimmed { missed } => out.missing(
-                &Line::Trimmed { missed },
+            Line::Trimmed { missed, bound } => out.missing(
+                &Line::Trimmed { missed, bound },
                 &format!(
-                    "{missed} earlier events of --since are no longer kept: the daemon keeps \
+                    "{}{missed} earlier events of --since are no longer kept: the daemon keeps \
                      its last {}",
+                    if bound { "up to " } else { "" },
                     crate::daemon::events_socket::HISTORY
                 ),
             )?,
+            Line::Error { message } => {
+                out.flush()?;
+                anyhow::bail!("the daemon refused the request: {message}")
+            }
         }
         // Written when no more lines are waiting: at once when events come one by one.
         if rx.is_empty() {

@@ -37,8 +37,14 @@ use crate::{
 /// Events kept for `--since`.
 pub const HISTORY: usize = 4096;
 /// Trimmed events whose time and filter keys are kept, to tell a `--since` reader how many of
-/// the events it asked for are gone: 2.5 MiB at most.
-const TRIMMED_KEPT: usize = 16 * HISTORY;
+/// the events it asked for are gone: 40 bytes each, and the owners they keep alive (shared
+/// with the history's and the owner cache's; a few MiB at worst, where every event had an
+/// owner of its own).
+const TRIMMED_KEPT: usize = 4 * HISTORY;
+/// All readers' queues together hold at most this many readers' worth of events: each reader
+/// holds its own events, and readers stuck at different moments would otherwise hold
+/// `--events-reader-queue` different events each (1,024 readers x 1,024 events).
+const QUEUED_READERS: usize = 16;
 /// Kernel buffer per reader: with the queue, what a stuck reader can hold up.
 const READER_SNDBUF: libc::c_int = 32 * 1024;
 
@@ -79,9 +85,9 @@ impl History {
 
     /// The events `filter` admits since `since_ns` (none for 0: live only), and how many more
     /// of them were trimmed.
-    fn since(&self, since_ns: u64, filter: &EventFilter) -> (Vec<Arc<Published>>, u64) {
+    fn since(&self, since_ns: u64, filter: &EventFilter) -> (Vec<Arc<Published>>, TrimmedCount) {
         if since_ns == 0 {
-            return (Vec::new(), 0);
+            return (Vec::new(), TrimmedCount::default());
         }
         let kept = self
             .events
@@ -116,6 +122,14 @@ impl TrimmedEvent {
     }
 }
 
+/// How many of the events a `--since` reader asked for were trimmed; `bound`: at most that
+/// many (see [`Trimmed::since`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct TrimmedCount {
+    missed: u64,
+    bound: bool,
+}
+
 /// The events trimmed from the history: the last [`TRIMMED_KEPT`] as what a filter needs, the
 /// ones before them as a count and the newest time among them.
 #[derive(Default)]
@@ -137,9 +151,9 @@ impl Trimmed {
     }
 
     /// How many trimmed events `filter` admits at or after `since_ns`: exact among the last
-    /// [`TRIMMED_KEPT`]; the ones before them count whole (whatever their kind) once any of
-    /// them may be that recent, so the figure is then a bound.
-    fn since(&self, since_ns: u64, filter: &EventFilter) -> u64 {
+    /// [`TRIMMED_KEPT`]; the ones before them count whole (whatever their kind and time) once
+    /// any of them may be that recent, and the figure is then a bound.
+    fn since(&self, since_ns: u64, filter: &EventFilter) -> TrimmedCount {
         let recent = self
             .recent
             .iter()
@@ -148,17 +162,16 @@ impl Trimmed {
                     && filter.admits_at(t.netns, t.addr, t.port, t.kind, t.owner.as_deref())
             })
             .count() as u64;
-        let older = if self.older > 0 && since_ns <= self.older_newest_ns {
-            self.older
-        } else {
-            0
-        };
-        recent + older
+        let bound = self.older > 0 && since_ns <= self.older_newest_ns;
+        TrimmedCount {
+            missed: recent + if bound { self.older } else { 0 },
+            bound,
+        }
     }
 }
 
-/// Readers subscribed now, and the events all readers were not sent because their queue was
-/// full (each reader is told its own with a gap line), for /metrics.
+/// Readers subscribed now, and the events readers were not sent because their queue was full
+/// (summed over readers; each is told its own with a gap line), for /metrics.
 static READERS: AtomicUsize = AtomicUsize::new(0);
 static MISSED: AtomicU64 = AtomicU64::new(0);
 
@@ -180,8 +193,17 @@ pub fn stats() -> Stats {
 struct Reader {
     filter: EventFilter,
     queue: Mutex<Queue>,
-    /// Set when the queue gains an entry (a permit waits if the reader is busy writing).
+    /// Set when the queue changes (a permit waits if the reader is busy writing).
     ready: Notify,
+    /// Events queued in all readers' queues (see [`QUEUED_READERS`]).
+    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let q = crate::recover::lock(&self.queue);
+        self.queued.fetch_sub(q.events, Ordering::Relaxed);
+    }
 }
 
 /// A reader's events not yet written, in order, bounded; where it lost some (the queue
@@ -198,12 +220,14 @@ enum Entry {
 }
 
 impl Reader {
-    /// Queues `event`, or counts it lost if `bound` events are queued already.
-    fn offer(&self, event: &Arc<Published>, bound: usize) {
+    /// Queues `event`, or counts it lost if `per_reader` events are queued already, or
+    /// `all` in all readers' queues. (Offers are made under the hub's lock, one at a time.)
+    fn offer(&self, event: &Arc<Published>, per_reader: usize, all: usize) {
         let mut q = crate::recover::lock(&self.queue);
-        if q.events < bound {
+        if q.events < per_reader && self.queued.load(Ordering::Relaxed) < all {
             q.entries.push_back(Entry::Event(event.clone()));
             q.events += 1;
+            self.queued.fetch_add(1, Ordering::Relaxed);
         } else {
             MISSED.fetch_add(1, Ordering::Relaxed);
             match q.entries.back_mut() {
@@ -222,6 +246,7 @@ impl Reader {
             match q.entries.pop_front() {
                 Some(Entry::Event(e)) => {
                     q.events -= 1;
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
                     text.push_str(e.line());
                 }
                 Some(Entry::Gap(missed)) => {
@@ -240,16 +265,19 @@ impl Reader {
 struct Shared {
     history: History,
     readers: Vec<Arc<Reader>>,
+    /// Events in all readers' queues.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Shared {
     /// Keeps `event` in the history and queues it for every reader whose filter admits it,
-    /// up to `per_reader` queued each.
+    /// up to `per_reader` queued each and [`QUEUED_READERS`] readers' worth in all.
     fn publish(&mut self, event: &Arc<Published>, per_reader: usize) {
         self.history.push(event.clone());
+        let all = per_reader.saturating_mul(QUEUED_READERS);
         for reader in &self.readers {
             if reader.filter.admits(&event.event) {
-                reader.offer(event, per_reader);
+                reader.offer(event, per_reader, all);
             }
         }
     }
@@ -260,12 +288,13 @@ impl Shared {
         &mut self,
         since_ns: u64,
         filter: EventFilter,
-    ) -> (Arc<Reader>, Vec<Arc<Published>>, u64) {
+    ) -> (Arc<Reader>, Vec<Arc<Published>>, TrimmedCount) {
         let (past, trimmed) = self.history.since(since_ns, &filter);
         let reader = Arc::new(Reader {
             filter,
             queue: Mutex::default(),
             ready: Notify::new(),
+            queued: self.queued.clone(),
         });
         self.readers.push(reader.clone());
         (reader, past, trimmed)
@@ -279,8 +308,7 @@ pub struct Hub {
     state: Arc<State>,
 }
 
-/// A subscribed reader, with its past events and how many more of those were trimmed; it
-/// leaves the hub when dropped.
+/// A subscribed reader: it leaves the hub when dropped.
 struct Subscription {
     hub: Arc<Hub>,
     reader: Arc<Reader>,
@@ -326,7 +354,7 @@ impl Hub {
         self: &Arc<Self>,
         since_ns: u64,
         filter: EventFilter,
-    ) -> (Subscription, Vec<Arc<Published>>, u64) {
+    ) -> (Subscription, Vec<Arc<Published>>, TrimmedCount) {
         let (reader, past, trimmed) =
             crate::recover::lock(&self.shared).subscribe(since_ns, filter);
         READERS.fetch_add(1, Ordering::Relaxed);
@@ -414,7 +442,17 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     let (read, mut write) = stream.into_split();
     // Bounded in size and time; then the read side only watches for the client going away.
     let mut read = BufReader::new(read);
-    let request = crate::daemon::events_request::read_request(&mut read).await?;
+    let request = match crate::daemon::events_request::read_request(&mut read).await {
+        Ok(request) => request,
+        Err(e) => {
+            // Said to the client (its last line), not only logged: a request the daemon
+            // refuses must not look like a daemon that stopped.
+            let message = crate::inputs::clip_to(&format!("{e:#}"), 300);
+            let line = serde_json::to_string(&Line::Error { message }).expect("plain data");
+            let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+            return Err(e);
+        }
+    };
     let (since_ns, filter) = match request {
         Request::Listeners => {
             let snapshot = serde_json::to_string(&hub.state.snapshot().await?)?;
@@ -425,8 +463,12 @@ async fn client(stream: UnixStream, hub: Arc<Hub>, mut stop: watch::Receiver<boo
     };
     let (sub, past, trimmed) = hub.subscribe(since_ns, filter);
     let mut text = String::new();
-    if trimmed > 0 {
-        text = serde_json::to_string(&Line::Trimmed { missed: trimmed }).expect("plain data");
+    if trimmed.missed > 0 {
+        text = serde_json::to_string(&Line::Trimmed {
+            missed: trimmed.missed,
+            bound: trimmed.bound,
+        })
+        .expect("plain data");
         text.push('\n');
     }
     for r in past {
@@ -578,6 +620,36 @@ mod tests {
         assert_eq!(shared.readers.len(), 1);
     }
 
+    /// All readers' queues together hold [`QUEUED_READERS`] readers' worth: readers stuck at
+    /// different moments cannot hold `per_reader` different events each without bound. What
+    /// a reader that leaves held is free again.
+    #[test]
+    fn all_readers_queues_together_are_bounded() {
+        let mut shared = Shared::default();
+        let stuck: Vec<_> = (0..QUEUED_READERS + 4)
+            .map(|i| {
+                let reader = shared.subscribe(0, EventFilter::default()).0;
+                // Each reader stops reading after a different event, so each holds its own.
+                shared.publish(&published(i as u64), 1);
+                reader
+            })
+            .collect();
+        assert_eq!(shared.queued.load(Ordering::Relaxed), QUEUED_READERS);
+        let held = |r: &Reader| crate::recover::lock(&r.queue).events;
+        assert!(stuck[..QUEUED_READERS].iter().all(|r| held(r) == 1));
+        assert!(stuck[QUEUED_READERS..].iter().all(|r| held(r) == 0));
+        // The last ones were told they missed theirs.
+        assert_eq!(drained(&stuck[QUEUED_READERS]), ["gap4"]);
+        // One leaves: its event's room is free for the others.
+        let first = stuck[0].clone();
+        shared.readers.retain(|r| !Arc::ptr_eq(r, &first));
+        drop(stuck);
+        drop(first);
+        assert_eq!(shared.queued.load(Ordering::Relaxed), QUEUED_READERS - 1);
+        shared.publish(&published(100), 1);
+        assert_eq!(shared.queued.load(Ordering::Relaxed), QUEUED_READERS);
+    }
+
     /// `--since` with a filter: the kept events it admits, and a trimmed count of its own.
     #[test]
     fn a_filtered_since_reader_counts_only_its_trimmed_events() {
@@ -587,11 +659,15 @@ mod tests {
             h.push(published_in(if ts % 10 == 0 { 7 } else { 8 }, ts));
         }
         let (kept, trimmed) = h.since(1, &in_netns(7));
-        assert_eq!(trimmed, 10, "events 10, 20, .. 100 were trimmed");
+        let exact = |missed| TrimmedCount {
+            missed,
+            bound: false,
+        };
+        assert_eq!(trimmed, exact(10), "events 10, 20, .. 100 were trimmed");
         assert_eq!(kept.len(), HISTORY / 10);
         assert!(kept.iter().all(|p| p.event.netns == 7));
         let (kept, trimmed) = h.since(1, &in_netns(9));
-        assert!(kept.is_empty() && trimmed == 0);
+        assert!(kept.is_empty() && trimmed == exact(0));
     }
 
     #[test]
@@ -603,12 +679,16 @@ mod tests {
         // Events 1..=100 were trimmed: asked from 51, it gets what is kept and 50 missing.
         let all = EventFilter::default();
         let (kept, trimmed) = h.since(51, &all);
-        assert_eq!((kept.len(), trimmed), (HISTORY, 50));
+        let exact = |missed| TrimmedCount {
+            missed,
+            bound: false,
+        };
+        assert_eq!((kept.len(), trimmed), (HISTORY, exact(50)));
         assert_eq!(kept[0].event.ts_ns, 101);
         // Asked from after the trimmed ones, nothing is missing; live only asks for nothing.
-        assert_eq!(h.since(101, &all).1, 0);
+        assert_eq!(h.since(101, &all).1, exact(0));
         let (kept, trimmed) = h.since(0, &all);
-        assert!(kept.is_empty() && trimmed == 0);
+        assert!(kept.is_empty() && trimmed == exact(0));
     }
 
     #[test]
@@ -620,8 +700,10 @@ mod tests {
         assert_eq!(t.recent.len(), TRIMMED_KEPT);
         // The 10 oldest are a count: whole once the request reaches back to any of them.
         let all = EventFilter::default();
-        assert_eq!(t.since(11, &all), TRIMMED_KEPT as u64);
-        assert_eq!(t.since(5, &all), TRIMMED_KEPT as u64 + 10);
-        assert_eq!(t.since(TRIMMED_KEPT as u64 + 10, &all), 1);
+        let count = |missed, bound| TrimmedCount { missed, bound };
+        assert_eq!(t.since(11, &all), count(TRIMMED_KEPT as u64, false));
+        // Reaching back to them, all 10 count, those before 5 too: a bound.
+        assert_eq!(t.since(5, &all), count(TRIMMED_KEPT as u64 + 10, true));
+        assert_eq!(t.since(TRIMMED_KEPT as u64 + 10, &all), count(1, false));
     }
 }

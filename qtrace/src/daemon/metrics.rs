@@ -967,8 +967,8 @@ fn self_families(
     out.push(counter(
         "qtrace_events_reader_missed",
         "Events a local reader (qtrace events) was not sent because it had fallen behind by \
-         --events-reader-queue of the events its filters admit; each reader is told how many \
-         it missed, where it missed them.",
+         --events-reader-queue of the events its filters admit (or all readers' queues held \
+         16 readers' worth); summed over readers, each told how many it missed, where.",
         vec![(vec![], servers.events.missed)],
     ));
     if let Some(n) = scrape.names {

@@ -254,7 +254,16 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     assert_eq!(status, 200);
     let metric = |name| sample(&body, name, &[]).unwrap_or_else(|| panic!("no {name}")) as u64;
     assert!(metric("qtrace_events_reader_missed_total") >= missed);
-    assert_eq!(metric("qtrace_events_readers"), 1, "the stuck reader");
+    // The live reader's process has gone; the daemon lets go of it when it sees the close.
+    let readers = || {
+        let (_, body) = http_get(&q.web(), "/metrics", None);
+        sample(&body, "qtrace_events_readers", &[]).unwrap_or(f64::NAN) as u64
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || readers() == 1),
+        "readers: {} (the stuck one only)",
+        readers()
+    );
     q.stop(libc::SIGTERM);
 }
 
@@ -276,11 +285,14 @@ fn a_filtered_reader_loses_nothing_to_other_namespaces() {
     live.wait_for("connect_refused", 1);
     stopped.wait_for("connect_refused", 1);
     unsafe { libc::kill(stopped.child.id() as i32, libc::SIGSTOP) };
-    // 2,000 events elsewhere, then 20 of its own; once the live reader has these, the daemon
-    // has handled the burst before them (one ring, read in order).
-    refuse(&other, 2000);
-    refuse(&mine, 20);
-    live.wait_for("connect_refused", 21);
+    // 2,000 events elsewhere, 500 at a time, each followed by 5 of its own: once the live
+    // reader has those, the daemon has taken the 500 before them from the kernel's ring (one
+    // ring, read in order), so the ring never holds more than a batch.
+    for batch in 1..=4 {
+        refuse(&other, 500);
+        refuse(&mine, 5);
+        live.wait_for("connect_refused", 1 + 5 * batch);
+    }
     unsafe { libc::kill(stopped.child.id() as i32, libc::SIGCONT) };
     stopped.wait_for("connect_refused", 21);
     for (who, out) in [("live", live.stop()), ("stopped", stopped.stop())] {
@@ -339,18 +351,31 @@ fn a_since_reader_is_told_how_many_of_its_events_were_trimmed() {
     let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(v["type"], "trimmed", "{}", lines[0]);
     let missed = v["missed"].as_u64().unwrap();
+    // A bound only if the host made some 16,000 events meanwhile (the daemon keeps what a
+    // filter needs of its last 16,384 trimmed).
+    let bound = v["bound"] == true;
     let inode = format!("\"netns\":{},", ns.inode);
     let delivered = lines
         .iter()
         .filter(|l| l.contains(&inode) && l.contains("\"connect_refused\""))
         .count() as u64;
-    // Exact while the daemon keeps what a filter needs of its last 65,536 trimmed events
-    // (the host's other tests would have to make some 60,000 events meanwhile to pass that).
     assert_eq!(
-        (delivered + missed, delivered as usize),
-        (SENT, lines.len() - 1),
-        "{delivered} delivered, {missed} missing of {SENT}; only this namespace's lines"
+        delivered as usize,
+        lines.len() - 1,
+        "only this namespace's lines"
     );
+    if bound {
+        assert!(
+            delivered + missed >= SENT,
+            "{delivered} delivered, {missed} missing"
+        );
+    } else {
+        assert_eq!(
+            delivered + missed,
+            SENT,
+            "{delivered} delivered, {missed} missing"
+        );
+    }
 
     // In text, the first line (the reader's `--since 10m` reaches back past the trimmed).
     let text = Reader::start(&q, &["--netns", &ns.inode.to_string()]);
@@ -396,6 +421,30 @@ fn a_filter_too_long_to_send_is_refused() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// A request the daemon refuses (here a misspelt filter field) is answered with an error line
+/// saying why, not a silent close that would look like a daemon that stopped.
+#[test]
+fn a_refused_request_is_told_why() {
+    require_root();
+    let q = Qtrace::start(&[]);
+    let mut s = UnixStream::connect(q.events_socket()).unwrap();
+    s.write_all(b"{\"request\":\"events\",\"filter\":{\"netNS\":1}}\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let lines: Vec<String> = BufReader::new(&s).lines().map_while(Result::ok).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `netNS`"),
+        "{v}"
+    );
+    q.stop(libc::SIGTERM);
 }
 
 /// Owners are the daemon's knowledge: a standalone reader filtering by owner would print

@@ -43,7 +43,7 @@ const SUITES: [&str; 10] = [
 /// reader queues and filters, fed by refused connects that the `client` probe sees at its
 /// tracepoint in both rows. Two to three minutes of each kprobe row when two guests share the
 /// machine.
-const TIER_FREE: [&str; 7] = [
+const TIER_FREE: [&str; 8] = [
     "qtrace",
     "cli",
     "doctor",
@@ -51,6 +51,7 @@ const TIER_FREE: [&str; 7] = [
     "events::a_since_reader_is_told_how_many_of_its_events_were_trimmed",
     "events::a_filtered_reader_loses_nothing_to_other_namespaces",
     "events::a_filter_too_long_to_send_is_refused",
+    "events::a_refused_request_is_told_why",
 ];
 
 /// libtest's options that print each test's time (unstable: with RUSTC_BOOTSTRAP=1).
