@@ -732,6 +732,8 @@ pub const EXPORTED_METRICS: &[&str] = &[
     "qtrace_netns_listen_drops_unattributed",
     "qtrace_http_connections",
     "qtrace_http_connections_dropped_total",
+    "qtrace_events_readers",
+    "qtrace_events_reader_missed_total",
     "qtrace_probe_info",
     "qtrace_build_info",
     "qtrace_listener_series_overflow",
