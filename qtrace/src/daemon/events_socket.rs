@@ -8,7 +8,8 @@
 //! or `{"request":"listeners"}`; the daemon answers with JSON lines (the events the filter
 //! admits; `{"type":"gap","missed":N}` where the reader fell behind and lost N of them; and
 //! first, for `since_ns`, `{"type":"trimmed","missed":N}` when N of the events it asked for
-//! are no longer kept) or one snapshot line.
+//! are no longer kept, with `"bound":true` where N is at most that many) or one snapshot line;
+//! a request it refuses gets `{"type":"error","message":…}` as the last line.
 
 use std::{
     collections::VecDeque,
@@ -170,7 +171,8 @@ impl Trimmed {
     }
 }
 
-/// Readers subscribed now, and the events readers were not sent because their queue was full
+/// Readers subscribed now (the hub's list's length, stored under its lock), and the events
+/// readers were not sent because their queue was full
 /// (summed over readers; each is told its own with a gap line), for /metrics.
 static READERS: AtomicUsize = AtomicUsize::new(0);
 static MISSED: AtomicU64 = AtomicU64::new(0);
@@ -297,6 +299,7 @@ impl Shared {
             queued: self.queued.clone(),
         });
         self.readers.push(reader.clone());
+        READERS.store(self.readers.len(), Ordering::Relaxed);
         (reader, past, trimmed)
     }
 }
@@ -318,7 +321,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut shared = crate::recover::lock(&self.hub.shared);
         shared.readers.retain(|r| !Arc::ptr_eq(r, &self.reader));
-        READERS.fetch_sub(1, Ordering::Relaxed);
+        READERS.store(shared.readers.len(), Ordering::Relaxed);
     }
 }
 
@@ -357,7 +360,6 @@ impl Hub {
     ) -> (Subscription, Vec<Arc<Published>>, TrimmedCount) {
         let (reader, past, trimmed) =
             crate::recover::lock(&self.shared).subscribe(since_ns, filter);
-        READERS.fetch_add(1, Ordering::Relaxed);
         let sub = Subscription {
             hub: self.clone(),
             reader,

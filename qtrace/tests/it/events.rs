@@ -250,19 +250,18 @@ fn a_stuck_reader_costs_nothing_and_learns_what_it_missed() {
     let missed = v["missed"].as_u64().unwrap();
     assert!(missed > 0, "{gap}");
     // /metrics counts what readers missed (this one's at least), and the readers connected.
-    let (status, body) = http_get(&q.web(), "/metrics", None);
-    assert_eq!(status, 200);
-    let metric = |name| sample(&body, name, &[]).unwrap_or_else(|| panic!("no {name}")) as u64;
+    let metric = |name| {
+        let (status, body) = http_get(&q.web(), "/metrics", None);
+        assert_eq!(status, 200);
+        sample(&body, name, &[]).unwrap_or_else(|| panic!("no {name}")) as u64
+    };
     assert!(metric("qtrace_events_reader_missed_total") >= missed);
     // The live reader's process has gone; the daemon lets go of it when it sees the close.
-    let readers = || {
-        let (_, body) = http_get(&q.web(), "/metrics", None);
-        sample(&body, "qtrace_events_readers", &[]).unwrap_or(f64::NAN) as u64
-    };
     assert!(
-        wait_until(Duration::from_secs(10), || readers() == 1),
+        wait_until(Duration::from_secs(10), || metric("qtrace_events_readers")
+            == 1),
         "readers: {} (the stuck one only)",
-        readers()
+        metric("qtrace_events_readers")
     );
     q.stop(libc::SIGTERM);
 }
