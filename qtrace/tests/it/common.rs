@@ -220,6 +220,27 @@ pub fn listener_on(ns: &Netns, ip: &'static str, port: u16, backlog: i32) -> (So
     })
 }
 
+/// Sets a TCP-level `int` socket option (TCP_DEFER_ACCEPT, TCP_FASTOPEN: none socket2 has).
+pub fn set_tcp_option(s: &Socket, option: libc::c_int, value: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP option {option}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 pub fn bracket(ip: &str) -> String {
     if ip.contains(':') {
         format!("[{ip}]")

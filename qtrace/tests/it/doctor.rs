@@ -2,7 +2,7 @@
 //! against the kernel itself — the accept limit it enforces, and how many handshakes its SYN
 //! queue really holds.
 
-use std::{os::fd::AsRawFd, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use crate::common::{
     connect_nonblocking, delta, listener, overflow_at_syn, require_root, wait_until, Netns, Qtrace,
@@ -45,17 +45,7 @@ fn find<'a>(report: &'a Value, ns: &Netns, port: u16) -> &'a Value {
 /// TCP_DEFER_ACCEPT: a bare final ACK leaves the request in the SYN queue, so handshakes pile
 /// up there without any packet filter.
 fn defer_accept(s: &Socket) {
-    let secs: libc::c_int = 30;
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    crate::common::set_tcp_option(s, libc::TCP_DEFER_ACCEPT, 30);
 }
 
 #[test]
