@@ -122,7 +122,9 @@ impl Output {
 
 async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> Result<()> {
     let since_ns = match opts.since {
-        Some(d) => monotonic_ns().saturating_sub(d.as_nanos() as u64).max(1),
+        Some(d) => decode::monotonic_ns()
+            .saturating_sub(d.as_nanos() as u64)
+            .max(1),
         None => 0,
     };
     // The daemon filters, so this reader's queue and gaps are its own events'; the same
@@ -189,16 +191,6 @@ async fn from_daemon(opts: &EventsOptions, out: &mut Output, socket: &Path) -> R
             out.flush()?;
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn standalone(opts: &EventsOptions, out: &mut Output, settings: &Settings) -> Result<()> {

@@ -40,12 +40,17 @@ impl Clock {
 
     /// CLOCK_MONOTONIC now, in the kernel events' `ts_ns` terms.
     pub fn monotonic_ns(&self) -> u64 {
-        clock(libc::CLOCK_MONOTONIC).as_nanos() as u64
+        monotonic_ns()
     }
 
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + self.realtime_minus_monotonic + Duration::from_nanos(ts_ns)
     }
+}
+
+/// CLOCK_MONOTONIC now: the clock of `bpf_ktime_get_ns()`, so of every event's `ts_ns`.
+pub fn monotonic_ns() -> u64 {
+    clock(libc::CLOCK_MONOTONIC).as_nanos() as u64
 }
 
 fn clock(id: libc::clockid_t) -> Duration {

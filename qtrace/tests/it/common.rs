@@ -112,6 +112,12 @@ impl Netns {
         Self(qtrace_testkit::Netns::new("test").unwrap())
     }
 
+    /// Whether event `e` happened in this namespace, not in a deleted one whose inode number
+    /// the kernel handed on to it (tests running alongside delete theirs).
+    pub fn owns(&self, e: &Value) -> bool {
+        e["netns"] == self.inode && e["ts_ns"].as_u64().is_some_and(|t| t >= self.born_ns)
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets made there stay in it and
     /// may be used from any thread afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -689,7 +695,7 @@ impl Output {
     pub fn events_of(&self, netns: &Netns, kind: &str) -> Vec<&Value> {
         self.events
             .iter()
-            .filter(|e| e["netns"] == netns.inode && e["kind"] == kind)
+            .filter(|e| netns.owns(e) && e["kind"] == kind)
             .collect()
     }
 }

@@ -38,7 +38,7 @@ fn ack_drops_counted<'a>(
             o.overflows(),
             delta(&o.before, &o.after, "TCPSynRetrans"),
             out.events.len(),
-            out.events.iter().filter(|e| e["netns"] == ns.inode).count(),
+            out.events.iter().filter(|e| ns.owns(e)).count(),
             out.last,
             out.bpf,
             out.stderr

@@ -32,8 +32,13 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// A network namespace made for one test or benchmark, deleted when dropped.
 pub struct Netns {
     pub name: String,
-    /// The namespace's inode number: what qtrace reports as `netns`.
+    /// The namespace's inode number: what qtrace reports as `netns`. The kernel hands a
+    /// deleted namespace's number to the next one made, so it names this namespace only
+    /// together with `born_ns`.
     pub inode: u32,
+    /// CLOCK_MONOTONIC (the events' `ts_ns` clock) just before the namespace was made: an
+    /// event with this inode and an earlier time was another, deleted namespace's.
+    pub born_ns: u64,
 }
 
 impl Netns {
@@ -45,9 +50,14 @@ impl Netns {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
+        let born_ns = monotonic_ns();
         run(Command::new("ip").args(["netns", "add", &name]))?;
         // From here on a failure deletes it again.
-        let mut ns = Self { name, inode: 0 };
+        let mut ns = Self {
+            name,
+            inode: 0,
+            born_ns,
+        };
         run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
         ns.inode = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino() as u32;
         Ok(ns)
@@ -157,6 +167,17 @@ impl Netns {
         }
         Ok(Ipv4Addr::new(10, 77, subnet, 1))
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 impl Drop for Netns {
