@@ -31,28 +31,34 @@ impl ListenMib {
     /// a read failed, which is counted).
     #[inline(always)]
     pub fn read<M: Mem>(m: M, sk: *const u8) -> Self {
-        let found = || -> Result<Self, ()> {
-            if hook!(mib_listen_overflows) == 0 {
-                return Err(());
-            }
-            let cpu = QT_CPU.get_ptr_mut(0).ok_or(())?;
-            let net: *const u8 = m.read(sk, offset!(skc_net))?;
-            // A typed load makes it a pointer the verifier would not let this CPU's offset be
-            // added to: as a number.
-            let percpu = number(cpu, m.read::<u64>(net, hook!(net_mib))?);
-            // A typed load that faults reads 0.
-            if percpu == 0 {
-                return Err(());
-            }
-            let addr = percpu
-                .wrapping_add(cpu_offset(cpu)?)
-                .wrapping_add(hook!(mib_listen_overflows) as u64);
-            Ok(Self {
-                addr,
-                at: probe_read(addr as *const u8, 0)?,
-            })
-        };
-        found().unwrap_or_default()
+        Self::find(m, sk).unwrap_or_default()
+    }
+
+    /// [`read`](Self::read)'s work. Inlined by force: as a closure LLVM made it a BPF
+    /// subprogram once it grew (the offset's check), and the call, its frame and the result
+    /// returned through the stack cost about 66 instructions per SYN and per final ACK at the
+    /// fentry tier, more than the work itself (BENCHMARKS.md, session 19).
+    #[inline(always)]
+    fn find<M: Mem>(m: M, sk: *const u8) -> Result<Self, ()> {
+        if hook!(mib_listen_overflows) == 0 {
+            return Err(());
+        }
+        let cpu = QT_CPU.get_ptr_mut(0).ok_or(())?;
+        let net: *const u8 = m.read(sk, offset!(skc_net))?;
+        // A typed load makes it a pointer the verifier would not let this CPU's offset be
+        // added to: as a number.
+        let percpu = number(cpu, m.read::<u64>(net, hook!(net_mib))?);
+        // A typed load that faults reads 0.
+        if percpu == 0 {
+            return Err(());
+        }
+        let addr = percpu
+            .wrapping_add(cpu_offset(cpu)?)
+            .wrapping_add(hook!(mib_listen_overflows) as u64);
+        Ok(Self {
+            addr,
+            at: probe_read(addr as *const u8, 0)?,
+        })
     }
 
     /// What the kernel counted on this CPU since `self` was read: (a drop, a full accept

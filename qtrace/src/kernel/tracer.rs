@@ -130,3 +130,32 @@ fn permission_hint(err: anyhow::Error) -> anyhow::Error {
         missing.join(" and ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::OBJECT;
+
+    /// Every helper of the kernel programs is inlined: LLVM outlines a function it finds too
+    /// big into a BPF subprogram, whose call, frame and result passed through the stack cost
+    /// more than small work itself (`ListenMib::read` was outlined that way, unnoticed, and
+    /// cost the SYN and final-ACK entries about 66 instructions each: BENCHMARKS.md, session
+    /// 19). Only the compiler's own memory builtins may stay out of line (called where a
+    /// struct is zeroed on a cold path).
+    #[test]
+    fn kernel_programs_call_no_outlined_function() {
+        let object = aya_obj::Object::parse(OBJECT).expect("the kernel programs' object");
+        let programs: Vec<(usize, u64)> =
+            object.programs.values().map(|p| p.function_key()).collect();
+        let outlined: Vec<&str> = object
+            .functions
+            .iter()
+            .filter(|(key, _)| !programs.contains(key))
+            .map(|(_, f)| f.name.as_str())
+            .filter(|name| !matches!(*name, "memset" | "memcpy" | "memmove" | "memcmp" | "bcmp"))
+            .collect();
+        assert!(
+            outlined.is_empty(),
+            "functions outlined from the kernel programs (mark them #[inline(always)]): {outlined:?}"
+        );
+    }
+}
